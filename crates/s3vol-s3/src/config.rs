@@ -1,0 +1,169 @@
+//! Client configuration: where the store is, how to address it, whose credentials to use.
+//!
+//! Third-party stores (MinIO, Ceph RGW, COS, OSS, OBS) reject the CRC checksums and
+//! `aws-chunked` encoding the AWS SDK sends by default since 2025, so checksums are computed
+//! and validated only when an operation requires them unless [`ChecksumPolicy::WhenSupported`]
+//! is asked for.
+
+use std::fmt;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+
+/// How bucket names go into request URLs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Addressing {
+    /// `https://bucket.endpoint/key` (AWS's default; required by OSS).
+    #[default]
+    VirtualHosted,
+    /// `https://endpoint/bucket/key` (MinIO, Ceph RGW, most local servers).
+    Path,
+}
+
+/// When request and response checksums are used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChecksumPolicy {
+    /// Only when the operation requires them (safe for every S3-compatible store).
+    #[default]
+    WhenRequired,
+    /// Whenever the operation supports them (AWS S3 itself).
+    WhenSupported,
+}
+
+/// Access keys handed in by the caller (a CSI secret, a COSI grant, a pipe).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StaticCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_token: Option<String>,
+}
+
+impl fmt::Debug for StaticCredentials {
+    // Secrets never reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Where credentials come from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// The standard AWS chain: environment, shared config/credentials files (optionally a
+    /// named profile), web identity token file (IRSA / workload identity), ECS and IMDS.
+    #[default]
+    Chain,
+    /// The chain, starting from a named profile of the shared config files.
+    Profile(String),
+    /// Fixed keys.
+    Static(StaticCredentials),
+    /// Unsigned requests, for public buckets.
+    Anonymous,
+}
+
+/// Everything needed to build a client.
+#[derive(Clone, Debug)]
+pub struct S3Config {
+    /// A custom endpoint (`http://127.0.0.1:9000`); `None` means AWS's for the region.
+    pub endpoint_url: Option<String>,
+    /// The region; `None` takes it from the environment, profile or instance metadata, and
+    /// falls back to `us-east-1` (always, without asking, when `endpoint_url` is set).
+    pub region: Option<String>,
+    pub addressing: Addressing,
+    pub credentials: CredentialSource,
+    pub checksums: ChecksumPolicy,
+    /// Attempts per request, including the first (SDK standard retry with backoff).
+    pub max_attempts: u32,
+    pub connect_timeout: Duration,
+    /// Time limit of one attempt of a request; data transfers have the stalled-stream guard.
+    pub operation_attempt_timeout: Duration,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint_url: None,
+            region: None,
+            addressing: Addressing::default(),
+            credentials: CredentialSource::default(),
+            checksums: ChecksumPolicy::default(),
+            max_attempts: 5,
+            connect_timeout: Duration::from_secs(5),
+            operation_attempt_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl S3Config {
+    /// Builds the SDK client for this configuration. Credentials are resolved lazily, on the
+    /// first request.
+    pub async fn build_sdk_client(&self) -> aws_sdk_s3::Client {
+        let shared = self.load_shared_config().await;
+        let mut builder = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(self.addressing == Addressing::Path);
+        builder = match self.checksums {
+            ChecksumPolicy::WhenRequired => builder
+                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                .response_checksum_validation(ResponseChecksumValidation::WhenRequired),
+            ChecksumPolicy::WhenSupported => builder
+                .request_checksum_calculation(RequestChecksumCalculation::WhenSupported)
+                .response_checksum_validation(ResponseChecksumValidation::WhenSupported),
+        };
+        aws_sdk_s3::Client::from_conf(builder.build())
+    }
+
+    /// The shared SDK configuration (region, credentials, endpoint, timeouts, retries); the
+    /// COSI driver builds its IAM client from the same.
+    pub async fn load_shared_config(&self) -> aws_config::SdkConfig {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::standard().with_max_attempts(self.max_attempts.max(1)))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(self.connect_timeout)
+                    .operation_attempt_timeout(self.operation_attempt_timeout)
+                    .build(),
+            );
+        match (&self.region, &self.endpoint_url) {
+            (Some(region), _) => loader = loader.region(Region::new(region.clone())),
+            // A custom endpoint rarely cares about the region, but SigV4 needs one; asking the
+            // instance metadata service for it would only add a slow, useless request.
+            (None, Some(_)) => loader = loader.region(Region::from_static("us-east-1")),
+            (None, None) => {}
+        }
+        if let Some(endpoint) = &self.endpoint_url {
+            loader = loader.endpoint_url(endpoint);
+        }
+        loader = match &self.credentials {
+            CredentialSource::Chain => loader,
+            CredentialSource::Profile(name) => loader.profile_name(name),
+            CredentialSource::Static(keys) => {
+                loader.credentials_provider(aws_credential_types::Credentials::new(
+                    keys.access_key_id.clone(),
+                    keys.secret_access_key.clone(),
+                    keys.session_token.clone(),
+                    None,
+                    "s3vol-static",
+                ))
+            }
+            CredentialSource::Anonymous => loader.no_credentials(),
+        };
+        let mut shared = loader.load().await;
+        if shared.region().is_none() {
+            shared = shared
+                .into_builder()
+                .region(Region::from_static("us-east-1"))
+                .build();
+        }
+        shared
+    }
+}

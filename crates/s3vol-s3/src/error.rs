@@ -1,0 +1,166 @@
+//! The typed error of every store operation.
+//!
+//! The variants are what callers act on: the filesystem maps them to errno, the CSI and COSI
+//! drivers to gRPC codes. Each SDK failure is mapped here, once, from the S3 error code when the
+//! server sent one and from the HTTP status otherwise (HEAD responses carry no body).
+
+/// Shorthand for results of store operations.
+pub type S3Result<T> = Result<T, S3Error>;
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum S3Error {
+    /// The key (or upload) does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The bucket does not exist.
+    #[error("no such bucket: {0}")]
+    NoSuchBucket(String),
+    /// A condition (If-Match, If-None-Match) did not hold: the object changed or exists.
+    #[error("precondition failed on {0}")]
+    PreconditionFailed(String),
+    /// The credentials are valid but not allowed to do this.
+    #[error("access denied: {0}")]
+    AccessDenied(String),
+    /// The credentials themselves were refused (unknown key, bad secret, expired token).
+    #[error("credentials rejected ({code}): {message}")]
+    InvalidCredentials { code: String, message: String },
+    /// No credentials could be found in the configured source.
+    #[error("no credentials: {0}")]
+    NoCredentials(String),
+    /// DeleteBucket on a bucket that still holds objects.
+    #[error("bucket {0:?} is not empty")]
+    BucketNotEmpty(String),
+    /// CreateBucket of a name someone else owns.
+    #[error("bucket {0:?} already exists and is owned by someone else")]
+    BucketAlreadyExists(String),
+    /// The server asked us to slow down (after the client's own retries).
+    #[error("throttled by the server: {0}")]
+    Throttled(String),
+    /// A server-side or network failure that may succeed when tried again later.
+    #[error("transient failure: {0}")]
+    Transient(String),
+    /// The endpoint could not be reached at all (DNS, connection refused, TLS).
+    #[error("cannot reach the S3 endpoint: {0}")]
+    Unreachable(String),
+    /// The request timed out.
+    #[error("request timed out: {0}")]
+    Timeout(String),
+    /// The server refused the request as malformed (bad range, bad name, too large, …).
+    #[error("invalid request ({code}): {message}")]
+    InvalidRequest { code: String, message: String },
+    /// Anything else, with what the server said.
+    #[error("S3 error {code} (HTTP {status}): {message}")]
+    Other {
+        code: String,
+        status: u16,
+        message: String,
+    },
+}
+
+impl S3Error {
+    /// Whether retrying the same request later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            S3Error::Throttled(_)
+                | S3Error::Transient(_)
+                | S3Error::Unreachable(_)
+                | S3Error::Timeout(_)
+        )
+    }
+
+    /// A short stable name of the variant, for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            S3Error::NotFound(_) => "not_found",
+            S3Error::NoSuchBucket(_) => "no_such_bucket",
+            S3Error::PreconditionFailed(_) => "precondition_failed",
+            S3Error::AccessDenied(_) => "access_denied",
+            S3Error::InvalidCredentials { .. } => "invalid_credentials",
+            S3Error::NoCredentials(_) => "no_credentials",
+            S3Error::BucketNotEmpty(_) => "bucket_not_empty",
+            S3Error::BucketAlreadyExists(_) => "bucket_already_exists",
+            S3Error::Throttled(_) => "throttled",
+            S3Error::Transient(_) => "transient",
+            S3Error::Unreachable(_) => "unreachable",
+            S3Error::Timeout(_) => "timeout",
+            S3Error::InvalidRequest { .. } => "invalid_request",
+            S3Error::Other { .. } => "other",
+        }
+    }
+
+    /// Maps an S3 error code and HTTP status (either may be missing) to a variant.
+    pub(crate) fn from_code(
+        code: Option<&str>,
+        status: Option<u16>,
+        message: String,
+        what: &str,
+    ) -> Self {
+        let msg = if message.is_empty() {
+            what.to_owned()
+        } else {
+            format!("{what}: {message}")
+        };
+        match (code, status) {
+            (Some("NoSuchKey" | "NotFound" | "NoSuchUpload"), _) => {
+                S3Error::NotFound(what.to_owned())
+            }
+            (Some("NoSuchBucket"), _) => S3Error::NoSuchBucket(what.to_owned()),
+            (Some("PreconditionFailed" | "ConditionalRequestConflict"), _) | (None, Some(412)) => {
+                S3Error::PreconditionFailed(what.to_owned())
+            }
+            (
+                Some(
+                    c @ ("InvalidAccessKeyId"
+                    | "SignatureDoesNotMatch"
+                    | "ExpiredToken"
+                    | "InvalidToken"
+                    | "InvalidClientTokenId"
+                    | "AuthorizationHeaderMalformed"),
+                ),
+                _,
+            ) => S3Error::InvalidCredentials {
+                code: c.to_owned(),
+                message: msg,
+            },
+            (Some("AccessDenied" | "AllAccessDisabled" | "AccountProblem"), _)
+            | (None, Some(403)) => S3Error::AccessDenied(msg),
+            (Some("BucketNotEmpty"), _) => S3Error::BucketNotEmpty(what.to_owned()),
+            (Some("BucketAlreadyExists"), _) => S3Error::BucketAlreadyExists(what.to_owned()),
+            (
+                Some(
+                    "SlowDown"
+                    | "Throttling"
+                    | "ThrottlingException"
+                    | "RequestLimitExceeded"
+                    | "TooManyRequests",
+                ),
+                _,
+            )
+            | (_, Some(429 | 503)) => S3Error::Throttled(msg),
+            (Some("InternalError" | "ServiceUnavailable" | "RequestTimeout"), _) => {
+                S3Error::Transient(msg)
+            }
+            (_, Some(s)) if s >= 500 => S3Error::Transient(msg),
+            (None, Some(404)) => S3Error::NotFound(what.to_owned()),
+            (Some(c), Some(400 | 411 | 413 | 416))
+            | (
+                Some(
+                    c @ ("InvalidRange" | "InvalidArgument" | "InvalidBucketName"
+                    | "EntityTooLarge" | "EntityTooSmall" | "InvalidPart" | "InvalidPartOrder"
+                    | "MalformedXML"),
+                ),
+                _,
+            ) => S3Error::InvalidRequest {
+                code: c.to_owned(),
+                message: msg,
+            },
+            (c, s) => S3Error::Other {
+                code: c.unwrap_or("Unknown").to_owned(),
+                status: s.unwrap_or(0),
+                message: msg,
+            },
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Plain data types crossing the [`ObjectStore`](crate::ObjectStore) boundary.
+//!
+//! Keys are plain `String`s on purpose: S3 keys are arbitrary UTF-8 (`dir/`, `a//b`, `/x`), and
+//! the filesystem decides which of them it can show; this layer must be able to address all.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::time::SystemTime;
+
+/// A bucket name, checked on construction.
+///
+/// Accepts what existing buckets may be called (AWS's legacy us-east-1 rules allowed upper case
+/// and underscores), so mounting any existing bucket works; [`BucketName::is_dns_compliant`]
+/// tells whether a name also follows the modern rules required for creating buckets.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BucketName(String);
+
+/// Why a bucket name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid bucket name {name:?}: {reason}")]
+pub struct InvalidBucketName {
+    pub name: String,
+    pub reason: &'static str,
+}
+
+impl BucketName {
+    pub fn new(name: impl Into<String>) -> Result<Self, InvalidBucketName> {
+        let name = name.into();
+        let bad = |reason| {
+            Err(InvalidBucketName {
+                name: name.clone(),
+                reason,
+            })
+        };
+        if name.len() < 3 || name.len() > 255 {
+            return bad("must be 3 to 255 characters long");
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        {
+            return bad("may contain only letters, digits, '.', '-' and '_'");
+        }
+        Ok(Self(name))
+    }
+
+    /// Whether the name follows the current S3 naming rules (3–63 characters of lower-case
+    /// letters, digits, `.` and `-`, starting and ending with a letter or digit, no `..`, not an
+    /// IPv4 address). Buckets this project creates always satisfy them.
+    pub fn is_dns_compliant(&self) -> bool {
+        let s = self.0.as_str();
+        let b = s.as_bytes();
+        (3..=63).contains(&s.len())
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'-'))
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && !s.contains("..")
+            && s.parse::<std::net::Ipv4Addr>().is_err()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BucketName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for BucketName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl std::str::FromStr for BucketName {
+    type Err = InvalidBucketName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+/// An entity tag as the server sent it (quotes included), compared byte for byte.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct ETag(pub String);
+
+impl ETag {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ETag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// User metadata (`x-amz-meta-*`), keys lower-cased and without the prefix.
+pub type UserMetadata = BTreeMap<String, String>;
+
+/// What HEAD (or a GET) says about an object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub etag: ETag,
+    pub last_modified: SystemTime,
+    pub content_type: Option<String>,
+    pub metadata: UserMetadata,
+}
+
+/// One object in a listing. Listings carry no user metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListEntry {
+    pub key: String,
+    pub size: u64,
+    pub etag: ETag,
+    pub last_modified: SystemTime,
+}
+
+/// A ListObjectsV2 request.
+#[derive(Clone, Debug, Default)]
+pub struct ListRequest {
+    pub prefix: String,
+    pub delimiter: Option<String>,
+    pub start_after: Option<String>,
+    pub continuation_token: Option<String>,
+    /// At most this many keys and common prefixes together (S3 caps it at 1000).
+    pub max_keys: Option<u32>,
+}
+
+/// One page of a listing, in UTF-8 binary key order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ListPage {
+    pub objects: Vec<ListEntry>,
+    pub common_prefixes: Vec<String>,
+    /// Set when more results follow; pass it back as `continuation_token`.
+    pub next_continuation_token: Option<String>,
+}
+
+/// Options of a PUT or of a multipart upload's creation.
+#[derive(Clone, Debug, Default)]
+pub struct PutOptions {
+    pub metadata: UserMetadata,
+    pub content_type: Option<String>,
+    /// `If-None-Match: *`: fail with [`S3Error::PreconditionFailed`](crate::S3Error) when the
+    /// key exists.
+    pub if_none_match_any: bool,
+}
+
+/// The result of a write that made a new object version.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PutResult {
+    pub etag: ETag,
+}
+
+/// The source of a server-side copy.
+#[derive(Clone, Debug)]
+pub struct CopySource {
+    pub bucket: BucketName,
+    pub key: String,
+    /// Only for UploadPartCopy: the byte range of the source to copy.
+    pub range: Option<Range<u64>>,
+    /// Copy only if the source still has this ETag.
+    pub if_match: Option<ETag>,
+}
+
+/// What a copy does with the source's metadata.
+#[derive(Clone, Debug)]
+pub enum MetadataDirective {
+    Copy,
+    Replace {
+        metadata: UserMetadata,
+        content_type: Option<String>,
+    },
+}
+
+/// The id of a multipart upload.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UploadId(pub String);
+
+/// A part of a multipart upload, to hand to complete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompletedPart {
+    pub part_number: i32,
+    pub etag: ETag,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_names() {
+        for ok in ["abc", "my-bucket.v2", "Legacy_Bucket"] {
+            assert!(BucketName::new(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "ab", "a/b", "a b", "ü-bucket"] {
+            assert!(BucketName::new(bad).is_err(), "{bad}");
+        }
+        let dns = |s: &str| {
+            BucketName::new(s)
+                .map(|b| b.is_dns_compliant())
+                .unwrap_or(false)
+        };
+        assert!(dns("my-bucket.v2"));
+        assert!(!dns("Legacy_Bucket"));
+        assert!(!dns("-lead"));
+        assert!(!dns("trail-"));
+        assert!(!dns("a..b"));
+        assert!(!dns("192.168.1.1"));
+        assert!(!dns(&"a".repeat(64)));
+    }
+}

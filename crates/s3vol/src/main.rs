@@ -1,0 +1,55 @@
+//! `s3vol`: object storage buckets as POSIX filesystems and Kubernetes volumes.
+//!
+//! One binary, several faces, each a subcommand in its own module under `cmd/`. This file only
+//! parses the command line, sets up logging and dispatches.
+
+mod cmd;
+mod logging;
+mod s3args;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "s3vol", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter: error, warn, info, debug, trace, or per-module (`s3vol_fs=debug,info`).
+    #[arg(long, global = true, default_value = "info", env = "S3VOL_LOG_LEVEL")]
+    log_level: String,
+    /// Log line format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "S3VOL_LOG_FORMAT"
+    )]
+    log_format: logging::LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check that a bucket is reachable and what these credentials may do in it.
+    Check(cmd::check::CheckArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = logging::init(&cli.log_level, cli.log_format) {
+        eprintln!("s3vol: error: {e:#}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Check(args) => cmd::check::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("s3vol: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
