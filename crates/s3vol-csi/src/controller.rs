@@ -1,0 +1,755 @@
+//! The Controller service: CreateVolume, DeleteVolume, ValidateVolumeCapabilities.
+//!
+//! A volume is either a new bucket (`mode: bucket`) or a new prefix of an existing bucket
+//! (`mode: prefix`). At its root CreateVolume writes a marker object, [`MARKER`], recording the
+//! CSI volume name, the volume id, the capacity asked for and the StorageClass parameters. The
+//! marker is what makes the two calls safe:
+//!
+//! - CreateVolume repeated with the same name finds the marker: same parameters and capacity →
+//!   the same volume again; anything different → `ALREADY_EXISTS`. A bucket or prefix that
+//!   exists *without* a marker and holds data is never claimed (`ALREADY_EXISTS`); an empty one
+//!   is (it is what a CreateVolume interrupted before writing its marker leaves behind).
+//! - DeleteVolume deletes only when the marker is there and names this very volume id, so a
+//!   static volume's bucket, another driver's bucket or a forged id is never emptied. Objects
+//!   go first (listed and deleted 1000 at a time), the marker last, then (bucket mode) the
+//!   bucket; a failure part-way leaves the marker, so the CO's retry finishes the job.
+//!
+//! Capacity is recorded, not enforced: S3 has no quota per bucket or prefix that s3vol could
+//! set portably. Every call on one volume name (or id) is serialised.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use s3vol_s3::{
+    AwsStore, BucketName, ListRequest, ObjectStore, PutOptions, S3Error, StaticCredentials,
+};
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status};
+
+use crate::capability;
+use crate::error::{CsiError, CsiResult};
+use crate::locks::KeyLocks;
+use crate::params::{self, Defaults, ProvisionMode, ProvisionParams, VolumeAttrs};
+use crate::proto::controller_server::Controller;
+use crate::proto::controller_service_capability::{self, rpc};
+use crate::proto::validate_volume_capabilities_response::Confirmed;
+use crate::proto::{
+    CapacityRange, ControllerGetCapabilitiesRequest, ControllerGetCapabilitiesResponse,
+    ControllerServiceCapability, CreateVolumeRequest, CreateVolumeResponse, DeleteVolumeRequest,
+    DeleteVolumeResponse, ValidateVolumeCapabilitiesRequest, ValidateVolumeCapabilitiesResponse,
+    Volume, VolumeCapability,
+};
+use crate::volume_id::{Location, VolumeId, VolumeKind, derive_bucket_name, derive_prefix};
+
+/// The key of the marker object, relative to the volume's root.
+pub const MARKER: &str = ".s3vol-volume.json";
+
+/// What the marker records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Marker {
+    /// The driver that created the volume.
+    pub driver: String,
+    pub volume_name: String,
+    pub volume_id: String,
+    pub capacity_bytes: i64,
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// Makes store clients; tests substitute an in-memory store.
+#[tonic::async_trait]
+pub trait StoreFactory: Send + Sync + std::fmt::Debug + 'static {
+    async fn store(
+        &self,
+        location: &Location,
+        credentials: Option<StaticCredentials>,
+    ) -> Arc<dyn ObjectStore>;
+}
+
+/// Clients for real S3 endpoints.
+#[derive(Debug, Default)]
+pub struct AwsStores;
+
+#[tonic::async_trait]
+impl StoreFactory for AwsStores {
+    async fn store(
+        &self,
+        location: &Location,
+        credentials: Option<StaticCredentials>,
+    ) -> Arc<dyn ObjectStore> {
+        Arc::new(AwsStore::new(&params::s3_config(location, credentials)).await)
+    }
+}
+
+/// The Controller service.
+#[derive(Debug)]
+pub struct ControllerService {
+    driver_name: String,
+    defaults: Defaults,
+    stores: Arc<dyn StoreFactory>,
+    locks: KeyLocks,
+}
+
+impl ControllerService {
+    pub fn new(driver_name: String, defaults: Defaults, stores: Arc<dyn StoreFactory>) -> Self {
+        Self {
+            driver_name,
+            defaults,
+            stores,
+            locks: KeyLocks::default(),
+        }
+    }
+
+    async fn create(&self, req: CreateVolumeRequest) -> CsiResult<Volume> {
+        if req.name.is_empty() {
+            return Err(CsiError::invalid("name is required"));
+        }
+        check_capabilities(&req.volume_capabilities)?;
+        if req.volume_content_source.is_some() {
+            return Err(CsiError::invalid(
+                "volume_content_source is not supported (no snapshots or clones)",
+            ));
+        }
+        let capacity = capacity(req.capacity_range.as_ref())?;
+        let params = ProvisionParams::parse(&req.parameters, &self.defaults)?;
+        let creds = params::credentials(&req.secrets)?;
+        let kind = match &params.mode {
+            ProvisionMode::Bucket { bucket_prefix } => {
+                VolumeKind::Bucket(derive_bucket_name(bucket_prefix.as_deref(), &req.name)?)
+            }
+            ProvisionMode::Prefix { bucket } => VolumeKind::Prefix {
+                bucket: bucket.clone(),
+                prefix: derive_prefix(&req.name),
+            },
+        };
+        let id = VolumeId {
+            kind,
+            location: params.location.clone(),
+        };
+        let marker = Marker {
+            driver: self.driver_name.clone(),
+            volume_name: req.name.clone(),
+            volume_id: id.to_string(),
+            capacity_bytes: capacity,
+            parameters: params.canonical(),
+        };
+        let _guard = self.locks.lock(&format!("name:{}", req.name)).await;
+        let store = self.stores.store(&id.location, creds).await;
+        let bucket = id.kind.bucket();
+        let root = id.kind.root();
+        let marker_key = format!("{root}{MARKER}");
+
+        match read_marker(&*store, bucket, &marker_key).await {
+            Ok(Some(found)) => {
+                return if found == marker {
+                    tracing::info!(volume = %marker.volume_id, name = %req.name, "volume exists already");
+                    Ok(volume(&id, capacity))
+                } else {
+                    Err(incompatible(&found, &marker))
+                };
+            }
+            Ok(None) => {}
+            Err(S3Error::NoSuchBucket(_)) if matches!(id.kind, VolumeKind::Bucket(_)) => {}
+            Err(S3Error::NoSuchBucket(_)) => {
+                return Err(CsiError::FailedPrecondition(format!(
+                    "bucket {bucket} (parameter bucket) does not exist; mode: prefix needs an existing bucket"
+                )));
+            }
+            Err(e) => return Err(CsiError::s3(format!("reading {bucket}/{marker_key}"))(e)),
+        }
+
+        if let VolumeKind::Bucket(_) = id.kind {
+            match store.head_bucket(bucket).await {
+                Ok(()) => {}
+                Err(S3Error::NoSuchBucket(_) | S3Error::NotFound(_)) => {
+                    store.create_bucket(bucket).await.map_err(|e| match e {
+                        S3Error::BucketAlreadyExists(_) => CsiError::AlreadyExists(format!(
+                            "bucket {bucket} for volume {} is owned by someone else",
+                            req.name
+                        )),
+                        e => CsiError::s3(format!("creating bucket {bucket}"))(e),
+                    })?;
+                    tracing::info!(%bucket, name = %req.name, "created bucket");
+                }
+                Err(e) => return Err(CsiError::s3(format!("checking bucket {bucket}"))(e)),
+            }
+        }
+        // Never claim data that is not ours: only an empty bucket or prefix becomes a volume.
+        let page = store
+            .list_objects(
+                bucket,
+                &ListRequest {
+                    prefix: root.to_owned(),
+                    max_keys: Some(1),
+                    ..ListRequest::default()
+                },
+            )
+            .await
+            .map_err(CsiError::s3(format!("listing {bucket}/{root}")))?;
+        if !page.objects.is_empty() {
+            return Err(CsiError::AlreadyExists(format!(
+                "{bucket}/{root} already holds objects but is not an s3vol volume; \
+                 refusing to take it over for volume {}",
+                req.name
+            )));
+        }
+        let body = Bytes::from(
+            serde_json::to_vec_pretty(&marker)
+                .map_err(|e| CsiError::Internal(format!("encoding the volume marker: {e}")))?,
+        );
+        let put = PutOptions {
+            content_type: Some("application/json".into()),
+            if_none_match_any: true,
+            ..PutOptions::default()
+        };
+        match store.put_object(bucket, &marker_key, body, &put).await {
+            Ok(_) => {}
+            Err(S3Error::PreconditionFailed(_)) => {
+                // Someone wrote a marker since we looked: it decides.
+                let found = read_marker(&*store, bucket, &marker_key)
+                    .await
+                    .map_err(CsiError::s3(format!("reading {bucket}/{marker_key}")))?;
+                match found {
+                    Some(found) if found == marker => {}
+                    Some(found) => return Err(incompatible(&found, &marker)),
+                    None => {
+                        return Err(CsiError::Unavailable(format!(
+                            "the marker of {bucket}/{root} changed under us; retry"
+                        )));
+                    }
+                }
+            }
+            Err(e) => return Err(CsiError::s3(format!("writing {bucket}/{marker_key}"))(e)),
+        }
+        tracing::info!(volume = %marker.volume_id, name = %req.name, capacity, "created volume");
+        Ok(volume(&id, capacity))
+    }
+
+    async fn delete(&self, req: DeleteVolumeRequest) -> CsiResult<()> {
+        if req.volume_id.is_empty() {
+            return Err(CsiError::invalid("volume_id is required"));
+        }
+        let id: VolumeId = match req.volume_id.parse() {
+            Ok(id) => id,
+            Err(_) => {
+                // Not an id this driver hands out (e.g. a static volume): nothing of ours.
+                tracing::info!(volume = %req.volume_id, "DeleteVolume of a volume id s3vol never created: nothing to do");
+                return Ok(());
+            }
+        };
+        let creds = params::credentials(&req.secrets)?;
+        let _guard = self.locks.lock(&format!("id:{}", req.volume_id)).await;
+        let store = self.stores.store(&id.location, creds).await;
+        let bucket = id.kind.bucket();
+        let root = id.kind.root();
+        let marker_key = format!("{root}{MARKER}");
+        let marker = match read_marker(&*store, bucket, &marker_key).await {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(S3Error::NoSuchBucket(_)) => {
+                tracing::info!(volume = %req.volume_id, "no volume marker: already deleted, or not ours");
+                return Ok(());
+            }
+            Err(e) => return Err(CsiError::s3(format!("reading {bucket}/{marker_key}"))(e)),
+        };
+        if marker.volume_id != req.volume_id {
+            tracing::warn!(volume = %req.volume_id, marker = %marker.volume_id, "the marker names another volume: deleting nothing");
+            return Ok(());
+        }
+        let deleted = empty_root(&*store, bucket, root, &marker_key).await?;
+        store
+            .delete_object(bucket, &marker_key)
+            .await
+            .map_err(CsiError::s3(format!("deleting {bucket}/{marker_key}")))?;
+        if let VolumeKind::Bucket(_) = id.kind {
+            match store.delete_bucket(bucket).await {
+                Ok(()) | Err(S3Error::NoSuchBucket(_)) => {}
+                Err(e) => {
+                    // Put the marker back so a retry still knows the bucket is ours.
+                    let body = serde_json::to_vec_pretty(&marker).unwrap_or_default();
+                    let _ = store
+                        .put_object(bucket, &marker_key, body.into(), &PutOptions::default())
+                        .await;
+                    return Err(CsiError::s3(format!("deleting bucket {bucket}"))(e));
+                }
+            }
+        }
+        tracing::info!(volume = %req.volume_id, objects = deleted, "deleted volume");
+        Ok(())
+    }
+
+    fn validate(
+        &self,
+        req: ValidateVolumeCapabilitiesRequest,
+    ) -> CsiResult<ValidateVolumeCapabilitiesResponse> {
+        if req.volume_id.is_empty() {
+            return Err(CsiError::invalid("volume_id is required"));
+        }
+        if req.volume_capabilities.is_empty() {
+            return Err(CsiError::invalid("volume_capabilities is required"));
+        }
+        let ours = req.volume_id.parse::<VolumeId>().is_ok();
+        let static_volume = VolumeAttrs::parse(&req.volume_context, &self.defaults).is_ok();
+        if !ours && !static_volume {
+            return Err(CsiError::NotFound(format!(
+                "volume {} is neither one s3vol created nor a static volume with a bucket attribute",
+                req.volume_id
+            )));
+        }
+        for cap in &req.volume_capabilities {
+            if let Err(why) = capability::check(cap) {
+                return Ok(ValidateVolumeCapabilitiesResponse {
+                    confirmed: None,
+                    message: why,
+                });
+            }
+        }
+        Ok(ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(Confirmed {
+                volume_context: req.volume_context,
+                volume_capabilities: req.volume_capabilities,
+                parameters: req.parameters,
+                mutable_parameters: HashMap::new(),
+            }),
+            message: String::new(),
+        })
+    }
+}
+
+fn check_capabilities(caps: &[VolumeCapability]) -> CsiResult<()> {
+    if caps.is_empty() {
+        return Err(CsiError::invalid("volume_capabilities is required"));
+    }
+    for cap in caps {
+        capability::check(cap).map_err(CsiError::InvalidArgument)?;
+    }
+    Ok(())
+}
+
+/// The capacity recorded for a range: the required size, else the limit, else 0 (unknown).
+fn capacity(range: Option<&CapacityRange>) -> CsiResult<i64> {
+    let Some(r) = range else { return Ok(0) };
+    if r.required_bytes < 0 || r.limit_bytes < 0 {
+        return Err(CsiError::invalid("capacity_range must not be negative"));
+    }
+    if r.limit_bytes > 0 && r.required_bytes > r.limit_bytes {
+        return Err(CsiError::OutOfRange(format!(
+            "capacity_range: required_bytes {} exceeds limit_bytes {}",
+            r.required_bytes, r.limit_bytes
+        )));
+    }
+    Ok(if r.required_bytes > 0 {
+        r.required_bytes
+    } else {
+        r.limit_bytes
+    })
+}
+
+fn volume(id: &VolumeId, capacity: i64) -> Volume {
+    let attrs = VolumeAttrs {
+        bucket: id.kind.bucket().clone(),
+        prefix: id.kind.root().to_owned(),
+        location: id.location.clone(),
+    };
+    let mut context = attrs.to_context();
+    context.insert(params::keys::MODE.into(), id.kind.mode().into());
+    Volume {
+        capacity_bytes: capacity,
+        volume_id: id.to_string(),
+        volume_context: context,
+        content_source: None,
+        accessible_topology: Vec::new(),
+    }
+}
+
+fn incompatible(found: &Marker, wanted: &Marker) -> CsiError {
+    let what = if found.volume_name != wanted.volume_name {
+        format!("it belongs to volume {:?}", found.volume_name)
+    } else if found.capacity_bytes != wanted.capacity_bytes {
+        format!(
+            "it was created with capacity {} bytes, not {}",
+            found.capacity_bytes, wanted.capacity_bytes
+        )
+    } else {
+        "it was created with different parameters".to_owned()
+    };
+    CsiError::AlreadyExists(format!(
+        "volume {} exists but is incompatible: {what}",
+        wanted.volume_id
+    ))
+}
+
+async fn read_marker(
+    store: &dyn ObjectStore,
+    bucket: &BucketName,
+    key: &str,
+) -> Result<Option<Marker>, S3Error> {
+    use futures::TryStreamExt;
+    let got = match store.get_object(bucket, key, None, None).await {
+        Ok(g) => g,
+        Err(S3Error::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let chunks: Vec<Bytes> = got.body.try_collect().await?;
+    let body: Vec<u8> = chunks.concat();
+    match serde_json::from_slice(&body) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) => {
+            // Not a marker we can read: treat as foreign, never as ours.
+            tracing::warn!(%bucket, key, error = %e, "unreadable volume marker");
+            Ok(Some(Marker {
+                driver: String::new(),
+                volume_name: String::new(),
+                volume_id: String::new(),
+                capacity_bytes: -1,
+                parameters: BTreeMap::new(),
+            }))
+        }
+    }
+}
+
+/// Deletes every object under `root` except the marker, 1000 at a time; returns how many.
+async fn empty_root(
+    store: &dyn ObjectStore,
+    bucket: &BucketName,
+    root: &str,
+    marker_key: &str,
+) -> CsiResult<usize> {
+    let mut deleted = 0;
+    loop {
+        // Always the first page: what was deleted is gone, so no continuation token is needed
+        // (and none can go stale while we delete).
+        let page = store
+            .list_objects(
+                bucket,
+                &ListRequest {
+                    prefix: root.to_owned(),
+                    max_keys: Some(1000),
+                    ..ListRequest::default()
+                },
+            )
+            .await
+            .map_err(CsiError::s3(format!("listing {bucket}/{root}")))?;
+        let keys: Vec<String> = page
+            .objects
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| k != marker_key)
+            .collect();
+        if keys.is_empty() {
+            if page.next_continuation_token.is_none() {
+                return Ok(deleted);
+            }
+            // Only the marker on this page, yet more pages: impossible with max_keys 1000
+            // unless the store pages oddly; give up rather than loop.
+            return Err(CsiError::Internal(format!(
+                "listing {bucket}/{root} returned only the marker but more pages"
+            )));
+        }
+        let failed = store
+            .delete_objects(bucket, &keys)
+            .await
+            .map_err(CsiError::s3(format!("deleting objects in {bucket}/{root}")))?;
+        if let Some((key, e)) = failed.into_iter().next() {
+            return Err(CsiError::s3(format!("deleting {bucket}/{key}"))(e));
+        }
+        deleted += keys.len();
+    }
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        request: Request<CreateVolumeRequest>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
+        let volume = self.create(request.into_inner()).await?;
+        Ok(Response::new(CreateVolumeResponse {
+            volume: Some(volume),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        self.delete(request.into_inner()).await?;
+        Ok(Response::new(DeleteVolumeResponse {}))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        Ok(Response::new(self.validate(request.into_inner())?))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        let capabilities = [
+            rpc::Type::CreateDeleteVolume,
+            rpc::Type::SingleNodeMultiWriter,
+        ]
+        .into_iter()
+        .map(|t| ControllerServiceCapability {
+            r#type: Some(controller_service_capability::Type::Rpc(
+                controller_service_capability::Rpc { r#type: t as i32 },
+            )),
+        })
+        .collect();
+        Ok(Response::new(ControllerGetCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::proto::volume_capability::access_mode::Mode;
+    use crate::proto::volume_capability::{AccessMode, AccessType, MountVolume};
+    use s3vol_s3::MemStore;
+    use tonic::Code;
+
+    #[derive(Debug)]
+    struct Mem(Arc<MemStore>);
+
+    #[tonic::async_trait]
+    impl StoreFactory for Mem {
+        async fn store(&self, _: &Location, _: Option<StaticCredentials>) -> Arc<dyn ObjectStore> {
+            self.0.clone()
+        }
+    }
+
+    fn service() -> (ControllerService, Arc<MemStore>) {
+        let mem = Arc::new(MemStore::new());
+        (
+            ControllerService::new(
+                "csi.s3vol.io".into(),
+                Defaults::default(),
+                Arc::new(Mem(mem.clone())),
+            ),
+            mem,
+        )
+    }
+
+    fn caps() -> Vec<VolumeCapability> {
+        vec![VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume::default())),
+            access_mode: Some(AccessMode {
+                mode: Mode::MultiNodeMultiWriter as i32,
+            }),
+        }]
+    }
+
+    fn create_req(name: &str, params: &[(&str, &str)], size: i64) -> CreateVolumeRequest {
+        CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: size,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: caps(),
+            parameters: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    async fn put(mem: &MemStore, bucket: &str, key: &str) {
+        mem.put_object(
+            &BucketName::new(bucket).unwrap(),
+            key,
+            Bytes::from_static(b"x"),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+
+    async fn keys(mem: &MemStore, bucket: &str) -> Vec<String> {
+        mem.list_objects(&BucketName::new(bucket).unwrap(), &ListRequest::default())
+            .await
+            .map(|p| p.objects.into_iter().map(|o| o.key).collect())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn prefix_volumes_are_idempotent_and_deleted_exactly() {
+        let (svc, mem) = service();
+        let b = BucketName::new("team").unwrap();
+        mem.create_bucket(&b).await.unwrap();
+        put(&mem, "team", "other/keep").await;
+        put(&mem, "team", "pvc-10").await; // a sibling key sharing the name's characters
+        let params = [("mode", "prefix"), ("bucket", "team")];
+        let v1 = svc
+            .create(create_req("pvc-1", &params, 1 << 30))
+            .await
+            .unwrap();
+        let v2 = svc
+            .create(create_req("pvc-1", &params, 1 << 30))
+            .await
+            .unwrap();
+        assert_eq!(v1, v2);
+        assert_eq!(
+            v1.volume_context.get("prefix").map(String::as_str),
+            Some("pvc-1/")
+        );
+        let e = svc
+            .create(create_req("pvc-1", &params, 2 << 30))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists);
+        let e = svc
+            .create(create_req(
+                "pvc-1",
+                &[("mode", "prefix"), ("bucket", "team"), ("region", "x")],
+                1 << 30,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists);
+        for i in 0..2100 {
+            put(&mem, "team", &format!("pvc-1/d/{i}")).await;
+        }
+        svc.delete(DeleteVolumeRequest {
+            volume_id: v1.volume_id.clone(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(keys(&mem, "team").await, ["other/keep", "pvc-10"]);
+        // Again, and unknown ids: fine, and nothing else is touched.
+        svc.delete(DeleteVolumeRequest {
+            volume_id: v1.volume_id.clone(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+        for id in [
+            "datasets",
+            "prefix:team/other",
+            "bucket:team",
+            "bucket:nonexistent",
+        ] {
+            svc.delete(DeleteVolumeRequest {
+                volume_id: id.into(),
+                secrets: HashMap::new(),
+            })
+            .await
+            .unwrap();
+        }
+        assert_eq!(keys(&mem, "team").await, ["other/keep", "pvc-10"]);
+    }
+
+    #[tokio::test]
+    async fn foreign_data_is_never_claimed() {
+        let (svc, mem) = service();
+        mem.create_bucket(&BucketName::new("team").unwrap())
+            .await
+            .unwrap();
+        put(&mem, "team", "pvc-2/existing").await;
+        let e = svc
+            .create(create_req(
+                "pvc-2",
+                &[("mode", "prefix"), ("bucket", "team")],
+                0,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists);
+        mem.create_bucket(&BucketName::new("pvc-3").unwrap())
+            .await
+            .unwrap();
+        put(&mem, "pvc-3", "data").await;
+        let e = svc
+            .create(create_req("pvc-3", &[("mode", "bucket")], 0))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists);
+        let e = svc
+            .create(create_req(
+                "pvc-4",
+                &[("mode", "prefix"), ("bucket", "missing")],
+                0,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+    }
+
+    #[tokio::test]
+    async fn bucket_volumes_lifecycle() {
+        let (svc, mem) = service();
+        let v = svc
+            .create(create_req("pvc-5", &[("mode", "bucket")], 0))
+            .await
+            .unwrap();
+        assert_eq!(v.volume_id, "bucket:pvc-5");
+        put(&mem, "pvc-5", "a/b").await;
+        assert_eq!(
+            svc.create(create_req("pvc-5", &[("mode", "bucket")], 0))
+                .await
+                .unwrap(),
+            v
+        );
+        svc.delete(DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+        assert!(matches!(
+            mem.head_bucket(&BucketName::new("pvc-5").unwrap()).await,
+            Err(S3Error::NoSuchBucket(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn request_validation() {
+        let (svc, _) = service();
+        let mut r = create_req("", &[("mode", "bucket")], 0);
+        assert_eq!(
+            svc.create(r.clone()).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        r.name = "x".into();
+        r.volume_capabilities.clear();
+        assert_eq!(
+            svc.create(r).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let mut r = create_req("pvc-6", &[("mode", "bucket")], 0);
+        r.capacity_range = Some(CapacityRange {
+            required_bytes: 10,
+            limit_bytes: 5,
+        });
+        assert_eq!(svc.create(r).await.unwrap_err().code(), Code::OutOfRange);
+        let e = svc
+            .delete(DeleteVolumeRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let e = svc
+            .validate(ValidateVolumeCapabilitiesRequest {
+                volume_id: "unknown".into(),
+                volume_capabilities: caps(),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        let ok = svc
+            .validate(ValidateVolumeCapabilitiesRequest {
+                volume_id: "bucket:pvc-7".into(),
+                volume_capabilities: caps(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(ok.confirmed.is_some());
+    }
+}

@@ -1,0 +1,323 @@
+//! The node plugin ↔ mounter protocol: handing a mounted FUSE fd to the process that serves it.
+//!
+//! One request per connection on the mounter's unix socket:
+//!
+//! 1. The node plugin sends a frame — a 4-byte big-endian length, then that many bytes of JSON
+//!    ([`Request`]) — whose first `sendmsg` carries the `/dev/fuse` fd as `SCM_RIGHTS`
+//!    ancillary data (for [`Request::Mount`]; [`Request::Ping`] carries none).
+//! 2. The mounter answers with one frame holding a [`Reply`] once the serving process said it
+//!    serves, or failed.
+//!
+//! The request holds the volume's credentials, if it has any: they exist only in this message
+//! and in the pipe the mounter hands the serving process. Every type here that can hold them
+//! has a redacting `Debug` (via [`StaticCredentials`]'s), so logging a request is safe.
+//!
+//! These calls are blocking (plain `std` sockets with timeouts); async callers run them on a
+//! blocking thread.
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use s3vol_s3::StaticCredentials;
+use serde::{Deserialize, Serialize};
+
+/// The largest frame either side accepts.
+const MAX_FRAME: usize = 1 << 20;
+
+/// The options of one mount, as `s3vol mount` flags.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_mode: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir_mode: Option<u32>,
+    /// Seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_ttl: Option<u64>,
+    /// Bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_size: Option<u64>,
+    /// Bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<u64>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl MountOptions {
+    /// The `s3vol mount` flags for these options.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        let mut push = |flag: &str, v: String| {
+            a.push(flag.to_owned());
+            a.push(v);
+        };
+        if let Some(v) = self.uid {
+            push("--uid", v.to_string());
+        }
+        if let Some(v) = self.gid {
+            push("--gid", v.to_string());
+        }
+        if let Some(v) = self.file_mode {
+            push("--file-mode", format!("{v:04o}"));
+        }
+        if let Some(v) = self.dir_mode {
+            push("--dir-mode", format!("{v:04o}"));
+        }
+        if let Some(v) = self.metadata_ttl {
+            push("--metadata-ttl", v.to_string());
+        }
+        if let Some(v) = self.cache_size {
+            push("--cache-size", v.to_string());
+        }
+        if let Some(v) = self.memory_limit {
+            push("--memory-limit", v.to_string());
+        }
+        if self.read_only {
+            a.push("--read-only".to_owned());
+        }
+        a
+    }
+}
+
+/// Everything the mounter needs to serve one staged volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRequest {
+    pub volume_id: String,
+    pub bucket: String,
+    /// Empty, or a key prefix ending with `/`.
+    pub prefix: String,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub force_path_style: bool,
+    #[serde(default)]
+    pub options: MountOptions,
+    /// Where the node plugin mounted the fd (for the serving process's logs and `/proc/mounts`
+    /// consistency; it does not mount anything itself).
+    pub staging_path: PathBuf,
+    /// `None`: the mounter's own credential chain.
+    #[serde(default)]
+    pub credentials: Option<StaticCredentials>,
+}
+
+/// A request to the mounter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Are you there? (Probe.)
+    Ping,
+    /// Serve the FUSE fd that comes with this message.
+    Mount(Box<MountRequest>),
+}
+
+/// The mounter's answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    /// Why it failed (the serving process's own words when it said any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The serving process, when one was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+impl Reply {
+    pub fn ok(pid: Option<u32>) -> Self {
+        Reply {
+            ok: true,
+            error: None,
+            pid,
+        }
+    }
+
+    pub fn failed(error: impl Into<String>) -> Self {
+        Reply {
+            ok: false,
+            error: Some(error.into()),
+            pid: None,
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Writes one frame, the first `sendmsg` carrying `fd` when given.
+pub fn send_frame(stream: &UnixStream, body: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    if body.len() > MAX_FRAME {
+        return Err(invalid("frame too large"));
+    }
+    let header = (body.len() as u32).to_be_bytes();
+    let total = header.len() + body.len();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds;
+    if let Some(fd) = fd {
+        fds = [fd];
+        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(invalid("no room for the fd"));
+        }
+    }
+    let sent = rustix::net::sendmsg(
+        stream,
+        &[IoSlice::new(&header), IoSlice::new(body)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    if sent < total {
+        // The fd went with the first bytes; the rest is plain data.
+        let mut rest = Vec::with_capacity(total - sent);
+        rest.extend_from_slice(&header);
+        rest.extend_from_slice(body);
+        (&*stream).write_all(&rest[sent..])?;
+    }
+    Ok(())
+}
+
+/// Reads one frame and the fd that came with it, if any.
+pub fn recv_frame(stream: &UnixStream) -> io::Result<(Vec<u8>, Option<OwnedFd>)> {
+    // Read only the header with recvmsg (the fd arrives with the first byte), so nothing past
+    // this frame is ever consumed.
+    let mut header = [0u8; 4];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        stream,
+        &mut [IoSliceMut::new(&mut header)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fd = None;
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = msg {
+            for f in fds {
+                // Keep the first; any extra is closed on drop.
+                if fd.is_none() {
+                    fd = Some(f);
+                }
+            }
+        }
+    }
+    if got.bytes == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed before a frame",
+        ));
+    }
+    (&*stream).read_exact(&mut header[got.bytes..])?;
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(invalid("frame too large"));
+    }
+    let mut body = vec![0u8; len];
+    (&*stream).read_exact(&mut body)?;
+    Ok((body, fd))
+}
+
+/// Sends `request` (with `fd`) to the mounter at `socket` and waits up to `timeout` for its
+/// reply.
+pub fn call(
+    socket: &Path,
+    request: &Request,
+    fd: Option<BorrowedFd<'_>>,
+    timeout: Duration,
+) -> io::Result<Reply> {
+    let stream = UnixStream::connect(socket)?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let body = serde_json::to_vec(request).map_err(|e| invalid(e.to_string()))?;
+    send_frame(&stream, &body, fd)?;
+    let (reply, _) = recv_frame(&stream)?;
+    serde_json::from_slice(&reply).map_err(|e| invalid(format!("bad reply: {e}")))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn request() -> MountRequest {
+        MountRequest {
+            volume_id: "bucket:b".into(),
+            bucket: "b".into(),
+            prefix: "p/".into(),
+            endpoint: Some("http://127.0.0.1:1".into()),
+            region: None,
+            force_path_style: true,
+            options: MountOptions {
+                uid: Some(1000),
+                file_mode: Some(0o644),
+                read_only: true,
+                ..MountOptions::default()
+            },
+            staging_path: "/stage".into(),
+            credentials: Some(StaticCredentials {
+                access_key_id: "AKID".into(),
+                secret_access_key: "VERYSECRET".into(),
+                session_token: Some("TOKENSECRET".into()),
+            }),
+        }
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let s = format!("{:?}", Request::Mount(Box::new(request())));
+        assert!(
+            !s.contains("VERYSECRET") && !s.contains("TOKENSECRET"),
+            "{s}"
+        );
+        assert!(s.contains("AKID"));
+    }
+
+    #[test]
+    fn options_become_flags() {
+        assert_eq!(
+            request().options.to_args(),
+            ["--uid", "1000", "--file-mode", "0644", "--read-only"]
+        );
+    }
+
+    #[test]
+    fn frames_carry_an_fd() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (pr, pw) = rustix::pipe::pipe().unwrap();
+        let body = serde_json::to_vec(&Request::Mount(Box::new(request()))).unwrap();
+        let big = vec![b'x'; 200_000];
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                send_frame(&a, &body, Some(pw.as_fd())).unwrap();
+                send_frame(&a, &big, None).unwrap();
+            });
+            let (got, fd) = recv_frame(&b).unwrap();
+            let req: Request = serde_json::from_slice(&got).unwrap();
+            assert_eq!(req, Request::Mount(Box::new(request())));
+            // The received fd is the pipe's write end.
+            let fd = fd.expect("fd");
+            rustix::io::write(&fd, b"hi").unwrap();
+            let mut buf = [0u8; 2];
+            rustix::io::read(&pr, &mut buf).unwrap();
+            assert_eq!(&buf, b"hi");
+            let (got, fd) = recv_frame(&b).unwrap();
+            assert_eq!(got.len(), big.len());
+            assert!(fd.is_none());
+        });
+    }
+}

@@ -1,0 +1,548 @@
+//! The Node service: staging (the FUSE mount and its hand-off), publishing (bind mounts),
+//! volume stats and condition.
+//!
+//! - **NodeStageVolume** opens `/dev/fuse`, mounts it at the staging path with mount(2)
+//!   (`fuse.s3vol`, `nosuid,nodev,allow_other,default_permissions`, read-only when every use is
+//!   read-only), sends the fd with the volume's configuration and credentials to the mounter
+//!   ([`crate::handoff`]) and waits until the serving process says it serves. On any failure the
+//!   staging path is unmounted again (lazily, so it always succeeds) and the error says why. The
+//!   plugin then closes its copy of the fd: the serving process alone holds the connection, so
+//!   if it dies the kernel answers ENOTCONN instead of hanging.
+//! - **NodePublishVolume** bind-mounts the staging path at the target path — but only after
+//!   checking in the mount table that the staging path *is* an s3vol mount, so a pod can never
+//!   be handed a plain directory of the node's disk — then remounts the bind `nosuid,nodev` and
+//!   read-only when asked, which the kernel enforces. It creates the target directory (the spec
+//!   makes that the plugin's job) and removes it again if anything fails.
+//! - **NodeUnpublishVolume** / **NodeUnstageVolume** unmount (a missing mount is fine) and
+//!   remove what publish created / the state record.
+//! - **NodeGetVolumeStats** reports `statfs` of the volume and its condition: abnormal when the
+//!   mount answers an error (ENOTCONN: its serving process is gone) or nothing within 5 s.
+//!
+//! Every call on one volume is serialised (see `locks`). Each staged volume is recorded in the
+//! state directory; on start the service adopts the records whose mounts still exist.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use crate::capability;
+use crate::error::{CsiError, CsiResult};
+use crate::handoff::{self, MountRequest};
+use crate::locks::KeyLocks;
+use crate::mounts::{self, FSTYPE, Health};
+use crate::params::{self, Defaults, VolumeAttrs};
+use crate::proto::node_server::Node;
+use crate::proto::node_service_capability::{self, rpc};
+use crate::proto::volume_usage::Unit;
+use crate::proto::{
+    NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
+    NodeGetInfoResponse, NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse,
+    NodePublishVolumeRequest, NodePublishVolumeResponse, NodeServiceCapability,
+    NodeStageVolumeRequest, NodeStageVolumeResponse, NodeUnpublishVolumeRequest,
+    NodeUnpublishVolumeResponse, NodeUnstageVolumeRequest, NodeUnstageVolumeResponse,
+    VolumeCondition, VolumeUsage,
+};
+use crate::state::{StagedVolume, StateDir};
+
+/// How long `statfs` of a volume may take before it counts as not answering.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings of the node service.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: String,
+    pub state_dir: PathBuf,
+    pub mounter_socket: PathBuf,
+    pub defaults: Defaults,
+    /// How long to wait for the mounter to say a volume serves.
+    pub mount_timeout: Duration,
+}
+
+/// The Node service.
+#[derive(Debug)]
+pub struct NodeService {
+    config: NodeConfig,
+    state: StateDir,
+    locks: KeyLocks,
+    adopted: AtomicBool,
+}
+
+fn required<'a>(value: &'a str, name: &str) -> CsiResult<&'a str> {
+    if value.is_empty() {
+        Err(CsiError::invalid(format!("{name} is required")))
+    } else {
+        Ok(value)
+    }
+}
+
+fn absolute(value: &str, name: &str) -> CsiResult<PathBuf> {
+    let p = Path::new(required(value, name)?);
+    if !p.is_absolute() {
+        return Err(CsiError::invalid(format!(
+            "{name} must be an absolute path"
+        )));
+    }
+    Ok(mounts::normalize(p))
+}
+
+impl NodeService {
+    /// Opens the state directory and adopts the volumes a previous run staged.
+    pub fn new(config: NodeConfig) -> io::Result<Arc<Self>> {
+        let state = StateDir::open(&config.state_dir)?;
+        let svc = Arc::new(Self {
+            config,
+            state,
+            locks: KeyLocks::default(),
+            adopted: AtomicBool::new(false),
+        });
+        svc.adopt()?;
+        Ok(svc)
+    }
+
+    /// Takes over the records of an earlier run: a record whose staging path is still an s3vol
+    /// mount is kept (its serving process never depended on us); any other is dropped.
+    fn adopt(&self) -> io::Result<()> {
+        for (id, v) in self.state.load_all()? {
+            match mounts::top_mount_at(&v.staging_path)? {
+                Some(m) if m.fstype == FSTYPE => {
+                    tracing::info!(volume = %id, staging = %v.staging_path.display(), pid = ?v.pid, "adopted staged volume");
+                }
+                _ => {
+                    tracing::info!(volume = %id, staging = %v.staging_path.display(), "forgetting a volume that is no longer mounted");
+                    self.state.remove(&id)?;
+                }
+            }
+        }
+        self.adopted.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether this node can serve: state adopted, `/dev/fuse` present, mounter answering.
+    pub async fn ready(&self) -> bool {
+        if !self.adopted.load(Ordering::SeqCst) || !Path::new("/dev/fuse").exists() {
+            return false;
+        }
+        let socket = self.config.mounter_socket.clone();
+        let ping = tokio::task::spawn_blocking(move || {
+            handoff::call(
+                &socket,
+                &handoff::Request::Ping,
+                None,
+                Duration::from_secs(2),
+            )
+        });
+        matches!(ping.await, Ok(Ok(r)) if r.ok)
+    }
+
+    async fn stage(&self, req: NodeStageVolumeRequest) -> CsiResult<()> {
+        let volume_id = required(&req.volume_id, "volume_id")?;
+        let staging = absolute(&req.staging_target_path, "staging_target_path")?;
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| CsiError::invalid("volume_capability is required"))?;
+        let cap_read_only = capability::check(cap).map_err(CsiError::InvalidArgument)?;
+        let attrs = VolumeAttrs::parse(&req.volume_context, &self.config.defaults)?;
+        let (flags, group) = capability::mount_flags(cap);
+        let mut options = params::mount_options(flags)?;
+        params::apply_mount_group(&mut options, group)?;
+        options.read_only |= cap_read_only;
+        let credentials = params::credentials(&req.secrets)?;
+        let mut record = StagedVolume {
+            volume_id: volume_id.to_owned(),
+            staging_path: staging.clone(),
+            bucket: attrs.bucket.to_string(),
+            prefix: attrs.prefix.clone(),
+            endpoint: attrs.location.endpoint.clone(),
+            region: attrs.location.region.clone(),
+            force_path_style: attrs.location.path_style,
+            options: options.clone(),
+            pid: None,
+        };
+        let source = mounts::mount_source(&record.bucket, &record.prefix);
+
+        let _guard = self.locks.lock(volume_id).await;
+        let existing = self
+            .state
+            .load(volume_id)
+            .map_err(CsiError::io("reading the state record"))?;
+        if let Some(old) = &existing
+            && old.staging_path != staging
+            && mounts::top_mount_at(&old.staging_path)
+                .map_err(CsiError::io("reading the mount table"))?
+                .is_some_and(|m| m.fstype == FSTYPE)
+        {
+            return Err(CsiError::AlreadyExists(format!(
+                "volume {volume_id} is already staged at {}",
+                old.staging_path.display()
+            )));
+        }
+        if let Some(m) =
+            mounts::top_mount_at(&staging).map_err(CsiError::io("reading the mount table"))?
+        {
+            if m.fstype != FSTYPE {
+                return Err(CsiError::FailedPrecondition(format!(
+                    "{} already has a {} mount that is not s3vol's",
+                    staging.display(),
+                    m.fstype
+                )));
+            }
+            let same = match &existing {
+                Some(old) => old.same_mount(&record),
+                None => m.source == source,
+            };
+            if !same {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {volume_id} is staged at {} with a different bucket, prefix or options",
+                    staging.display()
+                )));
+            }
+            match mounts::probe(&staging, PROBE_TIMEOUT).await {
+                Health::Ok { .. } => {
+                    if existing.is_none() {
+                        self.state
+                            .save(&record)
+                            .map_err(CsiError::io("writing the state record"))?;
+                    }
+                    tracing::info!(volume = %volume_id, staging = %staging.display(), "already staged");
+                    return Ok(());
+                }
+                health => {
+                    // Its serving process is gone: replace the dead mount.
+                    tracing::warn!(volume = %volume_id, ?health, "staged mount is dead; mounting again");
+                    mounts::unmount_all(&staging).map_err(CsiError::io(format!(
+                        "unmounting the dead mount at {}",
+                        staging.display()
+                    )))?;
+                }
+            }
+        }
+        if !staging.is_dir() {
+            std::fs::create_dir_all(&staging)
+                .map_err(CsiError::io(format!("creating {}", staging.display())))?;
+        }
+
+        let fd = mounts::open_fuse().map_err(|e| {
+            CsiError::FailedPrecondition(format!(
+                "cannot open /dev/fuse (the node plugin must be privileged): {e}"
+            ))
+        })?;
+        mounts::mount_fuse(&fd, &staging, &source, options.read_only).map_err(CsiError::io(
+            format!("mounting fuse.s3vol at {}", staging.display()),
+        ))?;
+        let request = handoff::Request::Mount(Box::new(MountRequest {
+            volume_id: volume_id.to_owned(),
+            bucket: record.bucket.clone(),
+            prefix: record.prefix.clone(),
+            endpoint: record.endpoint.clone(),
+            region: record.region.clone(),
+            force_path_style: record.force_path_style,
+            options,
+            staging_path: staging.clone(),
+            credentials,
+        }));
+        let socket = self.config.mounter_socket.clone();
+        let timeout = self.config.mount_timeout;
+        let outcome = tokio::task::spawn_blocking(move || {
+            let reply = handoff::call(
+                &socket,
+                &request,
+                Some(std::os::fd::AsFd::as_fd(&fd)),
+                timeout,
+            );
+            // Our copy of the connection goes now: from here on only the serving process holds it.
+            drop(fd);
+            reply
+        })
+        .await;
+        let failure = match outcome {
+            Ok(Ok(reply)) if reply.ok => {
+                record.pid = reply.pid;
+                match self.state.save(&record) {
+                    Ok(()) => {
+                        tracing::info!(volume = %volume_id, staging = %staging.display(), source = %source, pid = ?reply.pid, "staged");
+                        return Ok(());
+                    }
+                    Err(e) => CsiError::io("writing the state record")(e),
+                }
+            }
+            Ok(Ok(reply)) => CsiError::Internal(format!(
+                "mounting {source} failed: {}",
+                reply
+                    .error
+                    .unwrap_or_else(|| "the mounter gave no reason".into())
+            )),
+            Ok(Err(e)) => CsiError::Unavailable(format!(
+                "handing {source} to the mounter at {} failed: {e}",
+                self.config.mounter_socket.display()
+            )),
+            Err(e) => CsiError::Internal(format!("hand-off task failed: {e}")),
+        };
+        if let Err(e) = mounts::unmount_all(&staging) {
+            tracing::error!(volume = %volume_id, error = %e, "could not unmount the staging path after a failed stage");
+        }
+        tracing::warn!(volume = %volume_id, error = %failure, "stage failed");
+        Err(failure)
+    }
+
+    async fn unstage(&self, req: NodeUnstageVolumeRequest) -> CsiResult<()> {
+        let volume_id = required(&req.volume_id, "volume_id")?;
+        let staging = absolute(&req.staging_target_path, "staging_target_path")?;
+        let _guard = self.locks.lock(volume_id).await;
+        mounts::unmount_all(&staging)
+            .map_err(CsiError::io(format!("unmounting {}", staging.display())))?;
+        self.state
+            .remove(volume_id)
+            .map_err(CsiError::io("removing the state record"))?;
+        tracing::info!(volume = %volume_id, staging = %staging.display(), "unstaged");
+        Ok(())
+    }
+
+    async fn publish(&self, req: NodePublishVolumeRequest) -> CsiResult<()> {
+        let volume_id = required(&req.volume_id, "volume_id")?;
+        let target = absolute(&req.target_path, "target_path")?;
+        let staging = absolute(&req.staging_target_path, "staging_target_path")?;
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| CsiError::invalid("volume_capability is required"))?;
+        let read_only = capability::check(cap).map_err(CsiError::InvalidArgument)? || req.readonly;
+        let _guard = self.locks.lock(volume_id).await;
+        let result = self.publish_locked(volume_id, &staging, &target, read_only);
+        if result.is_err() {
+            // Never leave the pod a plain directory on the node's disk.
+            remove_target(&target);
+        }
+        result
+    }
+
+    fn publish_locked(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        target: &Path,
+        read_only: bool,
+    ) -> CsiResult<()> {
+        let table =
+            |p: &Path| mounts::top_mount_at(p).map_err(CsiError::io("reading the mount table"));
+        let staged = match table(staging)? {
+            Some(m) if m.fstype == FSTYPE => m,
+            _ => {
+                return Err(CsiError::FailedPrecondition(format!(
+                    "volume {volume_id} is not staged at {} (NodeStageVolume first)",
+                    staging.display()
+                )));
+            }
+        };
+        if let Some(m) = table(target)? {
+            if m.fstype == FSTYPE && m.source == staged.source && m.read_only() == read_only {
+                tracing::info!(volume = %volume_id, target = %target.display(), "already published");
+                return Ok(());
+            }
+            // Not ours to undo: keep it, but say why the call fails.
+            return Err(CsiError::AlreadyExists(format!(
+                "{} is already mounted ({} {}, {}), incompatible with this request",
+                target.display(),
+                m.fstype,
+                m.source,
+                if m.read_only() { "ro" } else { "rw" }
+            )));
+        }
+        match std::fs::create_dir(target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && target.is_dir() => {}
+            Err(e) => return Err(CsiError::io(format!("creating {}", target.display()))(e)),
+        }
+        mounts::bind_mount(staging, target, read_only).map_err(CsiError::io(format!(
+            "bind-mounting {} at {}",
+            staging.display(),
+            target.display()
+        )))?;
+        tracing::info!(volume = %volume_id, target = %target.display(), read_only, "published");
+        Ok(())
+    }
+
+    async fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> CsiResult<()> {
+        let volume_id = required(&req.volume_id, "volume_id")?;
+        let target = absolute(&req.target_path, "target_path")?;
+        let _guard = self.locks.lock(volume_id).await;
+        mounts::unmount_all(&target)
+            .map_err(CsiError::io(format!("unmounting {}", target.display())))?;
+        match std::fs::remove_dir(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CsiError::io(format!("removing {}", target.display()))(e)),
+        }
+        tracing::info!(volume = %volume_id, target = %target.display(), "unpublished");
+        Ok(())
+    }
+
+    async fn stats(&self, req: NodeGetVolumeStatsRequest) -> CsiResult<NodeGetVolumeStatsResponse> {
+        let volume_id = required(&req.volume_id, "volume_id")?;
+        let path = absolute(&req.volume_path, "volume_path")?;
+        if self
+            .state
+            .load(volume_id)
+            .map_err(CsiError::io("reading the state record"))?
+            .is_none()
+        {
+            return Err(CsiError::NotFound(format!(
+                "volume {volume_id} is not staged on this node"
+            )));
+        }
+        match mounts::top_mount_at(&path).map_err(CsiError::io("reading the mount table"))? {
+            Some(m) if m.fstype == FSTYPE => {}
+            _ => {
+                return Err(CsiError::NotFound(format!(
+                    "volume {volume_id} is not mounted at {}",
+                    path.display()
+                )));
+            }
+        }
+        let usage = |unit: Unit, total: u64, free: u64| VolumeUsage {
+            available: i64::try_from(free).unwrap_or(i64::MAX),
+            total: i64::try_from(total).unwrap_or(i64::MAX),
+            used: i64::try_from(total.saturating_sub(free)).unwrap_or(i64::MAX),
+            unit: unit as i32,
+        };
+        let (usage, condition) = match mounts::probe(&path, PROBE_TIMEOUT).await {
+            Health::Ok {
+                bytes_total,
+                bytes_free,
+                inodes_total,
+                inodes_free,
+            } => (
+                vec![
+                    usage(Unit::Bytes, bytes_total, bytes_free),
+                    usage(Unit::Inodes, inodes_total, inodes_free),
+                ],
+                VolumeCondition {
+                    abnormal: false,
+                    message: "the volume is mounted and its serving process answers".into(),
+                },
+            ),
+            Health::Error(kind, msg) => (
+                vec![usage(Unit::Bytes, 0, 0)],
+                VolumeCondition {
+                    abnormal: true,
+                    message: if kind == io::ErrorKind::NotConnected {
+                        format!(
+                            "the serving process of this volume is gone ({msg}); restart the pod to mount it again"
+                        )
+                    } else {
+                        format!("the volume answers an error: {msg}")
+                    },
+                },
+            ),
+            Health::NoAnswer => (
+                vec![usage(Unit::Bytes, 0, 0)],
+                VolumeCondition {
+                    abnormal: true,
+                    message: format!(
+                        "the volume did not answer statfs within {} s",
+                        PROBE_TIMEOUT.as_secs()
+                    ),
+                },
+            ),
+        };
+        Ok(NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(condition),
+        })
+    }
+}
+
+/// Removes a target directory publish may have created; if it cannot be removed (not empty),
+/// takes every permission away so nothing is written there by mistake.
+fn remove_target(target: &Path) {
+    if matches!(mounts::top_mount_at(target), Ok(Some(_))) {
+        return;
+    }
+    match std::fs::remove_dir(target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            use std::os::unix::fs::PermissionsExt;
+            tracing::warn!(target = %target.display(), error = %e, "cannot remove the target path after a failed publish; making it inaccessible");
+            let _ = std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o000));
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Node for Arc<NodeService> {
+    async fn node_stage_volume(
+        &self,
+        request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        self.stage(request.into_inner()).await?;
+        Ok(Response::new(NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        self.unstage(request.into_inner()).await?;
+        Ok(Response::new(NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        self.publish(request.into_inner()).await?;
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        self.unpublish(request.into_inner()).await?;
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        Ok(Response::new(self.stats(request.into_inner()).await?))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        let capabilities = [
+            rpc::Type::StageUnstageVolume,
+            rpc::Type::GetVolumeStats,
+            rpc::Type::VolumeCondition,
+            rpc::Type::SingleNodeMultiWriter,
+            rpc::Type::VolumeMountGroup,
+        ]
+        .into_iter()
+        .map(|t| NodeServiceCapability {
+            r#type: Some(node_service_capability::Type::Rpc(
+                node_service_capability::Rpc { r#type: t as i32 },
+            )),
+        })
+        .collect();
+        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.config.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: None,
+        }))
+    }
+}
