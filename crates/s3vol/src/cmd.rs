@@ -1,3 +1,5 @@
 //! The subcommands, one module each.
 
 pub mod check;
+pub mod csi;
+pub mod mounter;

@@ -34,6 +34,10 @@ struct Cli {
 enum Command {
     /// Check that a bucket is reachable and what these credentials may do in it.
     Check(cmd::check::CheckArgs),
+    /// Serve the CSI driver (identity, controller and node services) on a unix socket.
+    Csi(cmd::csi::CsiArgs),
+    /// Serve the volumes the CSI node plugin mounts, one `s3vol mount` process each.
+    Mounter(cmd::mounter::MounterArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +48,8 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Check(args) => cmd::check::run(args),
+        Command::Csi(args) => cmd::csi::run(args),
+        Command::Mounter(args) => cmd::mounter::run(args),
     };
     match result {
         Ok(code) => code,

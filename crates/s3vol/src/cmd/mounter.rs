@@ -1,0 +1,49 @@
+//! `s3vol mounter`: receives mounted volumes from the CSI node plugin and serves each in an
+//! `s3vol mount` process of its own. Unprivileged: it never mounts or opens `/dev/fuse`.
+//!
+//! Only parses flags and runs `s3vol_csi::mounter::run`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use s3vol_csi::mounter::MounterConfig;
+
+#[derive(Debug, Args)]
+pub struct MounterArgs {
+    /// Unix socket on which the node plugin hands over mounted volumes.
+    #[arg(long, default_value = super::csi::DEFAULT_MOUNTER_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Cache directory shared by the volumes it serves (one subdirectory each).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Seconds a volume's serving process may take to start serving.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub ready_timeout: u64,
+    /// The s3vol binary to run for each volume (default: this one).
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub exe: Option<PathBuf>,
+    /// Address for /metrics and /healthz (accepted for the manifests; not served yet).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+}
+
+pub fn run(args: MounterArgs) -> anyhow::Result<ExitCode> {
+    if let Some(addr) = &args.metrics_addr {
+        tracing::warn!(%addr, "--metrics-addr is accepted but the metrics endpoint is not implemented yet");
+    }
+    let exe = match args.exe {
+        Some(exe) => exe,
+        None => std::env::current_exe().context("finding the s3vol binary")?,
+    };
+    s3vol_csi::mounter::run(MounterConfig {
+        socket: args.socket.clone(),
+        cache_dir: args.cache_dir,
+        exe,
+        ready_timeout: Duration::from_secs(args.ready_timeout.max(1)),
+    })
+    .with_context(|| format!("serving on {}", args.socket.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
