@@ -32,12 +32,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Mount a bucket or a prefix of one as a directory.
+    Mount(cmd::mount::MountArgs),
     /// Check that a bucket is reachable and what these credentials may do in it.
     Check(cmd::check::CheckArgs),
     /// Serve the CSI driver (identity, controller and node services) on a unix socket.
     Csi(cmd::csi::CsiArgs),
     /// Serve the volumes the CSI node plugin mounts, one `s3vol mount` process each.
     Mounter(cmd::mounter::MounterArgs),
+    /// Serve the COSI driver (bucket provisioning for Kubernetes) on a unix socket.
+    Cosi(cmd::cosi::CosiArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,9 +51,11 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match cli.command {
+        Command::Mount(args) => cmd::mount::run(args),
         Command::Check(args) => cmd::check::run(args),
         Command::Csi(args) => cmd::csi::run(args),
         Command::Mounter(args) => cmd::mounter::run(args),
+        Command::Cosi(args) => cmd::cosi::run(args),
     };
     match result {
         Ok(code) => code,

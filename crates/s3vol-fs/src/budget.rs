@@ -1,0 +1,187 @@
+//! Budgets for memory (prefetched reads, in-flight part uploads) and for the disk space of
+//! staging files.
+//!
+//! Memory is a semaphore counted in KiB: a prefetch or an upload takes permits before it
+//! allocates and gives them back when its buffer is dropped, so the total stays under
+//! `--memory-limit`; at the limit, callers wait. Disk counts the bytes of staging files; a
+//! writer that would take it over `--cache-size` waits until uploads finish and staging files
+//! are dropped — unless its own file is all that fills the budget, which no other writer can
+//! free (then it goes on, and says so once in the log).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+/// The memory budget.
+#[derive(Debug)]
+pub struct Memory {
+    sem: Arc<Semaphore>,
+    limit_kib: u32,
+}
+
+/// Memory held by one buffer.
+#[derive(Debug)]
+pub struct MemoryPermit {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Memory {
+    pub fn new(limit_bytes: u64) -> Self {
+        let limit_kib = (limit_bytes / 1024).clamp(1024, u64::from(u32::MAX >> 4)) as u32;
+        Self {
+            sem: Arc::new(Semaphore::new(limit_kib as usize)),
+            limit_kib,
+        }
+    }
+
+    fn kib(&self, bytes: u64) -> u32 {
+        (bytes.div_ceil(1024).max(1) as u32).min(self.limit_kib)
+    }
+
+    /// Waits until `bytes` fit in the budget.
+    pub async fn acquire(&self, bytes: u64) -> MemoryPermit {
+        let n = self.kib(bytes);
+        match self.sem.clone().acquire_many_owned(n).await {
+            Ok(permit) => MemoryPermit { _permit: permit },
+            // The semaphore is never closed.
+            Err(_) => unreachable!("memory semaphore closed"),
+        }
+    }
+
+    /// Takes `bytes` only if they fit now.
+    pub fn try_acquire(&self, bytes: u64) -> Option<MemoryPermit> {
+        let n = self.kib(bytes);
+        self.sem
+            .clone()
+            .try_acquire_many_owned(n)
+            .ok()
+            .map(|p| MemoryPermit { _permit: p })
+    }
+
+    /// Bytes currently taken.
+    pub fn used(&self) -> u64 {
+        u64::from(self.limit_kib - self.sem.available_permits() as u32) * 1024
+    }
+}
+
+/// The disk budget of staging files.
+#[derive(Debug)]
+pub struct Disk {
+    limit: u64,
+    used: AtomicU64,
+    dirty: AtomicU64,
+    freed: Notify,
+    warned: AtomicBool,
+}
+
+impl Disk {
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            used: AtomicU64::new(0),
+            dirty: AtomicU64::new(0),
+            freed: Notify::new(),
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    /// Grows a staging file's share from `own` by `more` bytes, waiting while the budget is
+    /// full and someone else's data can still make room.
+    pub async fn grow(&self, own: u64, more: u64) {
+        loop {
+            let used = self.used.load(Ordering::SeqCst);
+            if used + more <= self.limit || used <= own {
+                if used + more > self.limit && !self.warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        limit = self.limit,
+                        "one file alone exceeds --cache-size; it is staged anyway"
+                    );
+                }
+                self.used.fetch_add(more, Ordering::SeqCst);
+                metrics::gauge!("s3vol_cache_bytes").set(self.used() as f64);
+                return;
+            }
+            metrics::counter!("s3vol_cache_waits_total").increment(1);
+            let notified = self.freed.notified();
+            // Re-check after registering, and poll now and then in case a wake-up was missed.
+            let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+        }
+    }
+
+    pub fn shrink(&self, less: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                Some(u.saturating_sub(less))
+            });
+        metrics::gauge!("s3vol_cache_bytes").set(self.used() as f64);
+        self.freed.notify_waiters();
+    }
+
+    /// Tracks bytes not yet durable in S3, for the `s3vol_dirty_bytes` gauge.
+    pub fn set_dirty_delta(&self, delta: i64) {
+        if delta >= 0 {
+            self.dirty.fetch_add(delta as u64, Ordering::SeqCst);
+        } else {
+            let _ = self
+                .dirty
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| {
+                    Some(d.saturating_sub(delta.unsigned_abs()))
+                });
+        }
+        metrics::gauge!("s3vol_dirty_bytes").set(self.dirty.load(Ordering::SeqCst) as f64);
+    }
+
+    pub fn dirty(&self) -> u64 {
+        self.dirty.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_waits_at_the_limit() {
+        let m = Arc::new(Memory::new(4 << 20));
+        let a = m.acquire(3 << 20).await;
+        assert!(m.try_acquire(2 << 20).is_none());
+        let m2 = m.clone();
+        let waiter = tokio::spawn(async move { m2.acquire(2 << 20).await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(a);
+        let _b = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.used(), 2 << 20);
+    }
+
+    #[tokio::test]
+    async fn disk_waits_for_others_but_not_for_itself() {
+        let d = Arc::new(Disk::new(100));
+        d.grow(0, 80).await;
+        // This writer owns 80 of the 80 used: nobody else can free space, so it goes on.
+        d.grow(80, 50).await;
+        assert_eq!(d.used(), 130);
+        // Another writer with nothing of its own waits until space is freed.
+        let d2 = d.clone();
+        let waiter = tokio::spawn(async move { d2.grow(0, 10).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        d.shrink(130);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.used(), 10);
+    }
+}

@@ -1,0 +1,53 @@
+//! What a mount is configured with.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use s3vol_s3::BucketName;
+
+/// Settings of one mounted filesystem.
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    pub bucket: BucketName,
+    /// Key prefix the mount is rooted at: empty, or ending with `/`.
+    pub prefix: String,
+    /// Owner and modes of objects that carry no s3fs metadata.
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+    pub read_only: bool,
+    /// How long metadata and negative lookups are trusted, here and by the kernel.
+    pub metadata_ttl: Duration,
+    /// Where staging files live.
+    pub cache_dir: PathBuf,
+    /// Disk budget for staging files; dirty data over it makes writers wait.
+    pub cache_size: u64,
+    /// Memory budget for prefetched reads and in-flight part uploads.
+    pub memory_limit: u64,
+    /// Multipart part size for uploads and for sequential prefetch.
+    pub part_size: u64,
+    /// HEAD requests in flight at once when listing a directory.
+    pub list_concurrency: usize,
+}
+
+impl FsConfig {
+    pub fn new(bucket: BucketName, prefix: String, cache_dir: PathBuf) -> Self {
+        Self {
+            bucket,
+            prefix,
+            // SAFETY: getuid/getgid cannot fail.
+            uid: unsafe { libc::getuid() },
+            gid: unsafe { libc::getgid() },
+            file_mode: 0o644,
+            dir_mode: 0o755,
+            read_only: false,
+            metadata_ttl: Duration::from_secs(10),
+            cache_dir,
+            cache_size: 10 << 30,
+            memory_limit: 512 << 20,
+            part_size: 8 << 20,
+            list_concurrency: 64,
+        }
+    }
+}

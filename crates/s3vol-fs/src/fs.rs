@@ -1,0 +1,1535 @@
+//! The filesystem proper: POSIX operations over an [`ObjectStore`], in plain async Rust.
+//!
+//! Nothing here knows about FUSE; the adapter in `fuse.rs` calls these methods and turns
+//! their results into replies. That keeps the semantics testable against the in-memory store.
+//!
+//! Namespace: a directory is a `dir/` marker object, a common prefix (an *implicit*
+//! directory), or an s3fs-style `dir_$folder$` object. When a file and a directory have the
+//! same name, the directory wins and the file is hidden. Keys that make no file name (empty
+//! path segments as in `a//b`, names over 255 bytes, `.` and `..`) are not shown.
+//!
+//! Consistency: close-to-open. `open` asks S3 for the object's current version; attributes
+//! and negative lookups are otherwise trusted for `metadata_ttl`. `close` (flush) and `fsync`
+//! upload and return only when the data is in S3, or fail with the error.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use s3vol_s3::{
+    CopySource, ETag, ListRequest, MetadataDirective, ObjectInfo, ObjectStore, PutOptions, S3Error,
+};
+
+use crate::budget::{Disk, Memory};
+use crate::config::FsConfig;
+use crate::error::{FsError, FsResult, err};
+use crate::inode::{Inode, InodeNo, Inodes, ROOT};
+use crate::meta::{Attrs, Kind};
+use crate::read::{ReadCtx, Reader};
+use crate::stage::{Base, MAX_COPY_OBJECT, StageCtx, Staged};
+
+const FOLDER_SUFFIX: &str = "_$folder$";
+
+/// An entry returned by [`S3Fs::readdir`].
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub ino: InodeNo,
+    /// The offset of the entry after this one.
+    pub next_offset: u64,
+    pub kind: Kind,
+    pub name: String,
+}
+
+/// How a file was opened.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenMode {
+    pub write: bool,
+    pub truncate: bool,
+    pub append: bool,
+}
+
+#[derive(Debug)]
+struct FileHandle {
+    inode: Arc<Inode>,
+    mode: OpenMode,
+    reader: tokio::sync::Mutex<Option<Reader>>,
+}
+
+#[derive(Debug)]
+struct DirStream {
+    ino: InodeNo,
+    prefix: String,
+    entries: VecDeque<DirEntry>,
+    next_offset: u64,
+    token: Option<String>,
+    listed_all: bool,
+    done: bool,
+    seen: HashSet<String>,
+}
+
+#[derive(Debug)]
+enum Handle {
+    File(Arc<FileHandle>),
+    Dir(Arc<tokio::sync::Mutex<DirStream>>),
+}
+
+/// A bucket (or prefix) as a filesystem.
+#[derive(Debug)]
+pub struct S3Fs {
+    config: FsConfig,
+    store: Arc<dyn ObjectStore>,
+    inodes: Inodes,
+    negative: Mutex<HashMap<(InodeNo, String), Instant>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    stage: Arc<StageCtx>,
+    read: Arc<ReadCtx>,
+    mount_time: SystemTime,
+}
+
+/// Whether S3 key segment `name` can be shown as a file name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name.len() <= 255
+        && !name.contains('/')
+        && !name.contains('\0')
+}
+
+fn name_ok(name: &str) -> FsResult<()> {
+    if name.len() > 255 {
+        return Err(err!(libc::ENAMETOOLONG, "name too long"));
+    }
+    if !valid_name(name) {
+        return Err(err!(libc::EINVAL, "invalid name {name:?}"));
+    }
+    Ok(())
+}
+
+fn not_found(e: &S3Error) -> bool {
+    matches!(e, S3Error::NotFound(_))
+}
+
+impl S3Fs {
+    /// Checks that the bucket is reachable, then builds the filesystem.
+    pub async fn new(config: FsConfig, store: Arc<dyn ObjectStore>) -> FsResult<Self> {
+        store.head_bucket(&config.bucket).await.map_err(|e| {
+            let fs: FsError = e.clone().into();
+            err!(fs.errno, "{e}")
+        })?;
+        let memory = Arc::new(Memory::new(config.memory_limit));
+        let disk = Arc::new(Disk::new(config.cache_size));
+        let stage = Arc::new(StageCtx {
+            store: store.clone(),
+            bucket: config.bucket.clone(),
+            dir: config.cache_dir.clone(),
+            part_size: config.part_size,
+            memory: memory.clone(),
+            disk,
+        });
+        let read = Arc::new(ReadCtx {
+            store: store.clone(),
+            bucket: config.bucket.clone(),
+            memory: memory.clone(),
+            part_size: config.part_size,
+            max_window: (16 * config.part_size).min(config.memory_limit / 4),
+        });
+        let now = SystemTime::now();
+        let root_attrs = Attrs::defaults(Kind::Dir, &config, 0, now);
+        Ok(Self {
+            inodes: Inodes::new(config.prefix.clone(), root_attrs),
+            config,
+            store,
+            negative: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            stage,
+            read,
+            mount_time: now,
+        })
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    fn ro(&self) -> FsResult<()> {
+        if self.config.read_only {
+            return Err(err!(libc::EROFS, "read-only mount"));
+        }
+        Ok(())
+    }
+
+    fn inode(&self, ino: InodeNo) -> FsResult<Arc<Inode>> {
+        self.inodes
+            .get(ino)
+            .ok_or_else(|| err!(libc::ESTALE, "unknown inode {ino}"))
+    }
+
+    fn dir_key(&self, ino: InodeNo) -> FsResult<(Arc<Inode>, String)> {
+        let inode = self.inode(ino)?;
+        if inode.kind != Kind::Dir {
+            return Err(err!(libc::ENOTDIR, "inode {ino} is not a directory"));
+        }
+        let key = inode.key();
+        Ok((inode, key))
+    }
+
+    fn fresh(&self, validated: Option<Instant>) -> bool {
+        validated.is_some_and(|t| t.elapsed() < self.config.metadata_ttl)
+    }
+
+    fn negative_hit(&self, parent: InodeNo, name: &str) -> bool {
+        let mut neg = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+        match neg.get(&(parent, name.to_owned())) {
+            Some(t) if t.elapsed() < self.config.metadata_ttl => true,
+            Some(_) => {
+                neg.remove(&(parent, name.to_owned()));
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn set_negative(&self, parent: InodeNo, name: &str, missing: bool) {
+        let mut neg = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+        if missing {
+            if neg.len() > 100_000 {
+                let ttl = self.config.metadata_ttl;
+                neg.retain(|_, t| t.elapsed() < ttl);
+            }
+            neg.insert((parent, name.to_owned()), Instant::now());
+        } else {
+            neg.remove(&(parent, name.to_owned()));
+        }
+    }
+
+    /// The attributes the kernel should see (local size wins while a file is staged).
+    pub fn attrs_of(&self, inode: &Inode) -> Attrs {
+        inode.state().attrs.clone()
+    }
+
+    // ----- lookup and attributes ------------------------------------------------------
+
+    /// What S3 says is at `key` (a file key, without trailing slash): a directory, a file,
+    /// or nothing.
+    async fn probe(&self, key: &str) -> FsResult<Option<(Attrs, Option<ETag>, bool)>> {
+        let dir_key = format!("{key}/");
+        let folder_key = format!("{key}{FOLDER_SUFFIX}");
+        let listing = ListRequest {
+            prefix: dir_key.clone(),
+            max_keys: Some(1),
+            ..ListRequest::default()
+        };
+        let b = &self.config.bucket;
+        let (file, marker, list, folder) = tokio::join!(
+            self.store.head_object(b, key),
+            self.store.head_object(b, &dir_key),
+            self.store.list_objects(b, &listing),
+            self.store.head_object(b, &folder_key),
+        );
+        match marker {
+            Ok(info) => {
+                let attrs = Attrs::decode(
+                    Kind::Dir,
+                    &info.metadata,
+                    &self.config,
+                    0,
+                    info.last_modified,
+                );
+                return Ok(Some((attrs, None, true)));
+            }
+            Err(e) if !not_found(&e) => return Err(e.into()),
+            Err(_) => {}
+        }
+        let list = list?;
+        if !list.objects.is_empty() || !list.common_prefixes.is_empty() {
+            let attrs = Attrs::defaults(Kind::Dir, &self.config, 0, self.mount_time);
+            return Ok(Some((attrs, None, false)));
+        }
+        match folder {
+            Ok(info) => {
+                let attrs = Attrs::decode(
+                    Kind::Dir,
+                    &info.metadata,
+                    &self.config,
+                    0,
+                    info.last_modified,
+                );
+                return Ok(Some((attrs, None, false)));
+            }
+            Err(e) if !not_found(&e) => return Err(e.into()),
+            Err(_) => {}
+        }
+        match file {
+            Ok(info) => Ok(Some(self.file_attrs(&info))),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn file_attrs(&self, info: &ObjectInfo) -> (Attrs, Option<ETag>, bool) {
+        let attrs = Attrs::decode(
+            Kind::File,
+            &info.metadata,
+            &self.config,
+            info.size,
+            info.last_modified,
+        );
+        (attrs, Some(info.etag.clone()), false)
+    }
+
+    pub async fn lookup(&self, parent: InodeNo, name: &str) -> FsResult<(Arc<Inode>, Attrs)> {
+        if name.len() > 255 {
+            return Err(err!(libc::ENAMETOOLONG, "name too long"));
+        }
+        let (_, parent_key) = self.dir_key(parent)?;
+        if let Some(child) = self.inodes.child(parent, name) {
+            let s = child.state();
+            if s.local_only || s.staged.is_some() || self.fresh(s.validated) {
+                let attrs = s.attrs.clone();
+                drop(s);
+                self.inodes.add_lookup(&child);
+                return Ok((child, attrs));
+            }
+        }
+        if !valid_name(name) || self.negative_hit(parent, name) {
+            return Err(err!(libc::ENOENT, "{name}: not found"));
+        }
+        let key = format!("{parent_key}{name}");
+        match self.probe(&key).await? {
+            None => {
+                self.set_negative(parent, name, true);
+                Err(err!(libc::ENOENT, "{key}: not found"))
+            }
+            Some((attrs, etag, marker)) => {
+                let key = if attrs.kind == Kind::Dir {
+                    format!("{key}/")
+                } else {
+                    key
+                };
+                let attrs_out = attrs.clone();
+                let inode = self
+                    .inodes
+                    .upsert(parent, name, key, attrs, etag, marker, false, true);
+                let attrs = if inode.kind == attrs_out.kind {
+                    self.attrs_of(&inode)
+                } else {
+                    attrs_out
+                };
+                Ok((inode, attrs))
+            }
+        }
+    }
+
+    pub fn forget(&self, ino: InodeNo, n: u64) {
+        self.inodes.forget(ino, n);
+    }
+
+    pub async fn getattr(&self, ino: InodeNo) -> FsResult<Attrs> {
+        let inode = self.inode(ino)?;
+        {
+            let s = inode.state();
+            if inode.kind == Kind::Dir
+                || s.local_only
+                || s.staged.is_some()
+                || self.fresh(s.validated)
+            {
+                return Ok(s.attrs.clone());
+            }
+        }
+        let key = inode.key();
+        match self.store.head_object(&self.config.bucket, &key).await {
+            Ok(info) => {
+                let (attrs, etag, _) = self.file_attrs(&info);
+                let mut s = inode.state();
+                if s.staged.is_none() {
+                    s.attrs = attrs;
+                    s.etag = etag;
+                    s.validated = Some(Instant::now());
+                }
+                Ok(s.attrs.clone())
+            }
+            Err(e) if not_found(&e) => Err(err!(libc::ENOENT, "{key}: gone")),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes an inode's attributes to S3 now, or marks them for the next upload when the file
+    /// is staged.
+    async fn persist_attrs(&self, inode: &Arc<Inode>) -> FsResult<()> {
+        let (key, attrs, staged, has_marker, local_only) = {
+            let s = inode.state();
+            (
+                s.key.clone(),
+                s.attrs.clone(),
+                s.staged.clone(),
+                s.has_marker,
+                s.local_only,
+            )
+        };
+        if let Some(staged) = staged {
+            staged.lock().await.meta_dirty = true;
+            if inode.state().open_handles == 0 {
+                return self.upload_staged(inode).await;
+            }
+            return Ok(());
+        }
+        if local_only {
+            return Ok(());
+        }
+        let b = &self.config.bucket;
+        match inode.kind {
+            Kind::Dir => {
+                if key == self.config.prefix && key.is_empty() {
+                    return Err(err!(
+                        libc::EPERM,
+                        "the bucket root has no attributes of its own"
+                    ));
+                }
+                let options = PutOptions {
+                    metadata: attrs.encode(),
+                    content_type: attrs.content_type(),
+                    if_none_match_any: false,
+                };
+                let _ = has_marker;
+                self.store
+                    .put_object(b, &key, Bytes::new(), &options)
+                    .await?;
+                inode.state().has_marker = true;
+            }
+            Kind::File | Kind::Symlink => {
+                if attrs.size > MAX_COPY_OBJECT {
+                    self.copy_large(&key, &key, Some(&attrs)).await?;
+                } else {
+                    let source = CopySource {
+                        bucket: b.clone(),
+                        key: key.clone(),
+                        range: None,
+                        if_match: None,
+                    };
+                    let directive = MetadataDirective::Replace {
+                        metadata: attrs.encode(),
+                        content_type: attrs.content_type(),
+                    };
+                    let r = self.store.copy_object(b, &key, &source, &directive).await?;
+                    inode.state().etag = Some(r.etag);
+                }
+            }
+        }
+        inode.state().validated = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Copies an object of any size server-side (CopyObject up to 5 GiB, multipart copy
+    /// beyond), with its metadata copied or replaced.
+    async fn copy_any(
+        &self,
+        from: &str,
+        to: &str,
+        size: u64,
+        replace: Option<&Attrs>,
+    ) -> FsResult<ETag> {
+        if size > MAX_COPY_OBJECT {
+            return self.copy_large(from, to, replace).await;
+        }
+        let source = CopySource {
+            bucket: self.config.bucket.clone(),
+            key: from.to_owned(),
+            range: None,
+            if_match: None,
+        };
+        let directive = match replace {
+            Some(a) => MetadataDirective::Replace {
+                metadata: a.encode(),
+                content_type: a.content_type(),
+            },
+            None => MetadataDirective::Copy,
+        };
+        Ok(self
+            .store
+            .copy_object(&self.config.bucket, to, &source, &directive)
+            .await?
+            .etag)
+    }
+
+    async fn copy_large(&self, from: &str, to: &str, replace: Option<&Attrs>) -> FsResult<ETag> {
+        let b = &self.config.bucket;
+        let info = self.store.head_object(b, from).await?;
+        let options = match replace {
+            Some(a) => PutOptions {
+                metadata: a.encode(),
+                content_type: a.content_type(),
+                if_none_match_any: false,
+            },
+            None => PutOptions {
+                metadata: info.metadata.clone(),
+                content_type: info.content_type.clone(),
+                if_none_match_any: false,
+            },
+        };
+        let part = (512u64 << 20).max(info.size.div_ceil(10_000));
+        let id = self.store.create_multipart_upload(b, to, &options).await?;
+        let ranges: Vec<_> = (0..info.size.div_ceil(part))
+            .map(|i| (i as i32 + 1, i * part..((i + 1) * part).min(info.size)))
+            .collect();
+        let result: Result<Vec<_>, S3Error> = futures::stream::iter(ranges)
+            .map(|(n, r)| {
+                let source = CopySource {
+                    bucket: b.clone(),
+                    key: from.to_owned(),
+                    range: Some(r),
+                    if_match: Some(info.etag.clone()),
+                };
+                let id = &id;
+                async move { self.store.upload_part_copy(b, to, id, n, &source).await }
+            })
+            .buffered(8)
+            .try_collect()
+            .await;
+        match result {
+            Ok(parts) => match self
+                .store
+                .complete_multipart_upload(b, to, &id, &parts)
+                .await
+            {
+                Ok(r) => Ok(r.etag),
+                Err(e) => {
+                    let _ = self.store.abort_multipart_upload(b, to, &id).await;
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                let _ = self.store.abort_multipart_upload(b, to, &id).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn setattr(
+        &self,
+        ino: InodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<SystemTime>,
+        mtime: Option<SystemTime>,
+    ) -> FsResult<Attrs> {
+        self.ro()?;
+        let inode = self.inode(ino)?;
+        if let Some(size) = size {
+            if inode.kind != Kind::File {
+                return Err(err!(libc::EISDIR, "truncate of a non-file"));
+            }
+            let staged = self.staged_for_write(&inode, size == 0).await?;
+            staged.lock().await.truncate(size).await?;
+            let mut s = inode.state();
+            s.attrs.size = size;
+            s.attrs.mtime = SystemTime::now();
+            s.attrs.ctime = s.attrs.mtime;
+        }
+        let now = SystemTime::now();
+        let meta_changed =
+            mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some();
+        if meta_changed {
+            let mut s = inode.state();
+            if let Some(m) = mode {
+                s.attrs.perm = (m & 0o7777) as u16;
+            }
+            if let Some(u) = uid {
+                s.attrs.uid = u;
+            }
+            if let Some(g) = gid {
+                s.attrs.gid = g;
+            }
+            if let Some(t) = atime {
+                s.attrs.atime = t;
+            }
+            if let Some(t) = mtime {
+                s.attrs.mtime = t;
+            }
+            s.attrs.ctime = now;
+        }
+        if meta_changed || size.is_some() {
+            let open = inode.state().open_handles > 0;
+            if size.is_some() && !open {
+                self.upload_staged(&inode).await?;
+                self.drop_clean_stage(&inode);
+            } else if meta_changed {
+                self.persist_attrs(&inode).await?;
+            }
+        }
+        Ok(self.attrs_of(&inode))
+    }
+
+    // ----- directories -----------------------------------------------------------------
+
+    pub fn opendir(&self, ino: InodeNo) -> FsResult<u64> {
+        let (_, prefix) = self.dir_key(ino)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let stream = DirStream {
+            ino,
+            prefix,
+            entries: VecDeque::new(),
+            next_offset: 0,
+            token: None,
+            listed_all: false,
+            done: false,
+            seen: HashSet::new(),
+        };
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, Handle::Dir(Arc::new(tokio::sync::Mutex::new(stream))));
+        Ok(fh)
+    }
+
+    fn dir_handle(&self, fh: u64) -> FsResult<Arc<tokio::sync::Mutex<DirStream>>> {
+        match self
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fh)
+        {
+            Some(Handle::Dir(d)) => Ok(d.clone()),
+            _ => Err(err!(libc::EBADF, "bad directory handle {fh}")),
+        }
+    }
+
+    /// Entries from `offset` on (as many as are loaded; at least one page unless at the end).
+    pub async fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+        let handle = self.dir_handle(fh)?;
+        let mut d = handle.lock().await;
+        if offset == 0 && d.next_offset > 0 {
+            // rewinddir: list again.
+            let (ino, prefix) = (d.ino, d.prefix.clone());
+            *d = DirStream {
+                ino,
+                prefix,
+                entries: VecDeque::new(),
+                next_offset: 0,
+                token: None,
+                listed_all: false,
+                done: false,
+                seen: HashSet::new(),
+            };
+        }
+        if d.next_offset == 0 {
+            let parent = self.inode(d.ino)?.state().parent;
+            let ino = d.ino;
+            d.entries.push_back(DirEntry {
+                ino,
+                next_offset: 1,
+                kind: Kind::Dir,
+                name: ".".into(),
+            });
+            d.entries.push_back(DirEntry {
+                ino: parent,
+                next_offset: 2,
+                kind: Kind::Dir,
+                name: "..".into(),
+            });
+            d.next_offset = 2;
+        }
+        while d.entries.front().is_some_and(|e| e.next_offset <= offset) {
+            d.entries.pop_front();
+        }
+        while d.entries.is_empty() && !d.done {
+            self.load_page(&mut d).await?;
+            while d.entries.front().is_some_and(|e| e.next_offset <= offset) {
+                d.entries.pop_front();
+            }
+        }
+        Ok(d.entries.iter().cloned().collect())
+    }
+
+    async fn load_page(&self, d: &mut DirStream) -> FsResult<()> {
+        if d.listed_all {
+            // Files created here and not uploaded yet.
+            for child in self.inodes.local_children(d.ino) {
+                let name = child.state().name.clone();
+                if d.seen.insert(name.clone()) {
+                    d.next_offset += 1;
+                    let next_offset = d.next_offset;
+                    d.entries.push_back(DirEntry {
+                        ino: child.ino,
+                        next_offset,
+                        kind: child.kind,
+                        name,
+                    });
+                }
+            }
+            d.done = true;
+            return Ok(());
+        }
+        let request = ListRequest {
+            prefix: d.prefix.clone(),
+            delimiter: Some("/".into()),
+            continuation_token: d.token.take(),
+            max_keys: Some(1000),
+            ..ListRequest::default()
+        };
+        let page = self
+            .store
+            .list_objects(&self.config.bucket, &request)
+            .await?;
+        d.token = page.next_continuation_token.clone();
+        d.listed_all = d.token.is_none();
+        // Directories first, so that a file with a directory's name is hidden.
+        let mut candidates: Vec<(String, Kind, Option<s3vol_s3::ListEntry>)> = Vec::new();
+        let mut dirs_here = HashSet::new();
+        for cp in &page.common_prefixes {
+            let name = &cp[d.prefix.len()..cp.len().saturating_sub(1).max(d.prefix.len())];
+            if valid_name(name) {
+                dirs_here.insert(name.to_owned());
+                candidates.push((name.to_owned(), Kind::Dir, None));
+            }
+        }
+        for o in page.objects {
+            if o.key == d.prefix {
+                continue;
+            }
+            let rest = &o.key[d.prefix.len()..];
+            if let Some(dir) = rest.strip_suffix(FOLDER_SUFFIX) {
+                if valid_name(dir) && dirs_here.insert(dir.to_owned()) {
+                    candidates.push((dir.to_owned(), Kind::Dir, None));
+                }
+                continue;
+            }
+            if valid_name(rest) && !dirs_here.contains(rest) {
+                candidates.push((rest.to_owned(), Kind::File, Some(o)));
+            }
+        }
+        candidates.retain(|(name, _, _)| !d.seen.contains(name));
+        // Attributes: from the cache when fresh, else HEAD, many at once.
+        let parent = d.ino;
+        let prefix = d.prefix.clone();
+        let resolved: Vec<FsResult<Option<Arc<Inode>>>> = futures::stream::iter(candidates)
+            .map(|(name, kind, entry)| {
+                let prefix = prefix.clone();
+                async move {
+                    self.resolve_listed(parent, &prefix, name, kind, entry)
+                        .await
+                }
+            })
+            .buffered(self.config.list_concurrency.max(1))
+            .collect()
+            .await;
+        for r in resolved {
+            let Some(inode) = r? else { continue };
+            let name = inode.state().name.clone();
+            if d.seen.insert(name.clone()) {
+                d.next_offset += 1;
+                let next_offset = d.next_offset;
+                d.entries.push_back(DirEntry {
+                    ino: inode.ino,
+                    next_offset,
+                    kind: inode.kind,
+                    name,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn resolve_listed(
+        &self,
+        parent: InodeNo,
+        prefix: &str,
+        name: String,
+        kind: Kind,
+        entry: Option<s3vol_s3::ListEntry>,
+    ) -> FsResult<Option<Arc<Inode>>> {
+        if let Some(child) = self.inodes.child(parent, &name) {
+            let s = child.state();
+            if child.kind == kind && (s.local_only || s.staged.is_some() || self.fresh(s.validated))
+            {
+                drop(s);
+                return Ok(Some(child));
+            }
+        }
+        let b = &self.config.bucket;
+        match kind {
+            Kind::Dir => {
+                let key = format!("{prefix}{name}/");
+                let (attrs, marker) = match self.store.head_object(b, &key).await {
+                    Ok(info) => (
+                        Attrs::decode(
+                            Kind::Dir,
+                            &info.metadata,
+                            &self.config,
+                            0,
+                            info.last_modified,
+                        ),
+                        true,
+                    ),
+                    Err(e) if not_found(&e) => (
+                        Attrs::defaults(Kind::Dir, &self.config, 0, self.mount_time),
+                        false,
+                    ),
+                    Err(e) => return Err(e.into()),
+                };
+                Ok(Some(self.inodes.upsert(
+                    parent, &name, key, attrs, None, marker, false, false,
+                )))
+            }
+            Kind::File | Kind::Symlink => {
+                let key = format!("{prefix}{name}");
+                let info = match self.store.head_object(b, &key).await {
+                    Ok(info) => info,
+                    // Deleted between the listing and now.
+                    Err(e) if not_found(&e) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                };
+                let _ = entry;
+                let (attrs, etag, _) = self.file_attrs(&info);
+                if attrs.kind == Kind::Dir {
+                    let key = format!("{key}/");
+                    return Ok(Some(
+                        self.inodes
+                            .upsert(parent, &name, key, attrs, None, false, false, false),
+                    ));
+                }
+                Ok(Some(self.inodes.upsert(
+                    parent, &name, key, attrs, etag, false, false, false,
+                )))
+            }
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh);
+    }
+
+    pub async fn mkdir(
+        &self,
+        parent: InodeNo,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<(Arc<Inode>, Attrs)> {
+        self.ro()?;
+        name_ok(name)?;
+        let (_, parent_key) = self.dir_key(parent)?;
+        if self
+            .inodes
+            .child(parent, name)
+            .is_some_and(|c| !c.state().unlinked)
+        {
+            return Err(err!(libc::EEXIST, "{name} exists"));
+        }
+        let key = format!("{parent_key}{name}/");
+        let mut attrs = Attrs::defaults(Kind::Dir, &self.config, 0, SystemTime::now());
+        attrs.perm = (mode & 0o7777) as u16;
+        attrs.uid = uid;
+        attrs.gid = gid;
+        let options = PutOptions {
+            metadata: attrs.encode(),
+            content_type: attrs.content_type(),
+            if_none_match_any: false,
+        };
+        self.store
+            .put_object(&self.config.bucket, &key, Bytes::new(), &options)
+            .await?;
+        self.set_negative(parent, name, false);
+        let inode = self
+            .inodes
+            .upsert(parent, name, key, attrs.clone(), None, true, false, true);
+        Ok((inode, attrs))
+    }
+
+    /// Whether a directory has any child, in S3 or only here.
+    async fn dir_has_children(&self, ino: InodeNo, key: &str) -> FsResult<bool> {
+        if !self.inodes.local_children(ino).is_empty() {
+            return Ok(true);
+        }
+        let page = self
+            .store
+            .list_objects(
+                &self.config.bucket,
+                &ListRequest {
+                    prefix: key.to_owned(),
+                    max_keys: Some(2),
+                    ..ListRequest::default()
+                },
+            )
+            .await?;
+        Ok(page.objects.iter().any(|o| o.key != key) || !page.common_prefixes.is_empty())
+    }
+
+    pub async fn rmdir(&self, parent: InodeNo, name: &str) -> FsResult<()> {
+        self.ro()?;
+        let (child, _) = self.lookup(parent, name).await?;
+        self.inodes.forget(child.ino, 1);
+        if child.kind != Kind::Dir {
+            return Err(err!(libc::ENOTDIR, "{name} is not a directory"));
+        }
+        let key = child.key();
+        if self.dir_has_children(child.ino, &key).await? {
+            return Err(err!(libc::ENOTEMPTY, "{key} is not empty"));
+        }
+        let b = &self.config.bucket;
+        self.store.delete_object(b, &key).await?;
+        let folder = format!("{}{FOLDER_SUFFIX}", key.trim_end_matches('/'));
+        self.store.delete_object(b, &folder).await?;
+        self.inodes.detach(parent, name);
+        self.set_negative(parent, name, true);
+        Ok(())
+    }
+
+    // ----- files ------------------------------------------------------------------------
+
+    /// The staging file of an inode, made if needed: empty when `empty`, else from the object.
+    async fn staged_for_write(
+        &self,
+        inode: &Arc<Inode>,
+        empty: bool,
+    ) -> FsResult<Arc<tokio::sync::Mutex<Staged>>> {
+        if let Some(s) = inode.state().staged.clone() {
+            return Ok(s);
+        }
+        let key = inode.key();
+        let staged = if empty || inode.state().local_only {
+            Staged::new_empty(self.stage.clone(), &key)?
+        } else {
+            // Close-to-open: stage from the object as it is now.
+            let info = self.store.head_object(&self.config.bucket, &key).await?;
+            {
+                let mut s = inode.state();
+                let (attrs, etag, _) = self.file_attrs(&info);
+                s.attrs = attrs;
+                s.etag = etag;
+            }
+            Staged::from_object(
+                self.stage.clone(),
+                &key,
+                Base {
+                    etag: info.etag,
+                    size: info.size,
+                },
+            )?
+        };
+        let staged = Arc::new(tokio::sync::Mutex::new(staged));
+        let mut s = inode.state();
+        // Another opener may have won the race.
+        if let Some(existing) = s.staged.clone() {
+            return Ok(existing);
+        }
+        s.staged = Some(staged.clone());
+        Ok(staged)
+    }
+
+    fn new_handle(&self, inode: Arc<Inode>, mode: OpenMode, reader: Option<Reader>) -> u64 {
+        inode.state().open_handles += 1;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let handle = FileHandle {
+            inode,
+            mode,
+            reader: tokio::sync::Mutex::new(reader),
+        };
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, Handle::File(Arc::new(handle)));
+        fh
+    }
+
+    fn file_handle(&self, fh: u64) -> FsResult<Arc<FileHandle>> {
+        match self
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fh)
+        {
+            Some(Handle::File(f)) => Ok(f.clone()),
+            _ => Err(err!(libc::EBADF, "bad file handle {fh}")),
+        }
+    }
+
+    pub async fn open(&self, ino: InodeNo, mode: OpenMode) -> FsResult<u64> {
+        let inode = self.inode(ino)?;
+        if inode.kind == Kind::Dir {
+            return Err(err!(libc::EISDIR, "directory"));
+        }
+        if mode.write {
+            self.ro()?;
+            let staged = self.staged_for_write(&inode, mode.truncate).await?;
+            if mode.truncate {
+                staged.lock().await.truncate(0).await?;
+                let mut s = inode.state();
+                s.attrs.size = 0;
+                s.attrs.mtime = SystemTime::now();
+                s.attrs.ctime = s.attrs.mtime;
+            }
+            return Ok(self.new_handle(inode, mode, None));
+        }
+        let (staged, local_only) = {
+            let s = inode.state();
+            (s.staged.is_some(), s.local_only)
+        };
+        if staged || local_only {
+            return Ok(self.new_handle(inode, mode, None));
+        }
+        // Close-to-open: see the object as it is now.
+        let key = inode.key();
+        let info = match self.store.head_object(&self.config.bucket, &key).await {
+            Ok(info) => info,
+            Err(e) if not_found(&e) => return Err(err!(libc::ENOENT, "{key}: gone")),
+            Err(e) => return Err(e.into()),
+        };
+        {
+            let (attrs, etag, _) = self.file_attrs(&info);
+            let mut s = inode.state();
+            s.attrs = attrs;
+            s.etag = etag;
+            s.validated = Some(Instant::now());
+        }
+        let reader = Reader::new(self.read.clone(), key, info.etag, info.size);
+        Ok(self.new_handle(inode, mode, Some(reader)))
+    }
+
+    pub async fn create(
+        &self,
+        parent: InodeNo,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        open: OpenMode,
+    ) -> FsResult<(Arc<Inode>, Attrs, u64)> {
+        self.ro()?;
+        name_ok(name)?;
+        let (_, parent_key) = self.dir_key(parent)?;
+        if let Some(existing) = self.inodes.child(parent, name)
+            && !existing.state().unlinked
+            && existing.kind == Kind::Dir
+        {
+            return Err(err!(libc::EISDIR, "{name} is a directory"));
+        }
+        let key = format!("{parent_key}{name}");
+        let mut attrs = Attrs::defaults(Kind::File, &self.config, 0, SystemTime::now());
+        attrs.perm = (mode & 0o7777) as u16;
+        attrs.uid = uid;
+        attrs.gid = gid;
+        let inode = self
+            .inodes
+            .upsert(parent, name, key.clone(), attrs, None, false, true, true);
+        {
+            let mut s = inode.state();
+            s.local_only = true;
+            s.unlinked = false;
+            s.attrs.size = 0;
+        }
+        let staged = Arc::new(tokio::sync::Mutex::new(Staged::new_empty(
+            self.stage.clone(),
+            &key,
+        )?));
+        let old = inode.state().staged.replace(staged);
+        if let Some(old) = old {
+            old.lock().await.discard().await;
+        }
+        self.set_negative(parent, name, false);
+        let attrs = self.attrs_of(&inode);
+        let fh = self.new_handle(
+            inode.clone(),
+            OpenMode {
+                write: true,
+                ..open
+            },
+            None,
+        );
+        Ok((inode, attrs, fh))
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let handle = self.file_handle(fh)?;
+        let staged = handle.inode.state().staged.clone();
+        if let Some(staged) = staged {
+            return staged.lock().await.read(offset, u64::from(size)).await;
+        }
+        let mut reader = handle.reader.lock().await;
+        match reader.as_mut() {
+            Some(r) => r.read(offset, u64::from(size)).await,
+            None => {
+                // Opened while staged, and the staged copy is gone since: read the object.
+                let key = handle.inode.key();
+                let (etag, size_now) = {
+                    let s = handle.inode.state();
+                    (s.etag.clone(), s.attrs.size)
+                };
+                let Some(etag) = etag else {
+                    return Err(err!(libc::EIO, "{key}: no version to read"));
+                };
+                let r = reader.insert(Reader::new(self.read.clone(), key, etag, size_now));
+                r.read(offset, u64::from(size)).await
+            }
+        }
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.ro()?;
+        let handle = self.file_handle(fh)?;
+        if !handle.mode.write {
+            return Err(err!(libc::EBADF, "not open for writing"));
+        }
+        let staged = self.staged_for_write(&handle.inode, false).await?;
+        let mut st = staged.lock().await;
+        let offset = if handle.mode.append {
+            st.size()
+        } else {
+            offset
+        };
+        st.write(offset, data).await?;
+        let size = st.size();
+        drop(st);
+        let mut s = handle.inode.state();
+        s.attrs.size = size;
+        s.attrs.mtime = SystemTime::now();
+        s.attrs.ctime = s.attrs.mtime;
+        Ok(data.len() as u32)
+    }
+
+    /// Uploads an inode's staged data if it has changes. Returns after the data is durable.
+    async fn upload_staged(&self, inode: &Arc<Inode>) -> FsResult<()> {
+        let (staged, unlinked) = {
+            let s = inode.state();
+            (s.staged.clone(), s.unlinked)
+        };
+        let Some(staged) = staged else {
+            return Ok(());
+        };
+        let mut st = staged.lock().await;
+        if unlinked {
+            st.discard().await;
+            return Ok(());
+        }
+        if !st.is_dirty() {
+            return Ok(());
+        }
+        let attrs = {
+            let mut s = inode.state();
+            s.attrs.size = st.size();
+            s.attrs.clone()
+        };
+        let etag = st.upload(&attrs.encode(), attrs.content_type()).await?;
+        let mut s = inode.state();
+        s.etag = Some(etag);
+        s.local_only = false;
+        s.validated = Some(Instant::now());
+        Ok(())
+    }
+
+    fn drop_clean_stage(&self, inode: &Arc<Inode>) {
+        let mut s = inode.state();
+        if s.open_handles > 0 {
+            return;
+        }
+        let clean = s
+            .staged
+            .as_ref()
+            .is_some_and(|st| st.try_lock().is_ok_and(|g| !g.is_dirty()));
+        if clean || s.unlinked {
+            s.staged = None;
+        }
+    }
+
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let handle = self.file_handle(fh)?;
+        self.upload_staged(&handle.inode).await
+    }
+
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        self.flush(fh).await
+    }
+
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let handle = match self
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh)
+        {
+            Some(Handle::File(f)) => f,
+            _ => return Ok(()),
+        };
+        {
+            let mut s = handle.inode.state();
+            s.open_handles = s.open_handles.saturating_sub(1);
+        }
+        // A flush normally came first; this catches writers that never flushed.
+        let result = if handle.mode.write {
+            self.upload_staged(&handle.inode).await
+        } else {
+            Ok(())
+        };
+        self.drop_clean_stage(&handle.inode);
+        result
+    }
+
+    pub async fn unlink(&self, parent: InodeNo, name: &str) -> FsResult<()> {
+        self.ro()?;
+        let (child, _) = self.lookup(parent, name).await?;
+        self.inodes.forget(child.ino, 1);
+        if child.kind == Kind::Dir {
+            return Err(err!(libc::EISDIR, "{name} is a directory"));
+        }
+        let (key, local_only, staged) = {
+            let s = child.state();
+            (s.key.clone(), s.local_only, s.staged.clone())
+        };
+        if !local_only {
+            self.store.delete_object(&self.config.bucket, &key).await?;
+        }
+        child.state().unlinked = true;
+        if let Some(staged) = staged {
+            staged.lock().await.discard().await;
+        }
+        self.drop_clean_stage(&child);
+        self.inodes.detach(parent, name);
+        self.set_negative(parent, name, true);
+        Ok(())
+    }
+
+    pub async fn symlink(
+        &self,
+        parent: InodeNo,
+        name: &str,
+        target: &str,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<(Arc<Inode>, Attrs)> {
+        self.ro()?;
+        name_ok(name)?;
+        let (_, parent_key) = self.dir_key(parent)?;
+        if self
+            .inodes
+            .child(parent, name)
+            .is_some_and(|c| !c.state().unlinked)
+        {
+            return Err(err!(libc::EEXIST, "{name} exists"));
+        }
+        let key = format!("{parent_key}{name}");
+        let mut attrs = Attrs::defaults(
+            Kind::Symlink,
+            &self.config,
+            target.len() as u64,
+            SystemTime::now(),
+        );
+        attrs.uid = uid;
+        attrs.gid = gid;
+        let options = PutOptions {
+            metadata: attrs.encode(),
+            content_type: attrs.content_type(),
+            if_none_match_any: false,
+        };
+        let r = self
+            .store
+            .put_object(
+                &self.config.bucket,
+                &key,
+                Bytes::copy_from_slice(target.as_bytes()),
+                &options,
+            )
+            .await?;
+        self.set_negative(parent, name, false);
+        let inode = self.inodes.upsert(
+            parent,
+            name,
+            key,
+            attrs.clone(),
+            Some(r.etag),
+            false,
+            false,
+            true,
+        );
+        inode.state().symlink_target = Some(target.to_owned());
+        Ok((inode, attrs))
+    }
+
+    pub async fn readlink(&self, ino: InodeNo) -> FsResult<String> {
+        let inode = self.inode(ino)?;
+        if inode.kind != Kind::Symlink {
+            return Err(err!(libc::EINVAL, "not a symlink"));
+        }
+        if let Some(t) = inode.state().symlink_target.clone() {
+            return Ok(t);
+        }
+        let key = inode.key();
+        let got = self
+            .store
+            .get_object(&self.config.bucket, &key, None, None)
+            .await?;
+        let body: Vec<Bytes> = got.body.try_collect().await?;
+        let target = String::from_utf8(body.concat())
+            .map_err(|_| err!(libc::EIO, "{key}: symlink target is not UTF-8"))?;
+        inode.state().symlink_target = Some(target.clone());
+        Ok(target)
+    }
+
+    // ----- rename -----------------------------------------------------------------------
+
+    pub async fn rename(
+        &self,
+        parent: InodeNo,
+        name: &str,
+        new_parent: InodeNo,
+        new_name: &str,
+        no_replace: bool,
+        exchange: bool,
+    ) -> FsResult<()> {
+        self.ro()?;
+        if exchange {
+            return Err(err!(libc::EINVAL, "RENAME_EXCHANGE is not supported"));
+        }
+        name_ok(new_name)?;
+        let (src, _) = self.lookup(parent, name).await?;
+        self.inodes.forget(src.ino, 1);
+        let (_, new_parent_key) = self.dir_key(new_parent)?;
+        let dst = match self.lookup(new_parent, new_name).await {
+            Ok((d, _)) => {
+                self.inodes.forget(d.ino, 1);
+                Some(d)
+            }
+            Err(e) if e.errno == libc::ENOENT => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(dst) = &dst {
+            if dst.ino == src.ino {
+                return Ok(());
+            }
+            if no_replace {
+                return Err(err!(libc::EEXIST, "{new_name} exists"));
+            }
+            match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
+                (true, false) => return Err(err!(libc::ENOTDIR, "{new_name} is not a directory")),
+                (false, true) => return Err(err!(libc::EISDIR, "{new_name} is a directory")),
+                (true, true) => {
+                    let dkey = dst.key();
+                    if self.dir_has_children(dst.ino, &dkey).await? {
+                        return Err(err!(libc::ENOTEMPTY, "{new_name} is not empty"));
+                    }
+                }
+                (false, false) => {}
+            }
+        }
+        if src.kind == Kind::Dir {
+            let new_key = format!("{new_parent_key}{new_name}/");
+            self.rename_dir(&src, &new_key).await?;
+            if let Some(dst) = &dst {
+                dst.state().unlinked = true;
+                self.inodes.detach(new_parent, new_name);
+            }
+            self.inodes.relink(&src, new_parent, new_name, new_key);
+        } else {
+            let new_key = format!("{new_parent_key}{new_name}");
+            // Whatever is written must be in S3 before it can be copied.
+            self.upload_staged(&src).await?;
+            let (old_key, size, local_only) = {
+                let s = src.state();
+                (s.key.clone(), s.attrs.size, s.local_only)
+            };
+            if !local_only {
+                let etag = self.copy_any(&old_key, &new_key, size, None).await?;
+                self.store
+                    .delete_object(&self.config.bucket, &old_key)
+                    .await?;
+                src.state().etag = Some(etag);
+            }
+            if let Some(dst) = &dst {
+                dst.state().unlinked = true;
+                let staged = dst.state().staged.clone();
+                if let Some(st) = staged {
+                    st.lock().await.discard().await;
+                }
+                self.inodes.detach(new_parent, new_name);
+            }
+            let staged = src.state().staged.clone();
+            if let Some(st) = staged {
+                st.lock().await.set_key(&new_key);
+            }
+            self.inodes.relink(&src, new_parent, new_name, new_key);
+        }
+        self.set_negative(parent, name, true);
+        self.set_negative(new_parent, new_name, false);
+        Ok(())
+    }
+
+    /// Copies every object under a directory to its new prefix, then deletes the old ones.
+    /// Not atomic: a failure part-way leaves both copies, and nothing is deleted before every
+    /// copy succeeded.
+    async fn rename_dir(&self, src: &Arc<Inode>, new_key: &str) -> FsResult<()> {
+        let old_key = src.key();
+        for inode in self.inodes.under(&old_key) {
+            self.upload_staged(&inode).await?;
+        }
+        let b = &self.config.bucket;
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .store
+                .list_objects(
+                    b,
+                    &ListRequest {
+                        prefix: old_key.clone(),
+                        continuation_token: token.take(),
+                        ..ListRequest::default()
+                    },
+                )
+                .await?;
+            keys.extend(page.objects.into_iter().map(|o| (o.key, o.size)));
+            match page.next_continuation_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        let has_marker = keys.iter().any(|(k, _)| *k == old_key);
+        let copies: Vec<(String, String, u64)> = keys
+            .iter()
+            .map(|(key, size)| {
+                (
+                    key.clone(),
+                    format!("{new_key}{}", &key[old_key.len()..]),
+                    *size,
+                )
+            })
+            .collect();
+        futures::stream::iter(copies)
+            .map(|(from, to, size)| async move { self.copy_any(&from, &to, size, None).await })
+            .buffer_unordered(16)
+            .try_collect::<Vec<_>>()
+            .await?;
+        if !has_marker {
+            // Keep the attributes the directory showed.
+            let attrs = src.state().attrs.clone();
+            let options = PutOptions {
+                metadata: attrs.encode(),
+                content_type: attrs.content_type(),
+                if_none_match_any: false,
+            };
+            self.store
+                .put_object(b, new_key, Bytes::new(), &options)
+                .await?;
+        }
+        for chunk in keys.chunks(1000) {
+            let batch: Vec<String> = chunk.iter().map(|(k, _)| k.clone()).collect();
+            let failed = self.store.delete_objects(b, &batch).await?;
+            if let Some((key, e)) = failed.into_iter().next() {
+                return Err(err!(libc::EIO, "rename: could not delete {key}: {e}"));
+            }
+        }
+        self.inodes.rekey_subtree(&old_key, new_key);
+        src.state().has_marker = true;
+        Ok(())
+    }
+
+    // ----- extended attributes ------------------------------------------------------------
+
+    pub fn getxattr(&self, ino: InodeNo, name: &str) -> FsResult<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        let s = inode.state();
+        s.attrs
+            .xattrs
+            .get(name)
+            .cloned()
+            .ok_or_else(|| err!(libc::ENODATA, "no attribute {name}"))
+    }
+
+    pub fn listxattr(&self, ino: InodeNo) -> FsResult<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        let s = inode.state();
+        let mut out = Vec::new();
+        for name in s.attrs.xattrs.keys() {
+            out.extend_from_slice(name.as_bytes());
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub async fn setxattr(
+        &self,
+        ino: InodeNo,
+        name: &str,
+        value: &[u8],
+        create: bool,
+        replace: bool,
+    ) -> FsResult<()> {
+        self.ro()?;
+        if name.starts_with("system.") {
+            return Err(err!(
+                libc::EOPNOTSUPP,
+                "{name}: system attributes are not supported"
+            ));
+        }
+        let inode = self.inode(ino)?;
+        {
+            let mut s = inode.state();
+            let exists = s.attrs.xattrs.contains_key(name);
+            if create && exists {
+                return Err(err!(libc::EEXIST, "{name} exists"));
+            }
+            if replace && !exists {
+                return Err(err!(libc::ENODATA, "no attribute {name}"));
+            }
+            let mut attrs = s.attrs.clone();
+            attrs.xattrs.insert(name.to_owned(), value.to_vec());
+            // S3 keeps at most 2 KiB of user metadata per object.
+            let total: usize = attrs.encode().iter().map(|(k, v)| k.len() + v.len()).sum();
+            if total > 2048 - 64 {
+                return Err(err!(
+                    libc::ENOSPC,
+                    "extended attributes exceed the 2 KiB S3 metadata limit"
+                ));
+            }
+            s.attrs = attrs;
+            s.attrs.ctime = SystemTime::now();
+        }
+        self.persist_attrs(&inode).await
+    }
+
+    pub async fn removexattr(&self, ino: InodeNo, name: &str) -> FsResult<()> {
+        self.ro()?;
+        let inode = self.inode(ino)?;
+        if inode.state().attrs.xattrs.remove(name).is_none() {
+            return Err(err!(libc::ENODATA, "no attribute {name}"));
+        }
+        inode.state().attrs.ctime = SystemTime::now();
+        self.persist_attrs(&inode).await
+    }
+
+    /// Uploads everything still pending (at unmount). Returns the keys that failed.
+    pub async fn flush_all(&self) -> Vec<(String, FsError)> {
+        let mut failed = Vec::new();
+        for inode in self.inodes.under(&self.config.prefix) {
+            if inode.state().staged.is_some()
+                && let Err(e) = self.upload_staged(&inode).await
+            {
+                failed.push((inode.key(), e));
+            }
+        }
+        failed
+    }
+
+    /// Bytes not yet durable in S3.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.stage.disk.dirty()
+    }
+
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    pub fn root() -> InodeNo {
+        ROOT
+    }
+}

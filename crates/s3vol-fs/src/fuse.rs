@@ -1,0 +1,699 @@
+//! The FUSE adapter: serves an [`S3Fs`] to the kernel through `fuser`.
+//!
+//! Every request is handed to the tokio runtime as a task that replies when done, so slow S3
+//! calls never hold up the threads reading `/dev/fuse`, and requests run concurrently. This is
+//! the only module that knows `fuser`'s types.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, Session, SessionACL, SessionUnmounter, TimeOrNow, WriteFlags,
+};
+use tokio::runtime::Handle;
+
+use crate::error::FsError;
+use crate::fs::{OpenMode, S3Fs};
+use crate::meta::{Attrs, Kind};
+
+/// How the mount is presented to the kernel.
+#[derive(Clone, Debug)]
+pub struct MountSettings {
+    /// Shown as the mount's source (`s3vol:bucket/prefix`).
+    pub fs_name: String,
+    pub allow_other: bool,
+    pub read_only: bool,
+    /// Threads reading requests from the kernel.
+    pub threads: usize,
+}
+
+/// A filesystem connected to the kernel, ready to serve.
+pub struct FuseServer {
+    session: Session<FuseFs>,
+}
+
+impl std::fmt::Debug for FuseServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FuseServer").finish_non_exhaustive()
+    }
+}
+
+/// Unmounts a mount made by [`FuseServer::mount`] from another thread.
+pub struct Unmounter(SessionUnmounter);
+
+impl std::fmt::Debug for Unmounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unmounter").finish_non_exhaustive()
+    }
+}
+
+impl Unmounter {
+    pub fn unmount(&mut self) -> io::Result<()> {
+        self.0.unmount()
+    }
+}
+
+fn config(settings: &MountSettings) -> Config {
+    let mut options = vec![
+        MountOption::FSName(settings.fs_name.clone()),
+        MountOption::Subtype("s3vol".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::NoAtime,
+    ];
+    options.push(if settings.read_only {
+        MountOption::RO
+    } else {
+        MountOption::RW
+    });
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = if settings.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(settings.threads.max(1));
+    config.clone_fd = true;
+    config
+}
+
+impl FuseServer {
+    /// Mounts at `mountpoint` (mount(2) as root, else through fusermount3) and completes the
+    /// FUSE handshake: when this returns, the filesystem answers.
+    pub fn mount(
+        fs: Arc<S3Fs>,
+        rt: Handle,
+        mountpoint: &Path,
+        settings: &MountSettings,
+    ) -> io::Result<Self> {
+        let session = Session::new(FuseFs::new(fs, rt), mountpoint, &config(settings))?;
+        Ok(Self { session })
+    }
+
+    /// Serves an already mounted `/dev/fuse` descriptor (handed over by the CSI node plugin).
+    pub fn from_fd(
+        fs: Arc<S3Fs>,
+        rt: Handle,
+        fd: OwnedFd,
+        settings: &MountSettings,
+    ) -> io::Result<Self> {
+        let acl = if settings.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        let session = Session::from_fd(FuseFs::new(fs, rt), fd, acl, config(settings))?;
+        Ok(Self { session })
+    }
+
+    pub fn unmounter(&mut self) -> Unmounter {
+        Unmounter(self.session.unmount_callable())
+    }
+
+    /// Serves until the filesystem is unmounted. Pending uploads are flushed on the way out.
+    pub fn run(self) -> io::Result<()> {
+        self.session.run()
+    }
+}
+
+struct FuseFs {
+    fs: Arc<S3Fs>,
+    rt: Handle,
+    ttl: Duration,
+}
+
+impl FuseFs {
+    fn new(fs: Arc<S3Fs>, rt: Handle) -> Self {
+        let ttl = fs.config().metadata_ttl;
+        Self { fs, rt, ttl }
+    }
+
+    /// Runs `f` on the runtime; it replies.
+    fn spawn<F>(&self, f: impl FnOnce(Arc<S3Fs>) -> F + Send + 'static)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move { f(fs).await });
+    }
+}
+
+fn errno(op: &str, e: &FsError) -> Errno {
+    match e.errno {
+        libc::ENOENT | libc::ENODATA | libc::EEXIST | libc::ENOTEMPTY => {
+            tracing::debug!(op, error = %e)
+        }
+        _ => tracing::warn!(op, error = %e, "filesystem operation failed"),
+    }
+    Errno::from_i32(e.errno)
+}
+
+pub(crate) fn file_attr(ino: u64, a: &Attrs) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.mtime,
+        kind: match a.kind {
+            Kind::File => FileType::RegularFile,
+            Kind::Dir => FileType::Directory,
+            Kind::Symlink => FileType::Symlink,
+        },
+        perm: a.perm,
+        nlink: if a.kind == Kind::Dir { 2 } else { 1 },
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 128 * 1024,
+        flags: 0,
+    }
+}
+
+fn time(t: Option<TimeOrNow>) -> Option<SystemTime> {
+    t.map(|t| match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    })
+}
+
+fn open_mode(flags: i32) -> OpenMode {
+    OpenMode {
+        write: flags & libc::O_ACCMODE != libc::O_RDONLY,
+        truncate: flags & libc::O_TRUNC != 0,
+        append: flags & libc::O_APPEND != 0,
+    }
+}
+
+fn name_str(name: &OsStr) -> Result<String, Errno> {
+    name.to_str().map(str::to_owned).ok_or(Errno::EINVAL)
+}
+
+impl Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        for cap in [
+            InitFlags::FUSE_ASYNC_READ,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_BIG_WRITES,
+            InitFlags::FUSE_MAX_PAGES,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let fs = self.fs.clone();
+        let failed = self.rt.block_on(async move { fs.flush_all().await });
+        for (key, e) in &failed {
+            tracing::error!(key, error = %e, "not flushed at unmount; data kept in the cache directory");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let ttl = self.ttl;
+        self.spawn(move |fs| async move {
+            match fs.lookup(parent.0, &name).await {
+                Ok((inode, attrs)) => {
+                    reply.entry(&ttl, &file_attr(inode.ino, &attrs), Generation(0))
+                }
+                Err(e) => reply.error(errno("lookup", &e)),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = self.ttl;
+        self.spawn(move |fs| async move {
+            match fs.getattr(ino.0).await {
+                Ok(attrs) => reply.attr(&ttl, &file_attr(ino.0, &attrs)),
+                Err(e) => reply.error(errno("getattr", &e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let ttl = self.ttl;
+        let (atime, mtime) = (time(atime), time(mtime));
+        self.spawn(move |fs| async move {
+            match fs.setattr(ino.0, mode, uid, gid, size, atime, mtime).await {
+                Ok(attrs) => reply.attr(&ttl, &file_attr(ino.0, &attrs)),
+                Err(e) => reply.error(errno("setattr", &e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.spawn(move |fs| async move {
+            match fs.readlink(ino.0).await {
+                Ok(t) => reply.data(t.as_bytes()),
+                Err(e) => reply.error(errno("readlink", &e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            tracing::debug!(?name, mode, "mknod of a special file refused");
+            return reply.error(Errno::EPERM);
+        }
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
+        self.spawn(move |fs| async move {
+            let made = async {
+                let (inode, _, fh) = fs
+                    .create(parent.0, &name, mode, uid, gid, OpenMode::default())
+                    .await?;
+                let flushed = fs.flush(fh).await;
+                fs.release(fh).await?;
+                flushed?;
+                Ok::<_, FsError>(inode)
+            };
+            match made.await {
+                Ok(inode) => reply.entry(
+                    &ttl,
+                    &file_attr(inode.ino, &fs.attrs_of(&inode)),
+                    Generation(0),
+                ),
+                Err(e) => reply.error(errno("mknod", &e)),
+            }
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
+        self.spawn(move |fs| async move {
+            match fs.mkdir(parent.0, &name, mode, uid, gid).await {
+                Ok((inode, attrs)) => {
+                    reply.entry(&ttl, &file_attr(inode.ino, &attrs), Generation(0))
+                }
+                Err(e) => reply.error(errno("mkdir", &e)),
+            }
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::ENOENT);
+        };
+        self.spawn(move |fs| async move {
+            match fs.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("unlink", &e)),
+            }
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::ENOENT);
+        };
+        self.spawn(move |fs| async move {
+            match fs.rmdir(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("rmdir", &e)),
+            }
+        });
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let Ok(name) = name_str(link_name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let Some(target) = target.to_str().map(str::to_owned) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
+        self.spawn(move |fs| async move {
+            match fs.symlink(parent.0, &name, &target, uid, gid).await {
+                Ok((inode, attrs)) => {
+                    reply.entry(&ttl, &file_attr(inode.ino, &attrs), Generation(0))
+                }
+                Err(e) => reply.error(errno("symlink", &e)),
+            }
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (Ok(name), Ok(newname)) = (name_str(name), name_str(newname)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT);
+        self.spawn(move |fs| async move {
+            match fs
+                .rename(parent.0, &name, newparent.0, &newname, no_replace, exchange)
+                .await
+            {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("rename", &e)),
+            }
+        });
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        // Objects cannot share content: hard links do not exist in S3.
+        reply.error(Errno::EPERM);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let mode = open_mode(flags.0);
+        self.spawn(move |fs| async move {
+            match fs.open(ino.0, mode).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno("open", &e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(move |fs| async move {
+            match fs.read(fh.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno("read", &e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        self.spawn(move |fs| async move {
+            match fs.write(fh.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno("write", &e)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs| async move {
+            match fs.flush(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("flush", &e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs| async move {
+            match fs.release(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("release", &e)),
+            }
+        });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs| async move {
+            match fs.fsync(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("fsync", &e)),
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno("opendir", &e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        self.spawn(move |fs| async move {
+            match fs.readdir(fh.0, offset).await {
+                Ok(entries) => {
+                    for e in entries {
+                        let kind = match e.kind {
+                            Kind::File => FileType::RegularFile,
+                            Kind::Dir => FileType::Directory,
+                            Kind::Symlink => FileType::Symlink,
+                        };
+                        if reply.add(INodeNo(e.ino), e.next_offset, kind, &e.name) {
+                            break;
+                        }
+                    }
+                    reply.ok();
+                }
+                Err(e) => reply.error(errno("readdir", &e)),
+            }
+        });
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Directory changes are made in S3 when they happen.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // Buckets have no size limit; report a large, constant one so tools that check free
+        // space before writing go ahead.
+        const BLOCKS: u64 = 1 << 40;
+        reply.statfs(BLOCKS, BLOCKS, BLOCKS, 1 << 32, 1 << 32, 4096, 255, 4096);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let value = value.to_vec();
+        let create = flags & libc::XATTR_CREATE != 0;
+        let replace = flags & libc::XATTR_REPLACE != 0;
+        self.spawn(move |fs| async move {
+            match fs.setxattr(ino.0, &name, &value, create, replace).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("setxattr", &e)),
+            }
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::ENODATA);
+        };
+        match self.fs.getxattr(ino.0, &name) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(errno("getxattr", &e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(ino.0) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(errno("listxattr", &e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::ENODATA);
+        };
+        self.spawn(move |fs| async move {
+            match fs.removexattr(ino.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("removexattr", &e)),
+            }
+        });
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks the mode bits.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
+        let open = open_mode(flags);
+        self.spawn(move |fs| async move {
+            match fs.create(parent.0, &name, mode, uid, gid, open).await {
+                Ok((inode, attrs, fh)) => reply.created(
+                    &ttl,
+                    &file_attr(inode.ino, &attrs),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(errno("create", &e)),
+            }
+        });
+    }
+}

@@ -1,0 +1,281 @@
+//! The inode table: kernel inode numbers ↔ bucket keys, with cached attributes.
+//!
+//! An inode is created the first time a name is looked up or listed, and lives until the
+//! kernel forgets it (lookup count back to zero) and no handle uses it. The pair
+//! (parent, name) maps to at most one inode, so a name keeps its number while it is known.
+//!
+//! Keys: a directory's key ends with `/` (the mount's prefix for the root); a file's does not.
+//! Keys are stored in the inode and rewritten when a directory is renamed.
+//!
+//! Locking: one table mutex, never held across an await, and per-inode state behind its own
+//! short mutex. Where both are taken, the table comes first.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use s3vol_s3::ETag;
+
+use crate::meta::{Attrs, Kind};
+use crate::stage::Staged;
+
+pub type InodeNo = u64;
+pub const ROOT: InodeNo = 1;
+
+/// Mutable state of an inode.
+#[derive(Debug)]
+pub struct InodeState {
+    pub parent: InodeNo,
+    pub name: String,
+    pub key: String,
+    pub attrs: Attrs,
+    /// The object version the attributes describe (files and symlinks).
+    pub etag: Option<ETag>,
+    /// For directories: whether a `dir/` marker object exists.
+    pub has_marker: bool,
+    /// When the attributes were last read from S3 (`None`: never, or locally changed).
+    pub validated: Option<Instant>,
+    /// Kernel lookup references.
+    pub lookups: u64,
+    /// Cached symlink target.
+    pub symlink_target: Option<String>,
+    /// Exists only in this mount so far (created, not yet uploaded).
+    pub local_only: bool,
+    /// Local changes (content or attributes) waiting for upload.
+    pub staged: Option<Arc<tokio::sync::Mutex<Staged>>>,
+    /// Open file handles.
+    pub open_handles: u32,
+    /// Removed from the namespace while still open.
+    pub unlinked: bool,
+}
+
+#[derive(Debug)]
+pub struct Inode {
+    pub ino: InodeNo,
+    pub kind: Kind,
+    state: Mutex<InodeState>,
+}
+
+impl Inode {
+    pub fn state(&self) -> MutexGuard<'_, InodeState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn key(&self) -> String {
+        self.state().key.clone()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    inodes: HashMap<InodeNo, Arc<Inode>>,
+    by_name: HashMap<(InodeNo, String), InodeNo>,
+    next: InodeNo,
+}
+
+/// All known inodes.
+#[derive(Debug)]
+pub struct Inodes {
+    table: Mutex<Table>,
+}
+
+impl Inodes {
+    pub fn new(root_key: String, root_attrs: Attrs) -> Self {
+        let root = Arc::new(Inode {
+            ino: ROOT,
+            kind: Kind::Dir,
+            state: Mutex::new(InodeState {
+                parent: ROOT,
+                name: String::new(),
+                key: root_key,
+                attrs: root_attrs,
+                etag: None,
+                has_marker: false,
+                validated: Some(Instant::now()),
+                lookups: 1,
+                symlink_target: None,
+                local_only: false,
+                staged: None,
+                open_handles: 0,
+                unlinked: false,
+            }),
+        });
+        let mut table = Table {
+            next: ROOT + 1,
+            ..Table::default()
+        };
+        table.inodes.insert(ROOT, root);
+        Self {
+            table: Mutex::new(table),
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, ino: InodeNo) -> Option<Arc<Inode>> {
+        self.table().inodes.get(&ino).cloned()
+    }
+
+    pub fn child(&self, parent: InodeNo, name: &str) -> Option<Arc<Inode>> {
+        let t = self.table();
+        t.by_name
+            .get(&(parent, name.to_owned()))
+            .and_then(|i| t.inodes.get(i))
+            .cloned()
+    }
+
+    /// Records what S3 (or a local create) says about `parent/name`, reusing the existing inode
+    /// when the kind matches. `lookup` adds a kernel reference.
+    #[allow(clippy::too_many_arguments)]
+    pub fn upsert(
+        &self,
+        parent: InodeNo,
+        name: &str,
+        key: String,
+        attrs: Attrs,
+        etag: Option<ETag>,
+        has_marker: bool,
+        local_only: bool,
+        lookup: bool,
+    ) -> Arc<Inode> {
+        let mut t = self.table();
+        let slot = (parent, name.to_owned());
+        if let Some(existing) = t.by_name.get(&slot).and_then(|i| t.inodes.get(i)).cloned()
+            && existing.kind == attrs.kind
+        {
+            let mut s = existing.state();
+            if s.staged.is_none() {
+                // Local, not yet uploaded changes win over what S3 says.
+                let size = s.attrs.size;
+                s.attrs = attrs;
+                if s.local_only {
+                    s.attrs.size = size;
+                }
+                s.etag = etag;
+            }
+            s.key = key;
+            s.has_marker = has_marker;
+            s.local_only = local_only && s.local_only;
+            s.validated = Some(Instant::now());
+            if lookup {
+                s.lookups += 1;
+            }
+            drop(s);
+            return existing;
+        }
+        let ino = t.next;
+        t.next += 1;
+        let inode = Arc::new(Inode {
+            ino,
+            kind: attrs.kind,
+            state: Mutex::new(InodeState {
+                parent,
+                name: name.to_owned(),
+                key,
+                attrs,
+                etag,
+                has_marker,
+                validated: Some(Instant::now()),
+                lookups: u64::from(lookup),
+                symlink_target: None,
+                local_only,
+                staged: None,
+                open_handles: 0,
+                unlinked: false,
+            }),
+        });
+        t.inodes.insert(ino, inode.clone());
+        t.by_name.insert(slot, ino);
+        inode
+    }
+
+    /// Adds a kernel reference to an inode already known.
+    pub fn add_lookup(&self, inode: &Inode) {
+        inode.state().lookups += 1;
+    }
+
+    /// Drops `n` kernel references; forgets the inode when none remain and nothing uses it.
+    pub fn forget(&self, ino: InodeNo, n: u64) {
+        if ino == ROOT {
+            return;
+        }
+        let mut t = self.table();
+        let Some(inode) = t.inodes.get(&ino).cloned() else {
+            return;
+        };
+        let mut s = inode.state();
+        s.lookups = s.lookups.saturating_sub(n);
+        if s.lookups == 0 && s.open_handles == 0 && s.staged.is_none() {
+            let slot = (s.parent, s.name.clone());
+            drop(s);
+            t.inodes.remove(&ino);
+            if t.by_name.get(&slot) == Some(&ino) {
+                t.by_name.remove(&slot);
+            }
+        }
+    }
+
+    /// Takes `parent/name` out of the namespace (unlink, rmdir, rename source). The inode
+    /// itself lives on while the kernel or a handle holds it.
+    pub fn detach(&self, parent: InodeNo, name: &str) -> Option<Arc<Inode>> {
+        let mut t = self.table();
+        let ino = t.by_name.remove(&(parent, name.to_owned()))?;
+        t.inodes.get(&ino).cloned()
+    }
+
+    /// Children of `parent` that exist only locally (not yet uploaded), for listings.
+    pub fn local_children(&self, parent: InodeNo) -> Vec<Arc<Inode>> {
+        let t = self.table();
+        t.by_name
+            .iter()
+            .filter(|((p, _), _)| *p == parent)
+            .filter_map(|(_, ino)| t.inodes.get(ino))
+            .filter(|i| i.state().local_only)
+            .cloned()
+            .collect()
+    }
+
+    /// After a directory rename: rewrites the keys of every known inode under `old` to `new`.
+    pub fn rekey_subtree(&self, old: &str, new: &str) {
+        let t = self.table();
+        for inode in t.inodes.values() {
+            let mut s = inode.state();
+            if let Some(rest) = s.key.strip_prefix(old) {
+                s.key = format!("{new}{rest}");
+            }
+        }
+    }
+
+    /// Moves an inode to a new (parent, name, key), replacing whatever was there. The kernel
+    /// moves its dentry along, so the inode number stays the same.
+    pub fn relink(&self, inode: &Arc<Inode>, parent: InodeNo, name: &str, key: String) {
+        let mut t = self.table();
+        let mut s = inode.state();
+        let old_slot = (s.parent, s.name.clone());
+        if t.by_name.get(&old_slot) == Some(&inode.ino) {
+            t.by_name.remove(&old_slot);
+        }
+        s.parent = parent;
+        s.name = name.to_owned();
+        s.key = key;
+        s.unlinked = false;
+        drop(s);
+        t.by_name.insert((parent, name.to_owned()), inode.ino);
+    }
+
+    /// Every known inode whose key starts with `prefix` (for directory renames).
+    pub fn under(&self, prefix: &str) -> Vec<Arc<Inode>> {
+        self.table()
+            .inodes
+            .values()
+            .filter(|i| i.state().key.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.table().inodes.len()
+    }
+}

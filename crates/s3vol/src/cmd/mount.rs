@@ -1,0 +1,544 @@
+//! `s3vol mount`: a bucket or prefix as a directory.
+//!
+//! Without `-f` the command starts itself again in the background (a new session, stdio
+//! detached) and returns only when that process reports the mount ready — or exits non-zero
+//! with the reason it could not be made. Readiness travels over a pipe (`--ready-fd`), which
+//! is also how the CSI mounter learns that a volume it handed over is being served.
+//!
+//! `--fuse-fd` serves a `/dev/fuse` descriptor that someone else already mounted (the CSI node
+//! plugin); `--credentials-fd` reads access keys as JSON from a pipe, so they never appear in
+//! argv or the environment.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use s3vol_fs::fuse::{FuseServer, MountSettings};
+use s3vol_fs::{FsConfig, S3Fs};
+use s3vol_s3::{Addressing, AwsStore, CredentialSource, ObjectStore, StaticCredentials};
+
+use crate::s3args::{BucketPath, S3Args};
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// BUCKET, BUCKET/PREFIX or s3://BUCKET/PREFIX.
+    pub target: BucketPath,
+    /// Directory to mount on.
+    pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub s3: S3Args,
+    /// Refuse every change (EROFS); the kernel mount is read-only too.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Owner of objects that carry no uid metadata [default: the caller's uid].
+    #[arg(long, value_name = "N")]
+    pub uid: Option<u32>,
+    /// Group of objects that carry no gid metadata [default: the caller's gid].
+    #[arg(long, value_name = "N")]
+    pub gid: Option<u32>,
+    /// Permission bits of files without mode metadata (octal) [default: 0644].
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    pub file_mode: Option<u16>,
+    /// Permission bits of directories without mode metadata (octal) [default: 0755].
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    pub dir_mode: Option<u16>,
+    /// Let other users (and root) use the mount (needs user_allow_other in /etc/fuse.conf
+    /// when not root).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Seconds metadata and missing names are cached [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub metadata_ttl: Option<f64>,
+    /// Directory for staging files of files being written [default: /var/cache/s3vol as root,
+    /// else ~/.cache/s3vol].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Disk budget of the cache directory (e.g. 10G) [default: 10G].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub cache_size: Option<u64>,
+    /// Memory budget for read-ahead and upload buffers (e.g. 512M) [default: 512M].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
+    /// Multipart part size (e.g. 8M; at least 5M) [default: 8M].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub part_size: Option<u64>,
+    /// Stay in the foreground.
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// Options s3fs-style: -o uid=1000,file-mode=0640,ro,allow_other,url=URL,…
+    #[arg(short = 'o', value_name = "OPT[,OPT…]")]
+    pub options: Vec<String>,
+    /// Serve this already mounted /dev/fuse descriptor instead of mounting.
+    #[arg(long, value_name = "FD")]
+    pub fuse_fd: Option<RawFd>,
+    /// Read access keys as JSON ({"access_key_id", "secret_access_key", "session_token"})
+    /// from this descriptor.
+    #[arg(long, value_name = "FD")]
+    pub credentials_fd: Option<RawFd>,
+    /// Write "ready" to this descriptor once the filesystem is served.
+    #[arg(long, value_name = "FD")]
+    pub ready_fd: Option<RawFd>,
+    /// Append logs here once running in the background (default: discarded).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9810).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Internal: this process is the background half of a mount.
+    #[arg(long, hide = true)]
+    pub daemon_child: bool,
+}
+
+fn parse_mode(s: &str) -> Result<u16, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u16::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o7777 => Ok(m),
+        _ => Err(format!("{s:?} is not an octal mode such as 0644")),
+    }
+}
+
+/// Parses `1048576`, `512K`, `64M`, `10G`, `1GiB`, `1T`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size such as 512M or 10G"))
+}
+
+/// Applies `-o` options onto the flags (a flag given explicitly wins).
+fn apply_options(args: &mut MountArgs) -> anyhow::Result<()> {
+    for opt in args.options.clone().iter().flat_map(|o| o.split(',')) {
+        let opt = opt.trim();
+        if opt.is_empty() {
+            continue;
+        }
+        let (k, v) = opt
+            .split_once('=')
+            .map_or((opt, None), |(k, v)| (k, Some(v)));
+        let key = k.replace('_', "-");
+        let need = || v.with_context(|| format!("-o {k} needs a value"));
+        match key.as_str() {
+            "ro" | "read-only" => args.read_only = true,
+            "rw" => args.read_only = false,
+            "allow-other" => args.allow_other = true,
+            "uid" => args.uid = args.uid.or(Some(need()?.parse().context("-o uid")?)),
+            "gid" => args.gid = args.gid.or(Some(need()?.parse().context("-o gid")?)),
+            "file-mode" | "umask-files" => {
+                args.file_mode = args
+                    .file_mode
+                    .or(Some(parse_mode(need()?).map_err(anyhow::Error::msg)?))
+            }
+            "dir-mode" => {
+                args.dir_mode = args
+                    .dir_mode
+                    .or(Some(parse_mode(need()?).map_err(anyhow::Error::msg)?))
+            }
+            "metadata-ttl" | "stat-cache-expire" => {
+                args.metadata_ttl = args
+                    .metadata_ttl
+                    .or(Some(need()?.parse().context("-o metadata-ttl")?))
+            }
+            "cache-dir" | "use-cache" => {
+                args.cache_dir = args.cache_dir.clone().or(Some(need()?.into()))
+            }
+            "cache-size" => {
+                args.cache_size = args
+                    .cache_size
+                    .or(Some(parse_size(need()?).map_err(anyhow::Error::msg)?))
+            }
+            "memory-limit" => {
+                args.memory_limit = args
+                    .memory_limit
+                    .or(Some(parse_size(need()?).map_err(anyhow::Error::msg)?))
+            }
+            "part-size" | "multipart-size" => {
+                args.part_size = args
+                    .part_size
+                    .or(Some(parse_size(need()?).map_err(anyhow::Error::msg)?))
+            }
+            "url" | "endpoint-url" => {
+                args.s3.endpoint_url = args.s3.endpoint_url.clone().or(Some(need()?.to_owned()))
+            }
+            // s3fs calls the region "endpoint".
+            "region" | "endpoint" => {
+                args.s3.region = args.s3.region.clone().or(Some(need()?.to_owned()))
+            }
+            "use-path-request-style" | "force-path-style" | "path-style" => {
+                args.s3.force_path_style = true
+            }
+            "profile" => args.s3.profile = args.s3.profile.clone().or(Some(need()?.to_owned())),
+            // Generic mount options that mean nothing more here.
+            "defaults"
+            | "nosuid"
+            | "nodev"
+            | "noatime"
+            | "relatime"
+            | "-netdev"
+            | "netdev"
+            | "auto"
+            | "noauto"
+            | "user"
+            | "users"
+            | "nofail"
+            | "default-permissions" => {}
+            _ => bail!("unknown mount option {opt:?} (see `s3vol mount --help`)"),
+        }
+    }
+    Ok(())
+}
+
+fn default_cache_dir() -> PathBuf {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } == 0 {
+        return PathBuf::from("/var/cache/s3vol");
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("s3vol")
+}
+
+/// Takes ownership of a descriptor number given on the command line.
+fn owned_fd(fd: RawFd, what: &str) -> anyhow::Result<OwnedFd> {
+    // SAFETY: fcntl(F_GETFD) only inspects the descriptor.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        bail!("{what} {fd} is not an open descriptor");
+    }
+    // SAFETY: the descriptor is open (checked above) and handed to this process to own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn read_credentials(fd: RawFd) -> anyhow::Result<StaticCredentials> {
+    let mut json = String::new();
+    File::from(owned_fd(fd, "--credentials-fd")?)
+        .read_to_string(&mut json)
+        .context("reading credentials")?;
+    serde_json::from_str(&json)
+        .context("credentials are not JSON with access_key_id and secret_access_key")
+}
+
+pub fn run(mut args: MountArgs) -> anyhow::Result<ExitCode> {
+    apply_options(&mut args)?;
+    if !args.mountpoint.is_dir() && args.fuse_fd.is_none() {
+        bail!(
+            "mountpoint {} is not a directory",
+            args.mountpoint.display()
+        );
+    }
+    if let Some(p) = args.part_size
+        && p < 5 << 20
+    {
+        bail!("--part-size must be at least 5M (S3's minimum part size)");
+    }
+    if !args.foreground && args.fuse_fd.is_none() && !args.daemon_child {
+        return daemonize();
+    }
+    serve(args)
+}
+
+/// Starts this command again in the background and waits for it to report the mount ready.
+fn daemonize() -> anyhow::Result<ExitCode> {
+    let (ready_r, ready_w) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("pipe")?;
+    let exe = std::env::current_exe().context("finding the s3vol executable")?;
+    let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    argv.extend([
+        "--daemon-child".into(),
+        "--foreground".into(),
+        "--ready-fd".into(),
+        "3".into(),
+    ]);
+    let ready_raw = std::os::fd::AsRawFd::as_raw_fd(&ready_w);
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&argv)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: only async-signal-safe calls (setsid, dup2) between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            libc::setsid();
+            if libc::dup2(ready_raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .context("starting the background mount process")?;
+    drop(ready_w);
+    let mut ready = String::new();
+    let _ = File::from(ready_r).read_to_string(&mut ready);
+    if ready.trim() == "ready" {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let status = child.wait().context("waiting for the mount process")?;
+    eprint!("{stderr}");
+    if stderr.is_empty() {
+        eprintln!("s3vol: error: the mount process exited ({status}) before the mount was ready");
+    }
+    Ok(ExitCode::from(
+        status.code().unwrap_or(1).clamp(1, 255) as u8
+    ))
+}
+
+fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
+    let mut s3 = args.s3.to_config();
+    if let Some(fd) = args.credentials_fd {
+        s3.credentials = CredentialSource::Static(read_credentials(fd)?);
+    }
+    if s3.endpoint_url.is_some()
+        && args.s3.region.is_none()
+        && s3.addressing == Addressing::VirtualHosted
+    {
+        tracing::debug!(
+            "custom endpoint with virtual-hosted addressing; use --force-path-style for MinIO and Ceph"
+        );
+    }
+    let ready = args
+        .ready_fd
+        .map(|fd| owned_fd(fd, "--ready-fd"))
+        .transpose()?;
+    let fuse_fd = args
+        .fuse_fd
+        .map(|fd| owned_fd(fd, "--fuse-fd"))
+        .transpose()?;
+
+    let mut config = FsConfig::new(
+        args.target.bucket.clone(),
+        args.target.prefix.clone(),
+        args.cache_dir.clone().unwrap_or_else(default_cache_dir),
+    );
+    if let Some(u) = args.uid {
+        config.uid = u;
+    }
+    if let Some(g) = args.gid {
+        config.gid = g;
+    }
+    if let Some(m) = args.file_mode {
+        config.file_mode = m;
+    }
+    if let Some(m) = args.dir_mode {
+        config.dir_mode = m;
+    }
+    if let Some(t) = args.metadata_ttl {
+        if !(0.0..=86_400.0).contains(&t) {
+            bail!("--metadata-ttl must be between 0 and 86400 seconds");
+        }
+        config.metadata_ttl = Duration::from_secs_f64(t);
+    }
+    if let Some(s) = args.cache_size {
+        config.cache_size = s;
+    }
+    if let Some(m) = args.memory_limit {
+        if m < 16 << 20 {
+            bail!("--memory-limit must be at least 16M");
+        }
+        config.memory_limit = m;
+    }
+    if let Some(p) = args.part_size {
+        config.part_size = p;
+    }
+    config.read_only = args.read_only;
+    std::fs::create_dir_all(&config.cache_dir).with_context(|| {
+        format!(
+            "creating the cache directory {}",
+            config.cache_dir.display()
+        )
+    })?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("s3vol-io")
+        .build()
+        .context("starting the async runtime")?;
+    if let Some(addr) = args.metrics_addr {
+        let _guard = rt.enter();
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
+    let store: Arc<dyn ObjectStore> = Arc::new(rt.block_on(AwsStore::new(&s3)));
+    let target = format!("s3://{}/{}", config.bucket, config.prefix);
+    let fs = rt
+        .block_on(S3Fs::new(config, store))
+        .map_err(|e| anyhow::anyhow!("cannot mount {target}: {}", e.message))?;
+    let fs = Arc::new(fs);
+    let settings = MountSettings {
+        fs_name: format!(
+            "s3vol:{}/{}",
+            args.target.bucket,
+            args.target.prefix.trim_end_matches('/')
+        ),
+        allow_other: args.allow_other || fuse_fd.is_some(),
+        read_only: args.read_only,
+        threads: 4,
+    };
+    let server = match fuse_fd {
+        Some(fd) => FuseServer::from_fd(fs.clone(), rt.handle().clone(), fd, &settings),
+        None => FuseServer::mount(fs.clone(), rt.handle().clone(), &args.mountpoint, &settings),
+    }
+    .with_context(|| format!("mounting {target} on {}", args.mountpoint.display()))?;
+    let mut server = server;
+    let unmounter = server.unmounter();
+    tracing::info!(target, mountpoint = %args.mountpoint.display(), "mounted");
+
+    if let Some(ready) = ready {
+        let mut f = File::from(ready);
+        let _ = f.write_all(b"ready\n");
+    }
+    if args.daemon_child {
+        detach_stdio(args.log_file.as_deref())?;
+    }
+    let by_fd = args.fuse_fd.is_some();
+    rt.spawn(shutdown_on_signal(fs.clone(), unmounter, by_fd));
+    let result = server.run();
+    let failed = rt.block_on(fs.flush_all());
+    if !failed.is_empty() {
+        for (key, e) in &failed {
+            tracing::error!(key, error = %e, "not uploaded; the data stays in the cache directory");
+        }
+        bail!(
+            "{} file(s) could not be uploaded; their data stays in the cache directory",
+            failed.len()
+        );
+    }
+    result.context("serving the filesystem")?;
+    tracing::info!("unmounted");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Once the mount is up, stderr goes to the log file (or nowhere) so the parent can exit.
+fn detach_stdio(log_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let target = match log_file {
+        Some(p) => File::options()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| format!("opening {}", p.display()))?,
+        None => File::options()
+            .write(true)
+            .open("/dev/null")
+            .context("opening /dev/null")?,
+    };
+    rustix::stdio::dup2_stderr(&target).context("redirecting stderr")?;
+    Ok(())
+}
+
+/// SIGTERM and SIGINT: upload what is pending, then unmount (which ends the session). A
+/// mount served from a handed-over descriptor is not ours to unmount: we exit and the mount
+/// owner sees it gone.
+async fn shutdown_on_signal(fs: Arc<S3Fs>, mut unmounter: s3vol_fs::fuse::Unmounter, by_fd: bool) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received: flushing and unmounting");
+    let failed = fs.flush_all().await;
+    for (key, e) in &failed {
+        tracing::error!(key, error = %e, "not uploaded; the data stays in the cache directory");
+    }
+    if by_fd {
+        std::process::exit(if failed.is_empty() { 0 } else { 1 });
+    }
+    if let Err(e) = tokio::task::spawn_blocking(move || unmounter.unmount()).await {
+        tracing::error!(error = %e, "unmount failed");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        m: MountArgs,
+    }
+
+    fn parse(args: &[&str]) -> anyhow::Result<MountArgs> {
+        let mut full = vec!["s3vol"];
+        full.extend_from_slice(args);
+        let mut m = Wrap::try_parse_from(full)?.m;
+        apply_options(&mut m)?;
+        Ok(m)
+    }
+
+    #[test]
+    fn sizes_and_modes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_mode("0644").unwrap(), 0o644);
+        assert_eq!(parse_mode("755").unwrap(), 0o755);
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("17777").is_err());
+    }
+
+    #[test]
+    fn dash_o_options_fill_in_flags() {
+        let m = parse(&["-o", "uid=1000,gid=1001,file_mode=0640,ro,allow_other,url=http://x:9000,use_path_request_style", "b/p", "/mnt"]).unwrap();
+        assert_eq!(
+            (m.uid, m.gid, m.file_mode),
+            (Some(1000), Some(1001), Some(0o640))
+        );
+        assert!(m.read_only && m.allow_other && m.s3.force_path_style);
+        assert_eq!(m.s3.endpoint_url.as_deref(), Some("http://x:9000"));
+        assert_eq!(m.target.prefix, "p/");
+        // An explicit flag wins over -o.
+        let m = parse(&["--uid", "5", "-o", "uid=6", "b", "/mnt"]).unwrap();
+        assert_eq!(m.uid, Some(5));
+    }
+
+    #[test]
+    fn bad_options_are_refused() {
+        assert!(
+            parse(&["-o", "frobnicate", "b", "/mnt"])
+                .unwrap_err()
+                .to_string()
+                .contains("unknown mount option")
+        );
+        assert!(parse(&["-o", "uid", "b", "/mnt"]).is_err());
+        assert!(parse(&["-o", "uid=abc", "b", "/mnt"]).is_err());
+        assert!(parse(&["--file-mode", "rw", "b", "/mnt"]).is_err());
+    }
+}
