@@ -1,0 +1,282 @@
+//! BucketClass and BucketAccessClass parameters, parsed once into types.
+//!
+//! COSI hands the driver a class's `parameters` map verbatim: the BucketClass's with bucket
+//! calls, the BucketAccessClass's with access calls. One parser knows every key; a key it does
+//! not know is refused (a typo such as `addresingStyle` would otherwise silently do the wrong
+//! thing), except keys containing `/`, which by Kubernetes convention belong to other tools.
+//!
+//! The store keys (`endpoint`, `region`, …) may appear in either class and fall back to the
+//! driver's command-line defaults: an access call does not see the BucketClass, so a driver
+//! serving several stores needs them in both.
+
+use std::collections::HashMap;
+
+use crate::error::{CosiError, CosiResult};
+use crate::naming;
+use crate::policy::AccessMode;
+
+/// Parameter keys.
+pub mod keys {
+    pub const ENDPOINT: &str = "endpoint";
+    pub const REGION: &str = "region";
+    pub const ADDRESSING_STYLE: &str = "addressingStyle";
+    pub const IAM_ENDPOINT: &str = "iamEndpoint";
+    pub const CREDENTIALS_SECRET: &str = "credentialsSecret";
+    pub const PROFILE: &str = "profile";
+    pub const BUCKET_NAME_PREFIX: &str = "bucketNamePrefix";
+    pub const VERSIONING: &str = "versioning";
+    pub const OBJECT_LOCK: &str = "objectLock";
+    pub const DELETE_OBJECTS: &str = "deleteObjectsOnDelete";
+    pub const GRANT: &str = "grant";
+    pub const ACCESS_MODE: &str = "accessMode";
+
+    pub const ALL: &[&str] = &[
+        ENDPOINT,
+        REGION,
+        ADDRESSING_STYLE,
+        IAM_ENDPOINT,
+        CREDENTIALS_SECRET,
+        PROFILE,
+        BUCKET_NAME_PREFIX,
+        VERSIONING,
+        OBJECT_LOCK,
+        DELETE_OBJECTS,
+        GRANT,
+        ACCESS_MODE,
+    ];
+}
+
+/// Addressing style, as a class parameter and in bucket info.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Addressing {
+    Path,
+    Virtual,
+}
+
+/// Which store to talk to and as whom; `None` fields take the driver's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StoreParams {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub addressing: Option<Addressing>,
+    pub iam_endpoint: Option<String>,
+    /// A directory under the driver's `--secrets-dir` holding `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` files (a mounted Secret).
+    pub credentials_secret: Option<String>,
+    /// A profile of the shared AWS config/credentials files.
+    pub profile: Option<String>,
+}
+
+/// How buckets are made and removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BucketOptions {
+    pub name_prefix: String,
+    pub versioning: bool,
+    pub object_lock: bool,
+    /// DeleteBucket first deletes every object (all versions) and pending upload.
+    pub delete_objects: bool,
+}
+
+/// How access is granted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GrantKind {
+    /// A dedicated IAM user with a policy scoped to the granted buckets and mode.
+    #[default]
+    Iam,
+    /// The store credentials themselves, unchanged: no isolation at all.
+    Static,
+}
+
+/// What an access class asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccessOptions {
+    pub grant: GrantKind,
+    /// The mode when the request does not carry one.
+    pub mode: Option<AccessMode>,
+}
+
+/// All parameters of a call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Params {
+    pub store: StoreParams,
+    pub bucket: BucketOptions,
+    pub access: AccessOptions,
+}
+
+fn bool_param(key: &str, value: &str) -> CosiResult<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "1" => Ok(true),
+        "false" | "no" | "0" | "" => Ok(false),
+        _ => Err(CosiError::InvalidArgument(format!(
+            "parameter {key}: {value:?} is not true or false"
+        ))),
+    }
+}
+
+fn non_empty(value: &str) -> Option<String> {
+    let v = value.trim();
+    (!v.is_empty()).then(|| v.to_owned())
+}
+
+fn url_param(key: &str, value: &str) -> CosiResult<Option<String>> {
+    let v = non_empty(value);
+    if let Some(u) = &v
+        && !(u.starts_with("http://") || u.starts_with("https://"))
+    {
+        return Err(CosiError::InvalidArgument(format!(
+            "parameter {key}: {u:?} is not an http:// or https:// URL"
+        )));
+    }
+    Ok(v)
+}
+
+impl Params {
+    pub fn parse(map: &HashMap<String, String>) -> CosiResult<Self> {
+        let mut p = Params::default();
+        let mut unknown: Vec<&str> = map
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !k.contains('/') && !keys::ALL.contains(k))
+            .collect();
+        if !unknown.is_empty() {
+            unknown.sort_unstable();
+            return Err(CosiError::InvalidArgument(format!(
+                "unknown parameter(s) {unknown:?}; known: {:?}",
+                keys::ALL
+            )));
+        }
+        let get = |k: &str| map.get(k).map(String::as_str);
+        if let Some(v) = get(keys::ENDPOINT) {
+            p.store.endpoint = url_param(keys::ENDPOINT, v)?;
+        }
+        if let Some(v) = get(keys::IAM_ENDPOINT) {
+            p.store.iam_endpoint = url_param(keys::IAM_ENDPOINT, v)?;
+        }
+        p.store.region = get(keys::REGION).and_then(non_empty);
+        if let Some(v) = get(keys::ADDRESSING_STYLE) {
+            p.store.addressing = match v.to_ascii_lowercase().as_str() {
+                "path" => Some(Addressing::Path),
+                "virtual" | "virtual-hosted" | "virtualhosted" => Some(Addressing::Virtual),
+                "" => None,
+                _ => {
+                    return Err(CosiError::InvalidArgument(format!(
+                        "parameter {}: {v:?} is not path or virtual",
+                        keys::ADDRESSING_STYLE
+                    )));
+                }
+            };
+        }
+        if let Some(v) = get(keys::CREDENTIALS_SECRET).and_then(non_empty) {
+            let ok = v
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+                && !v.starts_with('.');
+            if !ok {
+                return Err(CosiError::InvalidArgument(format!(
+                    "parameter {}: {v:?} must be a plain name (a directory under the \
+                     driver's secrets directory)",
+                    keys::CREDENTIALS_SECRET
+                )));
+            }
+            p.store.credentials_secret = Some(v);
+        }
+        p.store.profile = get(keys::PROFILE).and_then(non_empty);
+        if p.store.profile.is_some() && p.store.credentials_secret.is_some() {
+            return Err(CosiError::InvalidArgument(format!(
+                "parameters {} and {} exclude each other",
+                keys::PROFILE,
+                keys::CREDENTIALS_SECRET
+            )));
+        }
+        if let Some(v) = get(keys::BUCKET_NAME_PREFIX) {
+            naming::check_prefix(v)?;
+            p.bucket.name_prefix = v.to_owned();
+        }
+        if let Some(v) = get(keys::VERSIONING) {
+            p.bucket.versioning = bool_param(keys::VERSIONING, v)?;
+        }
+        if let Some(v) = get(keys::OBJECT_LOCK) {
+            p.bucket.object_lock = bool_param(keys::OBJECT_LOCK, v)?;
+        }
+        if let Some(v) = get(keys::DELETE_OBJECTS) {
+            p.bucket.delete_objects = bool_param(keys::DELETE_OBJECTS, v)?;
+        }
+        if let Some(v) = get(keys::GRANT) {
+            p.access.grant = match v.to_ascii_lowercase().as_str() {
+                "iam" | "" => GrantKind::Iam,
+                "static" => GrantKind::Static,
+                _ => {
+                    return Err(CosiError::InvalidArgument(format!(
+                        "parameter {}: {v:?} is not iam or static",
+                        keys::GRANT
+                    )));
+                }
+            };
+        }
+        if let Some(v) = get(keys::ACCESS_MODE).and_then(non_empty) {
+            p.access.mode = Some(AccessMode::parse(&v)?);
+        }
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn parse(kv: &[(&str, &str)]) -> CosiResult<Params> {
+        Params::parse(
+            &kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn every_parameter_parses() {
+        let p = parse(&[
+            ("endpoint", "http://127.0.0.1:9000"),
+            ("region", "eu-1"),
+            ("addressingStyle", "path"),
+            ("iamEndpoint", "https://iam.example"),
+            ("credentialsSecret", "minio-admin"),
+            ("bucketNamePrefix", "team-"),
+            ("versioning", "true"),
+            ("objectLock", "false"),
+            ("deleteObjectsOnDelete", "True"),
+            ("grant", "static"),
+            ("accessMode", "ReadOnly"),
+            ("example.com/ignored", "x"),
+        ])
+        .unwrap();
+        assert_eq!(p.store.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(p.store.region.as_deref(), Some("eu-1"));
+        assert_eq!(p.store.addressing, Some(Addressing::Path));
+        assert_eq!(p.store.iam_endpoint.as_deref(), Some("https://iam.example"));
+        assert_eq!(p.store.credentials_secret.as_deref(), Some("minio-admin"));
+        assert_eq!(p.bucket.name_prefix, "team-");
+        assert!(p.bucket.versioning && !p.bucket.object_lock && p.bucket.delete_objects);
+        assert_eq!(p.access.grant, GrantKind::Static);
+        assert_eq!(p.access.mode, Some(AccessMode::ReadOnly));
+        assert_eq!(parse(&[]).unwrap(), Params::default());
+    }
+
+    #[test]
+    fn bad_parameters_are_invalid_arguments() {
+        for kv in [
+            [("addresingStyle", "path")],
+            [("versioning", "maybe")],
+            [("addressingStyle", "dns")],
+            [("grant", "root")],
+            [("accessMode", "all")],
+            [("endpoint", "127.0.0.1:9000")],
+            [("credentialsSecret", "../etc")],
+            [("bucketNamePrefix", "UPPER")],
+        ] {
+            let e = parse(&kv).unwrap_err();
+            assert!(matches!(e, CosiError::InvalidArgument(_)), "{kv:?}: {e}");
+        }
+        assert!(parse(&[("profile", "a"), ("credentialsSecret", "b")]).is_err());
+    }
+}
