@@ -20,6 +20,8 @@ pub mod keys {
     pub const ENDPOINT: &str = "endpoint";
     pub const REGION: &str = "region";
     pub const ADDRESSING_STYLE: &str = "addressingStyle";
+    /// The StorageClass spelling of the addressing style: `"true"` is `path`.
+    pub const FORCE_PATH_STYLE: &str = "forcePathStyle";
     pub const IAM_ENDPOINT: &str = "iamEndpoint";
     pub const CREDENTIALS_SECRET: &str = "credentialsSecret";
     pub const PROFILE: &str = "profile";
@@ -34,6 +36,7 @@ pub mod keys {
         ENDPOINT,
         REGION,
         ADDRESSING_STYLE,
+        FORCE_PATH_STYLE,
         IAM_ENDPOINT,
         CREDENTIALS_SECRET,
         PROFILE,
@@ -166,6 +169,22 @@ impl Params {
                 }
             };
         }
+        if let Some(v) = get(keys::FORCE_PATH_STYLE) {
+            let path = bool_param(keys::FORCE_PATH_STYLE, v)?;
+            let style = if path {
+                Addressing::Path
+            } else {
+                Addressing::Virtual
+            };
+            if p.store.addressing.is_some_and(|a| a != style) {
+                return Err(CosiError::InvalidArgument(format!(
+                    "parameters {} and {} disagree",
+                    keys::ADDRESSING_STYLE,
+                    keys::FORCE_PATH_STYLE
+                )));
+            }
+            p.store.addressing = Some(style);
+        }
         if let Some(v) = get(keys::CREDENTIALS_SECRET).and_then(non_empty) {
             let ok = v
                 .bytes()
@@ -278,5 +297,14 @@ mod tests {
             assert!(matches!(e, CosiError::InvalidArgument(_)), "{kv:?}: {e}");
         }
         assert!(parse(&[("profile", "a"), ("credentialsSecret", "b")]).is_err());
+        assert!(parse(&[("addressingStyle", "virtual"), ("forcePathStyle", "true")]).is_err());
+    }
+
+    #[test]
+    fn force_path_style_is_the_storage_class_spelling_of_path_addressing() {
+        let p = parse(&[("forcePathStyle", "true")]).unwrap();
+        assert_eq!(p.store.addressing, Some(Addressing::Path));
+        let p = parse(&[("forcePathStyle", "false")]).unwrap();
+        assert_eq!(p.store.addressing, Some(Addressing::Virtual));
     }
 }
