@@ -1,0 +1,551 @@
+//! `s3vol mount`, read side: namespace, attributes and reads through a real FUSE mount on the
+//! test S3 server. Objects are put through the S3 API and inspected with real syscalls.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/mount.rs"]
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::process::Stdio;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use s3vol_s3::{PutOptions, testing};
+use support::{Mounted, errno, pattern, s3vol, server_args};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn objects_show_their_type_size_mode_owner_and_time() {
+    let m = Mounted::new(
+        "attrs",
+        "",
+        &[
+            "--uid",
+            "4242",
+            "--gid",
+            "4343",
+            "--file-mode",
+            "0640",
+            "--dir-mode",
+            "0750",
+        ],
+    )
+    .await;
+    m.put("plain.txt", b"no metadata", &[]).await;
+    m.put(
+        "meta.txt",
+        b"with metadata",
+        &[
+            ("mode", "33261"),
+            ("uid", "1000"),
+            ("gid", "1001"),
+            ("mtime", "1700000000.5"),
+        ],
+    )
+    .await;
+    m.put(
+        "link",
+        b"plain.txt",
+        &[("mode", &(libc::S_IFLNK | 0o777).to_string())],
+    )
+    .await;
+    m.put(
+        "marker/",
+        b"",
+        &[("mode", "16832"), ("uid", "7"), ("gid", "8")],
+    )
+    .await;
+    m.put("implicit/child", b"x", &[]).await;
+    m.put("legacy_$folder$", b"", &[]).await;
+
+    let plain = std::fs::symlink_metadata(m.path("plain.txt")).unwrap();
+    assert!(plain.is_file());
+    assert_eq!(
+        (plain.len(), plain.mode() & 0o7777, plain.uid(), plain.gid()),
+        (11, 0o640, 4242, 4343)
+    );
+    let age = std::time::SystemTime::now()
+        .duration_since(plain.modified().unwrap())
+        .unwrap_or_default();
+    assert!(
+        age < Duration::from_secs(600),
+        "mtime of an object without metadata is its Last-Modified"
+    );
+
+    let meta = std::fs::symlink_metadata(m.path("meta.txt")).unwrap();
+    assert_eq!(
+        (meta.len(), meta.mode() & 0o7777, meta.uid(), meta.gid()),
+        (13, 0o755, 1000, 1001)
+    );
+    assert_eq!(
+        meta.modified().unwrap(),
+        UNIX_EPOCH + Duration::from_millis(1_700_000_000_500)
+    );
+
+    let link = std::fs::symlink_metadata(m.path("link")).unwrap();
+    assert!(link.file_type().is_symlink());
+    assert_eq!(
+        std::fs::read_link(m.path("link")).unwrap().to_str(),
+        Some("plain.txt")
+    );
+    assert_eq!(
+        std::fs::read(m.path("link")).unwrap(),
+        b"no metadata",
+        "the symlink resolves"
+    );
+
+    let marker = std::fs::metadata(m.path("marker")).unwrap();
+    assert!(marker.is_dir());
+    assert_eq!(
+        (marker.mode() & 0o7777, marker.uid(), marker.gid()),
+        (0o700, 7, 8)
+    );
+    let implicit = std::fs::metadata(m.path("implicit")).unwrap();
+    assert!(implicit.is_dir());
+    assert_eq!((implicit.mode() & 0o7777, implicit.uid()), (0o750, 4242));
+    assert!(
+        std::fs::metadata(m.path("legacy")).unwrap().is_dir(),
+        "dir_$folder$ is a directory"
+    );
+    assert_eq!(std::fs::read(m.path("implicit/child")).unwrap(), b"x");
+
+    let names: BTreeSet<String> = std::fs::read_dir(m.mnt.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let expected: BTreeSet<String> = [
+        "plain.txt",
+        "meta.txt",
+        "link",
+        "marker",
+        "implicit",
+        "legacy",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(names, expected);
+    // The marker object itself is not an entry of its own directory.
+    assert_eq!(std::fs::read_dir(m.path("marker")).unwrap().count(), 0);
+    let err = std::fs::metadata(m.path("missing")).unwrap_err();
+    assert_eq!(errno(&err), libc::ENOENT);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn awkward_keys_are_handled_predictably() {
+    let m = Mounted::new("awkward", "", &[]).await;
+    let long = "n".repeat(300);
+    m.put("a//b", b"double slash", &[]).await;
+    m.put(&long, b"long name", &[]).await;
+    m.put("same", b"file", &[]).await;
+    m.put("same/inner", b"dir child", &[]).await;
+    m.put("ok", b"fine", &[]).await;
+    let names: BTreeSet<String> = std::fs::read_dir(m.mnt.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    // `a//b` lives under an empty name and a 300-byte name cannot be a file name: both hidden.
+    assert_eq!(
+        names,
+        ["a", "ok", "same"].iter().map(|s| s.to_string()).collect()
+    );
+    assert_eq!(
+        std::fs::read_dir(m.path("a")).unwrap().count(),
+        0,
+        "the empty segment is not listed"
+    );
+    // A file and a directory with the same name: the directory wins.
+    assert!(std::fs::metadata(m.path("same")).unwrap().is_dir());
+    assert_eq!(std::fs::read(m.path("same/inner")).unwrap(), b"dir child");
+    let err = std::fs::metadata(m.path(&long)).unwrap_err();
+    assert_eq!(errno(&err), libc::ENAMETOOLONG);
+    assert_eq!(std::fs::read(m.path("ok")).unwrap(), b"fine");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prefix_mount_sees_only_its_prefix() {
+    let store = support::store().await;
+    let bucket = testing::unique_bucket("prefix");
+    store.create_bucket(&bucket).await.unwrap();
+    for (k, v) in [
+        ("team-a/data.csv", "a"),
+        ("team-a/sub/x", "x"),
+        ("team-b/secret", "b"),
+        ("top", "t"),
+    ] {
+        store
+            .put_object(&bucket, k, Bytes::from(v), &PutOptions::default())
+            .await
+            .unwrap();
+    }
+    let m = Mounted::on(store, bucket, "team-a/", &[]);
+    let names: BTreeSet<String> = std::fs::read_dir(m.mnt.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["data.csv", "sub"].iter().map(|s| s.to_string()).collect()
+    );
+    assert_eq!(std::fs::read(m.path("data.csv")).unwrap(), b"a");
+    assert_eq!(
+        errno(&std::fs::metadata(m.path("secret")).unwrap_err()),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(&std::fs::metadata(m.path("../team-b/secret")).unwrap_err()),
+        libc::ENOENT
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_directory_lists_completely() {
+    const N: usize = 10_000;
+    let m = Mounted::new("bigdir", "", &[]).await;
+    let store = m.store.clone();
+    let bucket = m.bucket.clone();
+    futures::stream::iter(0..N)
+        .map(|i| {
+            let store = store.clone();
+            let bucket = bucket.clone();
+            async move {
+                let meta = if i % 2 == 0 {
+                    vec![("mode".to_string(), "33188".to_string())]
+                } else {
+                    vec![]
+                };
+                let options = PutOptions {
+                    metadata: meta.into_iter().collect(),
+                    ..PutOptions::default()
+                };
+                store
+                    .put_object(
+                        &bucket,
+                        &format!("d/f{i:05}"),
+                        Bytes::from(vec![b'x'; i % 7]),
+                        &options,
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let dir = m.path("d");
+    let listed = tokio::task::spawn_blocking(move || {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().into_string().unwrap(),
+                    e.metadata().unwrap().len(),
+                )
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(listed.len(), N, "every entry is listed once");
+    let names: BTreeSet<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.len(), N, "no duplicates");
+    for (name, len) in &listed {
+        let i: usize = name[1..].parse().unwrap();
+        assert_eq!(*len, (i % 7) as u64, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_big_object_reads_back_identical_sequentially_and_at_random_offsets() {
+    // CI keeps objects at most 100 MiB (the test server copies whole objects for ranged GETs);
+    // bench/ reads 1 GiB against Garage.
+    const SIZE: usize = 64 << 20;
+    let m = Mounted::new("bigread", "", &["--memory-limit", "128M"]).await;
+    let data = pattern(SIZE, 42);
+    let id = m
+        .store
+        .create_multipart_upload(&m.bucket, "big.bin", &PutOptions::default())
+        .await
+        .unwrap();
+    let mut parts = Vec::new();
+    for (i, chunk) in data.chunks(16 << 20).enumerate() {
+        parts.push(
+            m.store
+                .upload_part(
+                    &m.bucket,
+                    "big.bin",
+                    &id,
+                    i as i32 + 1,
+                    Bytes::copy_from_slice(chunk),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    m.store
+        .complete_multipart_upload(&m.bucket, "big.bin", &id, &parts)
+        .await
+        .unwrap();
+
+    let path = m.path("big.bin");
+    let expected = data.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::File::open(&path).unwrap();
+        let mut got = Vec::with_capacity(SIZE);
+        f.read_to_end(&mut got).unwrap();
+        assert!(got == expected, "sequential read differs");
+        // Random offsets, including the very end and reads crossing part boundaries.
+        let mut x = 7u64;
+        for _ in 0..40 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let off = (x >> 11) as usize % SIZE;
+            let len = ((x >> 40) as usize % (300 << 10)).min(SIZE - off);
+            let mut buf = vec![0; len];
+            f.read_exact_at(&mut buf, off as u64).unwrap();
+            assert!(buf == expected[off..off + len], "pread at {off}+{len}");
+        }
+        f.seek(SeekFrom::Start(SIZE as u64 - 10)).unwrap();
+        let mut tail = Vec::new();
+        f.read_to_end(&mut tail).unwrap();
+        assert_eq!(tail, &expected[SIZE - 10..]);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_object_fails_reads_instead_of_mixing_versions() {
+    let m = Mounted::new("version", "", &[]).await;
+    let v1 = pattern(3 << 20, 1);
+    m.put("f", &v1, &[]).await;
+    let path = m.path("f");
+    let f = std::fs::File::open(&path).unwrap();
+    let mut head = vec![0; 4096];
+    f.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(head, v1[..4096]);
+    m.put("f", &pattern(3 << 20, 2), &[]).await;
+    // Far from what was prefetched, so the read must go to S3, where the version changed.
+    let mut buf = vec![0; 4096];
+    let err = f.read_exact_at(&mut buf, (3 << 20) - 4096).unwrap_err();
+    assert_eq!(errno(&err), libc::EIO);
+    drop(f);
+    // A new open sees the new version (close-to-open).
+    assert_eq!(std::fs::read(&path).unwrap(), pattern(3 << 20, 2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_names_are_cached_for_the_ttl() {
+    let m = Mounted::new("negative", "", &["--metadata-ttl", "2"]).await;
+    assert_eq!(
+        errno(&std::fs::metadata(m.path("later")).unwrap_err()),
+        libc::ENOENT
+    );
+    m.put("later", b"now here", &[]).await;
+    assert_eq!(
+        errno(&std::fs::metadata(m.path("later")).unwrap_err()),
+        libc::ENOENT,
+        "still cached as missing"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        std::fs::read(m.path("later")).unwrap(),
+        b"now here",
+        "found once the TTL passed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_only_mounts_refuse_every_change() {
+    let m = Mounted::new("readonly", "", &["--read-only"]).await;
+    m.put("f", b"data", &[]).await;
+    m.put("d/x", b"x", &[]).await;
+    let erofs = |r: std::io::Result<()>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(errno(&e), libc::EROFS, "{what}: {e}");
+    };
+    erofs(std::fs::write(m.path("new"), b"x"), "create");
+    erofs(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.path("f"))
+            .map(drop),
+        "open for write",
+    );
+    erofs(std::fs::create_dir(m.path("nd")), "mkdir");
+    erofs(std::fs::remove_file(m.path("f")), "unlink");
+    erofs(std::fs::remove_dir(m.path("d")), "rmdir");
+    erofs(std::fs::rename(m.path("f"), m.path("g")), "rename");
+    erofs(
+        std::fs::set_permissions(m.path("f"), std::fs::Permissions::from_mode(0o600)),
+        "chmod",
+    );
+    erofs(std::os::unix::fs::symlink("f", m.path("l")), "symlink");
+    assert_eq!(
+        std::fs::read(m.path("f")).unwrap(),
+        b"data",
+        "reads still work"
+    );
+    assert_eq!(m.get("f").await, b"data", "nothing changed in S3");
+    assert!(m.head("new").await.is_none());
+}
+
+/// Runs `s3vol mount` in the background mode a user types, expecting failure.
+fn mount_fails(args: &[&str]) -> (i32, String) {
+    let mnt = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let out = s3vol()
+        .arg("mount")
+        .args(args)
+        .arg(mnt.path())
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !support::is_mounted(mnt.path()),
+        "nothing may be left mounted"
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_mounts_fail_with_a_clear_message_and_exit_code() {
+    let store = support::store().await;
+    let bucket = testing::unique_bucket("badmount");
+    store.create_bucket(&bucket).await.unwrap();
+    let b = bucket.to_string();
+    let server = server_args();
+    let server: Vec<&str> = server.iter().map(String::as_str).collect();
+
+    let (code, err) = mount_fails(&[&[b.as_str(), "-o", "frobnicate"][..], &server].concat());
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown mount option"), "{err}");
+
+    let (code, err) = mount_fails(&[&[b.as_str(), "--file-mode", "rwx"][..], &server].concat());
+    assert_eq!(code, 2, "usage errors exit 2: {err}");
+
+    let (code, err) = mount_fails(&[
+        b.as_str(),
+        "--endpoint-url",
+        "http://127.0.0.1:1",
+        "--force-path-style",
+        "--region",
+        "us-east-1",
+        "--max-attempts",
+        "1",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot reach"), "{err}");
+
+    let (code, err) = mount_fails(&[&["s3vol-no-such-bucket-here"][..], &server].concat());
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("no such bucket") || err.contains("not found"),
+        "{err}"
+    );
+
+    let out = s3vol()
+        .env("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+        .arg("mount")
+        .arg(&b)
+        .arg(tempfile::tempdir().unwrap().path())
+        .args(&server)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("denied") || err.contains("credentials"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_background_mount_returns_when_ready_and_sigterm_unmounts() {
+    let store = support::store().await;
+    let bucket = testing::unique_bucket("daemon");
+    store.create_bucket(&bucket).await.unwrap();
+    store
+        .put_object(
+            &bucket,
+            "f",
+            Bytes::from_static(b"hello"),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let status = s3vol()
+        .arg("mount")
+        .arg(format!("s3://{bucket}"))
+        .arg(mnt.path())
+        .args(server_args())
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let guard = scopeguard(mnt.path().to_owned());
+    assert!(
+        support::is_mounted(mnt.path()),
+        "mounted when the command returns"
+    );
+    assert_eq!(std::fs::read(mnt.path().join("f")).unwrap(), b"hello");
+    // Find the serving process and stop it the way an init system would.
+    let pid = find_mount_pid(mnt.path()).expect("serving process");
+    // SAFETY: sending a signal to a process we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while support::is_mounted(mnt.path()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGTERM did not unmount"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(guard);
+}
+
+struct Unmount(std::path::PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        support::unmount(&self.0);
+    }
+}
+fn scopeguard(p: std::path::PathBuf) -> Unmount {
+    Unmount(p)
+}
+
+fn find_mount_pid(mnt: &std::path::Path) -> Option<i32> {
+    let needle = mnt.to_string_lossy().into_owned();
+    for entry in std::fs::read_dir("/proc").ok()? {
+        let entry = entry.ok()?;
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "--daemon-child") && args.iter().any(|a| *a == needle) {
+            return Some(pid);
+        }
+    }
+    None
+}

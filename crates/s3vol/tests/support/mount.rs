@@ -1,0 +1,246 @@
+//! Test harness: a bucket on the test S3 server mounted with the real `s3vol` binary.
+//!
+//! Each [`Mounted`] has its own bucket, mount point and cache directory, so tests run in
+//! parallel. Dropping it unmounts (lazily, so a hung mount cannot hang the test) and kills the
+//! process, even when the test failed.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use s3vol_s3::{AwsStore, BucketName, ObjectInfo, ObjectStore, PutOptions, UserMetadata, testing};
+use tempfile::TempDir;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_s3vol");
+
+/// The arguments that point `s3vol` at the test server.
+pub fn server_args() -> Vec<String> {
+    vec![
+        "--endpoint-url".into(),
+        testing::endpoint(),
+        "--region".into(),
+        "us-east-1".into(),
+        "--force-path-style".into(),
+        "--max-attempts".into(),
+        "2".into(),
+    ]
+}
+
+/// A command for the binary with the test server's credentials in its environment.
+pub fn s3vol() -> Command {
+    let keys = testing::credentials();
+    let mut cmd = Command::new(BIN);
+    cmd.env("AWS_ACCESS_KEY_ID", keys.access_key_id)
+        .env("AWS_SECRET_ACCESS_KEY", keys.secret_access_key)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_ENDPOINT_URL");
+    cmd
+}
+
+pub async fn store() -> Arc<dyn ObjectStore> {
+    Arc::new(AwsStore::new(&testing::config()).await)
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let p = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
+}
+
+pub fn unmount(path: &Path) {
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: a valid C string; umount2 has no other preconditions.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+pub struct Mounted {
+    pub bucket: BucketName,
+    pub store: Arc<dyn ObjectStore>,
+    pub mnt: TempDir,
+    pub cache: TempDir,
+    pub child: Option<Child>,
+    pub prefix: String,
+}
+
+impl Mounted {
+    /// Creates a bucket and mounts it (or `prefix` of it) with `extra` arguments.
+    pub async fn new(tag: &str, prefix: &str, extra: &[&str]) -> Self {
+        let store = store().await;
+        let bucket = testing::unique_bucket(tag);
+        store.create_bucket(&bucket).await.expect("create bucket");
+        Self::on(store, bucket, prefix, extra)
+    }
+
+    /// Mounts an existing bucket.
+    pub fn on(
+        store: Arc<dyn ObjectStore>,
+        bucket: BucketName,
+        prefix: &str,
+        extra: &[&str],
+    ) -> Self {
+        let mut m = Self {
+            bucket,
+            store,
+            mnt: tempfile::Builder::new()
+                .prefix("s3vol-mnt-")
+                .tempdir()
+                .unwrap(),
+            cache: tempfile::Builder::new()
+                .prefix("s3vol-cache-")
+                .tempdir()
+                .unwrap(),
+            child: None,
+            prefix: prefix.to_owned(),
+        };
+        m.start(extra);
+        m
+    }
+
+    pub fn start(&mut self, extra: &[&str]) {
+        let target = format!("{}/{}", self.bucket, self.prefix);
+        let mut cmd = s3vol();
+        cmd.arg("mount")
+            .arg(&target)
+            .arg(self.mnt.path())
+            .args(server_args())
+            .arg("--cache-dir")
+            .arg(self.cache.path())
+            .arg("-f")
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("S3VOL_LOG_LEVEL", "warn");
+        let mut child = cmd.spawn().expect("spawn s3vol mount");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(self.mnt.path()) {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                panic!("s3vol mount exited ({status}) before mounting: {err}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount did not appear within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.path().join(rel)
+    }
+
+    pub fn key(&self, rel: &str) -> String {
+        format!("{}{rel}", self.prefix)
+    }
+
+    /// Unmounts and waits for the process; returns its exit status and stderr.
+    pub fn stop(&mut self) -> (std::process::ExitStatus, String) {
+        unmount(self.mnt.path());
+        let mut child = self.child.take().expect("mounted");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return (status, err);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("mounted").id()
+    }
+
+    pub async fn put(&self, rel: &str, body: &[u8], metadata: &[(&str, &str)]) {
+        let options = PutOptions {
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<UserMetadata>(),
+            ..PutOptions::default()
+        };
+        self.store
+            .put_object(
+                &self.bucket,
+                &self.key(rel),
+                Bytes::copy_from_slice(body),
+                &options,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("put {rel}: {e}"));
+    }
+
+    pub async fn get(&self, rel: &str) -> Vec<u8> {
+        let got = self
+            .store
+            .get_object(&self.bucket, &self.key(rel), None, None)
+            .await
+            .unwrap_or_else(|e| panic!("get {rel}: {e}"));
+        let chunks: Vec<Bytes> = got.body.try_collect().await.unwrap();
+        chunks.concat()
+    }
+
+    pub async fn head(&self, rel: &str) -> Option<ObjectInfo> {
+        self.store
+            .head_object(&self.bucket, &self.key(rel))
+            .await
+            .ok()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        unmount(self.mnt.path());
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests need no RNG crate.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// errno of the last failed std::io call.
+pub fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
