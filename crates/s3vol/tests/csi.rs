@@ -1036,7 +1036,8 @@ async fn full_flow(h: &mut Harness, v: &Volume, check_in_s3: impl AsyncFnOnce(&[
         unstage(&mut node, v, &staging).await;
     }
     assert!(!is_mounted(&staging));
-    check_in_s3(&["dir/hello.txt".to_owned()]).await;
+    // mkdir made a `dir/` object (the s3fs directory format), the write the file.
+    check_in_s3(&["dir/".to_owned(), "dir/hello.txt".to_owned()]).await;
     h.mounts.clear();
 }
 
