@@ -1361,3 +1361,85 @@ async fn csi_mount_group_lets_a_non_root_pod_write() {
     unstage(&mut node, &v, &staging).await;
     h.mounts.clear();
 }
+
+fn mount_count(p: &Path) -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+        .count()
+}
+
+#[tokio::test]
+async fn csi_concurrent_calls_on_one_volume_are_serialised() {
+    let mut h = Harness::start();
+    let s3 = store().await;
+    let bucket = s3vol_s3::testing::unique_bucket("csi-conc");
+    s3.create_bucket(&bucket).await.unwrap();
+    let v = Volume {
+        id: format!("static-{bucket}"),
+        context: HashMap::from([
+            ("bucket".to_owned(), bucket.to_string()),
+            ("endpoint".to_owned(), s3vol_s3::testing::endpoint()),
+            ("forcePathStyle".to_owned(), "true".to_owned()),
+        ]),
+    };
+    let staging = h.path("staging/vol");
+    let target = h.path("pods/p/mount");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    h.mounts.extend([staging.clone(), target.clone()]);
+    let cap = mount_cap(Mode::SingleNodeWriter, &[], "");
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let mut node = h.node().await;
+        let req = NodeStageVolumeRequest {
+            volume_id: v.id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            volume_context: v.context.clone(),
+            secrets: secrets(),
+            ..Default::default()
+        };
+        calls.push(tokio::spawn(async move {
+            node.node_stage_volume(req).await.map(|_| ())
+        }));
+    }
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        mount_count(&staging),
+        1,
+        "one mount however many stage calls"
+    );
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let mut node = h.node().await;
+        let req = NodePublishVolumeRequest {
+            volume_id: v.id.clone(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        };
+        calls.push(tokio::spawn(async move {
+            node.node_publish_volume(req).await.map(|_| ())
+        }));
+    }
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        mount_count(&target),
+        1,
+        "one bind mount however many publish calls"
+    );
+    assert_eq!(h.serving_pids().len(), 1);
+    std::fs::write(target.join("f"), b"x").unwrap();
+    let mut node = h.node().await;
+    unpublish(&mut node, &v, &target).await;
+    unstage(&mut node, &v, &staging).await;
+    assert_eq!(mount_count(&target) + mount_count(&staging), 0);
+    h.mounts.clear();
+}

@@ -55,15 +55,13 @@ pub struct CsiArgs {
     /// Seconds to wait for the mounter to say a staged volume serves.
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     pub mount_timeout: u64,
-    /// Address for /metrics and /healthz (accepted for the manifests; not served yet).
+    /// Address (`0.0.0.0:9810`) to serve Prometheus metrics on; every other path (e.g.
+    /// `/healthz`) answers 200 too, for liveness probes.
     #[arg(long, value_name = "ADDR")]
-    pub metrics_addr: Option<String>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub fn run(args: CsiArgs) -> anyhow::Result<ExitCode> {
-    if let Some(addr) = &args.metrics_addr {
-        tracing::warn!(%addr, "--metrics-addr is accepted but the metrics endpoint is not implemented yet");
-    }
     let config = DriverConfig {
         endpoint: args.endpoint,
         node_id: args.node_id,
@@ -82,10 +80,25 @@ pub fn run(args: CsiArgs) -> anyhow::Result<ExitCode> {
         mount_timeout: Duration::from_secs(args.mount_timeout.max(1)),
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(&rt, addr)?;
+    }
     rt.block_on(async {
         s3vol_csi::serve(config, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Serves Prometheus metrics (and a 200 on any other path, for liveness probes) on `addr`.
+pub fn serve_metrics(
+    rt: &tokio::runtime::Runtime,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    let _guard = rt.enter();
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .with_context(|| format!("serving metrics on {addr}"))
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -25,15 +25,26 @@ pub struct MounterArgs {
     /// The s3vol binary to run for each volume (default: this one).
     #[arg(long, hide = true, value_name = "PATH")]
     pub exe: Option<PathBuf>,
-    /// Address for /metrics and /healthz (accepted for the manifests; not served yet).
+    /// Address (`0.0.0.0:9811`) to serve Prometheus metrics on; every other path (e.g.
+    /// `/healthz`) answers 200 too, for liveness probes.
     #[arg(long, value_name = "ADDR")]
-    pub metrics_addr: Option<String>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub fn run(args: MounterArgs) -> anyhow::Result<ExitCode> {
-    if let Some(addr) = &args.metrics_addr {
-        tracing::warn!(%addr, "--metrics-addr is accepted but the metrics endpoint is not implemented yet");
-    }
+    // The mounter itself is synchronous; a small runtime serves the metrics endpoint.
+    let _metrics_rt = match args.metrics_addr {
+        Some(addr) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("starting the metrics runtime")?;
+            super::csi::serve_metrics(&rt, addr)?;
+            Some(rt)
+        }
+        None => None,
+    };
     let exe = match args.exe {
         Some(exe) => exe,
         None => std::env::current_exe().context("finding the s3vol binary")?,
