@@ -316,9 +316,9 @@ async fn csi_identity_and_capabilities() {
         .into_inner()
         .capabilities
         .into_iter()
-        .filter_map(|c| match c.r#type {
-            Some(node_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            c.r#type
+                .map(|node_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
     use node_service_capability::rpc::Type as N;
