@@ -33,6 +33,8 @@ pub struct ReadCtx {
 }
 
 const MIN_WINDOW: u64 = 1 << 20;
+/// How far from the expected offset a read may land and still count as sequential.
+const SEQ_SLACK: u64 = 4 << 20;
 
 #[derive(Debug)]
 enum PartData {
@@ -102,16 +104,12 @@ impl Reader {
         }
     }
 
-    fn spawn_part(&self, range: Range<u64>, permit: Option<MemoryPermit>) -> Part {
+    fn spawn_part(&self, range: Range<u64>, permit: MemoryPermit) -> Part {
         let ctx = self.ctx.clone();
         let key = self.key.clone();
         let etag = self.etag.clone();
         let r = range.clone();
         let handle = tokio::spawn(async move {
-            let permit = match permit {
-                Some(p) => p,
-                None => ctx.memory.acquire(r.end - r.start).await,
-            };
             let data = fetch(&ctx, &key, &etag, r).await?;
             Ok((data, permit))
         });
@@ -121,8 +119,10 @@ impl Reader {
         }
     }
 
-    /// Keeps the window of parts ahead of `offset` filled.
-    fn fill_window(&mut self, offset: u64) {
+    /// Keeps the window of parts ahead of `offset` filled. The part covering `offset`, when
+    /// missing, waits for memory (the reader holds no other part then, so waiting cannot
+    /// deadlock); parts further ahead start only if memory is free now.
+    async fn fill_window(&mut self, offset: u64) {
         let window =
             (self.streak.saturating_mul(2)).clamp(MIN_WINDOW, self.ctx.max_window.max(MIN_WINDOW));
         let target = offset.saturating_add(window).min(self.size);
@@ -133,13 +133,11 @@ impl Reader {
                 break;
             }
             let end = (start + part_len).min(self.size);
-            // The first part is needed now and may wait for memory; later ones only start
-            // if memory is free, so a full budget shrinks windows instead of blocking.
-            let permit = if self.parts.is_empty() {
-                None
+            let permit = if start <= offset {
+                self.ctx.memory.acquire(end - start).await
             } else {
                 match self.ctx.memory.try_acquire(end - start) {
-                    Some(p) => Some(p),
+                    Some(p) => p,
                     None => break,
                 }
             };
@@ -153,30 +151,41 @@ impl Reader {
         if offset >= end {
             return Ok(Bytes::new());
         }
-        let sequential = offset == self.next_seq;
-        self.next_seq = end;
-        if !sequential {
+        // The kernel issues read-ahead requests concurrently, so a sequential reader's
+        // requests arrive slightly out of order: anything near the expected offset, or inside
+        // the window already fetched, counts as sequential.
+        let in_window = self.parts.front().is_some_and(|p| p.range.start <= offset)
+            && self.parts.back().is_some_and(|p| offset < p.range.end);
+        let near = offset.abs_diff(self.next_seq) <= SEQ_SLACK;
+        if !(in_window || near || offset == 0) {
             self.streak = 0;
             self.drop_parts();
-            if offset != 0 {
-                metrics::counter!("s3vol_fs_random_reads_total").increment(1);
-                return fetch(&self.ctx, &self.key, &self.etag, offset..end).await;
-            }
+            self.next_seq = end;
+            metrics::counter!("s3vol_fs_random_reads_total").increment(1);
+            return fetch(&self.ctx, &self.key, &self.etag, offset..end).await;
         }
-        self.streak += end - offset;
+        if end > self.next_seq {
+            self.streak += end - self.next_seq.max(offset);
+            self.next_seq = end;
+        }
+        if self.parts.front().is_some_and(|p| p.range.start > offset) {
+            // Behind the window (a late out-of-order request): fetch it alone.
+            return fetch(&self.ctx, &self.key, &self.etag, offset..end).await;
+        }
         while self.parts.front().is_some_and(|p| p.range.end <= offset) {
             self.parts.pop_front();
         }
-        if self.parts.front().is_some_and(|p| p.range.start > offset) {
-            self.drop_parts();
-        }
-        self.fill_window(offset);
+        self.fill_window(offset).await;
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         let mut pos = offset;
-        let mut i = 0;
+        let mut i = self
+            .parts
+            .iter()
+            .position(|p| p.range.end > pos)
+            .unwrap_or(self.parts.len());
         while pos < end {
             if i >= self.parts.len() {
-                self.fill_window(pos);
+                self.fill_window(pos).await;
             }
             let Some(part) = self.parts.get_mut(i) else {
                 return Err(err!(libc::EIO, "prefetch window empty at {pos}"));

@@ -549,3 +549,56 @@ fn find_mount_pid(mnt: &std::path::Path) -> Option<i32> {
     }
     None
 }
+
+fn vm_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} not in /proc/{pid}/status"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_concurrent_readers_stay_within_the_memory_limit() {
+    const LIMIT_MIB: u64 = 32;
+    const READERS: usize = 8;
+    const SIZE: usize = 40 << 20;
+    let m = Mounted::new("memlimit", "", &["--memory-limit", "32M"]).await;
+    for i in 0..READERS {
+        m.put(&format!("f{i}"), &pattern(SIZE, i as u64 + 100), &[])
+            .await;
+    }
+    // The baseline: an idle mount that has listed the directory.
+    let _ = std::fs::read_dir(m.mnt.path()).unwrap().count();
+    let pid = m.pid();
+    let baseline = vm_kib(pid, "VmRSS:");
+    let paths: Vec<_> = (0..READERS)
+        .map(|i| (i, m.path(&format!("f{i}"))))
+        .collect();
+    let readers: Vec<_> = paths
+        .into_iter()
+        .map(|(i, p)| {
+            std::thread::spawn(move || {
+                let got = std::fs::read(p).unwrap();
+                assert!(
+                    got == pattern(SIZE, i as u64 + 100),
+                    "reader {i} got different bytes"
+                );
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+    let peak = vm_kib(pid, "VmHWM:");
+    let grown_mib = peak.saturating_sub(baseline) / 1024;
+    eprintln!("grown {grown_mib} MiB");
+    // Read buffers are bounded by the limit; allow 16 MiB for what is in transit outside it
+    // (HTTP client buffers, replies being copied to the kernel, allocator slack).
+    assert!(
+        grown_mib <= LIMIT_MIB + 16,
+        "{READERS} readers of {} MiB grew the mount by {grown_mib} MiB (limit {LIMIT_MIB} MiB)",
+        SIZE >> 20
+    );
+}

@@ -240,7 +240,8 @@ fn read_credentials(fd: RawFd) -> anyhow::Result<StaticCredentials> {
 
 pub fn run(mut args: MountArgs) -> anyhow::Result<ExitCode> {
     apply_options(&mut args)?;
-    if !args.mountpoint.is_dir() && args.fuse_fd.is_none() {
+    // With --fuse-fd the mount exists but nobody answers it yet: touching it would hang.
+    if args.fuse_fd.is_none() && !args.mountpoint.is_dir() {
         bail!(
             "mountpoint {} is not a directory",
             args.mountpoint.display()
