@@ -136,7 +136,7 @@ STORES = {
     "storageclass-bucket-per-volume.yaml": {"mode": "bucket"},
     "storageclass-prefix-per-volume.yaml": {"mode": "prefix"},
 }
-SC_PARAMS = {"mode", "bucket", "endpoint", "region", "forcePathStyle",
+SC_PARAMS = {"mode", "bucket", "bucketPrefix", "endpoint", "region", "forcePathStyle",
              *(f"csi.storage.k8s.io/{k}-secret-{f}" for k in ("provisioner", "node-stage")
                for f in ("name", "namespace"))}
 
@@ -193,6 +193,7 @@ def test_values_match_schema(name):
     {"logLevel": "verbose"},
     {"controller": {"replica": 2}},
     {"storageClasses": [{"name": "x", "mode": "prefix"}]},
+    {"storageClasses": [{"name": "x", "mode": "bucket", "bucketPrefix": "Team_A"}]},
     {"sidecars": {"provisioner": {"image": {"tag": "latest"}}}},
     {"node": {"resources": {"requests": {"cpu": "ten"}}}},
 ], ids=str)
