@@ -7,9 +7,15 @@
 //! writer that would take it over `--cache-size` waits until uploads finish and staging files
 //! are dropped — unless its own file is all that fills the budget, which no other writer can
 //! free (then it goes on, and says so once in the log).
+//!
+//! Clean staging files (uploaded, no longer open) are *parked* here rather than deleted, so a
+//! file opened again unchanged is read from local disk. They are evicted least recently used
+//! first when a writer needs room; dirty data is never parked, so never evicted.
 
-use std::sync::Arc;
+use std::any::Any;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -66,14 +72,28 @@ impl Memory {
     }
 }
 
+/// A parked clean entry: dropping it frees its disk space.
+pub type Parked = Arc<dyn Any + Send + Sync>;
+
 /// The disk budget of staging files.
-#[derive(Debug)]
 pub struct Disk {
     limit: u64,
     used: AtomicU64,
     dirty: AtomicU64,
     freed: Notify,
     warned: AtomicBool,
+    /// Clean entries by key, least recently used first.
+    clean: Mutex<VecDeque<(u64, Parked)>>,
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("limit", &self.limit)
+            .field("used", &self.used)
+            .field("dirty", &self.dirty)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Disk {
@@ -84,6 +104,39 @@ impl Disk {
             dirty: AtomicU64::new(0),
             freed: Notify::new(),
             warned: AtomicBool::new(false),
+            clean: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn clean(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Parked)>> {
+        self.clean.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps a clean entry for reuse until the space is needed.
+    pub fn park(&self, key: u64, entry: Parked) {
+        let mut clean = self.clean();
+        clean.retain(|(k, _)| *k != key);
+        clean.push_back((key, entry));
+    }
+
+    /// Takes a parked entry back.
+    pub fn unpark(&self, key: u64) -> Option<Parked> {
+        let mut clean = self.clean();
+        let i = clean.iter().position(|(k, _)| *k == key)?;
+        clean.remove(i).map(|(_, e)| e)
+    }
+
+    /// Drops the least recently used clean entry; false when there is none.
+    fn evict_one(&self) -> bool {
+        let entry = self.clean().pop_front();
+        match entry {
+            Some(e) => {
+                // Dropped outside the lock: its destructor gives the space back.
+                drop(e);
+                metrics::counter!("s3vol_cache_evictions_total").increment(1);
+                true
+            }
+            None => false,
         }
     }
 
@@ -106,6 +159,9 @@ impl Disk {
                 self.used.fetch_add(more, Ordering::SeqCst);
                 metrics::gauge!("s3vol_cache_bytes").set(self.used() as f64);
                 return;
+            }
+            if self.evict_one() {
+                continue;
             }
             metrics::counter!("s3vol_cache_waits_total").increment(1);
             let notified = self.freed.notified();
@@ -163,6 +219,29 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(m.used(), 2 << 20);
+    }
+
+    struct Entry(Arc<Disk>, u64);
+    impl Drop for Entry {
+        fn drop(&mut self) {
+            self.0.shrink(self.1);
+        }
+    }
+
+    #[tokio::test]
+    async fn clean_entries_are_evicted_least_recently_used_first() {
+        let d = Arc::new(Disk::new(100));
+        for key in 1..=3 {
+            d.grow(0, 30).await;
+            d.park(key, Arc::new(Entry(d.clone(), 30)));
+        }
+        // Entry 1 is used again: now 2 is the least recently used.
+        let one = d.unpark(1).unwrap();
+        d.park(1, one);
+        d.grow(0, 30).await;
+        assert_eq!(d.used(), 90, "one entry was evicted to make room");
+        assert!(d.unpark(2).is_none(), "the least recently used went first");
+        assert!(d.unpark(3).is_some() && d.unpark(1).is_some());
     }
 
     #[tokio::test]

@@ -183,6 +183,18 @@ impl S3Fs {
         validated.is_some_and(|t| t.elapsed() < self.config.metadata_ttl)
     }
 
+    /// The group of a new node: the parent's when the parent has the set-group-ID bit (as on
+    /// any POSIX filesystem; it is how fsGroup volumes keep new files in the pod's group),
+    /// else the creator's.
+    fn new_gid(parent: &Inode, gid: u32) -> (u32, bool) {
+        let p = parent.state();
+        if u32::from(p.attrs.perm) & libc::S_ISGID != 0 {
+            (p.attrs.gid, true)
+        } else {
+            (gid, false)
+        }
+    }
+
     fn negative_hit(&self, parent: InodeNo, name: &str) -> bool {
         let mut neg = self.negative.lock().unwrap_or_else(|e| e.into_inner());
         match neg.get(&(parent, name.to_owned())) {
@@ -820,7 +832,8 @@ impl S3Fs {
     ) -> FsResult<(Arc<Inode>, Attrs)> {
         self.ro()?;
         name_ok(name)?;
-        let (_, parent_key) = self.dir_key(parent)?;
+        let (parent_inode, parent_key) = self.dir_key(parent)?;
+        let (gid, setgid) = Self::new_gid(&parent_inode, gid);
         if self
             .inodes
             .child(parent, name)
@@ -830,7 +843,7 @@ impl S3Fs {
         }
         let key = format!("{parent_key}{name}/");
         let mut attrs = Attrs::defaults(Kind::Dir, &self.config, 0, SystemTime::now());
-        attrs.perm = (mode & 0o7777) as u16;
+        attrs.perm = (mode & 0o7777) as u16 | if setgid { libc::S_ISGID as u16 } else { 0 };
         attrs.uid = uid;
         attrs.gid = gid;
         let options = PutOptions {
@@ -909,6 +922,14 @@ impl S3Fs {
                 let (attrs, etag, _) = self.file_attrs(&info);
                 s.attrs = attrs;
                 s.etag = etag;
+            }
+            if let Some(parked) = self.reuse_parked(inode, &info.etag) {
+                let mut s = inode.state();
+                if let Some(existing) = s.staged.clone() {
+                    return Ok(existing);
+                }
+                s.staged = Some(parked.clone());
+                return Ok(parked);
             }
             Staged::from_object(
                 self.stage.clone(),
@@ -994,6 +1015,11 @@ impl S3Fs {
             s.etag = etag;
             s.validated = Some(Instant::now());
         }
+        if let Some(parked) = self.reuse_parked(&inode, &info.etag) {
+            // The local copy is this very version: read it from disk.
+            inode.state().staged.get_or_insert(parked);
+            return Ok(self.new_handle(inode, mode, None));
+        }
         let reader = Reader::new(self.read.clone(), key, info.etag, info.size);
         Ok(self.new_handle(inode, mode, Some(reader)))
     }
@@ -1009,7 +1035,8 @@ impl S3Fs {
     ) -> FsResult<(Arc<Inode>, Attrs, u64)> {
         self.ro()?;
         name_ok(name)?;
-        let (_, parent_key) = self.dir_key(parent)?;
+        let (parent_inode, parent_key) = self.dir_key(parent)?;
+        let (gid, _) = Self::new_gid(&parent_inode, gid);
         if let Some(existing) = self.inodes.child(parent, name)
             && !existing.state().unlinked
             && existing.kind == Kind::Dir
@@ -1129,6 +1156,8 @@ impl S3Fs {
         Ok(())
     }
 
+    /// Once nothing has a file open: a clean staging file is parked in the cache (evicted
+    /// LRU when room is needed), an unlinked one is dropped, a dirty one stays with the inode.
     fn drop_clean_stage(&self, inode: &Arc<Inode>) {
         let mut s = inode.state();
         if s.open_handles > 0 {
@@ -1138,8 +1167,25 @@ impl S3Fs {
             .staged
             .as_ref()
             .is_some_and(|st| st.try_lock().is_ok_and(|g| !g.is_dirty()));
-        if clean || s.unlinked {
+        if s.unlinked {
             s.staged = None;
+        } else if clean && let Some(staged) = s.staged.take() {
+            self.stage.disk.park(inode.ino, staged);
+        }
+    }
+
+    /// A parked staging file of this inode that still matches the object version `etag`.
+    fn reuse_parked(&self, inode: &Inode, etag: &ETag) -> Option<Arc<tokio::sync::Mutex<Staged>>> {
+        let parked = self.stage.disk.unpark(inode.ino)?;
+        let staged = parked.downcast::<tokio::sync::Mutex<Staged>>().ok()?;
+        let matches = staged
+            .try_lock()
+            .is_ok_and(|g| g.clean_etag() == Some(etag));
+        if matches {
+            metrics::counter!("s3vol_cache_hits_total").increment(1);
+            Some(staged)
+        } else {
+            None
         }
     }
 
@@ -1190,6 +1236,7 @@ impl S3Fs {
         if !local_only {
             self.store.delete_object(&self.config.bucket, &key).await?;
         }
+        self.stage.disk.unpark(child.ino);
         child.state().unlinked = true;
         if let Some(staged) = staged {
             staged.lock().await.discard().await;
@@ -1210,7 +1257,8 @@ impl S3Fs {
     ) -> FsResult<(Arc<Inode>, Attrs)> {
         self.ro()?;
         name_ok(name)?;
-        let (_, parent_key) = self.dir_key(parent)?;
+        let (parent_inode, parent_key) = self.dir_key(parent)?;
+        let (gid, _) = Self::new_gid(&parent_inode, gid);
         if self
             .inodes
             .child(parent, name)
@@ -1322,6 +1370,13 @@ impl S3Fs {
                 (false, false) => {}
             }
         }
+        // Parked local copies name the old keys: forget them.
+        for inode in self.inodes.under(&src.key()) {
+            self.stage.disk.unpark(inode.ino);
+        }
+        if let Some(dst) = &dst {
+            self.stage.disk.unpark(dst.ino);
+        }
         if src.kind == Kind::Dir {
             let new_key = format!("{new_parent_key}{new_name}/");
             self.rename_dir(&src, &new_key).await?;
@@ -1429,6 +1484,14 @@ impl S3Fs {
             }
         }
         self.inodes.rekey_subtree(&old_key, new_key);
+        // Files still open under the directory upload to their new keys from now on.
+        for inode in self.inodes.under(new_key) {
+            let staged = inode.state().staged.clone();
+            if let Some(st) = staged {
+                let key = inode.key();
+                st.lock().await.set_key(&key);
+            }
+        }
         src.state().has_marker = true;
         Ok(())
     }

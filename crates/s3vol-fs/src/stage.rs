@@ -145,6 +145,14 @@ impl Staged {
         self.size
     }
 
+    /// The object version the local copy matches, when it is clean.
+    pub fn clean_etag(&self) -> Option<&ETag> {
+        if self.is_dirty() {
+            return None;
+        }
+        self.base.as_ref().map(|b| &b.etag)
+    }
+
     pub fn is_dirty(&self) -> bool {
         self.content_dirty || self.meta_dirty
     }
@@ -153,8 +161,13 @@ impl Staged {
         &self.path
     }
 
+    /// After a rename: uploads go to `key`, and the `.key` companion names it for recovery.
     pub fn set_key(&mut self, key: &str) {
         self.key = key.to_owned();
+        let companion = self.path.with_extension("key");
+        if let Err(e) = std::fs::write(&companion, format!("s3://{}/{key}\n", self.ctx.bucket)) {
+            tracing::warn!(file = %companion.display(), error = %e, "cannot update the staging key file");
+        }
     }
 
     fn mark_content_dirty(&mut self) {
@@ -245,8 +258,13 @@ impl Staged {
         self.written.insert(offset..end);
         self.present.insert(offset..end);
         self.mark_content_dirty();
-        if self.sequential {
-            self.stream_parts().await?;
+        if self.sequential
+            && let Err(e) = self.stream_parts().await
+        {
+            // The bytes are in the staging file: they go up whole at flush, where a failure is
+            // reported. A write never fails because S3 is away.
+            tracing::warn!(key = %self.key, error = %e, "streaming upload failed; the file will be uploaded at flush");
+            self.break_stream().await;
         }
         Ok(())
     }
@@ -357,13 +375,22 @@ impl Staged {
         metadata: &UserMetadata,
         content_type: Option<String>,
     ) -> FsResult<ETag> {
-        let result = if let Some(stream) = self.stream.take() {
-            self.finish_stream(stream, metadata, content_type.clone())
-                .await
-        } else if self.size <= self.ctx.part_size.max(5 << 20) {
-            self.put_whole(metadata, content_type.clone()).await
-        } else {
-            self.put_multipart(metadata, content_type.clone()).await
+        let streamed = match self.stream.take() {
+            Some(stream) => Some(
+                self.finish_stream(stream, metadata, content_type.clone())
+                    .await,
+            ),
+            None => None,
+        };
+        let result = match streamed {
+            Some(Ok(etag)) => Ok(etag),
+            Some(Err(e)) => {
+                // A part failed earlier, or completing did: the staging file holds the whole
+                // file (a stream starts only from empty), so send it again now.
+                tracing::warn!(key = %self.key, error = %e, "streamed upload failed; uploading the file whole");
+                self.put_all(metadata, content_type.clone()).await
+            }
+            None => self.put_all(metadata, content_type.clone()).await,
         };
         match result {
             Ok(etag) => {
@@ -397,6 +424,18 @@ impl Staged {
                     e.message
                 ))
             }
+        }
+    }
+
+    async fn put_all(
+        &mut self,
+        metadata: &UserMetadata,
+        content_type: Option<String>,
+    ) -> FsResult<ETag> {
+        if self.size <= self.ctx.part_size.max(5 << 20) {
+            self.put_whole(metadata, content_type).await
+        } else {
+            self.put_multipart(metadata, content_type).await
         }
     }
 

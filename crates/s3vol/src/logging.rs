@@ -22,8 +22,12 @@ pub fn init(level: &str, format: LogFormat) -> anyhow::Result<()> {
         _ => EnvFilter::try_new(level)
             .map_err(|e| anyhow::anyhow!("invalid --log-level {level:?}: {e}"))?,
     };
+    // Colours only on a terminal: log collectors and the mounter's forwarded lines want text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.try_init(),

@@ -543,7 +543,7 @@ fn find_mount_pid(mnt: &std::path::Path) -> Option<i32> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.iter().any(|a| a == "--daemon-child") && args.iter().any(|a| *a == needle) {
+        if args.iter().any(|a| a == "--daemon-child") && args.contains(&needle) {
             return Some(pid);
         }
     }

@@ -139,11 +139,12 @@ fn apply_options(args: &mut MountArgs) -> anyhow::Result<()> {
         let need = || v.with_context(|| format!("-o {k} needs a value"));
         match key.as_str() {
             "ro" | "read-only" => args.read_only = true,
-            "rw" => args.read_only = false,
+            // The default; an explicit --read-only still wins.
+            "rw" => {}
             "allow-other" => args.allow_other = true,
             "uid" => args.uid = args.uid.or(Some(need()?.parse().context("-o uid")?)),
             "gid" => args.gid = args.gid.or(Some(need()?.parse().context("-o gid")?)),
-            "file-mode" | "umask-files" => {
+            "file-mode" => {
                 args.file_mode = args
                     .file_mode
                     .or(Some(parse_mode(need()?).map_err(anyhow::Error::msg)?))
@@ -171,10 +172,21 @@ fn apply_options(args: &mut MountArgs) -> anyhow::Result<()> {
                     .memory_limit
                     .or(Some(parse_size(need()?).map_err(anyhow::Error::msg)?))
             }
-            "part-size" | "multipart-size" => {
+            "part-size" => {
                 args.part_size = args
                     .part_size
                     .or(Some(parse_size(need()?).map_err(anyhow::Error::msg)?))
+            }
+            // s3fs counts multipart_size in MiB.
+            "multipart-size" => {
+                let v = need()?;
+                let bytes = match v.parse::<u64>() {
+                    Ok(mib) => mib
+                        .checked_mul(1 << 20)
+                        .context("-o multipart_size is too large")?,
+                    Err(_) => parse_size(v).map_err(anyhow::Error::msg)?,
+                };
+                args.part_size = args.part_size.or(Some(bytes));
             }
             "url" | "endpoint-url" => {
                 args.s3.endpoint_url = args.s3.endpoint_url.clone().or(Some(need()?.to_owned()))
