@@ -1,5 +1,5 @@
-//! Generates the COSI gRPC code from the vendored protos in `proto/cosi/`, compiled in pure
-//! Rust by `protox` (no `protoc` binary needed). Both protocol versions go into one
+//! Generates the COSI gRPC code from s3vol's COSI protocol definitions in `proto/cosi/`,
+//! compiled in pure Rust by `protox` (no `protoc` binary needed). Both protocol versions go into one
 //! `FileDescriptorSet`; their packages differ, so their generated modules do too.
 
 use std::path::PathBuf;

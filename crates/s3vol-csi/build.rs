@@ -1,5 +1,5 @@
-//! Generates the CSI gRPC code from the vendored `proto/csi/csi.proto`, compiled in pure Rust by
-//! `protox` (no `protoc` binary needed).
+//! Generates the CSI gRPC code from s3vol's CSI protocol definition `proto/csi/csi.proto`,
+//! compiled in pure Rust by `protox` (no `protoc` binary needed).
 
 use std::path::PathBuf;
 

@@ -4,8 +4,8 @@
 //!   (v0.1.x, v0.2.x);
 //! - [`v1alpha2`]: package `sigs.k8s.io.cosi.v1alpha2`, the current upstream protocol.
 //!
-//! The vendored sources and their upstream versions are in `proto/cosi/` (see its README).
-//! Generated code is not ours to lint.
+//! The definitions are s3vol's own, wire-compatible with the upstream API versions named in
+//! `proto/cosi/README.md`. Generated code is not ours to lint.
 
 #[allow(
     missing_debug_implementations,

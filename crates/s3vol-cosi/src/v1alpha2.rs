@@ -5,9 +5,10 @@
 //! may name several buckets (one IAM policy covers them all), so `OUT_OF_RANGE` is never
 //! returned.
 //!
-//! Access mode: in the vendored revision the `AccessMode` message has no field, so no mode
-//! reaches the driver on the wire; the BucketAccessClass parameter `accessMode` decides (default
-//! read-write). Re-vendor the proto when upstream adds the field.
+//! Access mode: in the upstream revision `proto/cosi/v1alpha2/cosi.proto` follows, the
+//! `AccessMode` message has no field, so no mode reaches the driver on the wire; the
+//! BucketAccessClass parameter `accessMode` decides (default read-write). Add the field to the
+//! proto when upstream adds it.
 
 use std::sync::Arc;
 
