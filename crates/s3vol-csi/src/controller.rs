@@ -40,6 +40,7 @@ use crate::proto::{
     DeleteVolumeResponse, ValidateVolumeCapabilitiesRequest, ValidateVolumeCapabilitiesResponse,
     Volume, VolumeCapability,
 };
+use crate::secret::VolumeSecret;
 use crate::volume_id::{Location, VolumeId, VolumeKind, derive_bucket_name, derive_prefix};
 
 /// The key of the marker object, relative to the volume's root.
@@ -112,8 +113,9 @@ impl ControllerService {
             ));
         }
         let capacity = capacity(req.capacity_range.as_ref())?;
-        let params = ProvisionParams::parse(&req.parameters, &self.defaults)?;
-        let creds = params::credentials(&req.secrets)?;
+        let secret = VolumeSecret::parse(&req.secrets)?;
+        let params = ProvisionParams::parse(&req.parameters, &secret.hints, &self.defaults)?;
+        let creds = secret.credentials;
         let kind = match &params.mode {
             ProvisionMode::Bucket { bucket_prefix } => {
                 VolumeKind::Bucket(derive_bucket_name(bucket_prefix.as_deref(), &req.name)?)
@@ -238,7 +240,8 @@ impl ControllerService {
                 return Ok(());
             }
         };
-        let creds = params::credentials(&req.secrets)?;
+        // The volume id says where the volume is; only the Secret's credentials matter here.
+        let creds = VolumeSecret::parse(&req.secrets)?.credentials;
         let _guard = self.locks.lock(&format!("id:{}", req.volume_id)).await;
         let store = self.stores.store(&id.location, creds).await;
         let bucket = id.kind.bucket();
@@ -289,10 +292,13 @@ impl ControllerService {
             return Err(CsiError::invalid("volume_capabilities is required"));
         }
         let ours = req.volume_id.parse::<VolumeId>().is_ok();
-        let static_volume = VolumeAttrs::parse(&req.volume_context, &self.defaults).is_ok();
+        let secret = VolumeSecret::parse(&req.secrets)?;
+        let static_volume =
+            VolumeAttrs::parse(&req.volume_context, &secret.hints, &self.defaults).is_ok();
         if !ours && !static_volume {
             return Err(CsiError::NotFound(format!(
-                "volume {} is neither one s3vol created nor a static volume with a bucket attribute",
+                "volume {} is neither one s3vol created nor a static volume with a bucket attribute \
+                 or a secret naming the bucket",
                 req.volume_id
             )));
         }
@@ -708,6 +714,75 @@ mod tests {
             mem.head_bucket(&BucketName::new("pvc-5").unwrap()).await,
             Err(S3Error::NoSuchBucket(_))
         ));
+    }
+
+    /// Records what each store was made for.
+    #[derive(Debug, Default)]
+    struct Recording {
+        mem: Arc<MemStore>,
+        made: std::sync::Mutex<Vec<(Location, Option<StaticCredentials>)>>,
+    }
+
+    #[tonic::async_trait]
+    impl StoreFactory for Recording {
+        async fn store(
+            &self,
+            location: &Location,
+            credentials: Option<StaticCredentials>,
+        ) -> Arc<dyn ObjectStore> {
+            self.made
+                .lock()
+                .unwrap()
+                .push((location.clone(), credentials));
+            self.mem.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cosi_secret_supplies_keys_bucket_and_location_of_prefix_volumes() {
+        let stores = Arc::new(Recording::default());
+        let svc =
+            ControllerService::new("csi.s3vol.io".into(), Defaults::default(), stores.clone());
+        stores
+            .mem
+            .create_bucket(&BucketName::new("claimed").unwrap())
+            .await
+            .unwrap();
+        let secret: HashMap<String, String> = [
+            ("COSI_S3_BUCKET_ID", "claimed"),
+            ("COSI_S3_ENDPOINT", "http://cosi:9000"),
+            ("COSI_S3_REGION", "eu-west-1"),
+            ("COSI_S3_ADDRESSING_STYLE", "path"),
+            ("COSI_S3_ACCESS_KEY_ID", "AK"),
+            ("COSI_S3_ACCESS_SECRET_KEY", "SK"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let mut req = create_req("pvc-8", &[("mode", "prefix")], 0);
+        req.secrets = secret.clone();
+        let v = svc.create(req).await.unwrap();
+        assert_eq!(
+            v.volume_context.get("bucket").map(String::as_str),
+            Some("claimed")
+        );
+        let location = Location {
+            endpoint: Some("http://cosi:9000".into()),
+            region: Some("eu-west-1".into()),
+            path_style: true,
+        };
+        let (made_for, keys) = stores.made.lock().unwrap()[0].clone();
+        assert_eq!(made_for, location);
+        assert_eq!(keys.unwrap().access_key_id, "AK");
+        svc.delete(DeleteVolumeRequest {
+            volume_id: v.volume_id,
+            secrets: secret,
+        })
+        .await
+        .unwrap();
+        let (made_for, keys) = stores.made.lock().unwrap()[1].clone();
+        assert_eq!(made_for, location);
+        assert_eq!(keys.unwrap().secret_access_key, "SK");
     }
 
     #[tokio::test]

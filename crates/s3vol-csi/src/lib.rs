@@ -13,6 +13,9 @@
 //!   bind-mounts the staging path into the pod's target path, read-only where asked. Each staged
 //!   volume is recorded in the state directory ([`state`]) so a restarted plugin adopts it.
 //!
+//! Credentials come from the CSI Secrets, in s3vol's own shape or as a COSI BucketAccess Secret
+//! ([`secret`]), so a bucket claimed through COSI mounts with the Secret COSI wrote for it.
+//!
 //! The node plugin and the mounter speak the small protocol of [`handoff`]: one unix-socket
 //! message carrying the FUSE fd (SCM_RIGHTS) and a JSON request, one JSON reply.
 
@@ -27,6 +30,7 @@ pub mod mounts;
 pub mod node;
 pub mod params;
 pub mod proto;
+pub mod secret;
 pub mod server;
 pub mod state;
 pub mod volume_id;

@@ -46,6 +46,7 @@ use crate::proto::{
     NodeUnpublishVolumeResponse, NodeUnstageVolumeRequest, NodeUnstageVolumeResponse,
     VolumeCondition, VolumeUsage,
 };
+use crate::secret::VolumeSecret;
 use crate::state::{StagedVolume, StateDir};
 
 /// How long `statfs` of a volume may take before it counts as not answering.
@@ -146,12 +147,14 @@ impl NodeService {
             .as_ref()
             .ok_or_else(|| CsiError::invalid("volume_capability is required"))?;
         let cap_read_only = capability::check(cap).map_err(CsiError::InvalidArgument)?;
-        let attrs = VolumeAttrs::parse(&req.volume_context, &self.config.defaults)?;
+        let secret = VolumeSecret::parse(&req.secrets)?;
+        let attrs = VolumeAttrs::parse(&req.volume_context, &secret.hints, &self.config.defaults)?;
         let (flags, group) = capability::mount_flags(cap);
         let mut options = params::mount_options(flags)?;
         params::apply_mount_group(&mut options, group)?;
         options.read_only |= cap_read_only;
-        let credentials = params::credentials(&req.secrets)?;
+        tracing::debug!(volume = %volume_id, shape = ?secret.shape, "read the node-stage secret");
+        let credentials = secret.credentials;
         let mut record = StagedVolume {
             volume_id: volume_id.to_owned(),
             staging_path: staging.clone(),

@@ -1,10 +1,14 @@
 //! Parsing of everything a CO hands the driver as strings: StorageClass parameters, volume
-//! attributes (volume context), secrets and mount flags.
+//! attributes (volume context) and mount flags. Secrets are `crate::secret`'s.
 //!
 //! Parse, don't validate twice: each input becomes a typed value here, once, and a bad value is
 //! an `InvalidArgument` naming the key (never a secret's value). Unknown StorageClass parameters
 //! are rejected too, so a typo (`forcepathstyle`) fails loudly instead of being ignored; the
 //! `csi.storage.k8s.io/` keys the external-provisioner adds are skipped.
+//!
+//! Where a bucket is (bucket, endpoint, region, addressing) is decided in one order everywhere:
+//! the StorageClass parameter or volume attribute, else what the Secret says (a COSI
+//! BucketAccess Secret, [`SecretHints`]), else the driver's [`Defaults`].
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -12,6 +16,7 @@ use s3vol_s3::{Addressing, BucketName, CredentialSource, S3Config, StaticCredent
 
 use crate::error::{CsiError, CsiResult};
 use crate::handoff::MountOptions;
+use crate::secret::SecretHints;
 use crate::volume_id::{Location, validate_bucket_prefix};
 
 /// Keys of the volume context the controller returns and static PVs set.
@@ -23,9 +28,6 @@ pub mod keys {
     pub const ENDPOINT: &str = "endpoint";
     pub const REGION: &str = "region";
     pub const FORCE_PATH_STYLE: &str = "forcePathStyle";
-    pub const ACCESS_KEY_ID: &str = "accessKeyID";
-    pub const SECRET_ACCESS_KEY: &str = "secretAccessKey";
-    pub const SESSION_TOKEN: &str = "sessionToken";
 }
 
 /// The driver's own defaults for volumes that name no endpoint or region.
@@ -58,29 +60,48 @@ fn non_empty(map: &HashMap<String, String>, key: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn parse_bool(key: &str, v: Option<&String>) -> CsiResult<bool> {
+/// `None` when unset or empty, so that a default applies.
+fn parse_bool(key: &str, v: Option<&String>) -> CsiResult<Option<bool>> {
     match v.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-        None | Some("") | Some("false") => Ok(false),
-        Some("true") => Ok(true),
+        None | Some("") => Ok(None),
+        Some("false") => Ok(Some(false)),
+        Some("true") => Ok(Some(true)),
         Some(other) => Err(CsiError::invalid(format!(
             "{key} must be \"true\" or \"false\", not {other:?}"
         ))),
     }
 }
 
-fn location(map: &HashMap<String, String>, defaults: &Defaults) -> CsiResult<Location> {
-    let endpoint = non_empty(map, keys::ENDPOINT).or_else(|| defaults.endpoint.clone());
+/// Said of a value that came from the Secret, in error messages.
+const FROM_SECRET: &str = " (from the secret)";
+
+fn location(
+    map: &HashMap<String, String>,
+    secret: &SecretHints,
+    defaults: &Defaults,
+) -> CsiResult<Location> {
+    let (endpoint, from) = match non_empty(map, keys::ENDPOINT) {
+        Some(e) => (Some(e), ""),
+        None => match &secret.endpoint {
+            Some(e) => (Some(e.clone()), FROM_SECRET),
+            None => (defaults.endpoint.clone(), ""),
+        },
+    };
     if let Some(e) = &endpoint
         && !(e.starts_with("http://") || e.starts_with("https://"))
     {
         return Err(CsiError::invalid(format!(
-            "endpoint {e:?} must start with http:// or https://"
+            "endpoint {e:?}{from} must start with http:// or https://"
         )));
     }
     Ok(Location {
         endpoint,
-        region: non_empty(map, keys::REGION).or_else(|| defaults.region.clone()),
-        path_style: parse_bool(keys::FORCE_PATH_STYLE, map.get(keys::FORCE_PATH_STYLE))?,
+        region: non_empty(map, keys::REGION)
+            .or_else(|| secret.region.clone())
+            .or_else(|| defaults.region.clone()),
+        path_style: parse_bool(keys::FORCE_PATH_STYLE, map.get(keys::FORCE_PATH_STYLE))?
+            .or(secret.path_style)
+            .unwrap_or(false),
     })
 }
 
@@ -88,8 +109,26 @@ fn bucket(value: &str, key: &str) -> CsiResult<BucketName> {
     BucketName::new(value).map_err(|e| CsiError::invalid(format!("{key}: {e}")))
 }
 
+/// The `bucket` parameter or attribute, else the Secret's bucket.
+fn bucket_or_secret(
+    map: &HashMap<String, String>,
+    secret: &SecretHints,
+) -> CsiResult<Option<BucketName>> {
+    match (non_empty(map, keys::BUCKET), &secret.bucket) {
+        (Some(b), _) => bucket(&b, keys::BUCKET).map(Some),
+        (None, Some(b)) => bucket(b, &format!("{}{FROM_SECRET}", keys::BUCKET)).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
 impl ProvisionParams {
-    pub fn parse(params: &HashMap<String, String>, defaults: &Defaults) -> CsiResult<Self> {
+    /// `secret` fills in what the parameters leave out (see the module docs); in `mode:
+    /// bucket` its bucket is ignored.
+    pub fn parse(
+        params: &HashMap<String, String>,
+        secret: &SecretHints,
+        defaults: &Defaults,
+    ) -> CsiResult<Self> {
         const KNOWN: &[&str] = &[
             keys::MODE,
             keys::BUCKET,
@@ -115,14 +154,14 @@ impl ProvisionParams {
                 }
                 ProvisionMode::Bucket { bucket_prefix }
             }
-            Some("prefix") => {
-                let b = non_empty(params, keys::BUCKET).ok_or_else(|| {
-                    CsiError::invalid("parameter bucket is required with mode: prefix")
-                })?;
-                ProvisionMode::Prefix {
-                    bucket: bucket(&b, keys::BUCKET)?,
-                }
-            }
+            Some("prefix") => ProvisionMode::Prefix {
+                bucket: bucket_or_secret(params, secret)?.ok_or_else(|| {
+                    CsiError::invalid(
+                        "parameter bucket is required with mode: prefix (or a COSI \
+                         BucketAccess secret naming the bucket)",
+                    )
+                })?,
+            },
             Some(other) => {
                 return Err(CsiError::invalid(format!(
                     "parameter mode must be \"bucket\" or \"prefix\", not {other:?}"
@@ -136,7 +175,7 @@ impl ProvisionParams {
         };
         Ok(Self {
             mode,
-            location: location(params, defaults)?,
+            location: location(params, secret, defaults)?,
         })
     }
 
@@ -181,9 +220,17 @@ pub struct VolumeAttrs {
 }
 
 impl VolumeAttrs {
-    pub fn parse(context: &HashMap<String, String>, defaults: &Defaults) -> CsiResult<Self> {
-        let b = non_empty(context, keys::BUCKET).ok_or_else(|| {
-            CsiError::invalid("volume attribute bucket is required (volume_context)")
+    /// `secret` fills in what the attributes leave out (see the module docs).
+    pub fn parse(
+        context: &HashMap<String, String>,
+        secret: &SecretHints,
+        defaults: &Defaults,
+    ) -> CsiResult<Self> {
+        let bucket = bucket_or_secret(context, secret)?.ok_or_else(|| {
+            CsiError::invalid(
+                "volume attribute bucket is required (volume_context), unless the secret is a \
+                 COSI BucketAccess secret naming the bucket",
+            )
         })?;
         let prefix = non_empty(context, keys::PREFIX).unwrap_or_default();
         let prefix = prefix.trim_start_matches('/');
@@ -198,9 +245,9 @@ impl VolumeAttrs {
             )));
         }
         Ok(Self {
-            bucket: bucket(&b, keys::BUCKET)?,
+            bucket,
             prefix,
-            location: location(context, defaults)?,
+            location: location(context, secret, defaults)?,
         })
     }
 
@@ -222,37 +269,6 @@ impl VolumeAttrs {
             self.location.path_style.to_string(),
         );
         m
-    }
-}
-
-/// Credentials from a CSI secrets map (`accessKeyID`, `secretAccessKey`, optional
-/// `sessionToken`). No secret at all means the driver's own credential chain.
-pub fn credentials(secrets: &HashMap<String, String>) -> CsiResult<Option<StaticCredentials>> {
-    let id = non_empty(secrets, keys::ACCESS_KEY_ID);
-    let secret = secrets
-        .get(keys::SECRET_ACCESS_KEY)
-        .filter(|v| !v.is_empty())
-        .cloned();
-    match (id, secret) {
-        (None, None) => Ok(None),
-        (Some(access_key_id), Some(secret_access_key)) => Ok(Some(StaticCredentials {
-            access_key_id,
-            secret_access_key,
-            session_token: secrets
-                .get(keys::SESSION_TOKEN)
-                .filter(|v| !v.is_empty())
-                .cloned(),
-        })),
-        _ => Err(CsiError::invalid(format!(
-            "the secret must hold both {} and {} (keys present: {})",
-            keys::ACCESS_KEY_ID,
-            keys::SECRET_ACCESS_KEY,
-            {
-                let mut k: Vec<_> = secrets.keys().map(String::as_str).collect();
-                k.sort_unstable();
-                k.join(", ")
-            }
-        ))),
     }
 }
 
@@ -369,7 +385,8 @@ mod tests {
             endpoint: Some("http://default:9000".into()),
             region: Some("us-east-1".into()),
         };
-        let p = ProvisionParams::parse(&map(&[("mode", "bucket")]), &d).unwrap();
+        let none = SecretHints::default();
+        let p = ProvisionParams::parse(&map(&[("mode", "bucket")]), &none, &d).unwrap();
         assert_eq!(
             p.mode,
             ProvisionMode::Bucket {
@@ -386,6 +403,7 @@ mod tests {
                 ("forcePathStyle", "TRUE"),
                 ("csi.storage.k8s.io/pv/name", "pvc-1"),
             ]),
+            &none,
             &d,
         )
         .unwrap();
@@ -411,47 +429,145 @@ mod tests {
             map(&[("mode", "bucket"), ("forcepathstyle", "true")]),
             map(&[("mode", "bucket"), ("bucketPrefix", "Bad_")]),
         ] {
-            let e = ProvisionParams::parse(&bad, &d).unwrap_err();
+            let e = ProvisionParams::parse(&bad, &none, &d).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
         }
     }
 
     #[test]
     fn volume_attributes() {
+        let none = SecretHints::default();
         let a = VolumeAttrs::parse(
             &map(&[("bucket", "data"), ("prefix", "/imagenet")]),
+            &none,
             &Defaults::default(),
         )
         .unwrap();
         assert_eq!(a.prefix, "imagenet/");
         assert_eq!(
-            VolumeAttrs::parse(&a.to_context(), &Defaults::default()).unwrap(),
+            VolumeAttrs::parse(&a.to_context(), &none, &Defaults::default()).unwrap(),
             a
         );
-        assert!(VolumeAttrs::parse(&map(&[]), &Defaults::default()).is_err());
+        assert!(VolumeAttrs::parse(&map(&[]), &none, &Defaults::default()).is_err());
         assert!(
             VolumeAttrs::parse(
                 &map(&[("bucket", "d"), ("prefix", "a/../b")]),
+                &none,
                 &Defaults::default()
             )
             .is_err()
         );
     }
 
+    /// What a COSI Secret says is a default: attributes and parameters override it, and it
+    /// overrides the driver's defaults.
     #[test]
-    fn secrets() {
-        assert_eq!(credentials(&map(&[])).unwrap(), None);
-        let c = credentials(&map(&[
-            ("accessKeyID", "AK"),
-            ("secretAccessKey", "SK"),
-            ("sessionToken", "T"),
-        ]))
-        .unwrap()
+    fn secret_hints_sit_between_attributes_and_driver_defaults() {
+        let hints = SecretHints {
+            bucket: Some("from-secret".into()),
+            endpoint: Some("http://secret:9000".into()),
+            region: Some("secret-region".into()),
+            path_style: Some(true),
+        };
+        let driver = Defaults {
+            endpoint: Some("http://driver:9000".into()),
+            region: Some("driver-region".into()),
+        };
+        let a = VolumeAttrs::parse(&map(&[("prefix", "p")]), &hints, &driver).unwrap();
+        assert_eq!(a.bucket.as_str(), "from-secret");
+        assert_eq!(
+            a.location,
+            Location {
+                endpoint: Some("http://secret:9000".into()),
+                region: Some("secret-region".into()),
+                path_style: true,
+            }
+        );
+        let a = VolumeAttrs::parse(
+            &map(&[
+                ("bucket", "from-attr"),
+                ("endpoint", "https://attr"),
+                ("region", "attr-region"),
+                ("forcePathStyle", "false"),
+            ]),
+            &hints,
+            &driver,
+        )
         .unwrap();
-        assert_eq!(c.session_token.as_deref(), Some("T"));
-        let e = credentials(&map(&[("secretAccessKey", "TOPSECRET")])).unwrap_err();
-        assert!(!e.to_string().contains("TOPSECRET"), "{e}");
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(a.bucket.as_str(), "from-attr");
+        assert_eq!(
+            a.location,
+            Location {
+                endpoint: Some("https://attr".into()),
+                region: Some("attr-region".into()),
+                path_style: false,
+            }
+        );
+        // A Secret without a location leaves the driver's defaults in place.
+        let a = VolumeAttrs::parse(
+            &map(&[]),
+            &SecretHints {
+                bucket: Some("bkt".into()),
+                ..SecretHints::default()
+            },
+            &driver,
+        )
+        .unwrap();
+        assert_eq!(a.location.endpoint.as_deref(), Some("http://driver:9000"));
+        assert_eq!(a.location.region.as_deref(), Some("driver-region"));
+        assert!(!a.location.path_style);
+
+        // StorageClass parameters: the Secret's bucket serves `mode: prefix`.
+        let p = ProvisionParams::parse(&map(&[("mode", "prefix")]), &hints, &driver).unwrap();
+        assert_eq!(
+            p.mode,
+            ProvisionMode::Prefix {
+                bucket: BucketName::new("from-secret").unwrap()
+            }
+        );
+        assert_eq!(p.location.endpoint.as_deref(), Some("http://secret:9000"));
+        let p = ProvisionParams::parse(
+            &map(&[("mode", "prefix"), ("bucket", "team"), ("region", "r")]),
+            &hints,
+            &driver,
+        )
+        .unwrap();
+        assert_eq!(
+            p.mode,
+            ProvisionMode::Prefix {
+                bucket: BucketName::new("team").unwrap()
+            }
+        );
+        assert_eq!(p.location.region.as_deref(), Some("r"));
+
+        // A bad value from the Secret is refused, and the message says where it came from.
+        for bad in [
+            SecretHints {
+                bucket: Some("not a bucket".into()),
+                ..SecretHints::default()
+            },
+            SecretHints {
+                bucket: Some("bkt".into()),
+                endpoint: Some("s3.example".into()),
+                ..SecretHints::default()
+            },
+        ] {
+            let e = VolumeAttrs::parse(&map(&[]), &bad, &driver).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.to_string().contains("from the secret"), "{e}");
+        }
+        // ... unless an attribute overrides it.
+        let a = VolumeAttrs::parse(
+            &map(&[("bucket", "fine"), ("endpoint", "https://s3.example")]),
+            &SecretHints {
+                bucket: Some("not a bucket".into()),
+                endpoint: Some("s3.example".into()),
+                ..SecretHints::default()
+            },
+            &driver,
+        )
+        .unwrap();
+        assert_eq!(a.bucket.as_str(), "fine");
     }
 
     #[test]

@@ -1168,6 +1168,96 @@ async fn csi_full_flow_static_volume() {
     );
 }
 
+/// "Claim a bucket, mount it": a static volume whose node-stage Secret is the one COSI writes
+/// for a BucketAccess mounts the bucket that Secret names. The v1alpha2 Secret alone says
+/// everything (bucket, endpoint, region, path-style addressing); a v1alpha1 `BucketInfo`
+/// carries no addressing style, so the volume attribute supplies it.
+#[tokio::test]
+async fn csi_static_volume_mounts_with_a_cosi_bucket_access_secret() {
+    let mut h = Harness::start();
+    let s3 = store().await;
+    let bucket = s3vol_s3::testing::unique_bucket("csi-cosi");
+    s3.create_bucket(&bucket).await.unwrap();
+    s3.put_object(
+        &bucket,
+        "from-s3.txt",
+        b"claimed".to_vec().into(),
+        &PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    let c = s3vol_s3::testing::credentials();
+    let endpoint = s3vol_s3::testing::endpoint();
+    let v1alpha2: HashMap<String, String> = [
+        ("COSI_PROTOCOL", "S3"),
+        ("COSI_S3_BUCKET_ID", bucket.as_str()),
+        ("COSI_S3_ENDPOINT", &endpoint),
+        ("COSI_S3_REGION", "us-east-1"),
+        ("COSI_S3_ADDRESSING_STYLE", "path"),
+        ("COSI_S3_ACCESS_KEY_ID", &c.access_key_id),
+        ("COSI_S3_ACCESS_SECRET_KEY", &c.secret_access_key),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let bucket_info = serde_json::json!({
+        "metadata": {"name": "ba-csi"},
+        "spec": {
+            "bucketName": bucket.as_str(),
+            "authenticationType": "KEY",
+            "secretS3": {
+                "endpoint": endpoint, "region": "us-east-1",
+                "accessKeyID": c.access_key_id, "accessSecretKey": c.secret_access_key,
+            },
+            "secretAzure": null,
+            "protocols": ["s3"],
+        }
+    });
+    let v1alpha1 = HashMap::from([("BucketInfo".to_owned(), bucket_info.to_string())]);
+
+    let mut node = h.node().await;
+    let cases = [
+        ("v1alpha2", v1alpha2, HashMap::new()),
+        (
+            "v1alpha1",
+            v1alpha1,
+            HashMap::from([("forcePathStyle".to_owned(), "true".to_owned())]),
+        ),
+    ];
+    for (version, secrets, context) in cases {
+        let v = Volume {
+            id: format!("cosi-{version}"),
+            context,
+        };
+        let staging = h.path(&format!("staging/{version}"));
+        let target = h.path(&format!("pods/{version}/mount"));
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        h.mounts.extend([staging.clone(), target.clone()]);
+        node.node_stage_volume(NodeStageVolumeRequest {
+            volume_id: v.id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(mount_cap(Mode::MultiNodeMultiWriter, &[], "")),
+            volume_context: v.context.clone(),
+            secrets,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("stage with the {version} secret: {e}\n{}", h.csi_log()));
+        publish(&mut node, &v, &staging, &target, false).await;
+        assert_eq!(
+            std::fs::read(target.join("from-s3.txt")).unwrap(),
+            b"claimed"
+        );
+        let name = format!("from-{version}-pod.txt");
+        std::fs::write(target.join(&name), version).unwrap();
+        unpublish(&mut node, &v, &target).await;
+        unstage(&mut node, &v, &staging).await;
+        assert!(keys(&s3, &bucket, "").await.contains(&name), "{name}");
+    }
+    h.mounts.clear();
+}
+
 /// A static volume on a fresh bucket, staged and published read-write.
 async fn staged_static(
     h: &mut Harness,
