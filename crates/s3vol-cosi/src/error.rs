@@ -13,7 +13,7 @@
 
 use std::fmt::Display;
 
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use s3vol_s3::S3Error;
 use tonic::{Code, Status};
@@ -93,116 +93,12 @@ pub(crate) fn from_sdk<E>(err: SdkError<E, HttpResponse>, what: impl Display) ->
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let what = what.to_string();
-    match &err {
-        SdkError::ServiceError(service) => {
-            let status = service.raw().status().as_u16();
-            let message = service
-                .err()
-                .message()
-                .map(str::to_owned)
-                .unwrap_or_else(|| DisplayErrorContext(&err).to_string());
-            from_code(
-                service.err().code(),
-                status,
-                format!("{what}: {message}"),
-                what,
-            )
-        }
-        SdkError::TimeoutError(_) => S3Error::Timeout(what),
-        SdkError::DispatchFailure(failure) => {
-            let detail = format!("{what}: {}", DisplayErrorContext(&err));
-            if failure.is_timeout() {
-                S3Error::Timeout(detail)
-            } else if detail.contains("credential") {
-                S3Error::NoCredentials(detail)
-            } else {
-                S3Error::Unreachable(detail)
-            }
-        }
-        SdkError::ResponseError(response) => {
-            let status = response.raw().status().as_u16();
-            let detail = format!("{what}: {}", DisplayErrorContext(&err));
-            from_code(None, status, detail, what)
-        }
-        _ => {
-            let detail = format!("{what}: {}", DisplayErrorContext(&err));
-            if detail.contains("credential") {
-                S3Error::NoCredentials(detail)
-            } else {
-                S3Error::Other {
-                    code: "ClientError".to_owned(),
-                    status: 0,
-                    message: detail,
-                }
-            }
-        }
-    }
+    S3Error::from_sdk(err, what)
 }
 
-/// The error-code table shared by S3 and IAM.
+#[cfg(test)]
 fn from_code(code: Option<&str>, status: u16, message: String, what: String) -> S3Error {
-    match (code, status) {
-        (Some("NoSuchBucket"), _) => S3Error::NoSuchBucket(what),
-        (Some("NoSuchKey" | "NotFound" | "NoSuchEntity" | "NoSuchUpload"), _) | (None, 404) => {
-            S3Error::NotFound(what)
-        }
-        (
-            Some(
-                c @ ("InvalidAccessKeyId"
-                | "SignatureDoesNotMatch"
-                | "InvalidClientTokenId"
-                | "ExpiredToken"
-                | "InvalidToken"
-                | "AuthFailure"),
-            ),
-            _,
-        ) => S3Error::InvalidCredentials {
-            code: c.to_owned(),
-            message,
-        },
-        (Some("AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation"), _)
-        | (None, 403) => S3Error::AccessDenied(message),
-        (Some("BucketNotEmpty"), _) => S3Error::BucketNotEmpty(what),
-        (Some("BucketAlreadyExists"), _) => S3Error::BucketAlreadyExists(what),
-        (Some("PreconditionFailed"), _) | (None, 412) => S3Error::PreconditionFailed(what),
-        (
-            Some(
-                "SlowDown"
-                | "Throttling"
-                | "ThrottlingException"
-                | "RequestLimitExceeded"
-                | "TooManyRequests",
-            ),
-            _,
-        )
-        | (_, 429 | 503) => S3Error::Throttled(message),
-        (Some("InternalError" | "ServiceFailure" | "ServiceUnavailable" | "RequestTimeout"), _) => {
-            S3Error::Transient(message)
-        }
-        (_, s) if s >= 500 && s != 501 => S3Error::Transient(message),
-        (
-            Some(
-                c @ ("InvalidArgument"
-                | "InvalidBucketName"
-                | "InvalidInput"
-                | "ValidationError"
-                | "MalformedPolicyDocument"
-                | "MalformedXML"
-                | "InvalidLocationConstraint"
-                | "IllegalLocationConstraintException"),
-            ),
-            _,
-        ) => S3Error::InvalidRequest {
-            code: c.to_owned(),
-            message,
-        },
-        (c, s) => S3Error::Other {
-            code: c.unwrap_or("Unknown").to_owned(),
-            status: s,
-            message,
-        },
-    }
+    S3Error::from_code(code, Some(status), message, &what)
 }
 
 #[cfg(test)]

@@ -71,52 +71,63 @@ fn map_err<E>(err: SdkError<E, HttpResponse>, what: impl Display) -> S3Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let what = what.to_string();
-    match &err {
-        SdkError::ServiceError(service) => {
-            let message = match (service.err().code(), service.err().message()) {
-                (Some(_), Some(m)) => m.to_owned(),
-                // No S3 error code: keep the whole chain, it is all there is to go on.
-                _ => DisplayErrorContext(&err).to_string(),
-            };
-            S3Error::from_code(
-                service.err().code(),
-                Some(service.raw().status().as_u16()),
-                message,
-                &what,
-            )
-        }
-        SdkError::TimeoutError(_) => S3Error::Timeout(what),
-        SdkError::DispatchFailure(failure) => {
-            let detail = format!("{what}: {}", DisplayErrorContext(&err));
-            if failure.is_timeout() {
-                S3Error::Timeout(detail)
-            } else if failure.is_io() {
-                S3Error::Unreachable(detail)
-            } else if detail.contains("credential") {
-                S3Error::NoCredentials(detail)
-            } else {
-                S3Error::Unreachable(detail)
+    S3Error::from_sdk(err, what)
+}
+
+impl S3Error {
+    /// Maps a failed call of any AWS SDK client (S3, IAM, …) to a variant; `what` names the
+    /// object of the call.
+    pub fn from_sdk<E>(err: SdkError<E, HttpResponse>, what: impl Display) -> S3Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let what = what.to_string();
+        match &err {
+            SdkError::ServiceError(service) => {
+                let message = match (service.err().code(), service.err().message()) {
+                    (Some(_), Some(m)) => m.to_owned(),
+                    // No S3 error code: keep the whole chain, it is all there is to go on.
+                    _ => DisplayErrorContext(&err).to_string(),
+                };
+                S3Error::from_code(
+                    service.err().code(),
+                    Some(service.raw().status().as_u16()),
+                    message,
+                    &what,
+                )
             }
-        }
-        SdkError::ResponseError(response) => {
-            let status = response.raw().status().as_u16();
-            let detail = format!("{what}: {}", DisplayErrorContext(&err));
-            if status >= 500 || status == 200 {
-                S3Error::Transient(detail)
-            } else {
-                S3Error::from_code(None, Some(status), detail, &what)
+            SdkError::TimeoutError(_) => S3Error::Timeout(what),
+            SdkError::DispatchFailure(failure) => {
+                let detail = format!("{what}: {}", DisplayErrorContext(&err));
+                if failure.is_timeout() {
+                    S3Error::Timeout(detail)
+                } else if failure.is_io() {
+                    S3Error::Unreachable(detail)
+                } else if detail.contains("credential") {
+                    S3Error::NoCredentials(detail)
+                } else {
+                    S3Error::Unreachable(detail)
+                }
             }
-        }
-        _ => {
-            let detail = format!("{what}: {}", DisplayErrorContext(&err));
-            if detail.contains("credential") {
-                S3Error::NoCredentials(detail)
-            } else {
-                S3Error::Other {
-                    code: "ClientError".to_owned(),
-                    status: 0,
-                    message: detail,
+            SdkError::ResponseError(response) => {
+                let status = response.raw().status().as_u16();
+                let detail = format!("{what}: {}", DisplayErrorContext(&err));
+                if status >= 500 || status == 200 {
+                    S3Error::Transient(detail)
+                } else {
+                    S3Error::from_code(None, Some(status), detail, &what)
+                }
+            }
+            _ => {
+                let detail = format!("{what}: {}", DisplayErrorContext(&err));
+                if detail.contains("credential") {
+                    S3Error::NoCredentials(detail)
+                } else {
+                    S3Error::Other {
+                        code: "ClientError".to_owned(),
+                        status: 0,
+                        message: detail,
+                    }
                 }
             }
         }

@@ -90,20 +90,16 @@ impl S3Error {
         }
     }
 
-    /// Maps an S3 error code and HTTP status (either may be missing) to a variant.
-    pub(crate) fn from_code(
-        code: Option<&str>,
-        status: Option<u16>,
-        message: String,
-        what: &str,
-    ) -> Self {
+    /// Maps an S3 (or IAM) error code and HTTP status, either of which may be missing, to a
+    /// variant. The two services' codes do not overlap, so one table serves both.
+    pub fn from_code(code: Option<&str>, status: Option<u16>, message: String, what: &str) -> Self {
         let msg = if message.is_empty() {
             what.to_owned()
         } else {
             format!("{what}: {message}")
         };
         match (code, status) {
-            (Some("NoSuchKey" | "NotFound" | "NoSuchUpload"), _) => {
+            (Some("NoSuchKey" | "NotFound" | "NoSuchUpload" | "NoSuchEntity"), _) => {
                 S3Error::NotFound(what.to_owned())
             }
             (Some("NoSuchBucket"), _) => S3Error::NoSuchBucket(what.to_owned()),
@@ -117,6 +113,7 @@ impl S3Error {
                     | "ExpiredToken"
                     | "InvalidToken"
                     | "InvalidClientTokenId"
+                    | "AuthFailure"
                     | "AuthorizationHeaderMalformed"),
                 ),
                 _,
@@ -124,7 +121,16 @@ impl S3Error {
                 code: c.to_owned(),
                 message: msg,
             },
-            (Some("AccessDenied" | "AllAccessDisabled" | "AccountProblem"), _)
+            (
+                Some(
+                    "AccessDenied"
+                    | "AccessDeniedException"
+                    | "UnauthorizedOperation"
+                    | "AllAccessDisabled"
+                    | "AccountProblem",
+                ),
+                _,
+            )
             | (None, Some(403)) => S3Error::AccessDenied(msg),
             (Some("BucketNotEmpty"), _) => S3Error::BucketNotEmpty(what.to_owned()),
             (Some("BucketAlreadyExists"), _) => S3Error::BucketAlreadyExists(what.to_owned()),
@@ -139,17 +145,28 @@ impl S3Error {
                 _,
             )
             | (_, Some(429 | 503)) => S3Error::Throttled(msg),
-            (Some("InternalError" | "ServiceUnavailable" | "RequestTimeout"), _) => {
-                S3Error::Transient(msg)
-            }
-            (_, Some(s)) if s >= 500 => S3Error::Transient(msg),
+            (
+                Some("InternalError" | "ServiceFailure" | "ServiceUnavailable" | "RequestTimeout"),
+                _,
+            ) => S3Error::Transient(msg),
+            (_, Some(s)) if s >= 500 && s != 501 => S3Error::Transient(msg),
             (None, Some(404)) => S3Error::NotFound(what.to_owned()),
             (Some(c), Some(400 | 411 | 413 | 416))
             | (
                 Some(
-                    c @ ("InvalidRange" | "InvalidArgument" | "InvalidBucketName"
-                    | "EntityTooLarge" | "EntityTooSmall" | "InvalidPart" | "InvalidPartOrder"
-                    | "MalformedXML"),
+                    c @ ("InvalidRange"
+                    | "InvalidArgument"
+                    | "InvalidBucketName"
+                    | "EntityTooLarge"
+                    | "EntityTooSmall"
+                    | "InvalidPart"
+                    | "InvalidPartOrder"
+                    | "MalformedXML"
+                    | "InvalidInput"
+                    | "ValidationError"
+                    | "MalformedPolicyDocument"
+                    | "InvalidLocationConstraint"
+                    | "IllegalLocationConstraintException"),
                 ),
                 _,
             ) => S3Error::InvalidRequest {
