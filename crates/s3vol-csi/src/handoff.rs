@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 const MAX_FRAME: usize = 1 << 20;
 
 /// The options of one mount, as `s3vol mount` flags.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MountOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
@@ -45,7 +45,7 @@ pub struct MountOptions {
     pub dir_mode: Option<u32>,
     /// Seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metadata_ttl: Option<u64>,
+    pub metadata_ttl: Option<f64>,
     /// Bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_size: Option<u64>,
@@ -93,7 +93,7 @@ impl MountOptions {
 }
 
 /// Everything the mounter needs to serve one staged volume.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MountRequest {
     pub volume_id: String,
     pub bucket: String,
@@ -116,7 +116,7 @@ pub struct MountRequest {
 }
 
 /// A request to the mounter.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Are you there? (Probe.)

@@ -304,9 +304,21 @@ fn parse_mode(key: &str, v: &str) -> CsiResult<u32> {
         .ok_or_else(|| CsiError::invalid(format!("mount option {key}={v:?} is not an octal mode")))
 }
 
-fn parse_u64(key: &str, v: &str) -> CsiResult<u64> {
-    v.parse()
-        .map_err(|_| CsiError::invalid(format!("mount option {key}={v:?} is not a number")))
+/// Sizes as `s3vol mount` takes them (`10G`, `512M`, plain bytes).
+fn parse_bytes(key: &str, v: &str) -> CsiResult<u64> {
+    s3vol_s3::parse_size(v).map_err(|e| CsiError::invalid(format!("mount option {key}: {e}")))
+}
+
+/// Seconds, fractions allowed, at most a day.
+fn parse_seconds(key: &str, v: &str) -> CsiResult<f64> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| (0.0..=86_400.0).contains(s))
+        .ok_or_else(|| {
+            CsiError::invalid(format!(
+                "mount option {key}={v:?} is not a number of seconds between 0 and 86400"
+            ))
+        })
 }
 
 fn parse_u32(key: &str, v: &str) -> CsiResult<u32> {
@@ -334,9 +346,9 @@ pub fn mount_options(flags: &[String]) -> CsiResult<MountOptions> {
             "gid" => o.gid = Some(parse_u32(key, need(key, value)?)?),
             "file-mode" => o.file_mode = Some(parse_mode(key, need(key, value)?)?),
             "dir-mode" => o.dir_mode = Some(parse_mode(key, need(key, value)?)?),
-            "metadata-ttl" => o.metadata_ttl = Some(parse_u64(key, need(key, value)?)?),
-            "cache-size" => o.cache_size = Some(parse_u64(key, need(key, value)?)?),
-            "memory-limit" => o.memory_limit = Some(parse_u64(key, need(key, value)?)?),
+            "metadata-ttl" => o.metadata_ttl = Some(parse_seconds(key, need(key, value)?)?),
+            "cache-size" => o.cache_size = Some(parse_bytes(key, need(key, value)?)?),
+            "memory-limit" => o.memory_limit = Some(parse_bytes(key, need(key, value)?)?),
             "ro" | "read-only" if value.is_none() => o.read_only = true,
             "rw" if value.is_none() => {}
             _ => {
@@ -363,7 +375,9 @@ pub fn apply_mount_group(o: &mut MountOptions, group: &str) -> CsiResult<()> {
         ))
     })?;
     o.gid = Some(gid);
-    o.dir_mode.get_or_insert(0o775);
+    // Set-group-ID on directories: files created in the volume join the pod's group, as on
+    // any fsGroup volume.
+    o.dir_mode.get_or_insert(0o2775);
     o.file_mode.get_or_insert(0o664);
     Ok(())
 }
@@ -584,7 +598,7 @@ mod tests {
         assert_eq!(o.gid, Some(2000));
         assert_eq!(o.file_mode, Some(0o640));
         assert_eq!(o.dir_mode, Some(0o750));
-        assert_eq!(o.metadata_ttl, Some(10));
+        assert_eq!(o.metadata_ttl, Some(10.0));
         assert!(o.read_only);
         for bad in [
             "cache-dir=/etc",
@@ -600,7 +614,7 @@ mod tests {
         apply_mount_group(&mut o, "3000").unwrap();
         assert_eq!(
             (o.gid, o.file_mode, o.dir_mode),
-            (Some(3000), Some(0o600), Some(0o775))
+            (Some(3000), Some(0o600), Some(0o2775))
         );
         assert!(apply_mount_group(&mut o, "staff").is_err());
     }

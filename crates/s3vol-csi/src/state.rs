@@ -22,7 +22,7 @@ use crate::handoff::MountOptions;
 use crate::volume_id::hex;
 
 /// What the node plugin knows about one staged volume.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StagedVolume {
     pub volume_id: String,
     pub staging_path: PathBuf,

@@ -33,4 +33,5 @@ pub use store::{ByteStream, GetObject, ObjectStore, Op};
 pub use types::{
     BucketName, CompletedPart, CopySource, ETag, InvalidBucketName, ListEntry, ListPage,
     ListRequest, MetadataDirective, ObjectInfo, PutOptions, PutResult, UploadId, UserMetadata,
+    parse_size,
 };

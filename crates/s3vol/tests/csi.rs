@@ -1446,6 +1446,12 @@ async fn csi_mount_group_lets_a_non_root_pod_write() {
         .unwrap();
     assert!(status.success(), "non-root write failed: {err}");
     assert_eq!(out.trim(), "from-non-root");
+    // What the pod creates stays in its fsGroup, as on any fsGroup volume.
+    for created in ["owned.txt", "sub", "sub/f"] {
+        let gid =
+            std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(target.join(created)).unwrap());
+        assert_eq!(gid, 3000, "{created} joins the fsGroup");
+    }
     let mut node = h.node().await;
     unpublish(&mut node, &v, &target).await;
     unstage(&mut node, &v, &staging).await;

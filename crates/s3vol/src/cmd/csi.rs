@@ -13,7 +13,8 @@ use s3vol_csi::params::Defaults;
 use s3vol_csi::{DriverConfig, Mode};
 
 /// The mounter socket the manifests use.
-pub const DEFAULT_MOUNTER_SOCKET: &str = "/var/lib/kubelet/plugins/csi.s3vol.io/mounter.sock";
+pub const DEFAULT_MOUNTER_SOCKET: &str =
+    "/var/lib/kubelet/plugins/csi.s3vol.io/mounter/mounter.sock";
 
 #[derive(Clone, Copy, Debug, Default, ValueEnum)]
 pub enum ModeArg {

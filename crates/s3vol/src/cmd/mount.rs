@@ -22,7 +22,9 @@ use anyhow::{Context, bail};
 use clap::Args;
 use s3vol_fs::fuse::{FuseServer, MountSettings};
 use s3vol_fs::{FsConfig, S3Fs};
-use s3vol_s3::{Addressing, AwsStore, CredentialSource, ObjectStore, StaticCredentials};
+use s3vol_s3::{
+    Addressing, AwsStore, CredentialSource, ObjectStore, StaticCredentials, parse_size,
+};
 
 use crate::s3args::{BucketPath, S3Args};
 
@@ -102,27 +104,6 @@ fn parse_mode(s: &str) -> Result<u16, String> {
         Ok(m) if m <= 0o7777 => Ok(m),
         _ => Err(format!("{s:?} is not an octal mode such as 0644")),
     }
-}
-
-/// Parses `1048576`, `512K`, `64M`, `10G`, `1GiB`, `1T`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, mult) = match t.chars().last() {
-        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
-        Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
-        Some('t' | 'T') => (&t[..t.len() - 1], 1 << 40),
-        _ => (t, 1),
-    };
-    num.trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size such as 512M or 10G"))
 }
 
 /// Applies `-o` options onto the flags (a flag given explicitly wins).
@@ -516,11 +497,6 @@ mod tests {
 
     #[test]
     fn sizes_and_modes() {
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
-        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("lots").is_err());
         assert_eq!(parse_mode("0644").unwrap(), 0o644);
         assert_eq!(parse_mode("755").unwrap(), 0o755);
         assert!(parse_mode("0999").is_err());
