@@ -46,7 +46,10 @@ async fn clean_copies_stay_within_the_cache_size_and_go_least_recently_used_firs
         let mut expected = pattern(3 << 20, i);
         expected[1000..1006].copy_from_slice(b"edited");
         assert!(m.get(&format!("f{i}")).await == expected, "f{i} in S3");
-        assert!(std::fs::read(m.path(&format!("f{i}"))).unwrap() == expected, "f{i} through the mount");
+        assert!(
+            std::fs::read(m.path(&format!("f{i}"))).unwrap() == expected,
+            "f{i} through the mount"
+        );
     }
 }
 
@@ -63,7 +66,11 @@ async fn new_files_take_the_group_of_a_set_group_id_directory() {
     assert_eq!(file.gid(), 3000, "the file joins the directory's group");
     let sub = std::fs::metadata(dir.join("sub")).unwrap();
     assert_eq!(sub.gid(), 3000);
-    assert_ne!(sub.mode() & libc::S_ISGID, 0, "subdirectories keep the set-group-ID bit");
+    assert_ne!(
+        sub.mode() & libc::S_ISGID,
+        0,
+        "subdirectories keep the set-group-ID bit"
+    );
     assert_eq!(m.head("shared/file").await.unwrap().metadata["gid"], "3000");
     // Without the bit, the creator's group.
     std::fs::create_dir(m.path("plain")).unwrap();
