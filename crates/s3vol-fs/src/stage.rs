@@ -398,7 +398,8 @@ impl Staged {
                     etag: etag.clone(),
                     size: self.size,
                 });
-                self.present.insert(0..self.size);
+                // `present` stays as it is: parts copied server-side were never downloaded,
+                // and the new object holds the same bytes there to fetch when read.
                 self.written.clear();
                 self.content_dirty = false;
                 self.meta_dirty = false;
