@@ -522,6 +522,18 @@ impl S3Fs {
         }
     }
 
+    /// The bucket root has no object to hold attributes: a change is refused before it is
+    /// made in memory, so a refused change never shows.
+    fn attrs_storable(&self, inode: &Inode) -> FsResult<()> {
+        if inode.ino == ROOT && self.config.prefix.is_empty() {
+            return Err(err!(
+                libc::EPERM,
+                "the bucket root has no attributes of its own"
+            ));
+        }
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub async fn setattr(
         &self,
@@ -550,6 +562,7 @@ impl S3Fs {
         let meta_changed =
             mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some();
         if meta_changed {
+            self.attrs_storable(&inode)?;
             let mut s = inode.state();
             if let Some(m) = mode {
                 s.attrs.perm = (m & 0o7777) as u16;
@@ -1535,6 +1548,7 @@ impl S3Fs {
             ));
         }
         let inode = self.inode(ino)?;
+        self.attrs_storable(&inode)?;
         {
             let mut s = inode.state();
             let exists = s.attrs.xattrs.contains_key(name);
