@@ -1,0 +1,204 @@
+//! A TCP proxy in front of the test S3 server, for tests that need to see or break the
+//! traffic of one mount without touching the server other tests share.
+//!
+//! It forwards each connection to the upstream server, records the request head (request line
+//! and headers) the client sent first on it, and counts the bytes in each direction. Switched
+//! off, it closes every new connection at once, which the S3 client sees as a dead server.
+//! The test server answers every request with `Connection: close`, so one connection carries
+//! one request and its recorded head describes it.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Debug, Default)]
+struct State {
+    down: AtomicBool,
+    refuse_parts: AtomicBool,
+    refused: AtomicU64,
+    to_client: AtomicU64,
+    heads: Mutex<Vec<String>>,
+}
+
+/// One recorded request: its request line and headers.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub head: String,
+}
+
+impl Request {
+    /// `PUT`, `GET`, …
+    pub fn method(&self) -> &str {
+        self.head.split(' ').next().unwrap_or("")
+    }
+
+    /// The request target (path and query).
+    pub fn target(&self) -> &str {
+        self.head.split(' ').nth(1).unwrap_or("")
+    }
+
+    /// The path of the target, without the query.
+    pub fn path(&self) -> &str {
+        self.target().split('?').next().unwrap_or("")
+    }
+
+    /// Whether the query has parameter `name` (`uploads`, `partNumber`, …).
+    pub fn has_param(&self, name: &str) -> bool {
+        self.target()
+            .split_once('?')
+            .is_some_and(|(_, q)| q.split('&').any(|kv| kv.split('=').next() == Some(name)))
+    }
+
+    /// A part upload (UploadPart, not a server-side part copy).
+    pub fn is_part_upload(&self) -> bool {
+        self.method() == "PUT"
+            && self.has_param("partNumber")
+            && self.header("x-amz-copy-source").is_none()
+    }
+
+    /// The value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Proxy {
+    /// Starts a proxy on 127.0.0.1 in front of `upstream` (`http://host:port`).
+    pub fn start(upstream: &str) -> Self {
+        let upstream: SocketAddr = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("upstream is http://IP:PORT");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State::default());
+        let st = state.clone();
+        rt.spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if st.down.load(Ordering::SeqCst) {
+                    st.refused.fetch_add(1, Ordering::SeqCst);
+                    drop(client);
+                    continue;
+                }
+                tokio::spawn(forward(client, upstream, st.clone()));
+            }
+        });
+        Self {
+            addr,
+            state,
+            rt: Some(rt),
+        }
+    }
+
+    /// The endpoint URL to give the client.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Switches forwarding off (every new connection is closed at once) or back on.
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Closes the connections of part uploads (UploadPart), forwarding everything else.
+    pub fn set_refuse_parts(&self, refuse: bool) {
+        self.state.refuse_parts.store(refuse, Ordering::SeqCst);
+    }
+
+    /// Connections closed while switched off or refusing them.
+    pub fn refused(&self) -> u64 {
+        self.state.refused.load(Ordering::SeqCst)
+    }
+
+    /// Bytes sent from the server to the client so far (counted when a connection ends).
+    pub fn bytes_to_client(&self) -> u64 {
+        self.state.to_client.load(Ordering::SeqCst)
+    }
+
+    /// Requests seen so far, in the order their connections were opened.
+    pub fn requests(&self) -> Vec<Request> {
+        self.state
+            .heads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| Request { head: h.clone() })
+            .collect()
+    }
+
+    /// Forgets the requests and byte counts seen so far.
+    pub fn reset(&self) {
+        self.state.heads.lock().unwrap().clear();
+        self.state.to_client.store(0, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn forward(mut client: TcpStream, upstream: SocketAddr, st: Arc<State>) {
+    let Ok(mut server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    // Read until the end of the request head (or 64 KiB), record it, send it on.
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 << 10 {
+        match client.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    if head.is_empty() {
+        return;
+    }
+    let end = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(head.len());
+    let request = Request {
+        head: String::from_utf8_lossy(&head[..end]).into_owned(),
+    };
+    if st.refuse_parts.load(Ordering::SeqCst) && request.is_part_upload() {
+        st.refused.fetch_add(1, Ordering::SeqCst);
+        return;
+    }
+    st.heads.lock().unwrap().push(request.head);
+    if server.write_all(&head).await.is_err() {
+        return;
+    }
+    if let Ok((_, down)) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        st.to_client.fetch_add(down, Ordering::SeqCst);
+    }
+}
