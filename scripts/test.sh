@@ -64,3 +64,4 @@ log "rustdoc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 log "deployment checks"
 bash scripts/check-deploy.sh
+log "benchmark harness, quick mode (checks data, not speed)" && bash bench/run.sh --quick

@@ -230,40 +230,53 @@ impl S3Fs {
     /// What S3 says is at `key` (a file key, without trailing slash): a directory, a file,
     /// or nothing.
     async fn probe(&self, key: &str) -> FsResult<Option<(Attrs, Option<ETag>, bool)>> {
+        // Two requests at once: HEAD of the file and a one-key listing under `key/`, whose
+        // first key is the `key/` marker when there is one (it sorts before its children).
+        // Only a marker (for its attributes) or a miss (for an s3fs `key_$folder$` object)
+        // costs a third request.
         let dir_key = format!("{key}/");
-        let folder_key = format!("{key}{FOLDER_SUFFIX}");
         let listing = ListRequest {
             prefix: dir_key.clone(),
             max_keys: Some(1),
             ..ListRequest::default()
         };
         let b = &self.config.bucket;
-        let (file, marker, list, folder) = tokio::join!(
+        let (file, list) = tokio::join!(
             self.store.head_object(b, key),
-            self.store.head_object(b, &dir_key),
             self.store.list_objects(b, &listing),
-            self.store.head_object(b, &folder_key),
         );
-        match marker {
-            Ok(info) => {
-                let attrs = Attrs::decode(
-                    Kind::Dir,
-                    &info.metadata,
-                    &self.config,
-                    0,
-                    info.last_modified,
-                );
-                return Ok(Some((attrs, None, true)));
-            }
-            Err(e) if !not_found(&e) => return Err(e.into()),
-            Err(_) => {}
-        }
         let list = list?;
+        if list.objects.first().is_some_and(|o| o.key == dir_key) {
+            match self.store.head_object(b, &dir_key).await {
+                Ok(info) => {
+                    let attrs = Attrs::decode(
+                        Kind::Dir,
+                        &info.metadata,
+                        &self.config,
+                        0,
+                        info.last_modified,
+                    );
+                    return Ok(Some((attrs, None, true)));
+                }
+                Err(e) if !not_found(&e) => return Err(e.into()),
+                // Deleted since the listing: the children (if any) still make a directory.
+                Err(_) => {}
+            }
+        }
         if !list.objects.is_empty() || !list.common_prefixes.is_empty() {
             let attrs = Attrs::defaults(Kind::Dir, &self.config, 0, self.mount_time);
             return Ok(Some((attrs, None, false)));
         }
-        match folder {
+        match file {
+            Ok(info) => return Ok(Some(self.file_attrs(&info))),
+            Err(e) if !not_found(&e) => return Err(e.into()),
+            Err(_) => {}
+        }
+        match self
+            .store
+            .head_object(b, &format!("{key}{FOLDER_SUFFIX}"))
+            .await
+        {
             Ok(info) => {
                 let attrs = Attrs::decode(
                     Kind::Dir,
@@ -272,13 +285,8 @@ impl S3Fs {
                     0,
                     info.last_modified,
                 );
-                return Ok(Some((attrs, None, false)));
+                Ok(Some((attrs, None, false)))
             }
-            Err(e) if !not_found(&e) => return Err(e.into()),
-            Err(_) => {}
-        }
-        match file {
-            Ok(info) => Ok(Some(self.file_attrs(&info))),
             Err(e) if not_found(&e) => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -561,6 +569,7 @@ impl S3Fs {
         let now = SystemTime::now();
         let meta_changed =
             mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some();
+        let before = self.attrs_of(&inode);
         if meta_changed {
             self.attrs_storable(&inode)?;
             let mut s = inode.state();
@@ -587,7 +596,7 @@ impl S3Fs {
                 self.upload_staged(&inode).await?;
                 self.drop_clean_stage(&inode);
             } else if meta_changed {
-                self.persist_attrs(&inode).await?;
+                self.persist_or_restore(&inode, before).await?;
             }
         }
         Ok(self.attrs_of(&inode))
@@ -1548,6 +1557,7 @@ impl S3Fs {
             ));
         }
         let inode = self.inode(ino)?;
+        let before = self.attrs_of(&inode);
         self.attrs_storable(&inode)?;
         {
             let mut s = inode.state();
@@ -1571,17 +1581,32 @@ impl S3Fs {
             s.attrs = attrs;
             s.attrs.ctime = SystemTime::now();
         }
-        self.persist_attrs(&inode).await
+        self.persist_or_restore(&inode, before).await
     }
 
     pub async fn removexattr(&self, ino: InodeNo, name: &str) -> FsResult<()> {
         self.ro()?;
         let inode = self.inode(ino)?;
+        self.attrs_storable(&inode)?;
+        let before = self.attrs_of(&inode);
         if inode.state().attrs.xattrs.remove(name).is_none() {
             return Err(err!(libc::ENODATA, "no attribute {name}"));
         }
         inode.state().attrs.ctime = SystemTime::now();
-        self.persist_attrs(&inode).await
+        self.persist_or_restore(&inode, before).await
+    }
+
+    /// Persists changed attributes; when that fails, the change is undone here too, so a
+    /// refused call leaves nothing behind.
+    async fn persist_or_restore(&self, inode: &Arc<Inode>, before: Attrs) -> FsResult<()> {
+        let result = self.persist_attrs(inode).await;
+        if result.is_err() {
+            let mut s = inode.state();
+            let size = s.attrs.size;
+            s.attrs = before;
+            s.attrs.size = size;
+        }
+        result
     }
 
     /// Uploads everything still pending (at unmount). Returns the keys that failed.
@@ -1608,5 +1633,87 @@ impl S3Fs {
 
     pub fn root() -> InodeNo {
         ROOT
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use s3vol_s3::{BucketName, Fault, FaultStore, MemStore, Op};
+
+    async fn fs_over(store: Arc<FaultStore>, cache: &std::path::Path) -> S3Fs {
+        let bucket = BucketName::new("bkt").unwrap();
+        store.create_bucket(&bucket).await.unwrap();
+        let config = FsConfig::new(bucket, String::new(), cache.to_owned());
+        S3Fs::new(config, store).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refused_attribute_change_leaves_nothing_behind() {
+        let cache = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let fs = fs_over(store.clone(), cache.path()).await;
+        let bucket = BucketName::new("bkt").unwrap();
+        store
+            .put_object(
+                &bucket,
+                "f",
+                Bytes::from_static(b"x"),
+                &PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        let (inode, attrs) = fs.lookup(ROOT, "f").await.unwrap();
+        assert_eq!(attrs.perm, 0o644);
+        store.add(Fault::FailOp {
+            op: Op::Copy,
+            error: S3Error::Transient("injected".into()),
+            times: None,
+        });
+        let err = fs
+            .setattr(inode.ino, Some(0o600), None, None, None, None, None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.errno, libc::EIO);
+        assert_eq!(fs.attrs_of(&inode).perm, 0o644, "the mode is unchanged");
+        let err = fs
+            .setxattr(inode.ino, "user.k", b"v", false, false)
+            .await
+            .unwrap_err();
+        assert_eq!(err.errno, libc::EIO);
+        assert_eq!(
+            fs.getxattr(inode.ino, "user.k").unwrap_err().errno,
+            libc::ENODATA
+        );
+        store.clear();
+        fs.setattr(inode.ino, Some(0o600), None, None, None, None, None)
+            .await
+            .unwrap();
+        let info = store.head_object(&bucket, "f").await.unwrap();
+        assert_eq!(info.metadata["mode"], (libc::S_IFREG | 0o600).to_string());
+    }
+
+    #[tokio::test]
+    async fn lookups_cost_two_requests_for_a_file() {
+        let cache = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let fs = fs_over(store.clone(), cache.path()).await;
+        let bucket = BucketName::new("bkt").unwrap();
+        store
+            .put_object(
+                &bucket,
+                "f",
+                Bytes::from_static(b"x"),
+                &PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        let before = store.calls();
+        fs.lookup(ROOT, "f").await.unwrap();
+        assert_eq!(store.calls() - before, 2, "HEAD and a one-key LIST");
+        let before = store.calls();
+        fs.lookup(ROOT, "f").await.unwrap();
+        assert_eq!(store.calls(), before, "cached for the TTL");
     }
 }

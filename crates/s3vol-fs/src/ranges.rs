@@ -66,9 +66,11 @@ impl RangeSet {
     }
 
     pub fn intersects(&self, r: &Range<u64>) -> bool {
-        self.ranges
-            .iter()
-            .any(|x| x.start < r.end && r.start < x.end)
+        !r.is_empty()
+            && self
+                .ranges
+                .iter()
+                .any(|x| x.start < r.end && r.start < x.end)
     }
 
     /// Drops everything at or past `len`.

@@ -501,8 +501,11 @@ impl Staged {
             Err(e) => return abort(e.into()).await,
         };
         if stream.metadata != *metadata || content_type.is_some() {
-            // The upload was created before the final attributes were known.
-            self.replace_metadata(metadata, content_type).await?;
+            // The upload was created before the final attributes were known. The copy makes a
+            // new version; on AWS it has a new ETag, which is the one to remember.
+            if let Some(copied) = self.replace_metadata(metadata, content_type).await? {
+                return Ok(copied);
+            }
         }
         Ok(etag)
     }
@@ -511,10 +514,10 @@ impl Staged {
         &self,
         metadata: &UserMetadata,
         content_type: Option<String>,
-    ) -> FsResult<()> {
+    ) -> FsResult<Option<ETag>> {
         if self.size > MAX_COPY_OBJECT {
             tracing::warn!(key = %self.key, "object over 5 GiB: attributes not rewritten");
-            return Ok(());
+            return Ok(None);
         }
         let source = CopySource {
             bucket: self.ctx.bucket.clone(),
@@ -522,7 +525,8 @@ impl Staged {
             range: None,
             if_match: None,
         };
-        self.ctx
+        let copied = self
+            .ctx
             .store
             .copy_object(
                 &self.ctx.bucket,
@@ -534,7 +538,7 @@ impl Staged {
                 },
             )
             .await?;
-        Ok(())
+        Ok(Some(copied.etag))
     }
 
     async fn put_whole(

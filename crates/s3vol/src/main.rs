@@ -44,7 +44,19 @@ enum Command {
     Cosi(cmd::cosi::CosiArgs),
 }
 
+/// Large buffers (part uploads, prefetched parts) go straight to mmap and back to the system
+/// when freed. glibc's default adapts the threshold upwards and then keeps freed megabytes in
+/// per-thread heaps, which makes the process grow well past `--memory-limit` under load.
+fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     if let Err(e) = logging::init(&cli.log_level, cli.log_format) {
         eprintln!("s3vol: error: {e:#}");

@@ -412,7 +412,12 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
         detach_stdio(args.log_file.as_deref())?;
     }
     let by_fd = args.fuse_fd.is_some();
-    rt.spawn(shutdown_on_signal(fs.clone(), unmounter, by_fd));
+    rt.spawn(shutdown_on_signal(
+        fs.clone(),
+        unmounter,
+        by_fd,
+        args.mountpoint.clone(),
+    ));
     let result = server.run();
     let failed = rt.block_on(fs.flush_all());
     if !failed.is_empty() {
@@ -449,7 +454,12 @@ fn detach_stdio(log_file: Option<&std::path::Path>) -> anyhow::Result<()> {
 /// SIGTERM and SIGINT: upload what is pending, then unmount (which ends the session). A
 /// mount served from a handed-over descriptor is not ours to unmount: we exit and the mount
 /// owner sees it gone.
-async fn shutdown_on_signal(fs: Arc<S3Fs>, mut unmounter: s3vol_fs::fuse::Unmounter, by_fd: bool) {
+async fn shutdown_on_signal(
+    fs: Arc<S3Fs>,
+    mut unmounter: s3vol_fs::fuse::Unmounter,
+    by_fd: bool,
+    mountpoint: PathBuf,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -470,9 +480,21 @@ async fn shutdown_on_signal(fs: Arc<S3Fs>, mut unmounter: s3vol_fs::fuse::Unmoun
     if by_fd {
         std::process::exit(if failed.is_empty() { 0 } else { 1 });
     }
-    if let Err(e) = tokio::task::spawn_blocking(move || unmounter.unmount()).await {
-        tracing::error!(error = %e, "unmount failed");
+    let unmounted = tokio::task::spawn_blocking(move || unmounter.unmount()).await;
+    if let Ok(Ok(())) = unmounted {
+        // The session ends and `serve` returns.
+        return;
     }
+    // Files still open keep the mount busy. Their data is uploaded (above): detach the mount
+    // so new lookups fail cleanly, and leave.
+    tracing::warn!(
+        mountpoint = %mountpoint.display(),
+        "the mount is busy; detaching it lazily and exiting"
+    );
+    if let Err(e) = rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::DETACH) {
+        tracing::error!(error = %e, "lazy unmount failed");
+    }
+    std::process::exit(if failed.is_empty() { 0 } else { 1 });
 }
 
 #[cfg(test)]

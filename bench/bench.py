@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Helpers of bench/run.sh: timed file-system loops, S3 set-up through boto3, and the summary.
+
+Timed loops print one line `secs=…` on stdout (the interpreter's start is outside the timing).
+S3 commands read the server from the environment: BENCH_ENDPOINT, BENCH_REGION, BENCH_BUCKET,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
+
+  bench.py create DIR COUNT SIZE        write COUNT files of SIZE bytes, one after another,
+                                        each closed (durable) before the next is opened
+  bench.py check-files DIR COUNT SIZE   the files `create` and `populate` write have the
+                                        expected bytes
+  bench.py stat DIR COUNT               os.stat of f00000 … in DIR, no listing first
+  bench.py tree DIR FILES SIZE          a local tree of FILES files in 10 subdirectories
+  bench.py populate PREFIX COUNT SIZE [--dir-marker]   objects PREFIXf00000 … with s3fs metadata
+  bench.py upload KEY FILE              one object from a local file (multipart, 8 MiB parts)
+  bench.py count PREFIX                 how many objects are under PREFIX, directory
+                                        markers (keys ending in '/') not counted
+  bench.py fio-iops FILE.json           read IOPS of a fio JSON report
+  bench.py summarize RESULTS.tsv        markdown tables of the medians (see run.sh)
+"""
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def content(i, size):
+    """The bytes of small file i: distinct per file, cheap, checkable."""
+    seed = hashlib.sha256(b"s3vol-bench-%d" % i).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def name(i):
+    return "f%05d" % i
+
+
+def cmd_create(d, count, size):
+    count, size = int(count), int(size)
+    os.makedirs(d, exist_ok=True)
+    blobs = [content(i, size) for i in range(count)]
+    start = time.monotonic()
+    for i in range(count):
+        with open(os.path.join(d, name(i)), "wb") as f:
+            f.write(blobs[i])
+    print("secs=%.4f" % (time.monotonic() - start))
+
+
+def cmd_check_files(d, count, size):
+    count, size = int(count), int(size)
+    for i in range(count):
+        path = os.path.join(d, name(i))
+        with open(path, "rb") as f:
+            got = f.read()
+        if got != content(i, size):
+            sys.exit("data mismatch in %s (%d bytes read)" % (path, len(got)))
+
+
+def cmd_stat(d, count):
+    count = int(count)
+    start = time.monotonic()
+    for i in range(count):
+        st = os.stat(os.path.join(d, name(i)))
+        if st.st_size == 0:
+            sys.exit("unexpected size 0 for %s" % name(i))
+    print("secs=%.4f" % (time.monotonic() - start))
+
+
+def cmd_tree(d, files, size):
+    files, size = int(files), int(size)
+    for i in range(files):
+        sub = os.path.join(d, "d%02d" % (i % 10))
+        os.makedirs(sub, exist_ok=True)
+        with open(os.path.join(sub, name(i)), "wb") as f:
+            f.write(content(i, size))
+
+
+def s3():
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=os.environ["BENCH_ENDPOINT"],
+        region_name=os.environ.get("BENCH_REGION", "us-east-1"),
+        config=Config(
+            s3={"addressing_style": "path"},
+            max_pool_connections=64,
+            retries={"max_attempts": 5},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+
+
+def bucket():
+    return os.environ["BENCH_BUCKET"]
+
+
+def file_meta(mode):
+    return {"mode": str(mode), "uid": "0", "gid": "0", "mtime": str(int(time.time()))}
+
+
+def cmd_populate(prefix, count, size, *flags):
+    client, count, size = s3(), int(count), int(size)
+    if "--dir-marker" in flags:
+        client.put_object(
+            Bucket=bucket(),
+            Key=prefix,
+            Body=b"",
+            ContentType="application/x-directory",
+            Metadata=file_meta(0o40755),
+        )
+
+    def put(i):
+        client.put_object(
+            Bucket=bucket(), Key=prefix + name(i), Body=content(i, size), Metadata=file_meta(0o100644)
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        for f in [pool.submit(put, i) for i in range(count)]:
+            f.result()
+
+
+def cmd_upload(key, path):
+    from boto3.s3.transfer import TransferConfig
+
+    s3().upload_file(
+        path,
+        bucket(),
+        key,
+        ExtraArgs={"Metadata": file_meta(0o100644)},
+        Config=TransferConfig(multipart_chunksize=8 << 20, max_concurrency=16),
+    )
+
+
+def cmd_count(prefix):
+    client, n = s3(), 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket(), Prefix=prefix):
+        n += sum(1 for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+    print(n)
+
+
+def cmd_fio_iops(path):
+    with open(path) as f:
+        text = f.read()
+    # fio may print notes before the JSON document.
+    report = json.loads(text[text.index("{") :])
+    job = report["jobs"][0]
+    if job.get("error"):
+        sys.exit("fio job error %s" % job["error"])
+    if job["read"]["io_bytes"] == 0:
+        sys.exit("fio read nothing")
+    print("%.1f" % job["read"]["iops"])
+
+
+# What each workload's number means: (title, unit, higher is better, ceiling row).
+WORKLOADS = {
+    "seqwrite": ("Sequential write of one file, 1 MiB blocks, fsync and close included", "MiB/s", True, "put-file"),
+    "seqread": ("Sequential read of it after dropping the page cache", "MiB/s", True, "get"),
+    "randread": ("4 KiB random reads (fio, 1 job, psync)", "IOPS", True, None),
+    "create": ("Create small files one after another, each durable on close", "files/s", True, "put-seq"),
+    "cptree": ("`cp -r` of a tree of small files (10 directories)", "files/s", True, None),
+    "ls_cold": ("`ls -l` of a large directory, first on a fresh mount (cold)", "s", False, "list"),
+    "ls_warm": ("`ls -l` of the same directory again on the same mount (warm)", "s", False, "list"),
+    "stat": ("stat(2) of every file of the large directory, by name, fresh mount", "s", False, None),
+    "rename": ("`mv` of a directory of 100 files", "s", False, None),
+}
+CLIENT_ORDER = ["s3vol", "mountpoint", "s3fs", "rclone"]
+
+
+def fmt(v):
+    if v >= 100:
+        return "%.0f" % v
+    if v >= 10:
+        return "%.1f" % v
+    return "%.2f" % v
+
+
+def cmd_summarize(path):
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            run, workload, client, value, rss = line.rstrip("\n").split("\t")
+            rows.append((int(run), workload, client, float(value) if value != "-" else None, rss))
+    runs = max((r[0] for r in rows), default=0)
+    out = []
+    for w, (title, unit, higher, ceiling_op) in WORKLOADS.items():
+        vals, rss = {}, {}
+        for run, workload, client, value, r in rows:
+            if workload == w and value is not None:
+                vals.setdefault(client, []).append(value)
+            if workload == w and r not in ("-", ""):
+                rss[client] = max(rss.get(client, 0), int(r))
+        if not vals:
+            continue
+        med = {c: statistics.median(v) for c, v in vals.items()}
+        ceiling = None
+        if ceiling_op:
+            cv = [value for run, workload, client, value, r in rows if workload == "ceiling:" + ceiling_op and value]
+            ceiling = statistics.median(cv) if cv else None
+        out.append("### %s\n" % title)
+        head = "| client | median (%s) | runs | s3vol vs this client | vs no-FUSE ceiling | peak RSS (MiB) |" % unit
+        out.append(head)
+        out.append("|---|---:|---:|---:|---:|---:|")
+        s = med.get("s3vol")
+        for c in sorted(med, key=lambda c: CLIENT_ORDER.index(c) if c in CLIENT_ORDER else 99):
+            v = med[c]
+            if s is None or c == "s3vol":
+                ratio = "—"
+            else:
+                ratio = "%.2f×" % ((s / v) if higher else (v / s))
+            if ceiling and w not in ("ls_cold", "ls_warm"):
+                ceil = "%.0f%%" % (100 * v / ceiling)
+            elif ceiling:
+                ceil = "%.1f× the LIST time" % (v / ceiling)
+            else:
+                ceil = "—"
+            r = "%.0f" % (rss[c] / 1024) if c in rss else "—"
+            out.append("| %s | %s | %d | %s | %s | %s |" % (c, fmt(v), len(vals[c]), ratio, ceil, r))
+        if ceiling:
+            out.append(
+                "| *no-FUSE ceiling* (`%s`) | %s | | | | |" % (ceiling_op, fmt(ceiling))
+            )
+        out.append("")
+    out.append(
+        "s3vol vs this client: s3vol's speed divided by the client's (above 1: s3vol is faster); "
+        "medians of %d run(s)." % runs
+    )
+    print("\n".join(out))
+
+
+COMMANDS = {
+    "create": cmd_create,
+    "check-files": cmd_check_files,
+    "stat": cmd_stat,
+    "tree": cmd_tree,
+    "populate": cmd_populate,
+    "upload": cmd_upload,
+    "count": cmd_count,
+    "fio-iops": cmd_fio_iops,
+    "summarize": cmd_summarize,
+}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(__doc__)
+    COMMANDS[sys.argv[1]](*sys.argv[2:])
