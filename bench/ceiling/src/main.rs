@@ -211,7 +211,9 @@ async fn put_file(
         ..PutOptions::default()
     };
     let start = Instant::now();
-    let upload = store.create_multipart_upload(&bucket, key, &options).await?;
+    let upload = store
+        .create_multipart_upload(&bucket, key, &options)
+        .await?;
     let results: Vec<_> = stream::iter(0..parts)
         .map(|i| {
             let (store, bucket, file, upload) =
@@ -368,7 +370,11 @@ async fn list(store: Arc<dyn ObjectStore>, bucket: BucketName, prefix: &str) -> 
     bail!("listing of {prefix} did not end within 10,000 pages")
 }
 
-async fn delete_prefix(store: Arc<dyn ObjectStore>, bucket: BucketName, prefix: &str) -> Result<()> {
+async fn delete_prefix(
+    store: Arc<dyn ObjectStore>,
+    bucket: BucketName,
+    prefix: &str,
+) -> Result<()> {
     let start = Instant::now();
     let mut deleted = 0u64;
     for _ in 0..100_000 {

@@ -23,10 +23,15 @@ use mountpoint_s3_fs::s3::config::{
     ClientConfig, MemoryLimitSetting, PartConfig, Region, TargetThroughputSetting,
 };
 use mountpoint_s3_fs::s3::{Bucket, Prefix, S3Path, S3Personality};
-use mountpoint_s3_fs::{MountpointConfig, Runtime, S3FilesystemConfig, Superblock, SuperblockConfig};
+use mountpoint_s3_fs::{
+    MountpointConfig, Runtime, S3FilesystemConfig, Superblock, SuperblockConfig,
+};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Mount a bucket with Mountpoint for Amazon S3's library (benchmarks only)")]
+#[command(
+    version,
+    about = "Mount a bucket with Mountpoint for Amazon S3's library (benchmarks only)"
+)]
 struct Args {
     /// Bucket to mount.
     bucket: String,
@@ -118,7 +123,9 @@ fn main() -> Result<()> {
         Prefix::new(&args.prefix).context("invalid prefix")?,
     );
     let pool = PagedPool::config()
-        .with_candidate_sizes([CandidateSize::new(client_config.part_config.read_size_bytes)])
+        .with_candidate_sizes([CandidateSize::new(
+            client_config.part_config.read_size_bytes,
+        )])
         .with_memory_limit(mem_limit.bytes())
         .build();
     let client = client_config
@@ -130,7 +137,8 @@ fn main() -> Result<()> {
         "minimal" => TimeToLive::Minimal,
         "indefinite" => TimeToLive::Indefinite,
         secs => TimeToLive::Duration(std::time::Duration::from_secs(
-            secs.parse().context("--metadata-ttl: minimal, indefinite or seconds")?,
+            secs.parse()
+                .context("--metadata-ttl: minimal, indefinite or seconds")?,
         )),
     };
     let cache_config = CacheConfig::new(ttl);
