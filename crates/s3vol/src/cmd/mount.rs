@@ -527,7 +527,7 @@ mod tests {
 
     #[test]
     fn dash_o_options_fill_in_flags() {
-        let m = parse(&["-o", "uid=1000,gid=1001,file_mode=0640,ro,allow_other,url=http://x:9000,use_path_request_style", "b/p", "/mnt"]).unwrap();
+        let m = parse(&["-o", "uid=1000,gid=1001,file_mode=0640,ro,allow_other,url=http://x:9000,use_path_request_style", "bkt/p", "/mnt"]).unwrap();
         assert_eq!(
             (m.uid, m.gid, m.file_mode),
             (Some(1000), Some(1001), Some(0o640))
@@ -536,20 +536,27 @@ mod tests {
         assert_eq!(m.s3.endpoint_url.as_deref(), Some("http://x:9000"));
         assert_eq!(m.target.prefix, "p/");
         // An explicit flag wins over -o.
-        let m = parse(&["--uid", "5", "-o", "uid=6", "b", "/mnt"]).unwrap();
+        let m = parse(&["--read-only", "-o", "rw,multipart_size=16", "bkt", "/mnt"]).unwrap();
+        assert!(m.read_only, "-o rw does not undo --read-only");
+        assert_eq!(
+            m.part_size,
+            Some(16 << 20),
+            "s3fs counts multipart_size in MiB"
+        );
+        let m = parse(&["--uid", "5", "-o", "uid=6", "bkt", "/mnt"]).unwrap();
         assert_eq!(m.uid, Some(5));
     }
 
     #[test]
     fn bad_options_are_refused() {
         assert!(
-            parse(&["-o", "frobnicate", "b", "/mnt"])
+            parse(&["-o", "frobnicate", "bkt", "/mnt"])
                 .unwrap_err()
                 .to_string()
                 .contains("unknown mount option")
         );
-        assert!(parse(&["-o", "uid", "b", "/mnt"]).is_err());
-        assert!(parse(&["-o", "uid=abc", "b", "/mnt"]).is_err());
-        assert!(parse(&["--file-mode", "rw", "b", "/mnt"]).is_err());
+        assert!(parse(&["-o", "uid", "bkt", "/mnt"]).is_err());
+        assert!(parse(&["-o", "uid=abc", "bkt", "/mnt"]).is_err());
+        assert!(parse(&["--file-mode", "rw", "bkt", "/mnt"]).is_err());
     }
 }
