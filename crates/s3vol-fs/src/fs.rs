@@ -392,12 +392,20 @@ impl S3Fs {
                 s.local_only,
             )
         };
-        if let Some(staged) = staged {
-            staged.lock().await.meta_dirty = true;
-            if inode.state().open_handles == 0 {
-                return self.upload_staged(inode).await;
+        if let Some(staged) = &staged {
+            let mut st = staged.lock().await;
+            if st.content_dirty() || local_only {
+                // The attributes go up with the content, at the next flush (now, if nothing
+                // has the file open).
+                st.meta_dirty = true;
+                drop(st);
+                if inode.state().open_handles == 0 {
+                    return self.upload_staged(inode).await;
+                }
+                return Ok(());
             }
-            return Ok(());
+            // A clean local copy: rewrite the attributes in S3 now, below, so the call is
+            // durable when it returns.
         }
         if local_only {
             return Ok(());
@@ -437,6 +445,10 @@ impl S3Fs {
                         content_type: attrs.content_type(),
                     };
                     let r = self.store.copy_object(b, &key, &source, &directive).await?;
+                    if let Some(staged) = &staged {
+                        // The copy is a new version (a new ETag on AWS) of the same bytes.
+                        staged.lock().await.rebase(r.etag.clone());
+                    }
                     inode.state().etag = Some(r.etag);
                 }
             }

@@ -153,6 +153,20 @@ impl Staged {
         self.base.as_ref().map(|b| &b.etag)
     }
 
+    /// Whether the content has changes not yet in S3.
+    pub fn content_dirty(&self) -> bool {
+        self.content_dirty
+    }
+
+    /// The object was rewritten server-side with the same content (new attributes): later
+    /// fills read the new version.
+    pub fn rebase(&mut self, etag: ETag) {
+        if let Some(b) = &mut self.base {
+            b.etag = etag;
+        }
+        self.meta_dirty = false;
+    }
+
     pub fn is_dirty(&self) -> bool {
         self.content_dirty || self.meta_dirty
     }

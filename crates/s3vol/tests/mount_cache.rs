@@ -77,3 +77,17 @@ async fn new_files_take_the_group_of_a_set_group_id_directory() {
     std::fs::write(m.path("plain/file"), b"y").unwrap();
     assert_eq!(std::fs::metadata(m.path("plain/file")).unwrap().gid(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attribute_changes_right_after_close_are_in_s3_when_they_return() {
+    // close() returns before the kernel's asynchronous release; a chmod that arrives in
+    // between, while the clean local copy is still attached, must still reach S3 at once.
+    let m = Mounted::new("attrclose", "", &[]).await;
+    for i in 0..20 {
+        let p = m.path(&format!("f{i}"));
+        std::fs::write(&p, b"data").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mode = m.head(&format!("f{i}")).await.unwrap().metadata["mode"].clone();
+        assert_eq!(mode, (libc::S_IFREG | 0o600).to_string(), "f{i}");
+    }
+}
