@@ -71,6 +71,10 @@ OUT=${out:-$WORK/results}
 MNT=$WORK/mnt
 LOGS=$OUT/logs
 S3VOL_MEMORY_LIMIT=512M
+# A mount left by an interrupted run must not be emptied by the rm below.
+for d in "$MNT"/*; do
+	if mountpoint -q "$d" 2>/dev/null; then umount "$d" 2>/dev/null || umount -l "$d"; fi
+done
 rm -rf "$MNT" "$WORK/cache" "$LOGS" "$OUT/results.tsv" "$OUT/results.md"
 mkdir -p "$WORK" "$MNT" "$LOGS" "$WORK/cache"
 started=$(date +%s)
