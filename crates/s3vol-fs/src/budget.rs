@@ -199,6 +199,52 @@ impl Disk {
     }
 }
 
+/// Recycled buffers of one capacity (part buffers, write copies), so that the data path does
+/// not map, fault in and zero fresh pages for every request. Keeps at most `keep` idle
+/// buffers; the memory of buffers in use is counted by their owners ([`Memory`]), idle ones
+/// are bounded by `keep × capacity`.
+#[derive(Debug)]
+pub struct BufPool {
+    idle: Mutex<Vec<Vec<u8>>>,
+    capacity: usize,
+    keep: usize,
+}
+
+impl BufPool {
+    pub fn new(capacity: usize, keep: usize) -> Self {
+        Self {
+            idle: Mutex::new(Vec::new()),
+            capacity,
+            keep,
+        }
+    }
+
+    /// An empty buffer that can hold `capacity` bytes without growing.
+    pub fn take(&self) -> Vec<u8> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        idle.unwrap_or_else(|| Vec::with_capacity(self.capacity))
+    }
+
+    /// Gives a buffer back for reuse (dropped if the pool is full or it is another size).
+    pub fn give(&self, mut buf: Vec<u8>) {
+        if buf.capacity() != self.capacity {
+            return;
+        }
+        buf.clear();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.keep {
+            idle.push(buf);
+        }
+    }
+
+    /// Reclaims the buffer behind `bytes` when nothing else refers to it any more.
+    pub fn give_bytes(&self, bytes: bytes::Bytes) {
+        if let Ok(buf) = bytes.try_into_mut() {
+            self.give(Vec::from(buf));
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

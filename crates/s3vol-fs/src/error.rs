@@ -8,7 +8,7 @@ use std::fmt;
 use s3vol_s3::S3Error;
 
 /// An error with the errno the kernel will see.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct FsError {
     pub errno: i32,
     pub message: String,

@@ -23,7 +23,7 @@ use s3vol_s3::{
     CopySource, ETag, ListRequest, MetadataDirective, ObjectInfo, ObjectStore, PutOptions, S3Error,
 };
 
-use crate::budget::{Disk, Memory};
+use crate::budget::{BufPool, Disk, Memory};
 use crate::config::FsConfig;
 use crate::error::{FsError, FsResult, err};
 use crate::inode::{Inode, InodeNo, Inodes, ROOT};
@@ -32,6 +32,8 @@ use crate::read::{ReadCtx, Reader};
 use crate::stage::{Base, MAX_COPY_OBJECT, StageCtx, Staged};
 
 const FOLDER_SUFFIX: &str = "_$folder$";
+/// Idle part buffers kept for reuse by streamed uploads (memory: this many parts, at most).
+const PARTS_KEPT: usize = 4;
 
 /// An entry returned by [`S3Fs::readdir`].
 #[derive(Clone, Debug)]
@@ -130,6 +132,10 @@ impl S3Fs {
             part_size: config.part_size,
             memory: memory.clone(),
             disk,
+            parts: Arc::new(BufPool::new(
+                config.part_size.max(5 << 20) as usize,
+                PARTS_KEPT,
+            )),
         });
         let read = Arc::new(ReadCtx {
             store: store.clone(),
@@ -1112,6 +1118,18 @@ impl S3Fs {
         Ok((inode, attrs, fh))
     }
 
+    /// Answers a read of a clean file from data already received, without waiting; `None`
+    /// when that is not possible (call [`S3Fs::read`]). Must run inside the tokio runtime's
+    /// context (it may start prefetches).
+    pub fn try_read(&self, fh: u64, offset: u64, size: u32) -> Option<FsResult<Bytes>> {
+        let handle = self.file_handle(fh).ok()?;
+        if handle.inode.state().staged.is_some() {
+            return None;
+        }
+        let mut reader = handle.reader.try_lock().ok()?;
+        reader.as_mut()?.try_read(offset, u64::from(size))
+    }
+
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let handle = self.file_handle(fh)?;
         let staged = handle.inode.state().staged.clone();
@@ -1150,7 +1168,9 @@ impl S3Fs {
         } else {
             offset
         };
-        st.write(offset, data).await?;
+        let inode = &handle.inode;
+        st.write(offset, data, || inode.state().attrs.encode())
+            .await?;
         let size = st.size();
         drop(st);
         let mut s = handle.inode.state();

@@ -6,11 +6,17 @@
 //! versions. Unchanged parts of a large base are copied server-side on upload
 //! (UploadPartCopy) instead of being downloaded and sent back.
 //!
-//! A file written sequentially from empty streams: each time a full part has been written, it
-//! is read back (from the page cache) and uploaded as a part of a multipart upload while the
-//! application keeps writing, with the part buffers counted in the memory budget. A write
-//! anywhere else stops the streaming; the upload then happens at flush, as for any other
-//! staged file.
+//! A file written sequentially from empty streams: besides going to the staging file, its
+//! writes fill a part buffer in memory, and each full part is uploaded as a part of a
+//! multipart upload while the application keeps writing, with the part buffers counted in
+//! the memory budget (and recycled, see [`BufPool`]). A write anywhere else stops the
+//! streaming; the upload then happens at flush, as for any other staged file.
+//!
+//! The multipart upload is created with the file's attributes as they are when its first part
+//! is full. At the end, the object's metadata is rewritten (a server-side copy of the whole
+//! object) only when something other than the times changed meanwhile: a streamed file's
+//! stored `mtime` is the time its upload began, which saves copying every large file once
+//! more on close (see docs/SEMANTICS.md).
 //!
 //! Invariants: the file's length is the file's size; `base.size <= size`; bytes in
 //! `[base.size, size)` that were never written are zeros (the file is sparse there); bytes in
@@ -35,7 +41,7 @@ use s3vol_s3::{
 };
 use tokio::task::JoinHandle;
 
-use crate::budget::{Disk, Memory};
+use crate::budget::{BufPool, Disk, Memory, MemoryPermit};
 use crate::error::{FsError, FsResult, err};
 use crate::ranges::RangeSet;
 
@@ -48,6 +54,15 @@ pub struct StageCtx {
     pub part_size: u64,
     pub memory: Arc<Memory>,
     pub disk: Arc<Disk>,
+    /// Buffers of `part_size.max(5 MiB)` bytes for streamed parts.
+    pub parts: Arc<BufPool>,
+}
+
+impl StageCtx {
+    /// The part size of streamed uploads (S3's minimum is 5 MiB).
+    pub fn stream_part_size(&self) -> u64 {
+        self.part_size.max(5 << 20)
+    }
 }
 
 /// Largest object a single CopyObject may copy.
@@ -89,6 +104,8 @@ pub struct Staged {
     /// Streaming is possible while every write so far appended at the end of a file that
     /// started empty.
     sequential: bool,
+    /// The part being filled by a sequential writer: the bytes `[stream.sent, size)`.
+    filling: Option<(Vec<u8>, MemoryPermit)>,
     /// Bytes counted in the disk budget.
     reserved: u64,
     /// Bytes counted as dirty.
@@ -124,6 +141,7 @@ impl Staged {
             content_dirty: false,
             meta_dirty: false,
             stream: None,
+            filling: None,
             reserved: 0,
             dirty_counted: 0,
         })
@@ -258,7 +276,14 @@ impl Staged {
         Ok(Bytes::from(buf))
     }
 
-    pub async fn write(&mut self, offset: u64, data: &[u8]) -> FsResult<()> {
+    /// Writes `data` at `offset`. `metadata` gives the file's attributes as they are now; it is
+    /// called only when a streamed upload starts.
+    pub async fn write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        metadata: impl FnOnce() -> UserMetadata + Send,
+    ) -> FsResult<()> {
         if data.is_empty() {
             return Ok(());
         }
@@ -273,7 +298,7 @@ impl Staged {
         self.present.insert(offset..end);
         self.mark_content_dirty();
         if self.sequential
-            && let Err(e) = self.stream_parts().await
+            && let Err(e) = self.stream_bytes(data, metadata).await
         {
             // The bytes are in the staging file: they go up whole at flush, where a failure is
             // reported. A write never fails because S3 is away.
@@ -287,8 +312,10 @@ impl Staged {
         if len == self.size {
             return Ok(());
         }
+        // Streaming continues only from empty: the part being filled holds the bytes written
+        // since the last part, not the zeros of an extension.
+        self.break_stream().await;
         if len < self.size {
-            self.break_stream().await;
             if len == 0 {
                 // Nothing of the old content remains: streaming works again.
                 self.base = None;
@@ -323,46 +350,87 @@ impl Staged {
         min.max(needed)
     }
 
-    /// Starts uploads of the full parts written so far.
-    async fn stream_parts(&mut self) -> FsResult<()> {
-        let part = self.ctx.part_size.max(5 << 20);
-        loop {
+    /// Adds the bytes just appended to the part being filled, and starts the upload of each
+    /// part that is full.
+    async fn stream_bytes(
+        &mut self,
+        mut data: &[u8],
+        metadata: impl FnOnce() -> UserMetadata + Send,
+    ) -> FsResult<()> {
+        let part = self.ctx.stream_part_size();
+        let mut metadata = Some(metadata);
+        while !data.is_empty() {
             let sent = self.stream.as_ref().map_or(0, |s| s.sent);
-            if self.size < sent + part || sent / part >= MAX_PARTS - 1 {
+            if sent / part >= MAX_PARTS - 1 {
+                // The last part is sent from the staging file at flush, however long.
+                self.recycle_filling();
                 return Ok(());
             }
-            if self.stream.is_none() {
-                let upload_id = self
-                    .ctx
-                    .store
-                    .create_multipart_upload(&self.ctx.bucket, &self.key, &PutOptions::default())
-                    .await?;
-                self.stream = Some(Stream {
-                    upload_id,
-                    metadata: UserMetadata::new(),
-                    sent: 0,
-                    parts: Vec::new(),
-                });
-            }
-            let Some(stream) = self.stream.as_mut() else {
-                return Ok(());
+            let (buf, _) = match &mut self.filling {
+                Some(f) => f,
+                None => {
+                    let permit = self.ctx.memory.acquire(part).await;
+                    self.filling.insert((self.ctx.parts.take(), permit))
+                }
             };
-            let permit = self.ctx.memory.acquire(part).await;
-            let mut buf = vec![0u8; part as usize];
-            self.file.read_exact_at(&mut buf, stream.sent)?;
-            let number = (stream.sent / part) as i32 + 1;
-            stream.sent += part;
-            let ctx = self.ctx.clone();
-            let key = self.key.clone();
-            let id = stream.upload_id.clone();
-            stream.parts.push(tokio::spawn(async move {
-                let r = ctx
-                    .store
-                    .upload_part(&ctx.bucket, &key, &id, number, Bytes::from(buf))
-                    .await;
-                drop(permit);
-                Ok(r?)
-            }));
+            let n = (part as usize - buf.len()).min(data.len());
+            buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if buf.len() as u64 == part {
+                self.send_filled(&mut metadata).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the upload of the full part being filled (creating the multipart upload first).
+    async fn send_filled(
+        &mut self,
+        metadata: &mut Option<impl FnOnce() -> UserMetadata + Send>,
+    ) -> FsResult<()> {
+        if self.stream.is_none() {
+            let meta = metadata.take().map(|f| f()).unwrap_or_default();
+            let options = PutOptions {
+                metadata: meta.clone(),
+                ..PutOptions::default()
+            };
+            let upload_id = self
+                .ctx
+                .store
+                .create_multipart_upload(&self.ctx.bucket, &self.key, &options)
+                .await?;
+            self.stream = Some(Stream {
+                upload_id,
+                metadata: meta,
+                sent: 0,
+                parts: Vec::new(),
+            });
+        }
+        let (Some(stream), Some((buf, permit))) = (self.stream.as_mut(), self.filling.take())
+        else {
+            return Ok(());
+        };
+        let number = (stream.sent / self.ctx.stream_part_size()) as i32 + 1;
+        stream.sent += buf.len() as u64;
+        let ctx = self.ctx.clone();
+        let key = self.key.clone();
+        let id = stream.upload_id.clone();
+        stream.parts.push(tokio::spawn(async move {
+            let body = Bytes::from(buf);
+            let r = ctx
+                .store
+                .upload_part(&ctx.bucket, &key, &id, number, body.clone())
+                .await;
+            ctx.parts.give_bytes(body);
+            drop(permit);
+            Ok(r?)
+        }));
+        Ok(())
+    }
+
+    fn recycle_filling(&mut self) {
+        if let Some((buf, _permit)) = self.filling.take() {
+            self.ctx.parts.give(buf);
         }
     }
 
@@ -370,6 +438,7 @@ impl Staged {
     /// flush.
     async fn break_stream(&mut self) {
         self.sequential = false;
+        self.recycle_filling();
         if let Some(stream) = self.stream.take() {
             for p in stream.parts {
                 let _ = p.await;
@@ -483,11 +552,18 @@ impl Staged {
         }
         if self.size > stream.sent {
             let len = self.size - stream.sent;
-            let _permit = self.ctx.memory.acquire(len).await;
-            let mut buf = vec![0u8; len as usize];
-            if let Err(e) = self.file.read_exact_at(&mut buf, stream.sent) {
-                return abort(e.into()).await;
-            }
+            let (buf, _permit) = match self.filling.take() {
+                Some((buf, permit)) if buf.len() as u64 == len => (buf, permit),
+                other => {
+                    drop(other);
+                    let permit = self.ctx.memory.acquire(len).await;
+                    let mut buf = vec![0u8; len as usize];
+                    if let Err(e) = self.file.read_exact_at(&mut buf, stream.sent) {
+                        return abort(e.into()).await;
+                    }
+                    (buf, permit)
+                }
+            };
             let number = (stream.sent / part) as i32 + 1;
             match self
                 .ctx
@@ -514,7 +590,7 @@ impl Staged {
             Ok(r) => r.etag,
             Err(e) => return abort(e.into()).await,
         };
-        if stream.metadata != *metadata || content_type.is_some() {
+        if !same_but_times(&stream.metadata, metadata) || content_type.is_some() {
             // The upload was created before the final attributes were known. The copy makes a
             // new version; on AWS it has a new ETag, which is the one to remember.
             if let Some(copied) = self.replace_metadata(metadata, content_type).await? {
@@ -678,6 +754,17 @@ impl Staged {
     }
 }
 
+/// Whether two s3fs metadata maps differ at most in their times.
+fn same_but_times(a: &UserMetadata, b: &UserMetadata) -> bool {
+    let untimed = |m: &UserMetadata| {
+        m.iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "mtime" | "ctime" | "atime"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>()
+    };
+    untimed(a) == untimed(b)
+}
+
 impl FsError {
     fn errno_or_eio(&self) -> i32 {
         match self.errno {
@@ -701,5 +788,136 @@ impl Drop for Staged {
         self.ctx.disk.set_dirty_delta(-(self.dirty_counted as i64));
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(self.path.with_extension("key"));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use s3vol_s3::{Fault, FaultStore, MemStore, Op, S3Error};
+
+    const MIB: usize = 1 << 20;
+
+    async fn ctx_over(store: Arc<FaultStore>, dir: &std::path::Path) -> Arc<StageCtx> {
+        let bucket = BucketName::new("bkt").unwrap();
+        store.create_bucket(&bucket).await.unwrap();
+        Arc::new(StageCtx {
+            store,
+            bucket,
+            dir: dir.to_owned(),
+            part_size: 5 << 20,
+            memory: Arc::new(Memory::new(64 << 20)),
+            disk: Arc::new(Disk::new(1 << 30)),
+            parts: Arc::new(BufPool::new(5 << 20, 2)),
+        })
+    }
+
+    fn data(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i / 1000) as u8 ^ seed).collect()
+    }
+
+    async fn object(ctx: &StageCtx, key: &str) -> (Vec<u8>, UserMetadata) {
+        let got = ctx
+            .store
+            .get_object(&ctx.bucket, key, None, None)
+            .await
+            .unwrap();
+        let body: Vec<Bytes> = got.body.try_collect().await.unwrap();
+        let info = ctx.store.head_object(&ctx.bucket, key).await.unwrap();
+        (body.concat(), info.metadata)
+    }
+
+    fn meta(mode: &str, mtime: &str) -> UserMetadata {
+        UserMetadata::from([
+            ("mode".to_owned(), mode.to_owned()),
+            ("mtime".to_owned(), mtime.to_owned()),
+        ])
+    }
+
+    #[tokio::test]
+    async fn a_streamed_file_arrives_whole_without_a_metadata_copy_when_only_times_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let ctx = ctx_over(store.clone(), dir.path()).await;
+        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+        let content = data(12 * MIB + 777, 1);
+        for chunk in content.chunks(MIB) {
+            let at = st.size();
+            st.write(at, chunk, || meta("33188", "1")).await.unwrap();
+        }
+        assert!(st.stream.is_some(), "parts went up while writing");
+        // A copy would fail: the upload must not need one.
+        store.add(Fault::FailOp {
+            op: Op::Copy,
+            error: S3Error::Transient("injected".into()),
+            times: None,
+        });
+        st.upload(&meta("33188", "2"), None).await.unwrap();
+        let (body, stored) = object(&ctx, "f").await;
+        assert!(body == content, "the object holds what was written");
+        assert_eq!(stored["mode"], "33188");
+        assert_eq!(stored["mtime"], "1", "the time the upload began");
+    }
+
+    #[tokio::test]
+    async fn a_streamed_file_whose_mode_changed_gets_its_metadata_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let ctx = ctx_over(store, dir.path()).await;
+        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+        let content = data(6 * MIB, 2);
+        st.write(0, &content, || meta("33188", "1")).await.unwrap();
+        st.upload(&meta("33261", "1"), None).await.unwrap();
+        let (body, stored) = object(&ctx, "f").await;
+        assert!(body == content);
+        assert_eq!(stored["mode"], "33261");
+    }
+
+    #[tokio::test]
+    async fn extending_or_seeking_while_streaming_keeps_every_byte_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let ctx = ctx_over(store, dir.path()).await;
+        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+        let mut expect = data(7 * MIB, 3);
+        st.write(0, &expect, || meta("33188", "1")).await.unwrap();
+        // ftruncate up: zeros, then appending after them.
+        st.truncate(8 * MIB as u64).await.unwrap();
+        expect.resize(8 * MIB, 0);
+        let tail = data(3 * MIB, 4);
+        st.write(8 * MIB as u64, &tail, || meta("33188", "1"))
+            .await
+            .unwrap();
+        expect.extend_from_slice(&tail);
+        // And a rewrite near the start.
+        st.write(10, b"header", || meta("33188", "1"))
+            .await
+            .unwrap();
+        expect[10..16].copy_from_slice(b"header");
+        st.upload(&meta("33188", "1"), None).await.unwrap();
+        assert!(object(&ctx, "f").await.0 == expect);
+        // The local copy reads the same.
+        let local = st.read(0, expect.len() as u64).await.unwrap();
+        assert!(local == expect);
+    }
+
+    #[tokio::test]
+    async fn part_buffers_are_reused() {
+        let pool = BufPool::new(1024, 1);
+        let mut a = pool.take();
+        a.extend_from_slice(&[1; 1000]);
+        let ptr = a.as_ptr();
+        pool.give_bytes(Bytes::from(a));
+        let b = pool.take();
+        assert_eq!(b.as_ptr(), ptr, "the same allocation");
+        assert!(b.is_empty());
+        // A buffer still shared is not taken back; one of another size is dropped.
+        let shared = Bytes::from(b);
+        let _other = shared.clone();
+        pool.give_bytes(shared);
+        pool.give(Vec::with_capacity(10));
+        let fresh = pool.take();
+        assert_ne!(fresh.as_ptr(), ptr);
     }
 }
