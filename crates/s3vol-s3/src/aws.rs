@@ -32,17 +32,24 @@ use crate::types::{
 #[derive(Clone, Debug)]
 pub struct AwsStore {
     client: aws_sdk_s3::Client,
+    /// Uploads go with `UNSIGNED-PAYLOAD` ([`S3Config::unsigned_payload`]).
+    unsigned_payload: bool,
 }
 
 impl AwsStore {
     pub async fn new(config: &S3Config) -> Self {
         Self {
             client: config.build_sdk_client().await,
+            unsigned_payload: config.unsigned_payload(),
         }
     }
 
+    /// A store over a client built elsewhere; request bodies are signed.
     pub fn from_client(client: aws_sdk_s3::Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            unsigned_payload: false,
+        }
     }
 
     /// The region requests are signed for.
@@ -285,17 +292,21 @@ impl ObjectStore for AwsStore {
     ) -> S3Result<PutResult> {
         let len = body.len() as u64;
         let out = observe(Op::Put, async {
-            self.client
+            let request = self
+                .client
                 .put_object()
                 .bucket(bucket.as_str())
                 .key(key)
                 .body(SdkByteStream::from(body))
                 .set_metadata(from_metadata(&options.metadata))
                 .set_content_type(options.content_type.clone())
-                .set_if_none_match(options.if_none_match_any.then(|| "*".to_owned()))
-                .send()
-                .await
-                .map_err(|e| map_err(e, obj(bucket, key)))
+                .set_if_none_match(options.if_none_match_any.then(|| "*".to_owned()));
+            if self.unsigned_payload {
+                request.customize().disable_payload_signing().send().await
+            } else {
+                request.send().await
+            }
+            .map_err(|e| map_err(e, obj(bucket, key)))
         })
         .await?;
         metrics::counter!("s3vol_s3_bytes_total", "direction" => "upload").increment(len);
@@ -342,16 +353,20 @@ impl ObjectStore for AwsStore {
     ) -> S3Result<CompletedPart> {
         let len = body.len() as u64;
         let out = observe(Op::UploadPart, async {
-            self.client
+            let request = self
+                .client
                 .upload_part()
                 .bucket(bucket.as_str())
                 .key(key)
                 .upload_id(&upload_id.0)
                 .part_number(part_number)
-                .body(SdkByteStream::from(body))
-                .send()
-                .await
-                .map_err(|e| map_err(e, format!("{} part {part_number}", obj(bucket, key))))
+                .body(SdkByteStream::from(body));
+            if self.unsigned_payload {
+                request.customize().disable_payload_signing().send().await
+            } else {
+                request.send().await
+            }
+            .map_err(|e| map_err(e, format!("{} part {part_number}", obj(bucket, key))))
         })
         .await?;
         metrics::counter!("s3vol_s3_bytes_total", "direction" => "upload").increment(len);

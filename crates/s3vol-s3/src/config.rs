@@ -33,6 +33,30 @@ pub enum ChecksumPolicy {
     WhenSupported,
 }
 
+/// Whether the SHA-256 of a request body (PUT, UploadPart) is part of the request's signature.
+/// Hashing costs a pass over every byte uploaded, on the client and again on the server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PayloadSigning {
+    /// Unsigned over HTTPS, where TLS already protects the body; signed over plain HTTP (as
+    /// the AWS SDKs for Python and Java do).
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl std::str::FromStr for PayloadSigning {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            _ => Err(format!("{s:?}: expected auto, always or never")),
+        }
+    }
+}
+
 /// Access keys handed in by the caller (a CSI secret, a COSI grant, a pipe).
 #[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StaticCredentials {
@@ -82,6 +106,7 @@ pub struct S3Config {
     pub addressing: Addressing,
     pub credentials: CredentialSource,
     pub checksums: ChecksumPolicy,
+    pub payload_signing: PayloadSigning,
     /// Attempts per request, including the first (SDK standard retry with backoff).
     pub max_attempts: u32,
     pub connect_timeout: Duration,
@@ -97,6 +122,7 @@ impl Default for S3Config {
             addressing: Addressing::default(),
             credentials: CredentialSource::default(),
             checksums: ChecksumPolicy::default(),
+            payload_signing: PayloadSigning::default(),
             max_attempts: 5,
             connect_timeout: Duration::from_secs(5),
             operation_attempt_timeout: Duration::from_secs(120),
@@ -105,6 +131,19 @@ impl Default for S3Config {
 }
 
 impl S3Config {
+    /// Whether uploads go with `UNSIGNED-PAYLOAD` under this configuration.
+    pub fn unsigned_payload(&self) -> bool {
+        match self.payload_signing {
+            PayloadSigning::Always => false,
+            PayloadSigning::Never => true,
+            // No endpoint: AWS, over HTTPS.
+            PayloadSigning::Auto => self.endpoint_url.as_deref().is_none_or(|u| {
+                u.get(..8)
+                    .is_some_and(|p| p.eq_ignore_ascii_case("https://"))
+            }),
+        }
+    }
+
     /// Builds the SDK client for this configuration. Credentials are resolved lazily, on the
     /// first request.
     pub async fn build_sdk_client(&self) -> aws_sdk_s3::Client {
@@ -165,5 +204,28 @@ impl S3Config {
                 .build();
         }
         shared
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_signing_follows_the_scheme_unless_forced() {
+        let with = |endpoint: Option<&str>, payload_signing| S3Config {
+            endpoint_url: endpoint.map(str::to_owned),
+            payload_signing,
+            ..S3Config::default()
+        };
+        use PayloadSigning::*;
+        assert!(with(None, Auto).unsigned_payload(), "AWS is HTTPS");
+        assert!(with(Some("HTTPS://minio:9000"), Auto).unsigned_payload());
+        assert!(!with(Some("http://127.0.0.1:9000"), Auto).unsigned_payload());
+        assert!(with(Some("http://127.0.0.1:9000"), Never).unsigned_payload());
+        assert!(!with(None, Always).unsigned_payload());
+        assert_eq!("never".parse::<PayloadSigning>(), Ok(Never));
+        assert!("sometimes".parse::<PayloadSigning>().is_err());
     }
 }

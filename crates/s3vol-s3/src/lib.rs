@@ -25,7 +25,9 @@ pub mod testing;
 mod types;
 
 pub use aws::AwsStore;
-pub use config::{Addressing, ChecksumPolicy, CredentialSource, S3Config, StaticCredentials};
+pub use config::{
+    Addressing, ChecksumPolicy, CredentialSource, PayloadSigning, S3Config, StaticCredentials,
+};
 pub use error::{S3Error, S3Result};
 pub use fault::{Fault, FaultStore};
 pub use mem::MemStore;

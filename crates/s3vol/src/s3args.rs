@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use s3vol_s3::{Addressing, BucketName, ChecksumPolicy, CredentialSource, S3Config};
+use s3vol_s3::{
+    Addressing, BucketName, ChecksumPolicy, CredentialSource, PayloadSigning, S3Config,
+};
 
 #[derive(Clone, Debug, Default, Args)]
 pub struct S3Args {
@@ -27,6 +29,10 @@ pub struct S3Args {
     /// S3-compatible stores reject them).
     #[arg(long)]
     pub full_checksums: bool,
+    /// Whether upload bodies are hashed into the request signature: `auto` signs them over
+    /// plain HTTP only (over HTTPS, TLS protects them), `always`, or `never`.
+    #[arg(long, default_value = "auto", value_name = "WHEN")]
+    pub payload_signing: PayloadSigning,
     /// Attempts per S3 request, including the first.
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub max_attempts: u32,
@@ -52,6 +58,7 @@ impl S3Args {
             } else {
                 ChecksumPolicy::WhenRequired
             },
+            payload_signing: self.payload_signing,
             max_attempts: self.max_attempts,
             connect_timeout: Duration::from_secs(5),
             ..S3Config::default()
