@@ -26,7 +26,8 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use s3vol_s3::{
-    CopySource, ETag, ListRequest, MetadataDirective, ObjectInfo, ObjectStore, PutOptions, S3Error,
+    CopySource, ETag, ListPage, ListRequest, MetadataDirective, ObjectInfo, ObjectStore,
+    PutOptions, S3Error,
 };
 
 use crate::budget::{Disk, Memory};
@@ -94,6 +95,29 @@ struct DirStream {
     /// Every entry so far, kept once the listing is complete; `None` when there are too many
     /// to keep or the listing came from a kept one.
     complete: Option<Vec<Listed>>,
+    /// The next page, being listed already.
+    next_page: Option<PrefetchedPage>,
+}
+
+/// A LIST request running on its own; cancelled when the stream is dropped.
+#[derive(Debug)]
+struct PrefetchedPage(tokio::task::JoinHandle<Result<ListPage, S3Error>>);
+
+impl Drop for PrefetchedPage {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Future for PrefetchedPage {
+    type Output = Result<Result<ListPage, S3Error>, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
 }
 
 impl DirStream {
@@ -110,6 +134,7 @@ impl DirStream {
             generation: 0,
             started: Instant::now(),
             complete: Some(Vec::new()),
+            next_page: None,
         }
     }
 }
@@ -733,7 +758,9 @@ impl S3Fs {
         while d.entries.front().is_some_and(|e| e.next_offset <= offset) {
             d.entries.pop_front();
         }
-        while d.entries.is_empty() && !d.done {
+        // Load when nothing is loaded, or only `.` and `..` (a first reply with nothing else
+        // would cost the kernel one more call).
+        while !d.done && d.entries.back().is_none_or(|e| e.inode.is_none()) {
             self.load_page(&mut d).await?;
             while d.entries.front().is_some_and(|e| e.next_offset <= offset) {
                 d.entries.pop_front();
@@ -858,19 +885,29 @@ impl S3Fs {
             }
             return Ok(());
         }
-        let request = ListRequest {
-            prefix: d.prefix.clone(),
-            delimiter: Some("/".into()),
-            continuation_token: d.token.take(),
-            max_keys: Some(1000),
-            ..ListRequest::default()
+        let page = match d.next_page.take() {
+            Some(prefetched) => prefetched
+                .await
+                .map_err(|e| err!(libc::EIO, "listing {}: {e}", d.prefix))??,
+            None => {
+                let request = self.list_request(&d.prefix, d.token.take());
+                self.store
+                    .list_objects(&self.config.bucket, &request)
+                    .await?
+            }
         };
-        let page = self
-            .store
-            .list_objects(&self.config.bucket, &request)
-            .await?;
         d.token = page.next_continuation_token.clone();
         d.listed_all = d.token.is_none();
+        // Pages can only be listed one after the other: ask for the next one now, while this
+        // one is resolved and read, not when the kernel asks for more.
+        if let Some(token) = d.token.take() {
+            let store = self.store.clone();
+            let bucket = self.config.bucket.clone();
+            let request = self.list_request(&d.prefix, Some(token));
+            d.next_page = Some(PrefetchedPage(tokio::spawn(async move {
+                store.list_objects(&bucket, &request).await
+            })));
+        }
         // Directories first, so that a file with a directory's name is hidden.
         let mut candidates: Vec<(String, Kind, Option<s3vol_s3::ListEntry>)> = Vec::new();
         let mut dirs_here = HashSet::new();
@@ -919,6 +956,16 @@ impl S3Fs {
             self.push_listed(d, name, inode);
         }
         Ok(())
+    }
+
+    fn list_request(&self, prefix: &str, token: Option<String>) -> ListRequest {
+        ListRequest {
+            prefix: prefix.to_owned(),
+            delimiter: Some("/".into()),
+            continuation_token: token,
+            max_keys: Some(1000),
+            ..ListRequest::default()
+        }
     }
 
     async fn resolve_listed(

@@ -293,3 +293,29 @@ async fn changes_made_here_show_in_the_next_listing_within_the_ttl() {
     fs.rmdir(ROOT, "e").await.unwrap();
     assert_eq!(names(&list(&fs, ROOT, true, 10).await), ["f1"]);
 }
+
+#[tokio::test]
+async fn the_next_page_is_listed_while_the_current_one_is_read() {
+    let cache = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let fs = fs_with(store.clone(), cache.path(), |c| c.listing_attrs = true).await;
+    put_files(&store, "", 2500).await;
+    let before = store.calls();
+    let fh = fs.opendir(ROOT).unwrap();
+    let mut taken = 0;
+    fs.readdir(fh, 0, true, |_| {
+        taken += 1;
+        taken > 10
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(
+        store.calls() - before,
+        2,
+        "the first page, and the second already"
+    );
+    fs.releasedir(fh);
+    let got = list(&fs, ROOT, false, 100).await;
+    assert_eq!(names(&got).len(), 2500);
+}
