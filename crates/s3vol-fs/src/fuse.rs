@@ -215,10 +215,11 @@ impl Filesystem for FuseFs {
             InitFlags::FUSE_BIG_WRITES,
             InitFlags::FUSE_MAX_PAGES,
             InitFlags::FUSE_ATOMIC_O_TRUNC,
-            // Always READDIRPLUS, not READDIRPLUS_AUTO: with AUTO the kernel sends it only
-            // for a directory's first reply and after lookups, but `ls -l` reads the whole
-            // directory before it stats anything, so every later entry would cost a LOOKUP.
+            // READDIRPLUS, AUTO: the kernel asks for attributes with a directory's first
+            // batch, and for later batches once entries it got so are being used (`ls -l`,
+            // `find -type`); a bare `ls` gets plain names after the first batch.
             InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
         ] {
             let _ = config.add_capabilities(cap);
         }
