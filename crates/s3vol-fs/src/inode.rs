@@ -340,3 +340,69 @@ impl Inodes {
         self.table().inodes.len()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::FsConfig;
+    use s3vol_s3::BucketName;
+    use std::time::SystemTime;
+
+    fn file(inodes: &Inodes, name: &str) -> Arc<Inode> {
+        let config = FsConfig::new(BucketName::new("bkt").unwrap(), String::new(), "/".into());
+        let attrs = Attrs::defaults(Kind::File, &config, 0, SystemTime::now());
+        inodes.upsert(ROOT, name, name.into(), attrs, None, false, false, false)
+    }
+
+    fn table() -> Inodes {
+        let config = FsConfig::new(BucketName::new("bkt").unwrap(), String::new(), "/".into());
+        Inodes::new(
+            String::new(),
+            Attrs::defaults(Kind::Dir, &config, 0, SystemTime::now()),
+        )
+    }
+
+    #[test]
+    fn listed_entries_count_as_lookups_and_come_back_under_their_number() {
+        let inodes = table();
+        let a = file(&inodes, "a");
+        assert_eq!(inodes.listed(ROOT, "a", &a, true).ino, a.ino);
+        assert_eq!(a.state().lookups, 1);
+        // The kernel forgets it: out of the table...
+        inodes.forget(a.ino, 1);
+        assert!(inodes.get(a.ino).is_none() && inodes.child(ROOT, "a").is_none());
+        // ...and a kept listing hands it out again, under the same number and name.
+        assert_eq!(inodes.listed(ROOT, "a", &a, true).ino, a.ino);
+        assert_eq!(inodes.child(ROOT, "a").unwrap().ino, a.ino);
+        assert_eq!(a.state().lookups, 1);
+        // Without a lookup (plain readdir) nothing is counted.
+        inodes.listed(ROOT, "a", &a, false);
+        assert_eq!(a.state().lookups, 1);
+        // A name looked up anew since the listing: the current inode wins.
+        inodes.forget(a.ino, 1);
+        let a2 = file(&inodes, "a");
+        assert_ne!(a2.ino, a.ino);
+        assert_eq!(inodes.listed(ROOT, "a", &a, true).ino, a2.ino);
+        assert_eq!((a.state().lookups, a2.state().lookups), (0, 1));
+        assert!(inodes.get(a.ino).is_none());
+    }
+
+    #[test]
+    fn a_lookup_of_an_inode_forgotten_meanwhile_puts_it_back() {
+        let inodes = table();
+        let b = file(&inodes, "b");
+        inodes.add_lookup(&b);
+        inodes.forget(b.ino, 1);
+        assert!(inodes.get(b.ino).is_none());
+        inodes.add_lookup(&b);
+        assert_eq!(inodes.get(b.ino).unwrap().state().lookups, 1);
+        assert_eq!(inodes.child(ROOT, "b").unwrap().ino, b.ino);
+        // An unlinked inode comes back under its number only, not its old name.
+        let c = file(&inodes, "c");
+        inodes.detach(ROOT, "c");
+        c.state().unlinked = true;
+        inodes.listed(ROOT, "c", &c, true);
+        assert!(inodes.get(c.ino).is_some() && inodes.child(ROOT, "c").is_none());
+    }
+}
