@@ -216,8 +216,8 @@ impl Filesystem for FuseFs {
             InitFlags::FUSE_MAX_PAGES,
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             // READDIRPLUS, AUTO: the kernel asks for attributes with a directory's first
-            // batch, and for later batches once entries it got so are being used (`ls -l`,
-            // `find -type`); a bare `ls` gets plain names after the first batch.
+            // batch, and for later batches once entries it got so are being used (`ls -l`
+            // stats each batch as it reads it); a bare `ls` gets plain names after that.
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
         ] {
