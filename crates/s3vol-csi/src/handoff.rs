@@ -54,6 +54,8 @@ pub struct MountOptions {
     pub memory_limit: Option<u64>,
     #[serde(default)]
     pub read_only: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub listing_attrs: bool,
 }
 
 impl MountOptions {
@@ -87,6 +89,9 @@ impl MountOptions {
         }
         if self.read_only {
             a.push("--read-only".to_owned());
+        }
+        if self.listing_attrs {
+            a.push("--listing-attrs".to_owned());
         }
         a
     }
@@ -266,6 +271,7 @@ mod tests {
                 uid: Some(1000),
                 file_mode: Some(0o644),
                 read_only: true,
+                listing_attrs: true,
                 ..MountOptions::default()
             },
             staging_path: "/stage".into(),
@@ -291,7 +297,14 @@ mod tests {
     fn options_become_flags() {
         assert_eq!(
             request().options.to_args(),
-            ["--uid", "1000", "--file-mode", "0644", "--read-only"]
+            [
+                "--uid",
+                "1000",
+                "--file-mode",
+                "0644",
+                "--read-only",
+                "--listing-attrs"
+            ]
         );
     }
 

@@ -350,11 +350,12 @@ pub fn mount_options(flags: &[String]) -> CsiResult<MountOptions> {
             "cache-size" => o.cache_size = Some(parse_bytes(key, need(key, value)?)?),
             "memory-limit" => o.memory_limit = Some(parse_bytes(key, need(key, value)?)?),
             "ro" | "read-only" if value.is_none() => o.read_only = true,
+            "listing-attrs" if value.is_none() => o.listing_attrs = true,
             "rw" if value.is_none() => {}
             _ => {
                 return Err(CsiError::invalid(format!(
                     "unsupported mount option {key:?} (supported: uid, gid, file-mode, dir-mode, \
-                     metadata-ttl, cache-size, memory-limit, ro)"
+                     metadata-ttl, cache-size, memory-limit, ro, listing-attrs)"
                 )));
             }
         }
@@ -591,7 +592,7 @@ mod tests {
             "file-mode=0640".into(),
             "dir-mode=750".into(),
             "metadata-ttl=10".into(),
-            "ro".into(),
+            "ro,listing-attrs".into(),
         ])
         .unwrap();
         assert_eq!(o.uid, Some(1000));
@@ -599,8 +600,10 @@ mod tests {
         assert_eq!(o.file_mode, Some(0o640));
         assert_eq!(o.dir_mode, Some(0o750));
         assert_eq!(o.metadata_ttl, Some(10.0));
-        assert!(o.read_only);
+        assert!(o.read_only && o.listing_attrs);
+        assert!(!mount_options(&["ro".into()]).unwrap().listing_attrs);
         for bad in [
+            "listing-attrs=yes",
             "cache-dir=/etc",
             "uid=x",
             "file-mode=99",

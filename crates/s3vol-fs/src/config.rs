@@ -29,6 +29,11 @@ pub struct FsConfig {
     pub part_size: u64,
     /// HEAD requests in flight at once when listing a directory.
     pub list_concurrency: usize,
+    /// Listings take each file's size, mtime and ETag from the LIST response and its mode and
+    /// owner from the defaults above, without a HEAD per entry. Inodes this mount already
+    /// knows at the same ETag keep their attributes; lookups by name still read the object's
+    /// own metadata.
+    pub listing_attrs: bool,
 }
 
 impl FsConfig {
@@ -48,6 +53,7 @@ impl FsConfig {
             memory_limit: 512 << 20,
             part_size: 8 << 20,
             list_concurrency: 64,
+            listing_attrs: false,
         }
     }
 }

@@ -8,9 +8,15 @@
 //! same name, the directory wins and the file is hidden. Keys that make no file name (empty
 //! path segments as in `a//b`, names over 255 bytes, `.` and `..`) are not shown.
 //!
-//! Consistency: close-to-open. `open` asks S3 for the object's current version; attributes
-//! and negative lookups are otherwise trusted for `metadata_ttl`. `close` (flush) and `fsync`
-//! upload and return only when the data is in S3, or fail with the error.
+//! Consistency: close-to-open. `open` asks S3 for the object's current version; attributes,
+//! negative lookups and complete directory listings (`listing.rs`) are otherwise trusted for
+//! `metadata_ttl`. `close` (flush) and `fsync` upload and return only when the data is in S3,
+//! or fail with the error.
+//!
+//! Listings: one LIST page at a time, loaded when the kernel has taken what was loaded, with
+//! a HEAD per entry for its s3fs metadata (or, with `listing_attrs`, the page's own size,
+//! time and ETag). Entries go to the kernel with their attributes (READDIRPLUS), each counted
+//! as a lookup.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,13 +26,15 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use s3vol_s3::{
-    CopySource, ETag, ListRequest, MetadataDirective, ObjectInfo, ObjectStore, PutOptions, S3Error,
+    CopySource, ETag, ListPage, ListRequest, MetadataDirective, ObjectInfo, ObjectStore,
+    PutOptions, S3Error,
 };
 
 use crate::budget::{BufPool, Disk, Memory};
 use crate::config::FsConfig;
 use crate::error::{FsError, FsResult, err};
 use crate::inode::{Inode, InodeNo, Inodes, ROOT};
+use crate::listing::{Listed, Listing, Listings, MAX_ENTRIES as MAX_LISTED_ENTRIES};
 use crate::meta::{Attrs, Kind};
 use crate::read::{ReadCtx, Reader};
 use crate::stage::{Base, MAX_COPY_OBJECT, StageCtx, Staged};
@@ -37,12 +45,14 @@ const PARTS_KEPT: usize = 4;
 
 /// An entry returned by [`S3Fs::readdir`].
 #[derive(Clone, Debug)]
-pub struct DirEntry {
+pub struct DirEntry<'a> {
     pub ino: InodeNo,
     /// The offset of the entry after this one.
     pub next_offset: u64,
     pub kind: Kind,
-    pub name: String,
+    pub name: &'a str,
+    /// For READDIRPLUS: the attributes the kernel caches with the entry.
+    pub attrs: Option<&'a Attrs>,
 }
 
 /// How a file was opened.
@@ -60,16 +70,90 @@ struct FileHandle {
     reader: tokio::sync::Mutex<Option<Reader>>,
 }
 
+/// One entry of an open directory stream.
+#[derive(Debug)]
+struct StreamEntry {
+    ino: InodeNo,
+    next_offset: u64,
+    name: String,
+    /// `None` for `.` and `..`.
+    inode: Option<Arc<Inode>>,
+}
+
 #[derive(Debug)]
 struct DirStream {
     ino: InodeNo,
     prefix: String,
-    entries: VecDeque<DirEntry>,
+    /// Entries loaded and not yet passed by the kernel's offset.
+    entries: VecDeque<StreamEntry>,
     next_offset: u64,
     token: Option<String>,
     listed_all: bool,
     done: bool,
     seen: HashSet<String>,
+    /// The directory's `listing_gen` when this listing started, and when that was.
+    generation: u64,
+    started: Instant,
+    /// Every entry so far, kept once the listing is complete; `None` when there are too many
+    /// to keep or the listing came from a kept one.
+    complete: Option<Vec<Listed>>,
+    /// The next page, being listed already.
+    next_page: Option<PrefetchedPage>,
+}
+
+/// A LIST request running on its own; cancelled when the stream is dropped.
+#[derive(Debug)]
+struct PrefetchedPage(tokio::task::JoinHandle<Result<ListPage, S3Error>>);
+
+impl Drop for PrefetchedPage {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Future for PrefetchedPage {
+    type Output = Result<Result<ListPage, S3Error>, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl DirStream {
+    fn new(ino: InodeNo, prefix: String) -> Self {
+        Self {
+            ino,
+            prefix,
+            entries: VecDeque::new(),
+            next_offset: 0,
+            token: None,
+            listed_all: false,
+            done: false,
+            seen: HashSet::new(),
+            generation: 0,
+            started: Instant::now(),
+            complete: Some(Vec::new()),
+            next_page: None,
+        }
+    }
+}
+
+/// See [`S3Fs::changing`].
+struct Changing<'a> {
+    fs: &'a S3Fs,
+    dirs: [InodeNo; 2],
+}
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        self.fs.dir_changed(self.dirs[0]);
+        if self.dirs[1] != self.dirs[0] {
+            self.fs.dir_changed(self.dirs[1]);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -84,6 +168,8 @@ pub struct S3Fs {
     config: FsConfig,
     store: Arc<dyn ObjectStore>,
     inodes: Inodes,
+    /// Complete listings of directories, reused within `metadata_ttl`.
+    listings: Listings,
     negative: Mutex<HashMap<(InodeNo, String), Instant>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
@@ -110,6 +196,12 @@ fn name_ok(name: &str) -> FsResult<()> {
         return Err(err!(libc::EINVAL, "invalid name {name:?}"));
     }
     Ok(())
+}
+
+/// Whether two ETags name the same version. Some stores quote them in HEAD responses and not
+/// in listings (or the other way round).
+fn same_etag(a: &ETag, b: &ETag) -> bool {
+    a.as_str().trim_matches('"') == b.as_str().trim_matches('"')
 }
 
 fn not_found(e: &S3Error) -> bool {
@@ -150,6 +242,7 @@ impl S3Fs {
             inodes: Inodes::new(config.prefix.clone(), root_attrs),
             config,
             store,
+            listings: Listings::new(MAX_LISTED_ENTRIES),
             negative: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -625,16 +718,7 @@ impl S3Fs {
     pub fn opendir(&self, ino: InodeNo) -> FsResult<u64> {
         let (_, prefix) = self.dir_key(ino)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let stream = DirStream {
-            ino,
-            prefix,
-            entries: VecDeque::new(),
-            next_offset: 0,
-            token: None,
-            listed_all: false,
-            done: false,
-            seen: HashSet::new(),
-        };
+        let stream = DirStream::new(ino, prefix);
         self.handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -654,51 +738,139 @@ impl S3Fs {
         }
     }
 
-    /// Entries from `offset` on (as many as are loaded; at least one page unless at the end).
-    pub async fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+    /// Hands `add` the entries from `offset` on, one at a time, until `add` returns true (the
+    /// reply is full and did not take that entry) or the loaded entries run out; when none
+    /// are loaded, the next page is loaded first. So a call costs what the kernel takes, not
+    /// what is loaded.
+    ///
+    /// With `plus` (READDIRPLUS) every entry carries its attributes, and every entry taken
+    /// except `.` and `..` counts as a lookup of its inode, as the kernel counts it.
+    pub async fn readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        plus: bool,
+        mut add: impl FnMut(&DirEntry<'_>) -> bool,
+    ) -> FsResult<()> {
         let handle = self.dir_handle(fh)?;
         let mut d = handle.lock().await;
         if offset == 0 && d.next_offset > 0 {
-            // rewinddir: list again.
-            let (ino, prefix) = (d.ino, d.prefix.clone());
-            *d = DirStream {
-                ino,
-                prefix,
-                entries: VecDeque::new(),
-                next_offset: 0,
-                token: None,
-                listed_all: false,
-                done: false,
-                seen: HashSet::new(),
-            };
+            // rewinddir: list again (from the kept listing while it is fresh).
+            *d = DirStream::new(d.ino, d.prefix.clone());
         }
         if d.next_offset == 0 {
-            let parent = self.inode(d.ino)?.state().parent;
-            let ino = d.ino;
-            d.entries.push_back(DirEntry {
-                ino,
-                next_offset: 1,
-                kind: Kind::Dir,
-                name: ".".into(),
-            });
-            d.entries.push_back(DirEntry {
-                ino: parent,
-                next_offset: 2,
-                kind: Kind::Dir,
-                name: "..".into(),
-            });
-            d.next_offset = 2;
+            self.start_listing(&mut d)?;
         }
         while d.entries.front().is_some_and(|e| e.next_offset <= offset) {
             d.entries.pop_front();
         }
-        while d.entries.is_empty() && !d.done {
+        // Load when nothing is loaded, or only `.` and `..` (a first reply with nothing else
+        // would cost the kernel one more call).
+        while !d.done && d.entries.back().is_none_or(|e| e.inode.is_none()) {
             self.load_page(&mut d).await?;
             while d.entries.front().is_some_and(|e| e.next_offset <= offset) {
                 d.entries.pop_front();
             }
         }
-        Ok(d.entries.iter().cloned().collect())
+        let dir_attrs = if plus {
+            Some(self.attrs_of(&*self.inode(d.ino)?))
+        } else {
+            None
+        };
+        for e in &d.entries {
+            let Some(listed) = &e.inode else {
+                // `.` and `..`: the kernel does not count them as lookups.
+                let entry = DirEntry {
+                    ino: e.ino,
+                    next_offset: e.next_offset,
+                    kind: Kind::Dir,
+                    name: &e.name,
+                    attrs: dir_attrs.as_ref(),
+                };
+                if add(&entry) {
+                    break;
+                }
+                continue;
+            };
+            let inode = self.inodes.listed(d.ino, &e.name, listed, plus);
+            let attrs = plus.then(|| self.attrs_of(&inode));
+            let entry = DirEntry {
+                ino: inode.ino,
+                next_offset: e.next_offset,
+                kind: inode.kind,
+                name: &e.name,
+                attrs: attrs.as_ref(),
+            };
+            if add(&entry) {
+                if plus {
+                    // Not sent: the kernel will not count it.
+                    self.inodes.forget(inode.ino, 1);
+                }
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The start of a listing: `.`, `..`, and the whole kept listing when it is fresh.
+    fn start_listing(&self, d: &mut DirStream) -> FsResult<()> {
+        let dir = self.inode(d.ino)?;
+        let (parent, generation) = {
+            let s = dir.state();
+            (s.parent, s.listing_gen)
+        };
+        d.generation = generation;
+        d.started = Instant::now();
+        for (ino, name) in [(d.ino, "."), (parent, "..")] {
+            d.next_offset += 1;
+            let next_offset = d.next_offset;
+            d.entries.push_back(StreamEntry {
+                ino,
+                next_offset,
+                name: name.into(),
+                inode: None,
+            });
+        }
+        if let Some(listing) = self.listings.get(d.ino, self.config.metadata_ttl) {
+            for l in &listing.entries {
+                d.next_offset += 1;
+                let next_offset = d.next_offset;
+                d.entries.push_back(StreamEntry {
+                    ino: l.inode.ino,
+                    next_offset,
+                    name: l.name.clone(),
+                    inode: Some(l.inode.clone()),
+                });
+            }
+            d.complete = None;
+            d.done = true;
+        }
+        Ok(())
+    }
+
+    /// Appends a listed name to the stream (once per name) and to the listing to keep.
+    fn push_listed(&self, d: &mut DirStream, name: String, inode: Arc<Inode>) {
+        if !d.seen.insert(name.clone()) {
+            return;
+        }
+        d.next_offset += 1;
+        let next_offset = d.next_offset;
+        if let Some(complete) = &mut d.complete {
+            if self.listings.fits(complete.len() + 1) {
+                complete.push(Listed {
+                    name: name.clone(),
+                    inode: inode.clone(),
+                });
+            } else {
+                d.complete = None;
+            }
+        }
+        d.entries.push_back(StreamEntry {
+            ino: inode.ino,
+            next_offset,
+            name,
+            inode: Some(inode),
+        });
     }
 
     async fn load_page(&self, d: &mut DirStream) -> FsResult<()> {
@@ -706,33 +878,42 @@ impl S3Fs {
             // Files created here and not uploaded yet.
             for child in self.inodes.local_children(d.ino) {
                 let name = child.state().name.clone();
-                if d.seen.insert(name.clone()) {
-                    d.next_offset += 1;
-                    let next_offset = d.next_offset;
-                    d.entries.push_back(DirEntry {
-                        ino: child.ino,
-                        next_offset,
-                        kind: child.kind,
-                        name,
-                    });
-                }
+                self.push_listed(d, name, child);
             }
             d.done = true;
+            if let Some(entries) = d.complete.take() {
+                let dir = self.inode(d.ino)?;
+                let listing = Listing {
+                    taken: d.started,
+                    entries,
+                };
+                self.listings.insert(&dir, d.generation, listing);
+            }
             return Ok(());
         }
-        let request = ListRequest {
-            prefix: d.prefix.clone(),
-            delimiter: Some("/".into()),
-            continuation_token: d.token.take(),
-            max_keys: Some(1000),
-            ..ListRequest::default()
+        let page = match d.next_page.take() {
+            Some(prefetched) => prefetched
+                .await
+                .map_err(|e| err!(libc::EIO, "listing {}: {e}", d.prefix))??,
+            None => {
+                let request = self.list_request(&d.prefix, d.token.take());
+                self.store
+                    .list_objects(&self.config.bucket, &request)
+                    .await?
+            }
         };
-        let page = self
-            .store
-            .list_objects(&self.config.bucket, &request)
-            .await?;
         d.token = page.next_continuation_token.clone();
         d.listed_all = d.token.is_none();
+        // Pages can only be listed one after the other: ask for the next one now, while this
+        // one is resolved and read, not when the kernel asks for more.
+        if let Some(token) = d.token.take() {
+            let store = self.store.clone();
+            let bucket = self.config.bucket.clone();
+            let request = self.list_request(&d.prefix, Some(token));
+            d.next_page = Some(PrefetchedPage(tokio::spawn(async move {
+                store.list_objects(&bucket, &request).await
+            })));
+        }
         // Directories first, so that a file with a directory's name is hidden.
         let mut candidates: Vec<(String, Kind, Option<s3vol_s3::ListEntry>)> = Vec::new();
         let mut dirs_here = HashSet::new();
@@ -755,11 +936,13 @@ impl S3Fs {
                 continue;
             }
             if valid_name(rest) && !dirs_here.contains(rest) {
-                candidates.push((rest.to_owned(), Kind::File, Some(o)));
+                let name = rest.to_owned();
+                candidates.push((name, Kind::File, Some(o)));
             }
         }
         candidates.retain(|(name, _, _)| !d.seen.contains(name));
-        // Attributes: from the cache when fresh, else HEAD, many at once.
+        // Attributes: from the cache when fresh, else HEAD, many at once (or, with
+        // `listing_attrs`, from the page itself).
         let parent = d.ino;
         let prefix = d.prefix.clone();
         let resolved: Vec<FsResult<Option<Arc<Inode>>>> = futures::stream::iter(candidates)
@@ -776,18 +959,19 @@ impl S3Fs {
         for r in resolved {
             let Some(inode) = r? else { continue };
             let name = inode.state().name.clone();
-            if d.seen.insert(name.clone()) {
-                d.next_offset += 1;
-                let next_offset = d.next_offset;
-                d.entries.push_back(DirEntry {
-                    ino: inode.ino,
-                    next_offset,
-                    kind: inode.kind,
-                    name,
-                });
-            }
+            self.push_listed(d, name, inode);
         }
         Ok(())
+    }
+
+    fn list_request(&self, prefix: &str, token: Option<String>) -> ListRequest {
+        ListRequest {
+            prefix: prefix.to_owned(),
+            delimiter: Some("/".into()),
+            continuation_token: token,
+            max_keys: Some(1000),
+            ..ListRequest::default()
+        }
     }
 
     async fn resolve_listed(
@@ -798,13 +982,25 @@ impl S3Fs {
         kind: Kind,
         entry: Option<s3vol_s3::ListEntry>,
     ) -> FsResult<Option<Arc<Inode>>> {
-        if let Some(child) = self.inodes.child(parent, &name) {
+        let known = self.inodes.child(parent, &name);
+        if let Some(child) = &known {
             let s = child.state();
-            if child.kind == kind && (s.local_only || s.staged.is_some() || self.fresh(s.validated))
+            // A symlink is listed as a file: its inode can answer for it too.
+            let same_kind = (child.kind == Kind::Dir) == (kind == Kind::Dir);
+            // Cached attributes of another version than the one listed are out of date,
+            // however fresh.
+            let same_version = entry
+                .as_ref()
+                .is_none_or(|e| s.etag.as_ref().is_some_and(|t| same_etag(t, &e.etag)));
+            if same_kind
+                && (s.local_only || s.staged.is_some() || same_version && self.fresh(s.validated))
             {
                 drop(s);
-                return Ok(Some(child));
+                return Ok(known);
             }
+        }
+        if self.config.listing_attrs {
+            return Ok(Some(self.listed_as_is(parent, prefix, &name, entry, known)));
         }
         let b = &self.config.bucket;
         match kind {
@@ -839,7 +1035,6 @@ impl S3Fs {
                     Err(e) if not_found(&e) => return Ok(None),
                     Err(e) => return Err(e.into()),
                 };
-                let _ = entry;
                 let (attrs, etag, _) = self.file_attrs(&info);
                 if attrs.kind == Kind::Dir {
                     let key = format!("{key}/");
@@ -852,6 +1047,70 @@ impl S3Fs {
                     parent, &name, key, attrs, etag, false, false, false,
                 )))
             }
+        }
+    }
+
+    /// `listing_attrs`: a listed name with what the LIST page says (size, Last-Modified,
+    /// ETag) and the mount's defaults for the rest, without a HEAD. What this mount already
+    /// knows of the same object version (its real metadata, a chmod made here) is kept. The
+    /// inode is left unvalidated, so a lookup or getattr that reaches us reads the object's
+    /// own metadata.
+    fn listed_as_is(
+        &self,
+        parent: InodeNo,
+        prefix: &str,
+        name: &str,
+        entry: Option<s3vol_s3::ListEntry>,
+        known: Option<Arc<Inode>>,
+    ) -> Arc<Inode> {
+        let (key, attrs, etag) = match entry {
+            None => {
+                if let Some(dir) = known.filter(|c| c.kind == Kind::Dir) {
+                    return dir;
+                }
+                let attrs = Attrs::defaults(Kind::Dir, &self.config, 0, self.mount_time);
+                (format!("{prefix}{name}/"), attrs, None)
+            }
+            Some(entry) => {
+                if let Some(file) = known.filter(|c| {
+                    c.kind != Kind::Dir
+                        && c.state()
+                            .etag
+                            .as_ref()
+                            .is_some_and(|t| same_etag(t, &entry.etag))
+                }) {
+                    return file;
+                }
+                let attrs =
+                    Attrs::defaults(Kind::File, &self.config, entry.size, entry.last_modified);
+                (format!("{prefix}{name}"), attrs, Some(entry.etag))
+            }
+        };
+        let inode = self
+            .inodes
+            .upsert(parent, name, key, attrs, etag, false, false, false);
+        let mut s = inode.state();
+        if s.staged.is_none() && !s.local_only {
+            s.validated = None;
+        }
+        drop(s);
+        inode
+    }
+
+    /// A name was added to or removed from `dir` through this mount: a kept listing of it is
+    /// out of date.
+    fn dir_changed(&self, dir: InodeNo) {
+        if let Some(inode) = self.inodes.get(dir) {
+            self.listings.invalidate(&inode);
+        }
+    }
+
+    /// Held by an operation that may add or remove names in `a` and `b`: their kept listings
+    /// are dropped when it ends, however it ends (a failure half-way may have changed S3).
+    fn changing(&self, a: InodeNo, b: InodeNo) -> Changing<'_> {
+        Changing {
+            fs: self,
+            dirs: [a, b],
         }
     }
 
@@ -872,6 +1131,7 @@ impl S3Fs {
     ) -> FsResult<(Arc<Inode>, Attrs)> {
         self.ro()?;
         name_ok(name)?;
+        let _changing = self.changing(parent, parent);
         let (parent_inode, parent_key) = self.dir_key(parent)?;
         let (gid, setgid) = Self::new_gid(&parent_inode, gid);
         if self
@@ -924,6 +1184,7 @@ impl S3Fs {
         self.ro()?;
         let (child, _) = self.lookup(parent, name).await?;
         self.inodes.forget(child.ino, 1);
+        let _changing = self.changing(parent, child.ino);
         if child.kind != Kind::Dir {
             return Err(err!(libc::ENOTDIR, "{name} is not a directory"));
         }
@@ -1075,6 +1336,7 @@ impl S3Fs {
     ) -> FsResult<(Arc<Inode>, Attrs, u64)> {
         self.ro()?;
         name_ok(name)?;
+        let _changing = self.changing(parent, parent);
         let (parent_inode, parent_key) = self.dir_key(parent)?;
         let (gid, _) = Self::new_gid(&parent_inode, gid);
         if let Some(existing) = self.inodes.child(parent, name)
@@ -1278,6 +1540,7 @@ impl S3Fs {
 
     pub async fn unlink(&self, parent: InodeNo, name: &str) -> FsResult<()> {
         self.ro()?;
+        let _changing = self.changing(parent, parent);
         let (child, _) = self.lookup(parent, name).await?;
         self.inodes.forget(child.ino, 1);
         if child.kind == Kind::Dir {
@@ -1311,6 +1574,7 @@ impl S3Fs {
     ) -> FsResult<(Arc<Inode>, Attrs)> {
         self.ro()?;
         name_ok(name)?;
+        let _changing = self.changing(parent, parent);
         let (parent_inode, parent_key) = self.dir_key(parent)?;
         let (gid, _) = Self::new_gid(&parent_inode, gid);
         if self
@@ -1394,6 +1658,7 @@ impl S3Fs {
             return Err(err!(libc::EINVAL, "RENAME_EXCHANGE is not supported"));
         }
         name_ok(new_name)?;
+        let _changing = self.changing(parent, new_parent);
         let (src, _) = self.lookup(parent, name).await?;
         self.inodes.forget(src.ino, 1);
         let (_, new_parent_key) = self.dir_key(new_parent)?;
@@ -1667,6 +1932,9 @@ impl S3Fs {
         ROOT
     }
 }
+
+#[cfg(test)]
+mod listing_tests;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]

@@ -14,8 +14,9 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, Session, SessionACL, SessionUnmounter, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, SessionUnmounter, TimeOrNow,
+    WriteFlags,
 };
 use tokio::runtime::Handle;
 
@@ -177,11 +178,7 @@ pub(crate) fn file_attr(ino: u64, a: &Attrs) -> FileAttr {
         mtime: a.mtime,
         ctime: a.ctime,
         crtime: a.mtime,
-        kind: match a.kind {
-            Kind::File => FileType::RegularFile,
-            Kind::Dir => FileType::Directory,
-            Kind::Symlink => FileType::Symlink,
-        },
+        kind: file_type(a.kind),
         perm: a.perm,
         nlink: if a.kind == Kind::Dir { 2 } else { 1 },
         uid: a.uid,
@@ -189,6 +186,14 @@ pub(crate) fn file_attr(ino: u64, a: &Attrs) -> FileAttr {
         rdev: 0,
         blksize: 128 * 1024,
         flags: 0,
+    }
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
     }
 }
 
@@ -221,6 +226,11 @@ impl Filesystem for FuseFs {
             InitFlags::FUSE_BIG_WRITES,
             InitFlags::FUSE_MAX_PAGES,
             InitFlags::FUSE_ATOMIC_O_TRUNC,
+            // READDIRPLUS, AUTO: the kernel asks for attributes with a directory's first
+            // batch, and for later batches once entries it got so are being used (`ls -l`
+            // stats each batch as it reads it); a bare `ls` gets plain names after that.
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -581,21 +591,47 @@ impl Filesystem for FuseFs {
         mut reply: ReplyDirectory,
     ) {
         self.spawn(move |fs| async move {
-            match fs.readdir(fh.0, offset).await {
-                Ok(entries) => {
-                    for e in entries {
-                        let kind = match e.kind {
-                            Kind::File => FileType::RegularFile,
-                            Kind::Dir => FileType::Directory,
-                            Kind::Symlink => FileType::Symlink,
-                        };
-                        if reply.add(INodeNo(e.ino), e.next_offset, kind, &e.name) {
-                            break;
-                        }
-                    }
-                    reply.ok();
-                }
+            let filled = fs
+                .readdir(fh.0, offset, false, |e| {
+                    reply.add(INodeNo(e.ino), e.next_offset, file_type(e.kind), e.name)
+                })
+                .await;
+            match filled {
+                Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("readdir", &e)),
+            }
+        });
+    }
+
+    /// Names with their attributes, so `ls -l` and `find` need no LOOKUP per entry. Each
+    /// entry sent (but `.` and `..`) is a lookup the kernel will FORGET; `S3Fs::readdir`
+    /// counts it.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let ttl = self.ttl;
+        self.spawn(move |fs| async move {
+            let filled = fs
+                .readdir(fh.0, offset, true, |e| match e.attrs {
+                    Some(attrs) => reply.add(
+                        INodeNo(e.ino),
+                        e.next_offset,
+                        e.name,
+                        &ttl,
+                        &file_attr(e.ino, attrs),
+                        Generation(0),
+                    ),
+                    None => true,
+                })
+                .await;
+            match filled {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("readdirplus", &e)),
             }
         });
     }

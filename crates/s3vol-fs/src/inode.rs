@@ -47,6 +47,9 @@ pub struct InodeState {
     pub open_handles: u32,
     /// Removed from the namespace while still open.
     pub unlinked: bool,
+    /// For directories: bumped whenever a name is added or removed through this mount, so a
+    /// listing taken meanwhile is not kept as current (see `listing.rs`).
+    pub listing_gen: u64,
 }
 
 #[derive(Debug)]
@@ -98,6 +101,7 @@ impl Inodes {
                 staged: None,
                 open_handles: 0,
                 unlinked: false,
+                listing_gen: 0,
             }),
         });
         let mut table = Table {
@@ -184,6 +188,7 @@ impl Inodes {
                 staged: None,
                 open_handles: 0,
                 unlinked: false,
+                listing_gen: 0,
             }),
         });
         t.inodes.insert(ino, inode.clone());
@@ -191,9 +196,65 @@ impl Inodes {
         inode
     }
 
-    /// Adds a kernel reference to an inode already known.
-    pub fn add_lookup(&self, inode: &Inode) {
+    /// Adds a kernel reference to an inode already known. If the kernel forgot it since it
+    /// was found, it goes back into the table under its number first, so the kernel never
+    /// holds a number the table does not know.
+    pub fn add_lookup(&self, inode: &Arc<Inode>) {
+        let mut t = self.table();
+        Self::restore(&mut t, inode);
         inode.state().lookups += 1;
+    }
+
+    /// The inode to hand the kernel for `parent/name` as a listing found it: the one the name
+    /// maps to now, else `listed` itself, back in the table under its number if the kernel
+    /// forgot it meanwhile (a kept listing holds its inodes, so a name keeps its number while
+    /// a listing shows it). With `lookup`, a kernel reference is added under the table lock:
+    /// every READDIRPLUS entry but `.` and `..` counts as a lookup for the kernel.
+    pub fn listed(
+        &self,
+        parent: InodeNo,
+        name: &str,
+        listed: &Arc<Inode>,
+        lookup: bool,
+    ) -> Arc<Inode> {
+        let mut t = self.table();
+        let current = t
+            .by_name
+            .get(&(parent, name.to_owned()))
+            .and_then(|i| t.inodes.get(i))
+            .cloned();
+        let inode = match current {
+            Some(current) => current,
+            None => {
+                let here = {
+                    let s = listed.state();
+                    !s.unlinked && s.parent == parent && s.name == name
+                };
+                if here || lookup {
+                    Self::restore(&mut t, listed);
+                }
+                listed.clone()
+            }
+        };
+        if lookup {
+            inode.state().lookups += 1;
+        }
+        inode
+    }
+
+    /// Puts a forgotten inode back: its number, and its name unless the name is gone or
+    /// taken by another inode since.
+    fn restore(t: &mut Table, inode: &Arc<Inode>) {
+        if t.inodes.contains_key(&inode.ino) {
+            return;
+        }
+        t.inodes.insert(inode.ino, inode.clone());
+        let s = inode.state();
+        if !s.unlinked {
+            t.by_name
+                .entry((s.parent, s.name.clone()))
+                .or_insert(inode.ino);
+        }
     }
 
     /// Drops `n` kernel references; forgets the inode when none remain and nothing uses it.
@@ -277,5 +338,71 @@ impl Inodes {
 
     pub fn len(&self) -> usize {
         self.table().inodes.len()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::FsConfig;
+    use s3vol_s3::BucketName;
+    use std::time::SystemTime;
+
+    fn file(inodes: &Inodes, name: &str) -> Arc<Inode> {
+        let config = FsConfig::new(BucketName::new("bkt").unwrap(), String::new(), "/".into());
+        let attrs = Attrs::defaults(Kind::File, &config, 0, SystemTime::now());
+        inodes.upsert(ROOT, name, name.into(), attrs, None, false, false, false)
+    }
+
+    fn table() -> Inodes {
+        let config = FsConfig::new(BucketName::new("bkt").unwrap(), String::new(), "/".into());
+        Inodes::new(
+            String::new(),
+            Attrs::defaults(Kind::Dir, &config, 0, SystemTime::now()),
+        )
+    }
+
+    #[test]
+    fn listed_entries_count_as_lookups_and_come_back_under_their_number() {
+        let inodes = table();
+        let a = file(&inodes, "a");
+        assert_eq!(inodes.listed(ROOT, "a", &a, true).ino, a.ino);
+        assert_eq!(a.state().lookups, 1);
+        // The kernel forgets it: out of the table...
+        inodes.forget(a.ino, 1);
+        assert!(inodes.get(a.ino).is_none() && inodes.child(ROOT, "a").is_none());
+        // ...and a kept listing hands it out again, under the same number and name.
+        assert_eq!(inodes.listed(ROOT, "a", &a, true).ino, a.ino);
+        assert_eq!(inodes.child(ROOT, "a").unwrap().ino, a.ino);
+        assert_eq!(a.state().lookups, 1);
+        // Without a lookup (plain readdir) nothing is counted.
+        inodes.listed(ROOT, "a", &a, false);
+        assert_eq!(a.state().lookups, 1);
+        // A name looked up anew since the listing: the current inode wins.
+        inodes.forget(a.ino, 1);
+        let a2 = file(&inodes, "a");
+        assert_ne!(a2.ino, a.ino);
+        assert_eq!(inodes.listed(ROOT, "a", &a, true).ino, a2.ino);
+        assert_eq!((a.state().lookups, a2.state().lookups), (0, 1));
+        assert!(inodes.get(a.ino).is_none());
+    }
+
+    #[test]
+    fn a_lookup_of_an_inode_forgotten_meanwhile_puts_it_back() {
+        let inodes = table();
+        let b = file(&inodes, "b");
+        inodes.add_lookup(&b);
+        inodes.forget(b.ino, 1);
+        assert!(inodes.get(b.ino).is_none());
+        inodes.add_lookup(&b);
+        assert_eq!(inodes.get(b.ino).unwrap().state().lookups, 1);
+        assert_eq!(inodes.child(ROOT, "b").unwrap().ino, b.ino);
+        // An unlinked inode comes back under its number only, not its old name.
+        let c = file(&inodes, "c");
+        inodes.detach(ROOT, "c");
+        c.state().unlinked = true;
+        inodes.listed(ROOT, "c", &c, true);
+        assert!(inodes.get(c.ino).is_some() && inodes.child(ROOT, "c").is_none());
     }
 }

@@ -10,6 +10,7 @@ mod error;
 mod fs;
 pub mod fuse;
 mod inode;
+mod listing;
 mod meta;
 mod ranges;
 mod read;

@@ -8,7 +8,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, PermissionsExt};
 use std::process::Stdio;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -600,5 +600,193 @@ async fn many_concurrent_readers_stay_within_the_memory_limit() {
         grown_mib <= LIMIT_MIB + 16,
         "{READERS} readers of {} MiB grew the mount by {grown_mib} MiB (limit {LIMIT_MIB} MiB)",
         SIZE >> 20
+    );
+}
+
+/// Drops the kernel's dentry and inode caches, so it FORGETs what it looked up.
+fn drop_kernel_caches() {
+    std::fs::write("/proc/sys/vm/drop_caches", "2").expect("drop_caches (needs root)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listed_entries_stat_and_read_correctly_even_after_the_kernel_forgets_them() {
+    const N: usize = 120;
+    let m = Mounted::new("rdplus", "", &["--metadata-ttl", "30"]).await;
+    futures::stream::iter(0..N)
+        .map(|i| {
+            let m = &m;
+            async move {
+                let body = format!("body of {i}");
+                m.put(&format!("d/f{i:03}"), body.as_bytes(), &[("mode", "33200")])
+                    .await
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let dir = m.path("d");
+    let check = |round: &str| {
+        // READDIRPLUS: names, numbers and attributes in one go.
+        let mut listed: Vec<(String, u64)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let md = e.metadata().unwrap();
+                assert!(md.is_file());
+                assert_eq!(md.mode() & 0o7777, 0o660, "{round}: mode from the HEAD");
+                (e.file_name().into_string().unwrap(), e.ino())
+            })
+            .collect();
+        listed.sort();
+        assert_eq!(listed.len(), N, "{round}");
+        for (i, (name, ino)) in listed.iter().enumerate() {
+            assert_eq!(name, &format!("f{i:03}"));
+            let path = dir.join(name);
+            let md = std::fs::metadata(&path).unwrap();
+            assert_eq!(md.ino(), *ino, "{round}: stat and readdir agree on {name}");
+            let body = format!("body of {i}");
+            assert_eq!(md.len(), body.len() as u64);
+            assert_eq!(std::fs::read(&path).unwrap(), body.as_bytes(), "{round}");
+        }
+        listed
+    };
+    let names = |listed: Vec<(String, u64)>| listed.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+    let first = names(check("cold"));
+    drop_kernel_caches();
+    // Stat and read by name before anything lists the directory again.
+    for (i, name) in first.iter().enumerate().step_by(7) {
+        let path = dir.join(name);
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o7777, 0o660);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            format!("body of {i}").as_bytes()
+        );
+    }
+    // Listed again from the kept listing, then again after the kernel forgot everything:
+    // readdir and stat still agree on every number.
+    assert_eq!(names(check("re-listed")), first);
+    drop_kernel_caches();
+    assert_eq!(names(check("after drop_caches")), first);
+    // New names show at once.
+    std::fs::write(dir.join("new"), b"n").unwrap();
+    let names: BTreeSet<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.contains("new") && names.len() == N + 1);
+    std::fs::remove_file(dir.join("f000")).unwrap();
+    let names: BTreeSet<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!names.contains("f000") && names.len() == N);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listing_attrs_show_sizes_from_the_listing_and_the_default_mode_and_owner() {
+    let m = Mounted::new(
+        "lsattrs",
+        "",
+        &[
+            "--listing-attrs",
+            "--metadata-ttl",
+            "1",
+            "--uid",
+            "4242",
+            "--gid",
+            "4343",
+            "--file-mode",
+            "0640",
+            "--dir-mode",
+            "0750",
+        ],
+    )
+    .await;
+    let s3fs = [
+        ("mode", "33261"),
+        ("uid", "1000"),
+        ("gid", "1001"),
+        ("mtime", "1700000000"),
+    ];
+    m.put("d/meta.txt", b"with metadata", &s3fs).await;
+    m.put("d/plain.txt", b"plain", &[]).await;
+    m.put("d/sub/child", b"x", &[]).await;
+    let dir = m.path("d");
+    let listed: BTreeSet<(String, u64, u32, u32, bool)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let md = e.metadata().unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                if md.is_dir() { 0 } else { md.len() },
+                md.mode() & 0o7777,
+                md.uid(),
+                md.is_dir(),
+            )
+        })
+        .collect();
+    let expected: BTreeSet<(String, u64, u32, u32, bool)> = [
+        ("meta.txt", 13, 0o640, 4242, false),
+        ("plain.txt", 5, 0o640, 4242, false),
+        ("sub", 0, 0o750, 4242, true),
+    ]
+    .into_iter()
+    .map(|(n, l, mode, uid, d)| (n.to_owned(), l, mode, uid, d))
+    .collect();
+    assert_eq!(
+        listed, expected,
+        "sizes from LIST, mode and owner the defaults"
+    );
+    let meta = std::fs::metadata(dir.join("meta.txt")).unwrap();
+    assert_eq!(
+        meta.mode() & 0o7777,
+        0o640,
+        "within the TTL, stat shows what the listing showed"
+    );
+    let age = std::time::SystemTime::now()
+        .duration_since(meta.modified().unwrap())
+        .unwrap_or_default();
+    assert!(age < Duration::from_secs(600), "mtime is the Last-Modified");
+    assert_eq!(
+        std::fs::read(dir.join("meta.txt")).unwrap(),
+        b"with metadata"
+    );
+    // Once the TTL has passed, a lookup by name reads the object's own metadata.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let meta = std::fs::metadata(dir.join("meta.txt")).unwrap();
+    assert_eq!(
+        (meta.mode() & 0o7777, meta.uid(), meta.gid()),
+        (0o755, 1000, 1001)
+    );
+    assert_eq!(
+        meta.modified().unwrap(),
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    );
+    // Later listings keep it while the object is unchanged.
+    let md = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.file_name() == "meta.txt")
+        .unwrap()
+        .metadata()
+        .unwrap();
+    assert_eq!((md.mode() & 0o7777, md.uid()), (0o755, 1000));
+    // What is written here still carries s3fs metadata.
+    std::fs::write(dir.join("new.txt"), b"new").unwrap();
+    std::fs::set_permissions(dir.join("new.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let head = m.head("d/new.txt").await.unwrap();
+    assert_eq!(head.metadata["mode"], (libc::S_IFREG | 0o600).to_string());
+    let md = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.file_name() == "new.txt")
+        .unwrap()
+        .metadata()
+        .unwrap();
+    assert_eq!(
+        md.mode() & 0o7777,
+        0o600,
+        "a chmod made here stays in listings"
     );
 }

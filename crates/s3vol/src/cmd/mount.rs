@@ -58,6 +58,10 @@ pub struct MountArgs {
     /// Seconds metadata and missing names are cached [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub metadata_ttl: Option<f64>,
+    /// List directories from the LIST response alone: sizes and times from S3, mode and
+    /// owner from the defaults, no HEAD per entry (names looked up still show their own).
+    #[arg(long)]
+    pub listing_attrs: bool,
     /// Directory for staging files of files being written [default: /var/cache/s3vol as root,
     /// else ~/.cache/s3vol].
     #[arg(long, value_name = "DIR")]
@@ -123,6 +127,7 @@ fn apply_options(args: &mut MountArgs) -> anyhow::Result<()> {
             // The default; an explicit --read-only still wins.
             "rw" => {}
             "allow-other" => args.allow_other = true,
+            "listing-attrs" => args.listing_attrs = true,
             "uid" => args.uid = args.uid.or(Some(need()?.parse().context("-o uid")?)),
             "gid" => args.gid = args.gid.or(Some(need()?.parse().context("-o gid")?)),
             "file-mode" => {
@@ -360,6 +365,7 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
         config.part_size = p;
     }
     config.read_only = args.read_only;
+    config.listing_attrs = args.listing_attrs;
     std::fs::create_dir_all(&config.cache_dir).with_context(|| {
         format!(
             "creating the cache directory {}",
@@ -545,6 +551,17 @@ mod tests {
         );
         let m = parse(&["--uid", "5", "-o", "uid=6", "bkt", "/mnt"]).unwrap();
         assert_eq!(m.uid, Some(5));
+        assert!(!m.listing_attrs);
+        assert!(
+            parse(&["-o", "listing_attrs", "bkt", "/mnt"])
+                .unwrap()
+                .listing_attrs
+        );
+        assert!(
+            parse(&["--listing-attrs", "bkt", "/mnt"])
+                .unwrap()
+                .listing_attrs
+        );
     }
 
     #[test]

@@ -1,0 +1,321 @@
+//! Listing directories: what each listing costs in requests, READDIRPLUS lookup counting,
+//! kept listings and `listing_attrs`, against the in-memory store.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use s3vol_s3::{BucketName, FaultStore, MemStore};
+
+async fn fs_with(
+    store: Arc<FaultStore>,
+    cache: &std::path::Path,
+    tweak: impl FnOnce(&mut FsConfig),
+) -> S3Fs {
+    let bucket = BucketName::new("bkt").unwrap();
+    store.create_bucket(&bucket).await.unwrap();
+    let mut config = FsConfig::new(bucket, String::new(), cache.to_owned());
+    tweak(&mut config);
+    S3Fs::new(config, store).await.unwrap()
+}
+
+/// Puts `n` objects `f0`… under `prefix`, with s3fs metadata as another client writes it.
+async fn put_files(store: &FaultStore, prefix: &str, n: usize) {
+    let bucket = BucketName::new("bkt").unwrap();
+    let metadata: s3vol_s3::UserMetadata = [
+        ("mode".to_owned(), (libc::S_IFREG | 0o600).to_string()),
+        ("uid".to_owned(), "7".to_owned()),
+        ("gid".to_owned(), "8".to_owned()),
+    ]
+    .into_iter()
+    .collect();
+    let options = PutOptions {
+        metadata,
+        ..PutOptions::default()
+    };
+    for i in 0..n {
+        store
+            .put_object(
+                &bucket,
+                &format!("{prefix}f{i}"),
+                Bytes::from(vec![b'x'; i % 7]),
+                &options,
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// One entry as the kernel would have received it.
+#[derive(Clone, Debug)]
+struct Got {
+    name: String,
+    ino: InodeNo,
+    kind: Kind,
+    attrs: Option<Attrs>,
+}
+
+/// Reads a whole directory the way the kernel does: calls that take at most `per_call`
+/// entries, each from the offset after the last entry taken.
+async fn list(fs: &S3Fs, dir: InodeNo, plus: bool, per_call: usize) -> Vec<Got> {
+    let fh = fs.opendir(dir).unwrap();
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let mut batch: Vec<(Got, u64)> = Vec::new();
+        fs.readdir(fh, offset, plus, |e| {
+            if batch.len() == per_call {
+                return true;
+            }
+            let got = Got {
+                name: e.name.to_owned(),
+                ino: e.ino,
+                kind: e.kind,
+                attrs: e.attrs.cloned(),
+            };
+            batch.push((got, e.next_offset));
+            false
+        })
+        .await
+        .unwrap();
+        let Some((_, last)) = batch.last() else { break };
+        offset = *last;
+        out.extend(batch.into_iter().map(|(g, _)| g));
+    }
+    fs.releasedir(fh);
+    out
+}
+
+fn names(got: &[Got]) -> Vec<String> {
+    let mut n: Vec<String> = got
+        .iter()
+        .map(|g| g.name.clone())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    n.sort();
+    n
+}
+
+#[tokio::test]
+async fn readdirplus_counts_one_lookup_per_entry_sent() {
+    let cache = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let fs = fs_with(store.clone(), cache.path(), |_| {}).await;
+    put_files(&store, "", 5).await;
+    // Three entries a call: every call ends with an entry that did not fit.
+    let got = list(&fs, ROOT, true, 3).await;
+    assert_eq!(got.len(), 7);
+    assert!(got.iter().all(|g| g.attrs.is_some()));
+    for g in &got[2..] {
+        let inode = fs.inodes.get(g.ino).unwrap();
+        assert_eq!(inode.state().lookups, 1, "{}", g.name);
+        assert_eq!(g.attrs.as_ref().unwrap().perm, 0o600);
+    }
+    assert_eq!(
+        fs.inodes.get(ROOT).unwrap().state().lookups,
+        1,
+        ". is no lookup"
+    );
+    // The kernel forgets them all (drop_caches): the table lets them go.
+    for g in &got[2..] {
+        fs.forget(g.ino, 1);
+    }
+    assert_eq!(fs.inode_count(), 1);
+    // Listed again within the TTL: from the kept listing, under the same numbers, each
+    // counted again.
+    let before = store.calls();
+    let again = list(&fs, ROOT, true, 3).await;
+    assert_eq!(store.calls(), before, "no request");
+    let inos = |g: &[Got]| {
+        g.iter()
+            .map(|g| (g.name.clone(), g.ino))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(inos(&again), inos(&got));
+    for g in &again[2..] {
+        assert_eq!(fs.inodes.get(g.ino).unwrap().state().lookups, 1);
+        let (inode, _) = fs.lookup(ROOT, &g.name).await.unwrap();
+        assert_eq!(inode.ino, g.ino, "a name keeps its number");
+    }
+    assert_eq!(fs.inode_count(), 6);
+    // Plain readdir counts nothing.
+    let _ = list(&fs, ROOT, false, 3).await;
+    for g in &again[2..] {
+        assert_eq!(fs.inodes.get(g.ino).unwrap().state().lookups, 2);
+    }
+}
+
+#[tokio::test]
+async fn listing_costs_a_list_per_page_and_a_head_per_entry_then_nothing_within_the_ttl() {
+    let cache = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let fs = fs_with(store.clone(), cache.path(), |_| {}).await;
+    put_files(&store, "", 1500).await;
+    let before = store.calls();
+    let got = list(&fs, ROOT, true, 100).await;
+    assert_eq!(got.len(), 1502);
+    assert_eq!(
+        store.calls() - before,
+        2 + 1500,
+        "2 LISTs and a HEAD per file"
+    );
+    let before = store.calls();
+    let again = list(&fs, ROOT, false, 100).await;
+    assert_eq!(names(&again), names(&got));
+    assert_eq!(
+        store.calls(),
+        before,
+        "re-opened within the TTL: no request"
+    );
+}
+
+#[tokio::test]
+async fn listing_attrs_take_sizes_from_the_listing_and_modes_from_the_defaults() {
+    let cache = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let fs = fs_with(store.clone(), cache.path(), |c| c.listing_attrs = true).await;
+    put_files(&store, "", 2500).await;
+    put_files(&store, "sub/", 1).await;
+    let before = store.calls();
+    let got = list(&fs, ROOT, true, 100).await;
+    assert_eq!(store.calls() - before, 3, "3 LISTs, no HEAD");
+    assert_eq!(got.len(), 2 + 2501);
+    for g in got.iter().filter(|g| g.name.starts_with('f')) {
+        let i: usize = g.name[1..].parse().unwrap();
+        let a = g.attrs.as_ref().unwrap();
+        assert_eq!(
+            (g.kind, a.size, a.perm),
+            (Kind::File, (i % 7) as u64, 0o644)
+        );
+        assert_eq!((a.uid, a.gid), (fs.config.uid, fs.config.gid));
+    }
+    let sub = got.iter().find(|g| g.name == "sub").unwrap();
+    assert_eq!(
+        (sub.kind, sub.attrs.as_ref().unwrap().perm),
+        (Kind::Dir, 0o755)
+    );
+    let before = store.calls();
+    let _ = list(&fs, ROOT, true, 100).await;
+    assert_eq!(
+        store.calls(),
+        before,
+        "re-opened within the TTL: no request"
+    );
+    // A lookup by name reads the object's own metadata...
+    let before = store.calls();
+    let (f1, attrs) = fs.lookup(ROOT, "f1").await.unwrap();
+    assert!(store.calls() > before, "a listed name is looked up in S3");
+    assert_eq!((attrs.perm, attrs.uid, attrs.gid), (0o600, 7, 8));
+    let (_, attrs) = fs.lookup(ROOT, "sub").await.unwrap();
+    assert_eq!(attrs.kind, Kind::Dir);
+    // ...which later listings keep while the object is the same version.
+    fs.listings.invalidate(&fs.inodes.get(ROOT).unwrap());
+    let before = store.calls();
+    let got = list(&fs, ROOT, true, 1000).await;
+    assert_eq!(store.calls() - before, 3);
+    let g = got.iter().find(|g| g.name == "f1").unwrap();
+    assert_eq!((g.ino, g.attrs.as_ref().unwrap().perm), (f1.ino, 0o600));
+    // A new version of the object: back to what the listing says.
+    let bucket = BucketName::new("bkt").unwrap();
+    store
+        .put_object(
+            &bucket,
+            "f1",
+            Bytes::from_static(b"new!"),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    fs.listings.invalidate(&fs.inodes.get(ROOT).unwrap());
+    let got = list(&fs, ROOT, true, 1000).await;
+    let a = got
+        .iter()
+        .find(|g| g.name == "f1")
+        .unwrap()
+        .attrs
+        .clone()
+        .unwrap();
+    assert_eq!((a.size, a.perm), (4, 0o644));
+}
+
+#[tokio::test]
+async fn a_directory_hides_a_file_of_the_same_name_in_listings_of_either_mode() {
+    for listing_attrs in [false, true] {
+        let cache = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let fs = fs_with(store.clone(), cache.path(), |c| {
+            c.listing_attrs = listing_attrs
+        })
+        .await;
+        put_files(&store, "", 1).await;
+        put_files(&store, "f0/", 1).await;
+        let got = list(&fs, ROOT, true, 100).await;
+        let f0: Vec<&Got> = got.iter().filter(|g| g.name == "f0").collect();
+        assert_eq!(f0.len(), 1, "{got:?}");
+        assert_eq!(f0[0].kind, Kind::Dir);
+    }
+}
+
+#[tokio::test]
+async fn changes_made_here_show_in_the_next_listing_within_the_ttl() {
+    let cache = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let fs = fs_with(store.clone(), cache.path(), |c| c.listing_attrs = true).await;
+    put_files(&store, "", 2).await;
+    assert_eq!(names(&list(&fs, ROOT, true, 10).await), ["f0", "f1"]);
+    let (_, _, fh) = fs
+        .create(ROOT, "new", 0o640, 1, 1, OpenMode::default())
+        .await
+        .unwrap();
+    assert_eq!(names(&list(&fs, ROOT, true, 10).await), ["f0", "f1", "new"]);
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let before = store.calls();
+    assert_eq!(names(&list(&fs, ROOT, true, 10).await), ["f0", "f1", "new"]);
+    assert_eq!(store.calls(), before, "an upload changes no name");
+    fs.unlink(ROOT, "f0").await.unwrap();
+    assert_eq!(names(&list(&fs, ROOT, true, 10).await), ["f1", "new"]);
+    let (d, _) = fs.mkdir(ROOT, "d", 0o755, 1, 1).await.unwrap();
+    assert_eq!(names(&list(&fs, ROOT, true, 10).await), ["d", "f1", "new"]);
+    assert!(names(&list(&fs, d.ino, true, 10).await).is_empty());
+    fs.rename(ROOT, "new", d.ino, "moved", false, false)
+        .await
+        .unwrap();
+    assert_eq!(names(&list(&fs, ROOT, true, 10).await), ["d", "f1"]);
+    assert_eq!(names(&list(&fs, d.ino, true, 10).await), ["moved"]);
+    fs.symlink(d.ino, "link", "moved", 1, 1).await.unwrap();
+    assert_eq!(names(&list(&fs, d.ino, true, 10).await), ["link", "moved"]);
+    fs.rename(ROOT, "d", ROOT, "e", false, false).await.unwrap();
+    assert_eq!(names(&list(&fs, ROOT, true, 10).await), ["e", "f1"]);
+    assert_eq!(names(&list(&fs, d.ino, true, 10).await), ["link", "moved"]);
+    fs.unlink(d.ino, "link").await.unwrap();
+    fs.unlink(d.ino, "moved").await.unwrap();
+    assert!(names(&list(&fs, d.ino, true, 10).await).is_empty());
+    fs.rmdir(ROOT, "e").await.unwrap();
+    assert_eq!(names(&list(&fs, ROOT, true, 10).await), ["f1"]);
+}
+
+#[tokio::test]
+async fn the_next_page_is_listed_while_the_current_one_is_read() {
+    let cache = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let fs = fs_with(store.clone(), cache.path(), |c| c.listing_attrs = true).await;
+    put_files(&store, "", 2500).await;
+    let before = store.calls();
+    let fh = fs.opendir(ROOT).unwrap();
+    let mut taken = 0;
+    fs.readdir(fh, 0, true, |_| {
+        taken += 1;
+        taken > 10
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(
+        store.calls() - before,
+        2,
+        "the first page, and the second already"
+    );
+    fs.releasedir(fh);
+    let got = list(&fs, ROOT, false, 100).await;
+    assert_eq!(names(&got).len(), 2500);
+}
