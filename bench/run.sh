@@ -154,10 +154,10 @@ if [[ $mode == full ]]; then
 	bash "$BENCH/garage.sh" install
 fi
 
-available=(s3vol s3fs rclone)
+available=(s3vol s3vol-list s3fs rclone)
 # Not in the quick mode: moto answers Mountpoint's PUTs without the ETag header its client
 # requires, and the quick mode must not depend on a long build anyway.
-[[ $mode == full && -x $MOUNTPOINT ]] && available=(s3vol mountpoint s3fs rclone)
+[[ $mode == full && -x $MOUNTPOINT ]] && available=(s3vol s3vol-list mountpoint s3fs rclone)
 if [[ -n $clients ]]; then
 	IFS=, read -r -a CLIENTS <<<"$clients"
 	for c in "${CLIENTS[@]}"; do
@@ -225,6 +225,11 @@ client_cmd() { # client mountpoint-dir
 	s3vol)
 		echo "$S3VOL" mount "$BUCKET" "$dir" --endpoint-url "$EP" --force-path-style --region "$REGION" \
 			-f --memory-limit "$S3VOL_MEMORY_LIMIT" --cache-dir "$WORK/cache/s3vol" --log-level warn
+		;;
+	s3vol-list)
+		# s3vol with attributes from the listing (no HEAD per entry): ls only.
+		echo "$S3VOL" mount "$BUCKET" "$dir" --endpoint-url "$EP" --force-path-style --region "$REGION" \
+			-f --memory-limit "$S3VOL_MEMORY_LIMIT" --cache-dir "$WORK/cache/s3vol-list" --log-level warn --listing-attrs
 		;;
 	mountpoint)
 		echo "$MOUNTPOINT" "$BUCKET" "$dir" --endpoint-url "$EP" --force-path-style --region "$REGION" \
@@ -396,7 +401,11 @@ w_rename() {
 }
 
 supports() { # client workload
-	[[ $1 != mountpoint || $2 != rename ]]
+	case $1 in
+	mountpoint) [[ $2 != rename ]] ;;
+	s3vol-list) [[ $2 == ls ]] ;;
+	*) true ;;
+	esac
 }
 
 RESULTS=$OUT/results.tsv
