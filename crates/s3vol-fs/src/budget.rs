@@ -33,6 +33,18 @@ pub struct MemoryPermit {
     _permit: OwnedSemaphorePermit,
 }
 
+impl MemoryPermit {
+    /// Takes over `other`'s share: both are given back together.
+    pub fn merge(&mut self, other: MemoryPermit) {
+        self._permit.merge(other._permit);
+    }
+
+    /// KiB held.
+    pub fn kib(&self) -> u64 {
+        self._permit.num_permits() as u64
+    }
+}
+
 impl Memory {
     pub fn new(limit_bytes: u64) -> Self {
         let limit_kib = (limit_bytes / 1024).clamp(1024, u64::from(u32::MAX >> 4)) as u32;

@@ -104,7 +104,8 @@ pub struct Staged {
     /// Streaming is possible while every write so far appended at the end of a file that
     /// started empty.
     sequential: bool,
-    /// The part being filled by a sequential writer: the bytes `[stream.sent, size)`.
+    /// The part being filled by a sequential writer: the bytes `[stream.sent, size)`, with
+    /// the memory they take (counted as they arrive, so a small file holds only its size).
     filling: Option<(Vec<u8>, MemoryPermit)>,
     /// Bytes counted in the disk budget.
     reserved: u64,
@@ -366,14 +367,31 @@ impl Staged {
                 self.recycle_filling();
                 return Ok(());
             }
-            let (buf, _) = match &mut self.filling {
-                Some(f) => f,
-                None => {
-                    let permit = self.ctx.memory.acquire(part).await;
-                    self.filling.insert((self.ctx.parts.take(), permit))
-                }
+            let held = self.filling.as_ref().map_or(0, |(b, _)| b.len());
+            let n = (part as usize - held).min(data.len());
+            // Memory for the bytes about to be added, in whole KiB beyond what is held.
+            let needed_kib = (held + n).div_ceil(1024) as u64;
+            let held_kib = self.filling.as_ref().map_or(0, |(_, p)| p.kib());
+            let more = if needed_kib > held_kib {
+                Some(
+                    self.ctx
+                        .memory
+                        .acquire((needed_kib - held_kib) * 1024)
+                        .await,
+                )
+            } else {
+                None
             };
-            let n = (part as usize - buf.len()).min(data.len());
+            if let Some(more) = more {
+                match &mut self.filling {
+                    Some((_, permit)) => permit.merge(more),
+                    None => self.filling = Some((self.ctx.parts.take(), more)),
+                }
+            }
+            let Some((buf, _)) = &mut self.filling else {
+                // Not reached: the first byte of a part takes memory, which makes the buffer.
+                return Ok(());
+            };
             buf.extend_from_slice(&data[..n]);
             data = &data[n..];
             if buf.len() as u64 == part {
@@ -473,7 +491,11 @@ impl Staged {
                 tracing::warn!(key = %self.key, error = %e, "streamed upload failed; uploading the file whole");
                 self.put_all(metadata, content_type.clone()).await
             }
-            None => self.put_all(metadata, content_type.clone()).await,
+            None => {
+                // Never a full part: the staging file has it all.
+                self.recycle_filling();
+                self.put_all(metadata, content_type.clone()).await
+            }
         };
         match result {
             Ok(etag) => {
@@ -796,6 +818,7 @@ impl Drop for Staged {
 mod tests {
     use super::*;
     use s3vol_s3::{Fault, FaultStore, MemStore, Op, S3Error};
+    use std::time::Duration;
 
     const MIB: usize = 1 << 20;
 
@@ -900,6 +923,39 @@ mod tests {
         // The local copy reads the same.
         let local = st.read(0, expect.len() as u64).await.unwrap();
         assert!(local == expect);
+    }
+
+    #[tokio::test]
+    async fn small_files_hold_memory_for_their_size_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let bucket = BucketName::new("bkt").unwrap();
+        store.create_bucket(&bucket).await.unwrap();
+        let memory = Arc::new(Memory::new(16 << 20));
+        let ctx = Arc::new(StageCtx {
+            store,
+            bucket,
+            dir: dir.path().to_owned(),
+            part_size: 5 << 20,
+            memory: memory.clone(),
+            disk: Arc::new(Disk::new(1 << 30)),
+            parts: Arc::new(BufPool::new(5 << 20, 2)),
+        });
+        // Far more small files than 16 MiB holds parts, all kept (as parked clean copies are).
+        let mut kept = Vec::new();
+        for i in 0..40 {
+            let mut st = Staged::new_empty(ctx.clone(), &format!("f{i}")).unwrap();
+            let body = data(4096, i as u8);
+            let written = tokio::time::timeout(Duration::from_secs(10), async {
+                st.write(0, &body, || meta("33188", "1")).await.unwrap();
+                st.upload(&meta("33188", "1"), None).await.unwrap();
+            })
+            .await;
+            assert!(written.is_ok(), "file {i} waited for memory no file holds");
+            assert!(object(&ctx, &format!("f{i}")).await.0 == body);
+            kept.push(st);
+        }
+        assert_eq!(memory.used(), 0, "uploaded files hold no memory");
     }
 
     #[tokio::test]
