@@ -56,6 +56,8 @@ pub struct MountOptions {
     pub read_only: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub listing_attrs: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_xattr: bool,
 }
 
 impl MountOptions {
@@ -92,6 +94,9 @@ impl MountOptions {
         }
         if self.listing_attrs {
             a.push("--listing-attrs".to_owned());
+        }
+        if self.no_xattr {
+            a.push("--no-xattr".to_owned());
         }
         a
     }
@@ -272,6 +277,7 @@ mod tests {
                 file_mode: Some(0o644),
                 read_only: true,
                 listing_attrs: true,
+                no_xattr: true,
                 ..MountOptions::default()
             },
             staging_path: "/stage".into(),
@@ -303,7 +309,8 @@ mod tests {
                 "--file-mode",
                 "0644",
                 "--read-only",
-                "--listing-attrs"
+                "--listing-attrs",
+                "--no-xattr"
             ]
         );
     }

@@ -8,7 +8,7 @@
 //! <exe> mount --fuse-fd 3 [--credentials-fd 4] --ready-fd 5 -f \
 //!       [--endpoint-url URL] [--region R] [--force-path-style] [--cache-dir DIR] \
 //!       [--uid N --gid N --file-mode M --dir-mode M --metadata-ttl S --cache-size B \
-//!        --memory-limit B --read-only --listing-attrs] -- BUCKET[/PREFIX] STAGING_PATH
+//!        --memory-limit B --read-only --listing-attrs --no-xattr] -- BUCKET[/PREFIX] STAGING_PATH
 //! ```
 //!
 //! with the FUSE fd as fd 3, a pipe holding the credentials JSON

@@ -351,11 +351,12 @@ pub fn mount_options(flags: &[String]) -> CsiResult<MountOptions> {
             "memory-limit" => o.memory_limit = Some(parse_bytes(key, need(key, value)?)?),
             "ro" | "read-only" if value.is_none() => o.read_only = true,
             "listing-attrs" if value.is_none() => o.listing_attrs = true,
+            "no-xattr" if value.is_none() => o.no_xattr = true,
             "rw" if value.is_none() => {}
             _ => {
                 return Err(CsiError::invalid(format!(
                     "unsupported mount option {key:?} (supported: uid, gid, file-mode, dir-mode, \
-                     metadata-ttl, cache-size, memory-limit, ro, listing-attrs)"
+                     metadata-ttl, cache-size, memory-limit, ro, listing-attrs, no-xattr)"
                 )));
             }
         }
@@ -592,7 +593,7 @@ mod tests {
             "file-mode=0640".into(),
             "dir-mode=750".into(),
             "metadata-ttl=10".into(),
-            "ro,listing-attrs".into(),
+            "ro,listing-attrs,no-xattr".into(),
         ])
         .unwrap();
         assert_eq!(o.uid, Some(1000));
@@ -600,10 +601,11 @@ mod tests {
         assert_eq!(o.file_mode, Some(0o640));
         assert_eq!(o.dir_mode, Some(0o750));
         assert_eq!(o.metadata_ttl, Some(10.0));
-        assert!(o.read_only && o.listing_attrs);
+        assert!(o.read_only && o.listing_attrs && o.no_xattr);
         assert!(!mount_options(&["ro".into()]).unwrap().listing_attrs);
         for bad in [
             "listing-attrs=yes",
+            "no-xattr=1",
             "cache-dir=/etc",
             "uid=x",
             "file-mode=99",

@@ -34,6 +34,11 @@ pub struct FsConfig {
     /// knows at the same ETag keep their attributes; lookups by name still read the object's
     /// own metadata.
     pub listing_attrs: bool,
+    /// Extended attributes are offered to applications. Without them the kernel is told once
+    /// that they are not supported and stops asking, which spares `ls -l` two requests per
+    /// entry (`security.selinux`, `system.posix_acl_access`). Attributes already stored on
+    /// objects are kept when s3vol rewrites their metadata.
+    pub xattrs: bool,
 }
 
 impl FsConfig {
@@ -54,6 +59,7 @@ impl FsConfig {
             part_size: 8 << 20,
             list_concurrency: 64,
             listing_attrs: false,
+            xattrs: true,
         }
     }
 }

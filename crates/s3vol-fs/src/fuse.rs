@@ -133,6 +133,8 @@ struct FuseFs {
     ttl: Duration,
     /// Copies of write requests' data, which outlive the request buffer.
     write_bufs: Arc<BufPool>,
+    /// `--no-xattr`: xattr requests get ENOSYS, after which the kernel sends no more.
+    xattrs: bool,
 }
 
 /// The largest write the kernel sends (`max_write`).
@@ -141,7 +143,9 @@ const MAX_WRITE: usize = 1 << 20;
 impl FuseFs {
     fn new(fs: Arc<S3Fs>, rt: Handle) -> Self {
         let ttl = fs.config().metadata_ttl;
+        let xattrs = fs.config().xattrs;
         Self {
+            xattrs,
             fs,
             rt,
             ttl,
@@ -677,6 +681,9 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let Ok(name) = name_str(name) else {
             return reply.error(Errno::EINVAL);
         };
@@ -692,6 +699,9 @@ impl Filesystem for FuseFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let Ok(name) = name_str(name) else {
             return reply.error(Errno::ENODATA);
         };
@@ -704,6 +714,9 @@ impl Filesystem for FuseFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.fs.listxattr(ino.0) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
@@ -713,6 +726,9 @@ impl Filesystem for FuseFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let Ok(name) = name_str(name) else {
             return reply.error(Errno::ENODATA);
         };

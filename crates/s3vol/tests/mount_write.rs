@@ -1037,3 +1037,26 @@ fn attributes_of_the_bucket_root_are_refused_and_unchanged() {
         "nothing written to the bucket"
     );
 }
+
+#[test]
+fn without_xattrs_the_kernel_stops_asking_and_stored_ones_survive() {
+    let rt = rt();
+    let m = mount(&rt, "w-noxattr", &["--no-xattr"]);
+    let stored = "%7B%22user.a%22%3A%22YmFy%22%7D";
+    rt.block_on(m.put("f", b"x", &[("mode", "33188"), ("xattr", stored)]));
+    let p = m.path("f");
+    assert_eq!(
+        errno(&getxattr(&p, "user.a").unwrap_err()),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(errno(&listxattr(&p).unwrap_err()), libc::EOPNOTSUPP);
+    assert_eq!(
+        errno(&setxattr(&p, "user.b", b"v", 0).unwrap_err()),
+        libc::EOPNOTSUPP
+    );
+    // Rewriting the metadata keeps what other clients stored.
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+    let after = meta(&rt, &m, "f");
+    assert_eq!(after["mode"], (libc::S_IFREG | 0o600).to_string());
+    assert_eq!(after["xattr"], stored);
+}

@@ -62,6 +62,10 @@ pub struct MountArgs {
     /// owner from the defaults, no HEAD per entry (names looked up still show their own).
     #[arg(long)]
     pub listing_attrs: bool,
+    /// Do not offer extended attributes (the kernel stops asking, which makes `ls -l` of
+    /// large directories much faster); xattrs already on objects are kept.
+    #[arg(long)]
+    pub no_xattr: bool,
     /// Directory for staging files of files being written [default: /var/cache/s3vol as root,
     /// else ~/.cache/s3vol].
     #[arg(long, value_name = "DIR")]
@@ -128,6 +132,7 @@ fn apply_options(args: &mut MountArgs) -> anyhow::Result<()> {
             "rw" => {}
             "allow-other" => args.allow_other = true,
             "listing-attrs" => args.listing_attrs = true,
+            "noxattr" | "no-xattr" => args.no_xattr = true,
             "uid" => args.uid = args.uid.or(Some(need()?.parse().context("-o uid")?)),
             "gid" => args.gid = args.gid.or(Some(need()?.parse().context("-o gid")?)),
             "file-mode" => {
@@ -366,6 +371,7 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
     }
     config.read_only = args.read_only;
     config.listing_attrs = args.listing_attrs;
+    config.xattrs = !args.no_xattr;
     std::fs::create_dir_all(&config.cache_dir).with_context(|| {
         format!(
             "creating the cache directory {}",
@@ -562,6 +568,9 @@ mod tests {
                 .unwrap()
                 .listing_attrs
         );
+        assert!(!m.no_xattr);
+        assert!(parse(&["-o", "noxattr", "bkt", "/mnt"]).unwrap().no_xattr);
+        assert!(parse(&["--no-xattr", "bkt", "/mnt"]).unwrap().no_xattr);
     }
 
     #[test]
