@@ -64,4 +64,7 @@ log "rustdoc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 log "deployment checks"
 bash scripts/check-deploy.sh
+# The binary the tests above just built: `cargo build -p s3vol` alone would unify features
+# differently and rebuild most dependencies.
+[[ -x target/debug/s3vol ]] && export S3VOL_BIN="$PWD/target/debug/s3vol"
 log "benchmark harness, quick mode (checks data, not speed)" && bash bench/run.sh --quick
