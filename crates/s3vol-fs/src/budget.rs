@@ -321,4 +321,23 @@ mod tests {
             .unwrap();
         assert_eq!(d.used(), 10);
     }
+
+    #[test]
+    fn part_buffers_are_reused() {
+        let pool = BufPool::new(1024, 1);
+        let mut a = pool.take();
+        a.extend_from_slice(&[1; 1000]);
+        let ptr = a.as_ptr();
+        pool.give_bytes(bytes::Bytes::from(a));
+        let b = pool.take();
+        assert_eq!(b.as_ptr(), ptr, "the same allocation");
+        assert!(b.is_empty());
+        // A buffer still shared is not taken back; one of another size is dropped.
+        let shared = bytes::Bytes::from(b);
+        let _other = shared.clone();
+        pool.give_bytes(shared);
+        pool.give(Vec::with_capacity(10));
+        let fresh = pool.take();
+        assert_ne!(fresh.as_ptr(), ptr);
+    }
 }

@@ -37,7 +37,7 @@ use crate::inode::{Inode, InodeNo, Inodes, ROOT};
 use crate::listing::{Listed, Listing, Listings, MAX_ENTRIES as MAX_LISTED_ENTRIES};
 use crate::meta::{Attrs, Kind};
 use crate::read::{ReadCtx, Reader};
-use crate::stage::{Base, MAX_COPY_OBJECT, StageCtx, Staged};
+use crate::stage::{Base, MAX_COPY_OBJECT, MIN_PART_SIZE, StageCtx, Staged};
 
 const FOLDER_SUFFIX: &str = "_$folder$";
 /// Idle part buffers kept for reuse by streamed uploads (memory: this many parts, at most).
@@ -225,7 +225,7 @@ impl S3Fs {
             memory: memory.clone(),
             disk,
             parts: Arc::new(BufPool::new(
-                config.part_size.max(5 << 20) as usize,
+                config.part_size.max(MIN_PART_SIZE) as usize,
                 PARTS_KEPT,
             )),
         });

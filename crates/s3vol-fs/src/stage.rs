@@ -54,17 +54,19 @@ pub struct StageCtx {
     pub part_size: u64,
     pub memory: Arc<Memory>,
     pub disk: Arc<Disk>,
-    /// Buffers of `part_size.max(5 MiB)` bytes for streamed parts.
+    /// Buffers of [`StageCtx::stream_part_size`] bytes for streamed parts.
     pub parts: Arc<BufPool>,
 }
 
 impl StageCtx {
     /// The part size of streamed uploads (S3's minimum is 5 MiB).
     pub fn stream_part_size(&self) -> u64 {
-        self.part_size.max(5 << 20)
+        self.part_size.max(MIN_PART_SIZE)
     }
 }
 
+/// S3's smallest part (but the last) of a multipart upload.
+pub const MIN_PART_SIZE: u64 = 5 << 20;
 /// Largest object a single CopyObject may copy.
 pub const MAX_COPY_OBJECT: u64 = 5 << 30;
 const MAX_PARTS: u64 = 10_000;
@@ -346,7 +348,7 @@ impl Staged {
     }
 
     fn part_size_for(&self, size: u64) -> u64 {
-        let min = self.ctx.part_size.max(5 << 20);
+        let min = self.ctx.stream_part_size();
         let needed = size.div_ceil(MAX_PARTS).next_multiple_of(1 << 20);
         min.max(needed)
     }
@@ -538,7 +540,7 @@ impl Staged {
         metadata: &UserMetadata,
         content_type: Option<String>,
     ) -> FsResult<ETag> {
-        if self.size <= self.ctx.part_size.max(5 << 20) {
+        if self.size <= self.ctx.stream_part_size() {
             self.put_whole(metadata, content_type).await
         } else {
             self.put_multipart(metadata, content_type).await
@@ -551,7 +553,7 @@ impl Staged {
         metadata: &UserMetadata,
         content_type: Option<String>,
     ) -> FsResult<ETag> {
-        let part = self.ctx.part_size.max(5 << 20);
+        let part = self.ctx.stream_part_size();
         let mut parts = Vec::new();
         let mut first_err = None;
         for p in stream.parts.drain(..) {
@@ -956,24 +958,5 @@ mod tests {
             kept.push(st);
         }
         assert_eq!(memory.used(), 0, "uploaded files hold no memory");
-    }
-
-    #[tokio::test]
-    async fn part_buffers_are_reused() {
-        let pool = BufPool::new(1024, 1);
-        let mut a = pool.take();
-        a.extend_from_slice(&[1; 1000]);
-        let ptr = a.as_ptr();
-        pool.give_bytes(Bytes::from(a));
-        let b = pool.take();
-        assert_eq!(b.as_ptr(), ptr, "the same allocation");
-        assert!(b.is_empty());
-        // A buffer still shared is not taken back; one of another size is dropped.
-        let shared = Bytes::from(b);
-        let _other = shared.clone();
-        pool.give_bytes(shared);
-        pool.give(Vec::with_capacity(10));
-        let fresh = pool.take();
-        assert_ne!(fresh.as_ptr(), ptr);
     }
 }
