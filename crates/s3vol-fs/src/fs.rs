@@ -1479,14 +1479,18 @@ impl S3Fs {
         if s.open_handles > 0 {
             return;
         }
-        let clean = s
+        let (clean, on_disk) = s
             .staged
             .as_ref()
-            .is_some_and(|st| st.try_lock().is_ok_and(|g| !g.is_dirty()));
+            .and_then(|st| st.try_lock().ok())
+            .map_or((false, false), |g| (!g.is_dirty(), g.has_local_bytes()));
         if s.unlinked {
             s.staged = None;
         } else if clean && let Some(staged) = s.staged.take() {
-            self.stage.disk.park(inode.ino, staged);
+            // A streamed file has nothing on disk: it is read from S3 next time.
+            if on_disk {
+                self.stage.disk.park(inode.ino, staged);
+            }
         }
     }
 

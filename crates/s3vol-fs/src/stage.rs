@@ -1,30 +1,40 @@
-//! Staging files: the local copy of a file being written.
+//! Staging: the local state of a file being written.
 //!
-//! Every write goes to a sparse file in the cache directory; reads of a staged file are served
-//! from it. The object the file started from (its *base*) fills the ranges not yet present on
-//! demand, with `If-Match` so a concurrent change of the object is an error and never a mix of
-//! versions. Unchanged parts of a large base are copied server-side on upload
-//! (UploadPartCopy) instead of being downloaded and sent back.
+//! A file written sequentially from empty *streams*: its bytes fill a part buffer in memory,
+//! and each full part goes up as a part of a multipart upload while the application keeps
+//! writing. Nothing of it touches the disk: the part buffers are counted in the memory budget
+//! (and recycled, see [`BufPool`]), and a file smaller than a part is one PUT from memory at
+//! close. A part whose upload fails is retried in the background with backoff, keeping its
+//! bytes and their memory until it is in: at the memory limit writers wait for S3 (the same
+//! backpressure as a full cache), they never fail because S3 is away.
 //!
-//! A file written sequentially from empty streams: besides going to the staging file, its
-//! writes fill a part buffer in memory, and each full part is uploaded as a part of a
-//! multipart upload while the application keeps writing, with the part buffers counted in
-//! the memory budget (and recycled, see [`BufPool`]). A write anywhere else stops the
-//! streaming; the upload then happens at flush, as for any other staged file.
+//! Anything else — a write anywhere but the end, a truncate, a read of bytes already sent —
+//! *spills* the file to a staging file in the cache directory first. Without a multipart
+//! upload yet, that writes the part buffer to disk; with one, the upload so far is completed
+//! (the object then holds every byte written) and becomes the staging file's base, read back
+//! on demand. From then on every write goes to the staging file and is uploaded at flush.
+//! A streamed file has no local copy to park after close; reading it again reads S3.
 //!
-//! The multipart upload is created with the file's attributes as they are when its first part
-//! is full. At the end, the object's metadata is rewritten (a server-side copy of the whole
-//! object) only when something other than the times changed meanwhile: a streamed file's
-//! stored `mtime` is the time its upload began, which saves copying every large file once
-//! more on close (see docs/SEMANTICS.md).
+//! A staging file's base fills the ranges not yet present on demand, with `If-Match` so a
+//! concurrent change of the object is an error and never a mix of versions. Unchanged parts of
+//! a large base are copied server-side on upload (UploadPartCopy) instead of being downloaded
+//! and sent back.
 //!
-//! Invariants: the file's length is the file's size; `base.size <= size`; bytes in
-//! `[base.size, size)` that were never written are zeros (the file is sparse there); bytes in
-//! `[0, base.size)` are valid locally where `present` says so, else they are the base's.
+//! The multipart upload of a stream is created with the file's attributes as they are when its
+//! first part is full. At the end, the object's metadata is rewritten (a server-side copy of
+//! the whole object) only when something other than the times changed meanwhile: a streamed
+//! file's stored `mtime` is the time its upload began, which saves copying every large file
+//! once more on close (see docs/SEMANTICS.md).
 //!
-//! Nothing here deletes data that is not durable: a failed upload leaves the staging file and
-//! its `.key` companion (naming the object) in the cache directory, and the error goes back to
-//! the caller (close or fsync gets EIO).
+//! Invariants: while streaming, the bytes `[0, sent)` are parts of the upload (done, in
+//! flight, or failed and kept) and `[sent, size)` are in the part buffer. Otherwise the staging
+//! file's length is the file's size; `base.size <= size`; bytes in `[base.size, size)` that
+//! were never written are zeros (the file is sparse there); bytes in `[0, base.size)` are valid
+//! locally where `present` says so, else they are the base's.
+//!
+//! Nothing here deletes data that is not durable: a failed upload keeps the bytes (in the
+//! staging file and its `.key` companion naming the object, or in memory while streaming) and
+//! the error goes back to the caller (close or fsync gets EIO); the next flush tries again.
 
 use std::fs::File;
 use std::io::Write;
@@ -32,13 +42,15 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use s3vol_s3::{
     BucketName, CompletedPart, CopySource, ETag, MetadataDirective, ObjectStore, PutOptions,
-    UploadId, UserMetadata,
+    S3Error, UploadId, UserMetadata,
 };
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::budget::{BufPool, Disk, Memory, MemoryPermit};
@@ -70,6 +82,8 @@ pub const MIN_PART_SIZE: u64 = 5 << 20;
 /// Largest object a single CopyObject may copy.
 pub const MAX_COPY_OBJECT: u64 = 5 << 30;
 const MAX_PARTS: u64 = 10_000;
+/// Longest pause between two attempts of a failing part upload.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
 
 /// The object a staged file started from.
 #[derive(Clone, Debug)]
@@ -78,6 +92,17 @@ pub struct Base {
     pub size: u64,
 }
 
+/// A part's bytes, kept until the part is in the upload.
+#[derive(Debug)]
+struct PartData {
+    number: i32,
+    bytes: Bytes,
+    _memory: MemoryPermit,
+}
+
+/// A part upload that failed, handed back with its bytes.
+type PartFailure = (PartData, FsError);
+
 #[derive(Debug)]
 struct Stream {
     upload_id: UploadId,
@@ -85,7 +110,45 @@ struct Stream {
     metadata: UserMetadata,
     /// Bytes handed to part uploads so far.
     sent: u64,
-    parts: Vec<JoinHandle<FsResult<CompletedPart>>>,
+    /// Part uploads running (retrying in the background until told to stop).
+    running: Vec<JoinHandle<Result<CompletedPart, PartFailure>>>,
+    done: Vec<CompletedPart>,
+    /// Parts whose upload failed, to try again at the next flush.
+    failed: Vec<PartData>,
+    /// Set to `true` to make running part uploads stop retrying and report.
+    stop_retrying: watch::Sender<bool>,
+}
+
+/// The staging file, created when first needed (a streamed file never needs one).
+#[derive(Debug)]
+struct LocalFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl LocalFile {
+    /// The open staging file; creating it makes it `len` bytes long (sparse) and writes the
+    /// `.key` companion naming `s3://bucket/key`.
+    fn get(&mut self, bucket: &BucketName, key: &str, len: u64) -> FsResult<&File> {
+        if self.file.is_none() {
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&self.path)?;
+            file.set_len(len)?;
+            let mut key_file = File::create(self.path.with_extension("key"))?;
+            writeln!(key_file, "s3://{bucket}/{key}")?;
+            self.file = Some(file);
+        }
+        match &self.file {
+            Some(f) => Ok(f),
+            None => Err(err!(libc::EIO, "staging file {} not open", self.path.display())),
+        }
+    }
 }
 
 /// A file being written, or read while written.
@@ -93,8 +156,7 @@ struct Stream {
 pub struct Staged {
     ctx: Arc<StageCtx>,
     key: String,
-    path: PathBuf,
-    file: File,
+    local: LocalFile,
     size: u64,
     base: Option<Base>,
     present: RangeSet,
@@ -103,11 +165,11 @@ pub struct Staged {
     /// Attributes changed since the last upload.
     pub meta_dirty: bool,
     stream: Option<Stream>,
-    /// Streaming is possible while every write so far appended at the end of a file that
-    /// started empty.
+    /// The file streams: it started empty, every write so far appended, and its bytes are in
+    /// memory and in the upload, not in a staging file.
     sequential: bool,
-    /// The part being filled by a sequential writer: the bytes `[stream.sent, size)`, with
-    /// the memory they take (counted as they arrive, so a small file holds only its size).
+    /// The part being filled while streaming: the bytes `[stream.sent, size)`, with the memory
+    /// they take (counted as they arrive, so a small file holds only its size).
     filling: Option<(Vec<u8>, MemoryPermit)>,
     /// Bytes counted in the disk budget.
     reserved: u64,
@@ -118,25 +180,15 @@ pub struct Staged {
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
 impl Staged {
-    fn create(ctx: Arc<StageCtx>, key: &str, base: Option<Base>) -> FsResult<Self> {
-        std::fs::create_dir_all(&ctx.dir)?;
+    fn create(ctx: Arc<StageCtx>, key: &str, base: Option<Base>) -> Self {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = ctx.dir.join(format!("{}-{n}.data", std::process::id()));
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
         let size = base.as_ref().map_or(0, |b| b.size);
-        file.set_len(size)?;
-        let mut key_file = File::create(path.with_extension("key"))?;
-        writeln!(key_file, "s3://{}/{key}", ctx.bucket)?;
-        Ok(Self {
+        Self {
             sequential: base.is_none(),
             ctx,
             key: key.to_owned(),
-            path,
-            file,
+            local: LocalFile { path, file: None },
             size,
             base,
             present: RangeSet::new(),
@@ -147,19 +199,19 @@ impl Staged {
             filling: None,
             reserved: 0,
             dirty_counted: 0,
-        })
+        }
     }
 
     /// A new, empty file (create, or open with O_TRUNC): dirty from the start.
     pub fn new_empty(ctx: Arc<StageCtx>, key: &str) -> FsResult<Self> {
-        let mut s = Self::create(ctx, key, None)?;
+        let mut s = Self::create(ctx, key, None);
         s.content_dirty = true;
         Ok(s)
     }
 
     /// The existing object `key`, fetched lazily.
     pub fn from_object(ctx: Arc<StageCtx>, key: &str, base: Base) -> FsResult<Self> {
-        Self::create(ctx, key, Some(base))
+        Ok(Self::create(ctx, key, Some(base)))
     }
 
     pub fn size(&self) -> u64 {
@@ -179,6 +231,11 @@ impl Staged {
         self.content_dirty
     }
 
+    /// Whether any of the file's bytes are on local disk (worth keeping as a clean copy).
+    pub fn has_local_bytes(&self) -> bool {
+        self.present.intersects(&(0..self.size))
+    }
+
     /// The object was rewritten server-side with the same content (new attributes): later
     /// fills read the new version.
     pub fn rebase(&mut self, etag: ETag) {
@@ -192,14 +249,18 @@ impl Staged {
         self.content_dirty || self.meta_dirty
     }
 
+    /// Where the staging file is (or will be, once the file needs one).
     pub fn path(&self) -> &std::path::Path {
-        &self.path
+        &self.local.path
     }
 
     /// After a rename: uploads go to `key`, and the `.key` companion names it for recovery.
     pub fn set_key(&mut self, key: &str) {
         self.key = key.to_owned();
-        let companion = self.path.with_extension("key");
+        if self.local.file.is_none() {
+            return;
+        }
+        let companion = self.local.path.with_extension("key");
         if let Err(e) = std::fs::write(&companion, format!("s3://{}/{key}\n", self.ctx.bucket)) {
             tracing::warn!(file = %companion.display(), error = %e, "cannot update the staging key file");
         }
@@ -218,6 +279,11 @@ impl Staged {
             self.ctx.disk.grow(self.reserved, len - self.reserved).await;
             self.reserved = len;
         }
+    }
+
+    /// The staging file (created at the file's size when first needed).
+    fn file(&mut self) -> FsResult<&File> {
+        self.local.get(&self.ctx.bucket, &self.key, self.size)
     }
 
     /// Makes `range` (clipped to the base) present locally.
@@ -241,6 +307,7 @@ impl Staged {
                     Some(&base.etag),
                 )
                 .await?;
+            let file = self.local.get(&self.ctx.bucket, &self.key, self.size)?;
             let mut pos = gap.start;
             let mut body = got.body;
             while let Some(chunk) = body.try_next().await? {
@@ -249,7 +316,7 @@ impl Staged {
                 for hole in self.written.missing(chunk_range.clone()) {
                     let from = (hole.start - pos) as usize;
                     let to = (hole.end - pos) as usize;
-                    self.file.write_all_at(&chunk[from..to], hole.start)?;
+                    file.write_all_at(&chunk[from..to], hole.start)?;
                 }
                 pos = chunk_range.end;
             }
@@ -273,9 +340,20 @@ impl Staged {
         if offset >= end {
             return Ok(Bytes::new());
         }
+        if self.sequential {
+            let sent = self.stream.as_ref().map_or(0, |s| s.sent);
+            if offset >= sent
+                && let Some((buf, _)) = &self.filling
+            {
+                let (from, to) = ((offset - sent) as usize, (end - sent) as usize);
+                return Ok(Bytes::copy_from_slice(&buf[from..to]));
+            }
+            // Bytes already sent can be read back only from a completed object.
+            self.spill().await?;
+        }
         self.fill(offset, end).await?;
         let mut buf = vec![0u8; (end - offset) as usize];
-        self.file.read_exact_at(&mut buf, offset)?;
+        self.file()?.read_exact_at(&mut buf, offset)?;
         Ok(Bytes::from(buf))
     }
 
@@ -283,31 +361,33 @@ impl Staged {
     /// called only when a streamed upload starts.
     pub async fn write(
         &mut self,
-        offset: u64,
-        data: &[u8],
+        mut offset: u64,
+        mut data: &[u8],
         metadata: impl FnOnce() -> UserMetadata + Send,
     ) -> FsResult<()> {
         if data.is_empty() {
             return Ok(());
         }
-        let end = offset + data.len() as u64;
-        if offset != self.size {
-            self.break_stream().await;
+        if self.sequential && offset == self.size {
+            let taken = self.stream_bytes(data, metadata).await;
+            self.mark_content_dirty();
+            if taken == data.len() {
+                return Ok(());
+            }
+            // The rest goes to the staging file.
+            data = &data[taken..];
+            offset = self.size;
         }
+        if self.sequential {
+            self.spill().await?;
+        }
+        let end = offset + data.len() as u64;
         self.reserve_to(end.max(self.size)).await;
-        self.file.write_all_at(data, offset)?;
+        self.file()?.write_all_at(data, offset)?;
         self.size = self.size.max(end);
         self.written.insert(offset..end);
         self.present.insert(offset..end);
         self.mark_content_dirty();
-        if self.sequential
-            && let Err(e) = self.stream_bytes(data, metadata).await
-        {
-            // The bytes are in the staging file: they go up whole at flush, where a failure is
-            // reported. A write never fails because S3 is away.
-            tracing::warn!(key = %self.key, error = %e, "streaming upload failed; the file will be uploaded at flush");
-            self.break_stream().await;
-        }
         Ok(())
     }
 
@@ -315,19 +395,29 @@ impl Staged {
         if len == self.size {
             return Ok(());
         }
+        if len == 0 {
+            // Nothing of the old content remains: streaming starts over.
+            self.abandon_stream().await;
+            if let Some(file) = &self.local.file {
+                file.set_len(0)?;
+            }
+            self.base = None;
+            self.present.clear();
+            self.written.clear();
+            self.size = 0;
+            self.sequential = true;
+            self.mark_content_dirty();
+            self.ctx.disk.shrink(self.reserved);
+            self.reserved = 0;
+            return Ok(());
+        }
         // Streaming continues only from empty: the part being filled holds the bytes written
         // since the last part, not the zeros of an extension.
-        self.break_stream().await;
-        if len < self.size {
-            if len == 0 {
-                // Nothing of the old content remains: streaming works again.
-                self.base = None;
-                self.sequential = true;
-            }
-        } else {
+        self.spill().await?;
+        if len > self.size {
             self.reserve_to(len).await;
         }
-        self.file.set_len(len)?;
+        self.file()?.set_len(len)?;
         if let Some(b) = &mut self.base {
             b.size = b.size.min(len);
         }
@@ -353,38 +443,43 @@ impl Staged {
         min.max(needed)
     }
 
-    /// Adds the bytes just appended to the part being filled, and starts the upload of each
-    /// part that is full.
+    /// Appends `data` to the stream: to the part being filled, starting the upload of each
+    /// part that is full. Returns how many bytes it took; fewer than all when the stream cannot
+    /// go on (the multipart upload cannot be created, or the upload is at its last part), and
+    /// the rest must go to a staging file.
     async fn stream_bytes(
         &mut self,
         mut data: &[u8],
         metadata: impl FnOnce() -> UserMetadata + Send,
-    ) -> FsResult<()> {
+    ) -> usize {
         let part = self.ctx.stream_part_size();
         let mut metadata = Some(metadata);
+        let mut taken = 0;
         while !data.is_empty() {
             let sent = self.stream.as_ref().map_or(0, |s| s.sent);
-            if sent / part >= MAX_PARTS - 1 {
-                // The last part is sent from the staging file at flush, however long.
-                self.recycle_filling();
-                return Ok(());
-            }
             let held = self.filling.as_ref().map_or(0, |(b, _)| b.len());
+            if held as u64 == part {
+                // Full, and its upload could not start before: try again now.
+                if let Err(e) = self.send_filled(&mut metadata).await {
+                    tracing::warn!(key = %self.key, error = %e, "cannot start a multipart upload; staging the file locally");
+                    return taken;
+                }
+                continue;
+            }
+            if sent / part >= MAX_PARTS - 1 {
+                // The last part may be longer than a part: it is sent from a staging file.
+                return taken;
+            }
             let n = (part as usize - held).min(data.len());
             // Memory for the bytes about to be added, in whole KiB beyond what is held.
             let needed_kib = (held + n).div_ceil(1024) as u64;
             let held_kib = self.filling.as_ref().map_or(0, |(_, p)| p.kib());
-            let more = if needed_kib > held_kib {
-                Some(
-                    self.ctx
-                        .memory
-                        .acquire((needed_kib - held_kib) * 1024)
-                        .await,
-                )
-            } else {
-                None
-            };
-            if let Some(more) = more {
+            if needed_kib > held_kib {
+                let more = self
+                    .ctx
+                    .memory
+                    .acquire((needed_kib - held_kib) * 1024)
+                    .await;
                 match &mut self.filling {
                     Some((_, permit)) => permit.merge(more),
                     None => self.filling = Some((self.ctx.parts.take(), more)),
@@ -392,15 +487,14 @@ impl Staged {
             }
             let Some((buf, _)) = &mut self.filling else {
                 // Not reached: the first byte of a part takes memory, which makes the buffer.
-                return Ok(());
+                return taken;
             };
             buf.extend_from_slice(&data[..n]);
             data = &data[n..];
-            if buf.len() as u64 == part {
-                self.send_filled(&mut metadata).await?;
-            }
+            taken += n;
+            self.size += n as u64;
         }
-        Ok(())
+        taken
     }
 
     /// Starts the upload of the full part being filled (creating the multipart upload first).
@@ -423,7 +517,10 @@ impl Staged {
                 upload_id,
                 metadata: meta,
                 sent: 0,
-                parts: Vec::new(),
+                running: Vec::new(),
+                done: Vec::new(),
+                failed: Vec::new(),
+                stop_retrying: watch::Sender::new(false),
             });
         }
         let (Some(stream), Some((buf, permit))) = (self.stream.as_mut(), self.filling.take())
@@ -432,35 +529,31 @@ impl Staged {
         };
         let number = (stream.sent / self.ctx.stream_part_size()) as i32 + 1;
         stream.sent += buf.len() as u64;
-        let ctx = self.ctx.clone();
-        let key = self.key.clone();
-        let id = stream.upload_id.clone();
-        stream.parts.push(tokio::spawn(async move {
-            let body = Bytes::from(buf);
-            let r = ctx
-                .store
-                .upload_part(&ctx.bucket, &key, &id, number, body.clone())
-                .await;
-            ctx.parts.give_bytes(body);
-            drop(permit);
-            Ok(r?)
-        }));
+        let part = PartData {
+            number,
+            bytes: Bytes::from(buf),
+            _memory: permit,
+        };
+        let stop = stream.stop_retrying.subscribe();
+        stream.running.push(tokio::spawn(upload_part(
+            self.ctx.clone(),
+            self.key.clone(),
+            stream.upload_id.clone(),
+            part,
+            stop,
+        )));
         Ok(())
     }
 
-    fn recycle_filling(&mut self) {
+    /// Ends streaming without keeping anything: stops the part uploads and aborts the upload.
+    async fn abandon_stream(&mut self) {
+        self.sequential = false;
         if let Some((buf, _permit)) = self.filling.take() {
             self.ctx.parts.give(buf);
         }
-    }
-
-    /// Stops streaming: the parts sent so far are thrown away and the file is uploaded whole at
-    /// flush.
-    async fn break_stream(&mut self) {
-        self.sequential = false;
-        self.recycle_filling();
         if let Some(stream) = self.stream.take() {
-            for p in stream.parts {
+            stream.stop_retrying.send_replace(true);
+            for p in stream.running {
                 let _ = p.await;
             }
             let _ = self
@@ -471,33 +564,55 @@ impl Staged {
         }
     }
 
+    /// Moves a streaming file to a staging file. Without a multipart upload, the part buffer
+    /// is written to disk; with one, the upload so far is completed and becomes the base (this
+    /// needs S3: on failure nothing changes and the error is returned).
+    async fn spill(&mut self) -> FsResult<()> {
+        if !self.sequential {
+            return Ok(());
+        }
+        if let Some(stream) = &self.stream {
+            let metadata = stream.metadata.clone();
+            let etag = self.finish_stream(&metadata, None).await?;
+            self.base = Some(Base {
+                etag,
+                size: self.size,
+            });
+            self.present.clear();
+            self.written.clear();
+            let size = self.size;
+            self.file()?.set_len(size)?;
+        } else {
+            self.reserve_to(self.size).await;
+            let size = self.size;
+            let file = self.local.get(&self.ctx.bucket, &self.key, size)?;
+            if let Some((buf, _)) = &self.filling {
+                file.write_all_at(buf, 0)?;
+            }
+            self.written.insert(0..size);
+            self.present.insert(0..size);
+            if let Some((buf, _permit)) = self.filling.take() {
+                self.ctx.parts.give(buf);
+            }
+        }
+        self.sequential = false;
+        Ok(())
+    }
+
     /// Makes the file durable in S3 as `key` with `metadata`, and returns the new ETag. On
-    /// failure the local data is untouched and the next call tries again.
+    /// failure the data is kept (locally, or in memory and the unfinished upload) and the next
+    /// call tries again.
     pub async fn upload(
         &mut self,
         metadata: &UserMetadata,
         content_type: Option<String>,
     ) -> FsResult<ETag> {
-        let streamed = match self.stream.take() {
-            Some(stream) => Some(
-                self.finish_stream(stream, metadata, content_type.clone())
-                    .await,
-            ),
-            None => None,
-        };
-        let result = match streamed {
-            Some(Ok(etag)) => Ok(etag),
-            Some(Err(e)) => {
-                // A part failed earlier, or completing did: the staging file holds the whole
-                // file (a stream starts only from empty), so send it again now.
-                tracing::warn!(key = %self.key, error = %e, "streamed upload failed; uploading the file whole");
-                self.put_all(metadata, content_type.clone()).await
-            }
-            None => {
-                // Never a full part: the staging file has it all.
-                self.recycle_filling();
-                self.put_all(metadata, content_type.clone()).await
-            }
+        let result = if !self.sequential {
+            self.put_all(metadata, content_type).await
+        } else if self.stream.is_some() {
+            self.finish_stream(metadata, content_type).await
+        } else {
+            self.put_filling(metadata, content_type).await
         };
         match result {
             Ok(etag) => {
@@ -516,13 +631,17 @@ impl Staged {
                 Ok(etag)
             }
             Err(e) => {
-                self.sequential = false;
                 metrics::counter!("s3vol_upload_failures_total").increment(1);
+                let kept = match &self.stream {
+                    Some(s) => format!("in memory and in multipart upload {}", s.upload_id.0),
+                    None => format!("in the staging file {}", self.local.path.display()),
+                };
                 tracing::error!(
                     key = %self.key,
-                    staging_file = %self.path.display(),
+                    kept = %kept,
+                    staging_file = %self.local.path.display(),
                     error = %e,
-                    "upload failed; the data stays in the staging file and is retried on the next flush"
+                    "upload failed; the data is kept and retried on the next flush"
                 );
                 Err(err!(
                     e.errno_or_eio(),
@@ -531,6 +650,44 @@ impl Staged {
                     self.key,
                     e.message
                 ))
+            }
+        }
+    }
+
+    /// Uploads a file that never filled a part from its buffer. On failure the bytes go to the
+    /// staging file, where the next flush finds them.
+    async fn put_filling(
+        &mut self,
+        metadata: &UserMetadata,
+        content_type: Option<String>,
+    ) -> FsResult<ETag> {
+        let (bytes, permit) = match self.filling.take() {
+            Some((buf, permit)) => (Bytes::from(buf), Some(permit)),
+            None => (Bytes::new(), None),
+        };
+        let options = PutOptions {
+            metadata: metadata.clone(),
+            content_type,
+            if_none_match_any: false,
+        };
+        let put = self
+            .ctx
+            .store
+            .put_object(&self.ctx.bucket, &self.key, bytes.clone(), &options)
+            .await;
+        match put {
+            Ok(r) => {
+                self.ctx.parts.give_bytes(bytes);
+                Ok(r.etag)
+            }
+            Err(e) => {
+                if let Some(permit) = permit {
+                    self.filling = Some((Vec::from(bytes), permit));
+                }
+                if let Err(local) = self.spill().await {
+                    tracing::error!(key = %self.key, error = %local, "cannot write the staging file; the data stays in memory");
+                }
+                Err(e.into())
             }
         }
     }
@@ -547,48 +704,65 @@ impl Staged {
         }
     }
 
+    /// Completes the stream's upload with the part being filled as its last part. On failure
+    /// the stream stays as it is (failed parts keep their bytes) for the next try.
     async fn finish_stream(
         &mut self,
-        mut stream: Stream,
         metadata: &UserMetadata,
         content_type: Option<String>,
     ) -> FsResult<ETag> {
-        let part = self.ctx.stream_part_size();
-        let mut parts = Vec::new();
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(err!(libc::EIO, "no upload to finish"));
+        };
+        // Running uploads report now instead of retrying further; failed ones get one more try.
+        stream.stop_retrying.send_replace(true);
         let mut first_err = None;
-        for p in stream.parts.drain(..) {
+        for p in std::mem::take(&mut stream.running) {
             match p.await {
-                Ok(Ok(cp)) => parts.push(cp),
-                Ok(Err(e)) => first_err = first_err.or(Some(e)),
-                Err(e) => first_err = first_err.or(Some(err!(libc::EIO, "part upload task: {e}"))),
+                Ok(Ok(done)) => stream.done.push(done),
+                Ok(Err((part, e))) => {
+                    stream.failed.push(part);
+                    first_err = first_err.or(Some(e));
+                }
+                Err(e) => {
+                    first_err = first_err.or(Some(err!(libc::EIO, "part upload task: {e}")));
+                }
             }
         }
-        let abort = |e: FsError| async {
-            let _ = self
+        stream.stop_retrying.send_replace(false);
+        let mut still_failed = Vec::new();
+        for part in std::mem::take(&mut stream.failed) {
+            match self
                 .ctx
                 .store
-                .abort_multipart_upload(&self.ctx.bucket, &self.key, &stream.upload_id)
-                .await;
-            Err::<ETag, _>(e)
-        };
-        if let Some(e) = first_err {
-            return abort(e).await;
+                .upload_part(
+                    &self.ctx.bucket,
+                    &self.key,
+                    &stream.upload_id,
+                    part.number,
+                    part.bytes.clone(),
+                )
+                .await
+            {
+                Ok(done) => stream.done.push(done),
+                Err(e) => {
+                    first_err = Some(e.into());
+                    still_failed.push(part);
+                }
+            }
+        }
+        stream.failed = still_failed;
+        if !stream.failed.is_empty()
+            && let Some(e) = first_err
+        {
+            return Err(e);
         }
         if self.size > stream.sent {
-            let len = self.size - stream.sent;
-            let (buf, _permit) = match self.filling.take() {
-                Some((buf, permit)) if buf.len() as u64 == len => (buf, permit),
-                other => {
-                    drop(other);
-                    let permit = self.ctx.memory.acquire(len).await;
-                    let mut buf = vec![0u8; len as usize];
-                    if let Err(e) = self.file.read_exact_at(&mut buf, stream.sent) {
-                        return abort(e.into()).await;
-                    }
-                    (buf, permit)
-                }
+            let number = (stream.sent / self.ctx.stream_part_size()) as i32 + 1;
+            let Some((buf, permit)) = self.filling.take() else {
+                return Err(err!(libc::EIO, "the last part of the upload is missing"));
             };
-            let number = (stream.sent / part) as i32 + 1;
+            let bytes = Bytes::from(buf);
             match self
                 .ctx
                 .store
@@ -597,24 +771,36 @@ impl Staged {
                     &self.key,
                     &stream.upload_id,
                     number,
-                    Bytes::from(buf),
+                    bytes.clone(),
                 )
                 .await
             {
-                Ok(cp) => parts.push(cp),
-                Err(e) => return abort(e.into()).await,
+                Ok(done) => {
+                    stream.done.push(done);
+                    stream.sent = self.size;
+                    self.ctx.parts.give_bytes(bytes);
+                }
+                Err(e) => {
+                    self.filling = Some((Vec::from(bytes), permit));
+                    return Err(e.into());
+                }
             }
         }
-        let etag = match self
+        stream.done.sort_by_key(|p| p.part_number);
+        let etag = self
             .ctx
             .store
-            .complete_multipart_upload(&self.ctx.bucket, &self.key, &stream.upload_id, &parts)
-            .await
-        {
-            Ok(r) => r.etag,
-            Err(e) => return abort(e.into()).await,
-        };
-        if !same_but_times(&stream.metadata, metadata) || content_type.is_some() {
+            .complete_multipart_upload(
+                &self.ctx.bucket,
+                &self.key,
+                &stream.upload_id,
+                &stream.done,
+            )
+            .await?
+            .etag;
+        let created_with = stream.metadata.clone();
+        self.stream = None;
+        if !same_but_times(&created_with, metadata) || content_type.is_some() {
             // The upload was created before the final attributes were known. The copy makes a
             // new version; on AWS it has a new ETag, which is the one to remember.
             if let Some(copied) = self.replace_metadata(metadata, content_type).await? {
@@ -663,7 +849,7 @@ impl Staged {
         self.fill(0, self.size).await?;
         let _permit = self.ctx.memory.acquire(self.size).await;
         let mut buf = vec![0u8; self.size as usize];
-        self.file.read_exact_at(&mut buf, 0)?;
+        self.file()?.read_exact_at(&mut buf, 0)?;
         let options = PutOptions {
             metadata: metadata.clone(),
             content_type,
@@ -734,7 +920,7 @@ impl Staged {
         let ctx = self.ctx.clone();
         let key = self.key.clone();
         let base_etag = self.base.as_ref().map(|b| b.etag.clone());
-        let file = &self.file;
+        let file = self.file()?;
         futures::stream::iter(jobs)
             .map(|(number, range, unchanged)| {
                 let ctx = ctx.clone();
@@ -772,9 +958,68 @@ impl Staged {
     /// Throws the local data away (the file was unlinked). Waits for stream parts and aborts
     /// the upload so nothing appears in the bucket.
     pub async fn discard(&mut self) {
-        self.break_stream().await;
+        self.abandon_stream().await;
         self.content_dirty = false;
         self.meta_dirty = false;
+    }
+
+    /// Writes what a stream still holds in memory (the part being filled, failed parts) to the
+    /// staging file, for recovery by hand when the process is going away.
+    fn keep_stream_bytes(&mut self) -> FsResult<()> {
+        let part = self.ctx.stream_part_size();
+        let size = self.size;
+        let sent = self.stream.as_ref().map_or(0, |s| s.sent);
+        let file = self.local.get(&self.ctx.bucket, &self.key, size)?;
+        if let Some((buf, _)) = &self.filling {
+            file.write_all_at(buf, sent)?;
+        }
+        if let Some(stream) = &self.stream {
+            for p in &stream.failed {
+                file.write_all_at(&p.bytes, (p.number as u64 - 1) * part)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Uploads one streamed part, retrying with backoff while the error may pass, until the part
+/// is in or `stop` turns `true`; a failure hands the bytes back.
+async fn upload_part(
+    ctx: Arc<StageCtx>,
+    key: String,
+    upload_id: UploadId,
+    part: PartData,
+    mut stop: watch::Receiver<bool>,
+) -> Result<CompletedPart, PartFailure> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let attempt = ctx
+            .store
+            .upload_part(
+                &ctx.bucket,
+                &key,
+                &upload_id,
+                part.number,
+                part.bytes.clone(),
+            )
+            .await;
+        let e = match attempt {
+            Ok(done) => {
+                ctx.parts.give_bytes(part.bytes);
+                return Ok(done);
+            }
+            Err(e) => e,
+        };
+        let hopeless = matches!(e, S3Error::NotFound(_) | S3Error::NoSuchBucket(_));
+        if hopeless || *stop.borrow() {
+            return Err((part, e.into()));
+        }
+        tracing::warn!(%key, part = part.number, error = %e, retry_in = ?delay, "part upload failed; retrying");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|stop| *stop) => return Err((part, e.into())),
+        }
+        delay = (delay * 2).min(MAX_RETRY_DELAY);
     }
 }
 
@@ -798,20 +1043,35 @@ impl FsError {
     }
 }
 
+
 impl Drop for Staged {
     fn drop(&mut self) {
         self.ctx.disk.shrink(self.reserved);
         if self.content_dirty {
+            let mut kept = String::from("the staging file is kept for recovery");
+            if self.sequential {
+                if let Some(stream) = &self.stream {
+                    kept = format!(
+                        "what was still in memory is in the staging file; the rest is in the unfinished multipart upload {}",
+                        stream.upload_id.0
+                    );
+                }
+                if let Err(e) = self.keep_stream_bytes() {
+                    kept = format!("the bytes still in memory are lost: {e}");
+                }
+            }
             tracing::error!(
                 key = %self.key,
-                staging_file = %self.path.display(),
-                "dropping a file with data not in S3; the staging file is kept for recovery"
+                staging_file = %self.local.path.display(),
+                "dropping a file with data not in S3; {kept}"
             );
             return;
         }
         self.ctx.disk.set_dirty_delta(-(self.dirty_counted as i64));
-        let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_file(self.path.with_extension("key"));
+        if self.local.file.is_some() {
+            let _ = std::fs::remove_file(&self.local.path);
+            let _ = std::fs::remove_file(self.local.path.with_extension("key"));
+        }
     }
 }
 
@@ -958,5 +1218,159 @@ mod tests {
             kept.push(st);
         }
         assert_eq!(memory.used(), 0, "uploaded files hold no memory");
+    }
+
+    fn files_in(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir).map_or(0, |d| d.count())
+    }
+
+    async fn write_all(st: &mut Staged, content: &[u8]) {
+        for chunk in content.chunks(MIB) {
+            let at = st.size();
+            st.write(at, chunk, || meta("33188", "1")).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_streamed_file_never_touches_the_disk_and_gives_its_memory_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let ctx = ctx_over(store, dir.path()).await;
+        for (name, len) in [("big", 12 * MIB + 5), ("small", 3000), ("empty", 0)] {
+            let mut st = Staged::new_empty(ctx.clone(), name).unwrap();
+            let content = data(len, 7);
+            write_all(&mut st, &content).await;
+            assert_eq!(files_in(dir.path()), 0, "{name}: nothing staged on disk");
+            st.upload(&meta("33188", "1"), None).await.unwrap();
+            assert!(object(&ctx, name).await.0 == content, "{name}");
+            assert!(!st.has_local_bytes(), "{name}: no clean copy worth keeping");
+            drop(st);
+        }
+        assert_eq!(ctx.memory.used(), 0);
+        assert_eq!(files_in(dir.path()), 0);
+    }
+
+    #[tokio::test]
+    async fn a_part_that_fails_for_a_while_is_retried_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let ctx = ctx_over(store.clone(), dir.path()).await;
+        store.add(Fault::FailOp {
+            op: Op::UploadPart,
+            error: S3Error::Transient("injected".into()),
+            times: Some(3),
+        });
+        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+        let content = data(11 * MIB, 8);
+        write_all(&mut st, &content).await;
+        // Give the background retries (0.5 s, 1 s, ...) time to get the parts in.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while st
+            .stream
+            .as_ref()
+            .is_some_and(|s| s.running.iter().any(|p| !p.is_finished()))
+        {
+            assert!(std::time::Instant::now() < deadline, "parts never went in");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        st.upload(&meta("33188", "1"), None).await.unwrap();
+        assert!(object(&ctx, "f").await.0 == content);
+        assert_eq!(files_in(dir.path()), 0, "no fallback to a staging file");
+    }
+
+    #[tokio::test]
+    async fn a_failed_stream_keeps_every_byte_until_a_later_flush_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let ctx = ctx_over(store.clone(), dir.path()).await;
+        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+        let content = data(13 * MIB, 9);
+        write_all(&mut st, &content[..6 * MIB]).await;
+        store.add(Fault::FailOp {
+            op: Op::UploadPart,
+            error: S3Error::Transient("down".into()),
+            times: None,
+        });
+        write_all(&mut st, &content[6 * MIB..]).await;
+        let e = st.upload(&meta("33188", "1"), None).await.unwrap_err();
+        assert_eq!(e.errno, libc::EIO, "{e:?}");
+        assert!(st.content_dirty());
+        assert!(
+            ctx.store.head_object(&ctx.bucket, "f").await.is_err(),
+            "nothing half-written in the bucket"
+        );
+        // Still failing: the second flush fails the same way and loses nothing.
+        assert!(st.upload(&meta("33188", "1"), None).await.is_err());
+        store.clear();
+        st.upload(&meta("33188", "1"), None).await.unwrap();
+        assert!(object(&ctx, "f").await.0 == content);
+        drop(st);
+        assert_eq!(ctx.memory.used(), 0, "failed parts gave their memory back");
+    }
+
+    #[tokio::test]
+    async fn reading_back_streamed_bytes_completes_the_upload_so_far_and_goes_on_locally() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let ctx = ctx_over(store, dir.path()).await;
+        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+        let mut expect = data(7 * MIB, 10);
+        write_all(&mut st, &expect).await;
+        // Bytes of the part being filled come from memory, the stream goes on.
+        let tail = st.read(6 * MIB as u64, 100).await.unwrap();
+        assert!(tail[..] == expect[6 * MIB..6 * MIB + 100]);
+        assert!(st.sequential);
+        // Bytes already sent: the upload so far becomes an object to read them from.
+        let head = st.read(100, 1000).await.unwrap();
+        assert!(head[..] == expect[100..1100]);
+        assert!(!st.sequential && st.stream.is_none());
+        assert!(object(&ctx, "f").await.0 == expect, "the object so far");
+        let more = data(2 * MIB, 11);
+        write_all(&mut st, &more).await;
+        expect.extend_from_slice(&more);
+        st.upload(&meta("33188", "2"), None).await.unwrap();
+        assert!(object(&ctx, "f").await.0 == expect);
+    }
+
+    #[tokio::test]
+    async fn a_small_file_whose_upload_fails_is_kept_in_its_staging_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let ctx = ctx_over(store.clone(), dir.path()).await;
+        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+        let content = data(300_000, 12);
+        write_all(&mut st, &content).await;
+        store.add(Fault::FailOp {
+            op: Op::Put,
+            error: S3Error::Transient("down".into()),
+            times: Some(1),
+        });
+        assert!(st.upload(&meta("33188", "1"), None).await.is_err());
+        assert!(std::fs::read(st.path()).unwrap() == content);
+        st.upload(&meta("33188", "1"), None).await.unwrap();
+        assert!(object(&ctx, "f").await.0 == content);
+    }
+
+    #[tokio::test]
+    async fn dropping_an_unfinished_stream_writes_what_memory_held_to_the_staging_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let ctx = ctx_over(store.clone(), dir.path()).await;
+        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+        let content = data(12 * MIB, 13);
+        store.add(Fault::FailOp {
+            op: Op::UploadPart,
+            error: S3Error::Transient("down".into()),
+            times: None,
+        });
+        write_all(&mut st, &content).await;
+        assert!(st.upload(&meta("33188", "1"), None).await.is_err());
+        let path = st.path().to_owned();
+        drop(st);
+        let kept = std::fs::read(&path).unwrap();
+        assert_eq!(kept.len(), content.len());
+        assert!(kept == content, "failed parts and the last part are on disk");
+        let key = std::fs::read_to_string(path.with_extension("key")).unwrap();
+        assert_eq!(key.trim(), "s3://bkt/f");
     }
 }
