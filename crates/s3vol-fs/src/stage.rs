@@ -82,6 +82,8 @@ pub const MIN_PART_SIZE: u64 = 5 << 20;
 /// Largest object a single CopyObject may copy.
 pub const MAX_COPY_OBJECT: u64 = 5 << 30;
 const MAX_PARTS: u64 = 10_000;
+/// Part uploads in flight per streamed file.
+const PARTS_IN_FLIGHT: usize = 8;
 /// Longest pause between two attempts of a failing part upload.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
 
@@ -119,6 +121,24 @@ struct Stream {
     stop_retrying: watch::Sender<bool>,
 }
 
+impl Stream {
+    /// Files the outcome of a finished part upload.
+    fn record(
+        &mut self,
+        outcome: Result<Result<CompletedPart, PartFailure>, tokio::task::JoinError>,
+    ) -> FsResult<()> {
+        match outcome {
+            Ok(Ok(done)) => self.done.push(done),
+            Ok(Err((part, e))) => {
+                tracing::warn!(part = part.number, error = %e, "part upload failed; kept for the next flush");
+                self.failed.push(part);
+            }
+            Err(e) => return Err(err!(libc::EIO, "part upload task: {e}")),
+        }
+        Ok(())
+    }
+}
+
 /// The staging file, created when first needed (a streamed file never needs one).
 #[derive(Debug)]
 struct LocalFile {
@@ -146,7 +166,11 @@ impl LocalFile {
         }
         match &self.file {
             Some(f) => Ok(f),
-            None => Err(err!(libc::EIO, "staging file {} not open", self.path.display())),
+            None => Err(err!(
+                libc::EIO,
+                "staging file {} not open",
+                self.path.display()
+            )),
         }
     }
 }
@@ -349,7 +373,7 @@ impl Staged {
                 return Ok(Bytes::copy_from_slice(&buf[from..to]));
             }
             // Bytes already sent can be read back only from a completed object.
-            self.spill().await?;
+            self.spill("read of bytes already sent").await?;
         }
         self.fill(offset, end).await?;
         let mut buf = vec![0u8; (end - offset) as usize];
@@ -379,7 +403,7 @@ impl Staged {
             offset = self.size;
         }
         if self.sequential {
-            self.spill().await?;
+            self.spill("write not at the end").await?;
         }
         let end = offset + data.len() as u64;
         self.reserve_to(end.max(self.size)).await;
@@ -413,7 +437,7 @@ impl Staged {
         }
         // Streaming continues only from empty: the part being filled holds the bytes written
         // since the last part, not the zeros of an extension.
-        self.spill().await?;
+        self.spill("truncate").await?;
         if len > self.size {
             self.reserve_to(len).await;
         }
@@ -523,6 +547,21 @@ impl Staged {
                 stop_retrying: watch::Sender::new(false),
             });
         }
+        if let Some(stream) = self.stream.as_mut() {
+            // A window of parts in flight per file: more would only queue at the server, and
+            // each holds a part of memory. The writer waits for the oldest when it is full.
+            let (finished, running): (Vec<_>, Vec<_>) = std::mem::take(&mut stream.running)
+                .into_iter()
+                .partition(|p| p.is_finished());
+            stream.running = running;
+            for p in finished {
+                stream.record(p.await)?;
+            }
+            while stream.running.len() >= PARTS_IN_FLIGHT {
+                let oldest = stream.running.remove(0);
+                stream.record(oldest.await)?;
+            }
+        }
         let (Some(stream), Some((buf, permit))) = (self.stream.as_mut(), self.filling.take())
         else {
             return Ok(());
@@ -567,10 +606,11 @@ impl Staged {
     /// Moves a streaming file to a staging file. Without a multipart upload, the part buffer
     /// is written to disk; with one, the upload so far is completed and becomes the base (this
     /// needs S3: on failure nothing changes and the error is returned).
-    async fn spill(&mut self) -> FsResult<()> {
+    async fn spill(&mut self, why: &str) -> FsResult<()> {
         if !self.sequential {
             return Ok(());
         }
+        tracing::debug!(key = %self.key, size = self.size, why, "spilling a streamed file to a staging file");
         if let Some(stream) = &self.stream {
             let metadata = stream.metadata.clone();
             let etag = self.finish_stream(&metadata, None).await?;
@@ -625,7 +665,9 @@ impl Staged {
                 self.written.clear();
                 self.content_dirty = false;
                 self.meta_dirty = false;
-                self.sequential = false;
+                // An empty file may stream again: many programs open a file, dup the
+                // descriptor and close the first one (a flush) before writing.
+                self.sequential = self.size == 0;
                 self.ctx.disk.set_dirty_delta(-(self.dirty_counted as i64));
                 self.dirty_counted = 0;
                 Ok(etag)
@@ -684,7 +726,7 @@ impl Staged {
                 if let Some(permit) = permit {
                     self.filling = Some((Vec::from(bytes), permit));
                 }
-                if let Err(local) = self.spill().await {
+                if let Err(local) = self.spill("upload failed").await {
                     tracing::error!(key = %self.key, error = %local, "cannot write the staging file; the data stays in memory");
                 }
                 Err(e.into())
@@ -718,15 +760,8 @@ impl Staged {
         stream.stop_retrying.send_replace(true);
         let mut first_err = None;
         for p in std::mem::take(&mut stream.running) {
-            match p.await {
-                Ok(Ok(done)) => stream.done.push(done),
-                Ok(Err((part, e))) => {
-                    stream.failed.push(part);
-                    first_err = first_err.or(Some(e));
-                }
-                Err(e) => {
-                    first_err = first_err.or(Some(err!(libc::EIO, "part upload task: {e}")));
-                }
+            if let Err(e) = stream.record(p.await) {
+                first_err = first_err.or(Some(e));
             }
         }
         stream.stop_retrying.send_replace(false);
@@ -746,15 +781,13 @@ impl Staged {
             {
                 Ok(done) => stream.done.push(done),
                 Err(e) => {
-                    first_err = Some(e.into());
+                    first_err = first_err.or(Some(e.into()));
                     still_failed.push(part);
                 }
             }
         }
         stream.failed = still_failed;
-        if !stream.failed.is_empty()
-            && let Some(e) = first_err
-        {
+        if let Some(e) = first_err {
             return Err(e);
         }
         if self.size > stream.sent {
@@ -790,12 +823,7 @@ impl Staged {
         let etag = self
             .ctx
             .store
-            .complete_multipart_upload(
-                &self.ctx.bucket,
-                &self.key,
-                &stream.upload_id,
-                &stream.done,
-            )
+            .complete_multipart_upload(&self.ctx.bucket, &self.key, &stream.upload_id, &stream.done)
             .await?
             .etag;
         let created_with = stream.metadata.clone();
@@ -1042,7 +1070,6 @@ impl FsError {
         }
     }
 }
-
 
 impl Drop for Staged {
     fn drop(&mut self) {
@@ -1369,7 +1396,10 @@ mod tests {
         drop(st);
         let kept = std::fs::read(&path).unwrap();
         assert_eq!(kept.len(), content.len());
-        assert!(kept == content, "failed parts and the last part are on disk");
+        assert!(
+            kept == content,
+            "failed parts and the last part are on disk"
+        );
         let key = std::fs::read_to_string(path.with_extension("key")).unwrap();
         assert_eq!(key.trim(), "s3://bkt/f");
     }

@@ -314,6 +314,41 @@ fn sequential_write_streams_parts_with_bounded_memory() {
     );
 }
 
+/// Shells and dd open the output, dup the descriptor and close the first one (a flush of
+/// the empty file) before writing: the file still streams.
+#[test]
+fn a_file_flushed_empty_before_its_first_write_still_streams() {
+    let rt = rt();
+    let proxy = Proxy::start(&testing::endpoint());
+    let m = mount_via(&rt, &proxy, "wf-dup", &["--part-size", "5M"]);
+    let first = File::create(m.path("out")).unwrap();
+    let mut f = first.try_clone().unwrap();
+    close(first).unwrap();
+    assert_eq!(
+        rt.block_on(m.get("out")),
+        b"",
+        "the flush made the empty file"
+    );
+    let data = pattern(16 << 20, 12);
+    for c in data.chunks(1 << 20) {
+        f.write_all(c).unwrap();
+    }
+    let key_path = format!("/{}/out", m.bucket);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !proxy
+        .requests()
+        .iter()
+        .any(|r| r.path() == key_path && r.is_part_upload())
+    {
+        assert!(Instant::now() < deadline, "no part went up while writing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let staged: u64 = data_files(m.cache.path()).iter().map(|(_, n)| n).sum();
+    assert_eq!(staged, 0, "nothing staged on disk");
+    close(f).unwrap();
+    assert!(rt.block_on(m.get("out")) == data);
+}
+
 #[test]
 fn patching_a_big_object_copies_unchanged_parts_server_side() {
     const SIZE: usize = 20 << 20;
