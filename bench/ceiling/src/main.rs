@@ -29,7 +29,7 @@ use clap::{Args, Parser, Subcommand};
 use futures::{StreamExt, TryStreamExt, stream};
 use s3vol_s3::{
     Addressing, AwsStore, BucketName, ChecksumPolicy, CredentialSource, ListRequest, ObjectStore,
-    PutOptions, S3Config,
+    PayloadSigning, PutOptions, S3Config,
 };
 
 #[derive(Parser, Debug)]
@@ -50,6 +50,9 @@ struct Conn {
     region: String,
     #[arg(long, global = true)]
     bucket: Option<String>,
+    /// Send upload bodies `UNSIGNED-PAYLOAD` (as `s3vol mount --payload-signing never`).
+    #[arg(long, global = true)]
+    unsigned_payload: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -165,6 +168,11 @@ async fn main() -> Result<()> {
         addressing: Addressing::Path,
         credentials,
         checksums: ChecksumPolicy::WhenRequired,
+        payload_signing: if cli.conn.unsigned_payload {
+            PayloadSigning::Never
+        } else {
+            PayloadSigning::Auto
+        },
         ..S3Config::default()
     };
     let store: Arc<dyn ObjectStore> = Arc::new(AwsStore::new(&config).await);
