@@ -7,6 +7,7 @@
 #   - the hottest symbols of the s3vol process (perf report, self time).
 #
 # Usage (root): bench/profile.sh seqread|seqwrite|randread|create|ls|stat [SIZE_MIB|COUNT]
+# S3VOL_MOUNT_ARGS adds options to the mount (e.g. "--payload-signing never").
 # Output also goes to $BENCH_HOME/profile/<workload>/ (perf.data, report.txt, metrics.txt).
 set -euo pipefail
 
@@ -54,7 +55,7 @@ create) n=${n:-1000} ;;
 esac
 
 setsid "$S3VOL" mount prof "$MNT" --endpoint-url "$BENCH_ENDPOINT" --force-path-style --region "$BENCH_REGION" \
-	-f --cache-dir "$BENCH_HOME/profile/cache" --metrics-addr "$METRICS" --log-level warn \
+	-f --cache-dir "$BENCH_HOME/profile/cache" --metrics-addr "$METRICS" --log-level warn ${S3VOL_MOUNT_ARGS:-} \
 	</dev/null >"$OUT/s3vol.log" 2>&1 &
 pid=$!
 for ((i = 0; i < 300; i++)); do
