@@ -607,6 +607,55 @@ fn sigterm_uploads_files_still_open() {
     drop(f);
 }
 
+/// SIGKILL gives the process no chance to upload: what was written and not yet uploaded is
+/// in the cache directory (the written ranges of an edited object, a new staged file whole),
+/// named by its `.key` companion, and S3 still has the old versions (docs/SEMANTICS.md,
+/// "After a crash").
+#[test]
+fn after_sigkill_the_bytes_not_uploaded_are_in_the_cache_directory() {
+    let rt = rt();
+    let proxy = Proxy::start(&testing::endpoint());
+    let mut m = mount_via(&rt, &proxy, "wf-sigkill", &[]);
+    let original = pattern(300_000, 20);
+    rt.block_on(m.put("edited", &original, &[]));
+    let edited = OpenOptions::new()
+        .write(true)
+        .open(m.path("edited"))
+        .unwrap();
+    edited.write_all_at(b"patched", 100_000).unwrap();
+    // Written out of order, so staged on disk rather than streamed.
+    let new = File::create(m.path("new")).unwrap();
+    new.write_all_at(b" world", 5).unwrap();
+    new.write_all_at(b"hello", 0).unwrap();
+
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(m.pid() as libc::pid_t, libc::SIGKILL) },
+        0
+    );
+    wait_for_exit(&mut m, Duration::from_secs(30));
+
+    let copies = staged_copies(&m, "edited");
+    assert_eq!(copies.len(), 1, "the edited object's staging file");
+    let kept = fs::read(&copies[0]).unwrap();
+    assert_eq!(
+        kept.len(),
+        original.len(),
+        "the staging file has the file's size"
+    );
+    assert_eq!(&kept[100_000..100_007], b"patched");
+    let copies = staged_copies(&m, "new");
+    assert_eq!(copies.len(), 1, "the new file's staging file");
+    assert_eq!(fs::read(&copies[0]).unwrap(), b"hello world");
+
+    assert!(
+        rt.block_on(m.get("edited")) == original,
+        "S3 keeps the old version"
+    );
+    assert!(rt.block_on(m.head("new")).is_none());
+    drop((edited, new));
+}
+
 // ----- the cache budget ------------------------------------------------------------------------
 
 #[test]
