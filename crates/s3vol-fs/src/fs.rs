@@ -306,6 +306,15 @@ impl S3Fs {
         }
     }
 
+    /// Whether `parent` has a kept listing (complete, younger than the TTL, with this mount's
+    /// own changes) without `name`: a miss answered with no request, as the negative cache
+    /// would (what shells, `PATH` searches and module loaders ask all the time).
+    fn listed_without(&self, parent: InodeNo, name: &str) -> bool {
+        self.listings
+            .get(parent, self.config.metadata_ttl)
+            .is_some_and(|l| !l.entries.iter().any(|e| e.name == name))
+    }
+
     fn set_negative(&self, parent: InodeNo, name: &str, missing: bool) {
         let mut neg = self.negative.lock().unwrap_or_else(|e| e.into_inner());
         if missing {
@@ -416,7 +425,8 @@ impl S3Fs {
                 return Ok((child, attrs));
             }
         }
-        if !valid_name(name) || self.negative_hit(parent, name) {
+        if !valid_name(name) || self.negative_hit(parent, name) || self.listed_without(parent, name)
+        {
             return Err(err!(libc::ENOENT, "{name}: not found"));
         }
         let key = format!("{parent_key}{name}");

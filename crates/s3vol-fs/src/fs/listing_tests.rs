@@ -319,3 +319,32 @@ async fn the_next_page_is_listed_while_the_current_one_is_read() {
     let got = list(&fs, ROOT, false, 100).await;
     assert_eq!(names(&got).len(), 2500);
 }
+
+#[tokio::test]
+async fn a_name_missing_from_a_kept_listing_is_not_found_without_a_request() {
+    let cache = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let fs = fs_with(store.clone(), cache.path(), |c| {
+        c.metadata_ttl = std::time::Duration::from_millis(300);
+    })
+    .await;
+    put_files(&store, "", 3).await;
+    assert_eq!(names(&list(&fs, ROOT, true, 10).await), ["f0", "f1", "f2"]);
+    let before = store.calls();
+    let e = fs.lookup(ROOT, "missing").await.unwrap_err();
+    assert_eq!(e.errno, libc::ENOENT);
+    assert_eq!(store.calls(), before, "answered from the kept listing");
+    // Another client's new object shows once the listing is older than the TTL.
+    put_files(&store, "other-", 1).await;
+    assert_eq!(
+        fs.lookup(ROOT, "other-f0").await.unwrap_err().errno,
+        libc::ENOENT
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let (inode, attrs) = fs.lookup(ROOT, "other-f0").await.unwrap();
+    assert_eq!((inode.kind, attrs.size), (Kind::File, 0));
+    // A name made through this mount is found at once (the kept listing went with it).
+    assert_eq!(names(&list(&fs, ROOT, true, 10).await).len(), 4);
+    fs.mkdir(ROOT, "d", 0o755, 1, 1).await.unwrap();
+    assert_eq!(fs.lookup(ROOT, "d").await.unwrap().0.kind, Kind::Dir);
+}
