@@ -145,11 +145,27 @@ impl DirStream {
 struct Changing<'a> {
     fs: &'a S3Fs,
     dirs: [InodeNo; 2],
+    /// The one name the operation added to `dirs[0]`, once it succeeded.
+    added: Option<(String, Arc<Inode>)>,
+}
+
+impl Changing<'_> {
+    /// The operation succeeded by adding `name` to the first directory, and changed nothing
+    /// else: its kept listing takes the name in instead of going.
+    fn added(&mut self, name: &str, inode: &Arc<Inode>) {
+        self.added = Some((name.to_owned(), inode.clone()));
+    }
 }
 
 impl Drop for Changing<'_> {
     fn drop(&mut self) {
-        self.fs.dir_changed(self.dirs[0]);
+        if let Some((name, inode)) = self.added.take()
+            && let Some(dir) = self.fs.inodes.get(self.dirs[0])
+        {
+            self.fs.listings.add(&dir, &name, inode);
+        } else {
+            self.fs.dir_changed(self.dirs[0]);
+        }
         if self.dirs[1] != self.dirs[0] {
             self.fs.dir_changed(self.dirs[1]);
         }
@@ -312,7 +328,7 @@ impl S3Fs {
     fn listed_without(&self, parent: InodeNo, name: &str) -> bool {
         self.listings
             .get(parent, self.config.metadata_ttl)
-            .is_some_and(|l| !l.entries.iter().any(|e| e.name == name))
+            .is_some_and(|l| !l.has(name))
     }
 
     fn set_negative(&self, parent: InodeNo, name: &str, missing: bool) {
@@ -893,10 +909,7 @@ impl S3Fs {
             d.done = true;
             if let Some(entries) = d.complete.take() {
                 let dir = self.inode(d.ino)?;
-                let listing = Listing {
-                    taken: d.started,
-                    entries,
-                };
+                let listing = Listing::new(d.started, entries);
                 self.listings.insert(&dir, d.generation, listing);
             }
             return Ok(());
@@ -1121,6 +1134,7 @@ impl S3Fs {
         Changing {
             fs: self,
             dirs: [a, b],
+            added: None,
         }
     }
 
@@ -1141,7 +1155,7 @@ impl S3Fs {
     ) -> FsResult<(Arc<Inode>, Attrs)> {
         self.ro()?;
         name_ok(name)?;
-        let _changing = self.changing(parent, parent);
+        let mut changing = self.changing(parent, parent);
         let (parent_inode, parent_key) = self.dir_key(parent)?;
         let (gid, setgid) = Self::new_gid(&parent_inode, gid);
         if self
@@ -1168,6 +1182,13 @@ impl S3Fs {
         let inode = self
             .inodes
             .upsert(parent, name, key, attrs.clone(), None, true, false, true);
+        changing.added(name, &inode);
+        // A directory made here starts empty: names looked up in it before anything is
+        // listed there are answered without a request (other clients' additions show after
+        // the TTL, as for any kept listing).
+        let generation = inode.state().listing_gen;
+        self.listings
+            .insert(&inode, generation, Listing::new(Instant::now(), Vec::new()));
         Ok((inode, attrs))
     }
 
@@ -1346,7 +1367,7 @@ impl S3Fs {
     ) -> FsResult<(Arc<Inode>, Attrs, u64)> {
         self.ro()?;
         name_ok(name)?;
-        let _changing = self.changing(parent, parent);
+        let mut changing = self.changing(parent, parent);
         let (parent_inode, parent_key) = self.dir_key(parent)?;
         let (gid, _) = Self::new_gid(&parent_inode, gid);
         if let Some(existing) = self.inodes.child(parent, name)
@@ -1378,6 +1399,7 @@ impl S3Fs {
             old.lock().await.discard().await;
         }
         self.set_negative(parent, name, false);
+        changing.added(name, &inode);
         let attrs = self.attrs_of(&inode);
         let fh = self.new_handle(
             inode.clone(),
@@ -1588,7 +1610,7 @@ impl S3Fs {
     ) -> FsResult<(Arc<Inode>, Attrs)> {
         self.ro()?;
         name_ok(name)?;
-        let _changing = self.changing(parent, parent);
+        let mut changing = self.changing(parent, parent);
         let (parent_inode, parent_key) = self.dir_key(parent)?;
         let (gid, _) = Self::new_gid(&parent_inode, gid);
         if self
@@ -1633,6 +1655,7 @@ impl S3Fs {
             true,
         );
         inode.state().symlink_target = Some(target.to_owned());
+        changing.added(name, &inode);
         Ok((inode, attrs))
     }
 
@@ -1756,6 +1779,9 @@ impl S3Fs {
     /// Not atomic: a failure part-way leaves both copies, and nothing is deleted before every
     /// copy succeeded.
     async fn rename_dir(&self, src: &Arc<Inode>, new_key: &str) -> FsResult<()> {
+        // Its kept listing was of the old prefix: the new one holds whatever was under it,
+        // other clients' keys included.
+        let _moved = self.changing(src.ino, src.ino);
         let old_key = src.key();
         for inode in self.inodes.under(&old_key) {
             self.upload_staged(&inode).await?;

@@ -31,11 +31,27 @@ pub(crate) struct Listed {
     pub inode: Arc<Inode>,
 }
 
-/// A complete listing of one directory, as readdir returned it.
+/// A complete listing of one directory, as readdir returned it, sorted by name.
 #[derive(Debug)]
 pub(crate) struct Listing {
     pub taken: Instant,
     pub entries: Vec<Listed>,
+}
+
+impl Listing {
+    pub fn new(taken: Instant, mut entries: Vec<Listed>) -> Self {
+        entries.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        Self { taken, entries }
+    }
+
+    /// Whether the directory has `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.find(name).is_ok()
+    }
+
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.entries.binary_search_by(|e| e.name.as_str().cmp(name))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -121,6 +137,37 @@ impl Listings {
         inner.by_dir.insert(dir.ino, (Arc::new(listing), tick));
     }
 
+    /// `name` was added to `dir` through this mount (a create, a mkdir): its kept listing
+    /// takes it in, so that the next names made there are still answered without a request.
+    /// A listing under way will not be kept; a kept one in use elsewhere (or at the budget) goes.
+    pub fn add(&self, dir: &Inode, name: &str, inode: Arc<Inode>) {
+        let mut inner = self.inner();
+        dir.state().listing_gen += 1;
+        let room = inner.entries < self.max_entries;
+        let added = match inner.by_dir.get_mut(&dir.ino) {
+            Some((listing, _)) if room => match Arc::get_mut(listing) {
+                Some(listing) => match listing.find(name) {
+                    Ok(at) => {
+                        listing.entries[at].inode = inode;
+                        Some(0)
+                    }
+                    Err(at) => {
+                        let name = name.to_owned();
+                        listing.entries.insert(at, Listed { name, inode });
+                        Some(1)
+                    }
+                },
+                None => None,
+            },
+            Some(_) => None,
+            None => return,
+        };
+        match added {
+            Some(n) => inner.entries += n,
+            None => inner.remove(dir.ino),
+        }
+    }
+
     /// A name was added to or removed from `dir`: its kept listing goes, and a listing under
     /// way will not be kept.
     pub fn invalidate(&self, dir: &Inode) {
@@ -173,10 +220,7 @@ mod tests {
                 Listed { name, inode }
             })
             .collect();
-        Listing {
-            taken: Instant::now(),
-            entries,
-        }
+        Listing::new(Instant::now(), entries)
     }
 
     #[test]
@@ -237,6 +281,44 @@ mod tests {
         cache.insert(&root, generation, listing(&inodes, &root, 2, &attrs));
         cache.invalidate(&root);
         assert!(cache.get(ROOT, ttl).is_none());
+        assert_eq!(cache.kept(), (0, 0));
+    }
+
+    #[test]
+    fn names_added_here_join_the_kept_listing_in_order() {
+        let (inodes, attrs) = table();
+        let root = inodes.get(ROOT).unwrap();
+        let cache = Listings::new(4);
+        let ttl = Duration::from_secs(60);
+        let generation = root.state().listing_gen;
+        cache.insert(&root, generation, listing(&inodes, &root, 2, &attrs));
+        let new = |name: &str| {
+            inodes.upsert(
+                ROOT,
+                name,
+                name.to_owned(),
+                attrs.clone(),
+                None,
+                false,
+                false,
+                false,
+            )
+        };
+        cache.add(&root, "a", new("a"));
+        cache.add(&root, "f0", new("f0"));
+        let kept = cache.get(ROOT, ttl).unwrap();
+        let names: Vec<&str> = kept.entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["a", "f0", "f1"], "sorted, no duplicate");
+        assert!(kept.has("f1") && !kept.has("b"));
+        assert_eq!(cache.kept(), (1, 3));
+        // In use by a reader: the listing goes rather than change under it.
+        cache.add(&root, "b", new("b"));
+        assert!(cache.get(ROOT, ttl).is_none());
+        drop(kept);
+        // At the budget: it goes too.
+        let generation = root.state().listing_gen;
+        cache.insert(&root, generation, listing(&inodes, &root, 4, &attrs));
+        cache.add(&root, "z", new("z"));
         assert_eq!(cache.kept(), (0, 0));
     }
 }

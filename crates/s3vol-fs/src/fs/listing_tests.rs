@@ -348,3 +348,41 @@ async fn a_name_missing_from_a_kept_listing_is_not_found_without_a_request() {
     fs.mkdir(ROOT, "d", 0o755, 1, 1).await.unwrap();
     assert_eq!(fs.lookup(ROOT, "d").await.unwrap().0.kind, Kind::Dir);
 }
+
+#[tokio::test]
+async fn files_made_one_after_another_in_a_new_directory_cost_no_lookup_request() {
+    let cache = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let fs = fs_with(store.clone(), cache.path(), |_| {}).await;
+    let (d, _) = fs.mkdir(ROOT, "d", 0o755, 1, 1).await.unwrap();
+    let before = store.calls();
+    for i in 0..5 {
+        let name = format!("f{i}");
+        // What the kernel does before a create: look the name up.
+        assert_eq!(
+            fs.lookup(d.ino, &name).await.unwrap_err().errno,
+            libc::ENOENT
+        );
+        let (_, _, fh) = fs
+            .create(d.ino, &name, 0o644, 1, 1, OpenMode::default())
+            .await
+            .unwrap();
+        fs.release(fh).await.unwrap();
+    }
+    fs.symlink(d.ino, "link", "f0", 1, 1).await.unwrap();
+    let (sub, _) = fs.mkdir(d.ino, "sub", 0o755, 1, 1).await.unwrap();
+    // 5 PUTs at close, a symlink and a marker: no HEAD, no LIST.
+    assert_eq!(store.calls() - before, 7);
+    assert_eq!(
+        names(&list(&fs, d.ino, true, 10).await),
+        ["f0", "f1", "f2", "f3", "f4", "link", "sub"]
+    );
+    assert!(names(&list(&fs, sub.ino, true, 10).await).is_empty());
+    assert_eq!(store.calls() - before, 7, "both listings were kept");
+    // Removing a name drops the kept listing: the next listing asks S3 again.
+    fs.unlink(d.ino, "f0").await.unwrap();
+    assert_eq!(
+        names(&list(&fs, d.ino, true, 10).await),
+        ["f1", "f2", "f3", "f4", "link", "sub"]
+    );
+}
