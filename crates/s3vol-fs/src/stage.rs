@@ -790,13 +790,18 @@ impl Staged {
         if let Some(e) = first_err {
             return Err(e);
         }
+        // The tail goes up as the last part, but its bytes stay until the upload is complete:
+        // if completing fails, the file may grow further, and the tail is then a part like
+        // the others (sent again under the same number, which replaces it).
+        let mut parts = stream.done.clone();
+        let mut tail = None;
         if self.size > stream.sent {
             let number = (stream.sent / self.ctx.stream_part_size()) as i32 + 1;
             let Some((buf, permit)) = self.filling.take() else {
                 return Err(err!(libc::EIO, "the last part of the upload is missing"));
             };
             let bytes = Bytes::from(buf);
-            match self
+            let sent = self
                 .ctx
                 .store
                 .upload_part(
@@ -806,12 +811,11 @@ impl Staged {
                     number,
                     bytes.clone(),
                 )
-                .await
-            {
+                .await;
+            match sent {
                 Ok(done) => {
-                    stream.done.push(done);
-                    stream.sent = self.size;
-                    self.ctx.parts.give_bytes(bytes);
+                    parts.push(done);
+                    tail = Some((bytes, permit));
                 }
                 Err(e) => {
                     self.filling = Some((Vec::from(bytes), permit));
@@ -819,13 +823,26 @@ impl Staged {
                 }
             }
         }
-        stream.done.sort_by_key(|p| p.part_number);
-        let etag = self
+        parts.sort_by_key(|p| p.part_number);
+        let completed = self
             .ctx
             .store
-            .complete_multipart_upload(&self.ctx.bucket, &self.key, &stream.upload_id, &stream.done)
-            .await?
-            .etag;
+            .complete_multipart_upload(&self.ctx.bucket, &self.key, &stream.upload_id, &parts)
+            .await;
+        let etag = match completed {
+            Ok(r) => {
+                if let Some((bytes, _permit)) = tail {
+                    self.ctx.parts.give_bytes(bytes);
+                }
+                r.etag
+            }
+            Err(e) => {
+                if let Some((bytes, permit)) = tail {
+                    self.filling = Some((Vec::from(bytes), permit));
+                }
+                return Err(e.into());
+            }
+        };
         let created_with = stream.metadata.clone();
         self.stream = None;
         if !same_but_times(&created_with, metadata) || content_type.is_some() {
@@ -1402,5 +1419,26 @@ mod tests {
         );
         let key = std::fs::read_to_string(path.with_extension("key")).unwrap();
         assert_eq!(key.trim(), "s3://bkt/f");
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_completion_failed_can_grow_and_complete_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+        let ctx = ctx_over(store.clone(), dir.path()).await;
+        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+        let content = data(13 * MIB, 14);
+        write_all(&mut st, &content[..7 * MIB]).await;
+        store.add(Fault::FailOp {
+            op: Op::CompleteMultipart,
+            error: S3Error::Transient("down".into()),
+            times: Some(1),
+        });
+        assert!(st.upload(&meta("33188", "1"), None).await.is_err());
+        // fsync failed; the application writes on, then closes.
+        write_all(&mut st, &content[7 * MIB..]).await;
+        assert!(st.sequential, "still streaming");
+        st.upload(&meta("33188", "1"), None).await.unwrap();
+        assert!(object(&ctx, "f").await.0 == content);
     }
 }
