@@ -620,6 +620,8 @@ impl Staged {
             });
             self.present.clear();
             self.written.clear();
+            // From here the file is a staging file over that object, whatever happens next.
+            self.sequential = false;
             let size = self.size;
             self.file()?.set_len(size)?;
         } else {
