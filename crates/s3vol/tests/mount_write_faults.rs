@@ -512,6 +512,24 @@ fn a_failed_part_upload_does_not_fail_close_once_s3_is_back() {
     assert!(rt.block_on(m.get("big")) == data);
 }
 
+/// Part uploads the server answers with `500 InternalError` are sent again (by the S3 client's
+/// retries and the part's own): the application sees neither an error nor a changed byte.
+#[test]
+fn parts_answered_with_http_500_are_sent_again_and_nothing_is_lost() {
+    let rt = rt();
+    let proxy = Proxy::start(&testing::endpoint());
+    let m = mount_via(&rt, &proxy, "wf-500", &["--part-size", "5M"]);
+    let data = pattern(23 << 20, 21);
+    proxy.fail_next_parts(6);
+    let mut f = File::create(m.path("big")).unwrap();
+    for c in data.chunks(1 << 20) {
+        f.write_all(c).unwrap();
+    }
+    close(f).unwrap();
+    assert_eq!(proxy.failed_with_500(), 6, "every injected failure was hit");
+    assert!(rt.block_on(m.get("big")) == data);
+}
+
 #[test]
 fn unmount_reports_what_it_could_not_upload_and_keeps_it() {
     let rt = rt();

@@ -21,6 +21,9 @@ struct State {
     down: AtomicBool,
     refuse_parts: AtomicBool,
     refused: AtomicU64,
+    /// Part uploads still to answer with an HTTP 500.
+    parts_to_fail: AtomicU64,
+    failed_with_500: AtomicU64,
     to_client: AtomicU64,
     heads: Mutex<Vec<String>>,
 }
@@ -131,6 +134,17 @@ impl Proxy {
         self.state.refuse_parts.store(refuse, Ordering::SeqCst);
     }
 
+    /// Answers the next `n` part uploads with `500 InternalError` (after reading their body,
+    /// as a server that failed would), forwarding everything else.
+    pub fn fail_next_parts(&self, n: u64) {
+        self.state.parts_to_fail.store(n, Ordering::SeqCst);
+    }
+
+    /// Part uploads answered with a 500 so far.
+    pub fn failed_with_500(&self) -> u64 {
+        self.state.failed_with_500.load(Ordering::SeqCst)
+    }
+
     /// Connections closed while switched off or refusing them.
     pub fn refused(&self) -> u64 {
         self.state.refused.load(Ordering::SeqCst)
@@ -192,6 +206,34 @@ async fn forward(mut client: TcpStream, upstream: SocketAddr, st: Arc<State>) {
     };
     if st.refuse_parts.load(Ordering::SeqCst) && request.is_part_upload() {
         st.refused.fetch_add(1, Ordering::SeqCst);
+        return;
+    }
+    if request.is_part_upload()
+        && st
+            .parts_to_fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    {
+        let length: usize = request
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = head.len() - (end + 4).min(head.len());
+        while body < length {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => body += n,
+            }
+        }
+        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InternalError</Code>\
+                   <Message>injected by the test proxy</Message></Error>";
+        let response = format!(
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+            xml.len()
+        );
+        let _ = client.write_all(response.as_bytes()).await;
+        st.failed_with_500.fetch_add(1, Ordering::SeqCst);
         return;
     }
     st.heads.lock().unwrap().push(request.head);
