@@ -584,12 +584,17 @@ impl Staged {
         Ok(())
     }
 
-    /// Ends streaming without keeping anything: stops the part uploads and aborts the upload.
-    async fn abandon_stream(&mut self) {
-        self.sequential = false;
+    /// Gives the part buffer back to the pool, with its memory.
+    fn recycle_filling(&mut self) {
         if let Some((buf, _permit)) = self.filling.take() {
             self.ctx.parts.give(buf);
         }
+    }
+
+    /// Ends streaming without keeping anything: stops the part uploads and aborts the upload.
+    async fn abandon_stream(&mut self) {
+        self.sequential = false;
+        self.recycle_filling();
         if let Some(stream) = self.stream.take() {
             stream.stop_retrying.send_replace(true);
             for p in stream.running {
@@ -633,9 +638,7 @@ impl Staged {
             }
             self.written.insert(0..size);
             self.present.insert(0..size);
-            if let Some((buf, _permit)) = self.filling.take() {
-                self.ctx.parts.give(buf);
-            }
+            self.recycle_filling();
         }
         self.sequential = false;
         Ok(())

@@ -349,6 +349,36 @@ fn a_file_flushed_empty_before_its_first_write_still_streams() {
     assert!(rt.block_on(m.get("out")) == data);
 }
 
+/// Files created one after another in a directory made through the mount cost one PUT each:
+/// the kernel's lookup of each new name is answered from the directory's kept listing.
+#[test]
+fn files_created_in_a_new_directory_cost_one_put_each() {
+    let rt = rt();
+    let proxy = Proxy::start(&testing::endpoint());
+    let m = mount_via(&rt, &proxy, "wf-newdir", &[]);
+    fs::create_dir(m.path("d")).unwrap();
+    proxy.reset();
+    for i in 0..20 {
+        fs::write(m.path(&format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    let lines: Vec<String> = proxy
+        .requests()
+        .iter()
+        .map(|r| r.head.lines().next().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(lines.len(), 20, "one request per file: {lines:#?}");
+    assert!(lines.iter().all(|l| l.starts_with("PUT ")), "{lines:#?}");
+    for i in 0..20 {
+        assert_eq!(
+            rt.block_on(m.get(&format!("d/f{i}"))),
+            format!("file {i}").as_bytes()
+        );
+    }
+    // The kept listing neither invents nor loses names.
+    assert!(!m.path("d/missing").exists());
+    assert_eq!(fs::read_dir(m.path("d")).unwrap().count(), 20);
+}
+
 #[test]
 fn patching_a_big_object_copies_unchanged_parts_server_side() {
     const SIZE: usize = 20 << 20;
