@@ -1702,13 +1702,25 @@ impl proto::Peer for Peer {
         // header
         if let Some(authority) = pseudo.authority {
             let maybe_authority = uri::Authority::from_maybe_shared(authority.clone().into_inner());
-            parts.authority = Some(maybe_authority.or_else(|why| {
-                malformed!(
+            match maybe_authority {
+                Ok(authority) => parts.authority = Some(authority),
+                // s3vol patch (vendor/PATCHES.md): gRPC clients on unix sockets send the
+                // socket path, a percent-encoded path or nothing as :authority. Outside
+                // CONNECT, where the authority is the target, such a request is served as
+                // if it had no :authority instead of being reset.
+                Err(why) if !is_connect => {
+                    tracing::debug!(
+                        "ignoring malformed authority ({:?}): {}",
+                        authority,
+                        why,
+                    );
+                }
+                Err(why) => malformed!(
                     "malformed headers: malformed authority ({:?}): {}",
                     authority,
                     why,
-                )
-            })?);
+                ),
+            }
         }
 
         // A :scheme is required, except CONNECT.
