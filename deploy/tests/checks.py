@@ -35,8 +35,12 @@ ALLOWED_CLUSTER_RULES = {
         ("storage.k8s.io", "storageclasses"): {"get", "list", "watch"},
         ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
         ("", "nodes"): {"get", "list", "watch"},
-        ("", "secrets"): {"get"},
+        # The resizer: pods in use, a finished resize in the claim's status.
+        ("", "pods"): {"get", "list", "watch"},
+        ("", "persistentvolumeclaims/status"): {"patch"},
         ("", "events"): {"list", "watch", "create", "update", "patch"},
+        # No secrets: the namespaced Role s3vol-controller-secrets grants `get` in the
+        # driver's namespace only.
     },
     "s3vol-cosi": {
         **{("objectstorage.k8s.io", r): {"get", "list", "watch", "update", "patch"}
@@ -49,7 +53,10 @@ ALLOWED_CLUSTER_RULES = {
         ("", "events"): {"create", "patch"},
     },
 }
-ALLOWED_ROLE_RULES = {("coordination.k8s.io", "leases")}
+ALLOWED_ROLE_RULES = {
+    ("coordination.k8s.io", "leases"): {"get", "watch", "list", "create", "update", "patch", "delete"},
+    ("", "secrets"): {"get"},
+}
 FORBIDDEN_VERBS = {"*", "escalate", "bind", "impersonate"}
 
 
@@ -181,13 +188,37 @@ def resources_set(objs: list[dict]) -> list[str]:
     return out
 
 
+# The containers that call the Kubernetes API, per workload; every other container of s3vol
+# (the s3vol containers above all, which hold S3 credentials) gets no token.
+API_CLIENTS = {
+    "s3vol-controller": {"csi-provisioner", "csi-resizer"},
+    "s3vol-cosi": {"objectstorage-sidecar"},
+    "s3vol-node": set(),
+    "s3vol-mounter": set(),
+}
+
+
+def token_volumes(spec: dict) -> set[str]:
+    """Names of the pod's volumes that carry a service-account token."""
+    return {v["name"] for v in spec.get("volumes") or []
+            if any("serviceAccountToken" in src for src in (v.get("projected") or {}).get("sources") or [])}
+
+
 def api_access_only_where_needed(objs: list[dict]) -> list[str]:
-    """The node plugin and the mounter must not mount a service account token."""
+    """No pod of s3vol mounts a token automatically; a projected token reaches only the
+    sidecars that call the API."""
     out = []
     for wl, o, spec in workloads(objs):
-        if o["metadata"]["name"] in ("s3vol-node", "s3vol-mounter") and \
-                spec.get("automountServiceAccountToken") is not False:
-            out.append(f"{wl}: mounts a service account token it does not need")
+        name = o["metadata"]["name"]
+        if name not in API_CLIENTS:
+            continue
+        if spec.get("automountServiceAccountToken") is not False:
+            out.append(f"{wl}: mounts a service account token into every container")
+        tokens = token_volumes(spec)
+        for _, c in containers(spec):
+            mounted = {m["name"] for m in c.get("volumeMounts") or []} & tokens
+            if mounted and c["name"] not in API_CLIENTS[name]:
+                out.append(f"{wl}/{c['name']}: mounts the service account token {sorted(mounted)}")
     return out
 
 
@@ -212,6 +243,8 @@ def rbac_least_privilege(objs: list[dict]) -> list[str]:
                     elif o["kind"] == "Role":
                         if (g, r) not in ALLOWED_ROLE_RULES:
                             out.append(f"Role/{name}: unexpected access to {g}/{r}")
+                        elif not verbs <= ALLOWED_ROLE_RULES[(g, r)]:
+                            out.append(f"Role/{name}: {sorted(verbs - ALLOWED_ROLE_RULES[(g, r)])} on {g or 'core'}/{r}")
                     elif not verbs <= allowed.get((g, r), set()):
                         out.append(f"ClusterRole/{name}: {sorted(verbs - allowed.get((g, r), set()))} on {g or 'core'}/{r}")
     return out

@@ -137,7 +137,7 @@ STORES = {
     "storageclass-prefix-per-volume.yaml": {"mode": "prefix"},
 }
 SC_PARAMS = {"mode", "bucket", "bucketPrefix", "endpoint", "region", "forcePathStyle",
-             *(f"csi.storage.k8s.io/{k}-secret-{f}" for k in ("provisioner", "node-stage")
+             *(f"csi.storage.k8s.io/{k}-secret-{f}" for k in ("provisioner", "controller-expand", "node-stage")
                for f in ("name", "namespace"))}
 
 
@@ -152,8 +152,14 @@ def test_storageclass_example(filename):
     for key, want in STORES[filename].items():
         got = p.get(key, "")
         assert (want.search(got) if hasattr(want, "search") else got == want), f"{key}={got!r}"
-    # The same Secret for creating and for mounting.
+    # The same Secret for creating, resizing and mounting; the controller's sidecars may read
+    # Secrets only in the driver's namespace.
     assert p["csi.storage.k8s.io/provisioner-secret-name"] == p["csi.storage.k8s.io/node-stage-secret-name"]
+    assert p["csi.storage.k8s.io/controller-expand-secret-name"] == p["csi.storage.k8s.io/provisioner-secret-name"]
+    assert p["csi.storage.k8s.io/provisioner-secret-namespace"] == "s3vol"
+    assert p["csi.storage.k8s.io/controller-expand-secret-namespace"] == "s3vol"
+    # Resizing a claim completes (ControllerExpandVolume records the size).
+    assert sc["allowVolumeExpansion"] is True
 
 
 # yamllint ------------------------------------------------------------------------------

@@ -69,6 +69,26 @@ def test_node_plugin_and_mounter_share_the_socket(name):
 
 
 @pytest.mark.parametrize("name", INSTALL_SETS)
+def test_controller_resizes_and_only_its_sidecars_get_a_token(name):
+    objs = rendered(name)
+    spec = by_name(objs, "Deployment", "s3vol-controller")["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["containers"]] == ["s3vol", "csi-provisioner", "csi-resizer"]
+    resizer = spec["containers"][2]
+    assert "--csi-address=/csi/csi.sock" in resizer["args"]
+    assert spec["automountServiceAccountToken"] is False
+    tokens = checks.token_volumes(spec)
+    assert tokens == {"kube-api-access"}
+    for c in spec["containers"]:
+        mounts = {m["name"] for m in c.get("volumeMounts") or []}
+        assert (c["name"] != "s3vol") == bool(mounts & tokens), c["name"]
+    # Secrets: `get`, in a namespace, never cluster-wide.
+    cluster = by_name(objs, "ClusterRole", "s3vol-provisioner")
+    assert not any("secrets" in r.get("resources", []) for r in cluster["rules"])
+    role = by_name(objs, "Role", "s3vol-controller-secrets")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+
+
+@pytest.mark.parametrize("name", INSTALL_SETS)
 def test_images_pinned(name):
     for wl, _, spec in checks.workloads(rendered(name)):
         for _, c in checks.containers(spec):
@@ -90,6 +110,14 @@ def test_cosi_is_optional_and_unprivileged():
         assert "--driver-addr=unix:///var/lib/cosi/cosi.sock" in sidecar["args"]
         assert "--endpoint=unix:///var/lib/cosi/cosi.sock" in dep["containers"][0]["args"]
         assert {"name": "cosi-socket", "emptyDir": {}} in dep["volumes"]
+        # Only the sidecar gets the token.
+        assert dep["automountServiceAccountToken"] is False
+        assert checks.api_access_only_where_needed(objs) == []
+        broken = copy.deepcopy(objs)
+        spec = by_name(broken, "Deployment", "s3vol-cosi")["spec"]["template"]["spec"]
+        spec["containers"][0]["volumeMounts"].append(
+            {"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"})
+        assert checks.api_access_only_where_needed(broken) != []
         assert checks.pod_security_restricted([by_name(objs, "Deployment", "s3vol-cosi")]) == []
 
 
@@ -165,6 +193,15 @@ MUTATIONS = {
                         lambda s: first(s)["resources"]["limits"].pop("memory")),
     "token in mounter": (checks.api_access_only_where_needed, "DaemonSet", "s3vol-mounter",
                          lambda s: s.pop("automountServiceAccountToken")),
+    "pod-wide token in controller": (checks.api_access_only_where_needed, "Deployment", "s3vol-controller",
+                                     lambda s: s.pop("automountServiceAccountToken")),
+    "token in controller's s3vol": (checks.api_access_only_where_needed, "Deployment", "s3vol-controller",
+                                    lambda s: first(s)["volumeMounts"].append(
+                                        {"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"})),
+    "get secrets cluster-wide": (checks.rbac_least_privilege, "ClusterRole", "s3vol-provisioner",
+                                 lambda r: r["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]})),
+    "list secrets in namespace": (checks.rbac_least_privilege, "Role", "s3vol-controller-secrets",
+                                  lambda r: r["rules"][0]["verbs"].append("list")),
     "list secrets": (checks.rbac_least_privilege, "ClusterRole", "s3vol-provisioner",
                      lambda r: r["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]})),
     "wildcard": (checks.rbac_least_privilege, "ClusterRole", "s3vol-provisioner",

@@ -81,7 +81,8 @@ impl CosiError {
 
 impl From<CosiError> for Status {
     fn from(e: CosiError) -> Self {
-        Status::new(e.code(), e.to_string())
+        // Escaped and at most 1 KiB: a store's answer or an input is never echoed whole.
+        Status::new(e.code(), s3vol_s3::input::bounded(&e.to_string()))
     }
 }
 

@@ -5,11 +5,17 @@
 //! not know is refused (a typo such as `addresingStyle` would otherwise silently do the wrong
 //! thing), except keys containing `/`, which by Kubernetes convention belong to other tools.
 //!
+//! Values are checked with `s3vol_s3::input`, as the CSI driver checks its own: a NUL byte in
+//! any key or value, a region that is not a region name (`--read-only`) or an endpoint that is
+//! not an `http(s)://` URL is `InvalidArgument`, and messages quote values escaped and cut.
+//!
 //! The store keys (`endpoint`, `region`, …) may appear in either class and fall back to the
 //! driver's command-line defaults: an access call does not see the BucketClass, so a driver
 //! serving several stores needs them in both.
 
 use std::collections::HashMap;
+
+use s3vol_s3::input::{check_endpoint, check_region, has_nul, quoted};
 
 use crate::error::{CosiError, CosiResult};
 use crate::naming;
@@ -111,7 +117,8 @@ fn bool_param(key: &str, value: &str) -> CosiResult<bool> {
         "true" | "yes" | "1" => Ok(true),
         "false" | "no" | "0" | "" => Ok(false),
         _ => Err(CosiError::InvalidArgument(format!(
-            "parameter {key}: {value:?} is not true or false"
+            "parameter {key}: {} is not true or false",
+            quoted(value)
         ))),
     }
 }
@@ -123,12 +130,9 @@ fn non_empty(value: &str) -> Option<String> {
 
 fn url_param(key: &str, value: &str) -> CosiResult<Option<String>> {
     let v = non_empty(value);
-    if let Some(u) = &v
-        && !(u.starts_with("http://") || u.starts_with("https://"))
-    {
-        return Err(CosiError::InvalidArgument(format!(
-            "parameter {key}: {u:?} is not an http:// or https:// URL"
-        )));
+    if let Some(u) = &v {
+        check_endpoint(u)
+            .map_err(|why| CosiError::InvalidArgument(format!("parameter {key}: {why}")))?;
     }
     Ok(v)
 }
@@ -136,6 +140,16 @@ fn url_param(key: &str, value: &str) -> CosiResult<Option<String>> {
 impl Params {
     pub fn parse(map: &HashMap<String, String>) -> CosiResult<Self> {
         let mut p = Params::default();
+        if let Some(k) = map
+            .iter()
+            .find(|(k, v)| has_nul(k) || has_nul(v))
+            .map(|e| e.0)
+        {
+            return Err(CosiError::InvalidArgument(format!(
+                "parameter {} holds a NUL byte",
+                quoted(k)
+            )));
+        }
         let mut unknown: Vec<&str> = map
             .keys()
             .map(String::as_str)
@@ -143,8 +157,10 @@ impl Params {
             .collect();
         if !unknown.is_empty() {
             unknown.sort_unstable();
+            let unknown: Vec<String> = unknown.iter().take(10).map(|k| quoted(k)).collect();
             return Err(CosiError::InvalidArgument(format!(
-                "unknown parameter(s) {unknown:?}; known: {:?}",
+                "unknown parameter(s) [{}]; known: {:?}",
+                unknown.join(", "),
                 keys::ALL
             )));
         }
@@ -156,6 +172,11 @@ impl Params {
             p.store.iam_endpoint = url_param(keys::IAM_ENDPOINT, v)?;
         }
         p.store.region = get(keys::REGION).and_then(non_empty);
+        if let Some(r) = &p.store.region {
+            check_region(r).map_err(|why| {
+                CosiError::InvalidArgument(format!("parameter {}: {why}", keys::REGION))
+            })?;
+        }
         if let Some(v) = get(keys::ADDRESSING_STYLE) {
             p.store.addressing = match v.to_ascii_lowercase().as_str() {
                 "path" => Some(Addressing::Path),
@@ -163,8 +184,9 @@ impl Params {
                 "" => None,
                 _ => {
                     return Err(CosiError::InvalidArgument(format!(
-                        "parameter {}: {v:?} is not path or virtual",
-                        keys::ADDRESSING_STYLE
+                        "parameter {}: {} is not path or virtual",
+                        keys::ADDRESSING_STYLE,
+                        quoted(v)
                     )));
                 }
             };
@@ -192,9 +214,10 @@ impl Params {
                 && !v.starts_with('.');
             if !ok {
                 return Err(CosiError::InvalidArgument(format!(
-                    "parameter {}: {v:?} must be a plain name (a directory under the \
+                    "parameter {}: {} must be a plain name (a directory under the \
                      driver's secrets directory)",
-                    keys::CREDENTIALS_SECRET
+                    keys::CREDENTIALS_SECRET,
+                    quoted(&v)
                 )));
             }
             p.store.credentials_secret = Some(v);
@@ -226,8 +249,9 @@ impl Params {
                 "static" => GrantKind::Static,
                 _ => {
                     return Err(CosiError::InvalidArgument(format!(
-                        "parameter {}: {v:?} is not iam or static",
-                        keys::GRANT
+                        "parameter {}: {} is not iam or static",
+                        keys::GRANT,
+                        quoted(v)
                     )));
                 }
             };
@@ -292,9 +316,18 @@ mod tests {
             [("endpoint", "127.0.0.1:9000")],
             [("credentialsSecret", "../etc")],
             [("bucketNamePrefix", "UPPER")],
+            [("region", "--read-only")],
+            [("region", "us east")],
+            [("endpoint", "http://a\r\nHost: evil")],
+            [("grant", "iam\0")],
+            [("x\0", "y")],
         ] {
             let e = parse(&kv).unwrap_err();
             assert!(matches!(e, CosiError::InvalidArgument(_)), "{kv:?}: {e}");
+            assert!(
+                !e.to_string().contains('\r') && !e.to_string().contains('\0'),
+                "{e}"
+            );
         }
         assert!(parse(&[("profile", "a"), ("credentialsSecret", "b")]).is_err());
         assert!(parse(&[("addressingStyle", "virtual"), ("forcePathStyle", "true")]).is_err());

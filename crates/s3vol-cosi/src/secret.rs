@@ -10,26 +10,30 @@
 //!   `accessSecretKey` (no addressing style).
 //!
 //! [`BucketAccessSecret::parse`] accepts either and yields an [`S3Config`] that reaches the
-//! bucket, which is how "claim a bucket, mount it" is one flow (docs/cosi.md).
+//! bucket, which is how "claim a bucket, mount it" is one flow (docs/cosi.md). The parsing
+//! itself is [`s3vol_s3::secret`]'s, the same the CSI driver uses for a volume's Secret, so
+//! both drivers read a BucketAccess Secret alike; here it must also name the bucket.
 
 use std::collections::HashMap;
 
+use s3vol_s3::secret::{ParsedSecret, SecretShape};
 use s3vol_s3::{BucketName, CredentialSource, S3Config, StaticCredentials};
-use serde_json::Value;
 
 use crate::error::{CosiError, CosiResult};
 use crate::params::Addressing;
 
 /// The v1alpha2 Secret keys.
 pub mod keys {
-    pub const BUCKET_ID: &str = "COSI_S3_BUCKET_ID";
-    pub const ENDPOINT: &str = "COSI_S3_ENDPOINT";
-    pub const REGION: &str = "COSI_S3_REGION";
-    pub const ADDRESSING_STYLE: &str = "COSI_S3_ADDRESSING_STYLE";
-    pub const ACCESS_KEY_ID: &str = "COSI_S3_ACCESS_KEY_ID";
-    pub const ACCESS_SECRET_KEY: &str = "COSI_S3_ACCESS_SECRET_KEY";
+    use s3vol_s3::secret::keys;
+
+    pub const BUCKET_ID: &str = keys::COSI_BUCKET_ID;
+    pub const ENDPOINT: &str = keys::COSI_ENDPOINT;
+    pub const REGION: &str = keys::COSI_REGION;
+    pub const ADDRESSING_STYLE: &str = keys::COSI_ADDRESSING_STYLE;
+    pub const ACCESS_KEY_ID: &str = keys::COSI_ACCESS_KEY_ID;
+    pub const ACCESS_SECRET_KEY: &str = keys::COSI_ACCESS_SECRET_KEY;
     /// The v1alpha1 JSON document.
-    pub const BUCKET_INFO: &str = "BucketInfo";
+    pub const BUCKET_INFO: &str = keys::COSI_BUCKET_INFO;
 }
 
 /// A bucket and the means to reach it, from a BucketAccess Secret.
@@ -47,72 +51,42 @@ fn missing(what: &str) -> CosiError {
     CosiError::InvalidArgument(format!("the BucketAccess Secret has no {what}"))
 }
 
-fn non_empty(s: Option<&str>) -> Option<String> {
-    s.map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-}
-
 impl BucketAccessSecret {
     /// Parses the Secret's data (decoded values), either shape.
     pub fn parse(data: &HashMap<String, String>) -> CosiResult<Self> {
-        if data.contains_key(keys::ACCESS_KEY_ID) || data.contains_key(keys::BUCKET_ID) {
-            return Self::parse_v1alpha2(data);
-        }
-        match data.get(keys::BUCKET_INFO) {
-            Some(json) => Self::parse_v1alpha1(json),
-            None => Err(CosiError::InvalidArgument(format!(
-                "not a COSI BucketAccess Secret: neither {} nor {} is present",
-                keys::ACCESS_KEY_ID,
-                keys::BUCKET_INFO
-            ))),
-        }
-    }
-
-    fn parse_v1alpha2(data: &HashMap<String, String>) -> CosiResult<Self> {
-        let get = |k: &str| non_empty(data.get(k).map(String::as_str));
-        let bucket = get(keys::BUCKET_ID).ok_or_else(|| missing(keys::BUCKET_ID))?;
-        let addressing = match get(keys::ADDRESSING_STYLE).as_deref() {
-            Some("path") => Some(Addressing::Path),
-            Some("virtual") => Some(Addressing::Virtual),
-            _ => None,
+        let ParsedSecret {
+            shape,
+            credentials,
+            hints,
+        } = ParsedSecret::parse(data).map_err(|e| CosiError::InvalidArgument(e.0))?;
+        let bucket_key = match shape {
+            SecretShape::CosiV1alpha2 => keys::BUCKET_ID,
+            SecretShape::CosiV1alpha1 => "spec.bucketName",
+            SecretShape::S3vol | SecretShape::None => {
+                return Err(CosiError::InvalidArgument(format!(
+                    "not a COSI BucketAccess Secret: neither {} nor {} is present",
+                    keys::ACCESS_KEY_ID,
+                    keys::BUCKET_INFO
+                )));
+            }
         };
+        // Both COSI shapes always carry the key pair (the shared parser refuses them
+        // otherwise); checked again rather than assumed.
+        let credentials = credentials.ok_or_else(|| missing(keys::ACCESS_KEY_ID))?;
+        let bucket = hints.bucket.ok_or_else(|| missing(bucket_key))?;
         Ok(Self {
             bucket: BucketName::new(bucket)
                 .map_err(|e| CosiError::InvalidArgument(e.to_string()))?,
-            endpoint: get(keys::ENDPOINT),
-            region: get(keys::REGION),
-            addressing,
-            credentials: StaticCredentials {
-                access_key_id: get(keys::ACCESS_KEY_ID)
-                    .ok_or_else(|| missing(keys::ACCESS_KEY_ID))?,
-                secret_access_key: get(keys::ACCESS_SECRET_KEY)
-                    .ok_or_else(|| missing(keys::ACCESS_SECRET_KEY))?,
-                session_token: None,
-            },
-        })
-    }
-
-    fn parse_v1alpha1(json: &str) -> CosiResult<Self> {
-        let doc: Value = serde_json::from_str(json)
-            .map_err(|e| CosiError::InvalidArgument(format!("BucketInfo is not JSON: {e}")))?;
-        let spec = &doc["spec"];
-        let s3 = &spec["secretS3"];
-        let field = |v: &Value| non_empty(v.as_str());
-        let bucket = field(&spec["bucketName"]).ok_or_else(|| missing("spec.bucketName"))?;
-        Ok(Self {
-            bucket: BucketName::new(bucket)
-                .map_err(|e| CosiError::InvalidArgument(e.to_string()))?,
-            endpoint: field(&s3["endpoint"]),
-            region: field(&s3["region"]),
-            addressing: None,
-            credentials: StaticCredentials {
-                access_key_id: field(&s3["accessKeyID"])
-                    .ok_or_else(|| missing("spec.secretS3.accessKeyID"))?,
-                secret_access_key: field(&s3["accessSecretKey"])
-                    .ok_or_else(|| missing("spec.secretS3.accessSecretKey"))?,
-                session_token: None,
-            },
+            endpoint: hints.endpoint,
+            region: hints.region,
+            addressing: hints.path_style.map(|path| {
+                if path {
+                    Addressing::Path
+                } else {
+                    Addressing::Virtual
+                }
+            }),
+            credentials,
         })
     }
 
@@ -173,5 +147,35 @@ mod tests {
         let cfg = a.s3_config(s3vol_s3::Addressing::VirtualHosted);
         assert_eq!(cfg.addressing, s3vol_s3::Addressing::Path);
         assert!(BucketAccessSecret::parse(&HashMap::new()).is_err());
+    }
+
+    #[test]
+    fn broken_secrets_are_invalid_arguments() {
+        let v2 = |kv: &[(&str, &str)]| -> HashMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        for data in [
+            // Empty key values: never the driver's own identity.
+            v2(&[
+                (keys::BUCKET_ID, "bc-1"),
+                (keys::ACCESS_KEY_ID, ""),
+                (keys::ACCESS_SECRET_KEY, ""),
+            ]),
+            // No bucket.
+            v2(&[(keys::ACCESS_KEY_ID, "AK"), (keys::ACCESS_SECRET_KEY, "SK")]),
+            // s3vol's own shape is not a BucketAccess.
+            v2(&[("accessKeyID", "AK"), ("secretAccessKey", "SK")]),
+            v2(&[("sessionToken", "T")]),
+            v2(&[
+                (keys::BUCKET_ID, "bc-1"),
+                (keys::ACCESS_KEY_ID, "AK"),
+                (keys::ACCESS_SECRET_KEY, "S\0K"),
+            ]),
+        ] {
+            let e = BucketAccessSecret::parse(&data).unwrap_err();
+            assert!(matches!(e, CosiError::InvalidArgument(_)), "{data:?}: {e}");
+        }
     }
 }

@@ -40,7 +40,7 @@ impl V1alpha2 {
 }
 
 fn log_failure(call: &str, e: CosiError) -> Status {
-    tracing::warn!(protocol = "v1alpha2", call, code = ?e.code(), error = %e, "COSI call failed");
+    tracing::warn!(protocol = "v1alpha2", call, code = ?e.code(), error = ?e.to_string(), "COSI call failed");
     e.into()
 }
 

@@ -1,14 +1,23 @@
-//! The Controller service: CreateVolume, DeleteVolume, ValidateVolumeCapabilities.
+//! The Controller service: CreateVolume, DeleteVolume, ValidateVolumeCapabilities,
+//! ControllerExpandVolume.
 //!
 //! A volume is either a new bucket (`mode: bucket`) or a new prefix of an existing bucket
 //! (`mode: prefix`). At its root CreateVolume writes a marker object, [`MARKER`], recording the
 //! CSI volume name, the volume id, the capacity asked for and the StorageClass parameters. The
 //! marker is what makes the two calls safe:
 //!
-//! - CreateVolume repeated with the same name finds the marker: same parameters and capacity →
-//!   the same volume again; anything different → `ALREADY_EXISTS`. A bucket or prefix that
-//!   exists *without* a marker and holds data is never claimed (`ALREADY_EXISTS`); an empty one
-//!   is (it is what a CreateVolume interrupted before writing its marker leaves behind).
+//! - CreateVolume repeated with the same name finds the marker: same parameters and a capacity
+//!   range the recorded capacity satisfies (or no range) → the existing volume, with its
+//!   recorded capacity (CSI v1.9: "compatible with the specified capacity_range"); other
+//!   parameters, or a range the recorded capacity falls outside of → `ALREADY_EXISTS`. A
+//!   bucket or prefix that exists *without* a marker and holds data is never claimed
+//!   (`ALREADY_EXISTS`); an empty one is (it is what a CreateVolume interrupted before writing
+//!   its marker leaves behind).
+//! - ValidateVolumeCapabilities and ControllerExpandVolume of a volume id s3vol hands out read
+//!   the marker: none, or one naming another id, is `NOT_FOUND` (never created, or deleted).
+//!   A static volume (any other id) is found when its bucket exists.
+//! - ControllerExpandVolume records the new size in the marker and needs nothing on the node
+//!   (`node_expansion_required: false`), so a resize completes online.
 //! - DeleteVolume deletes only when the marker is there and names this very volume id, so a
 //!   static volume's bucket, another driver's bucket or a forged id is never emptied. Objects
 //!   go first (listed and deleted 1000 at a time), the marker last, then (bucket mode) the
@@ -35,7 +44,8 @@ use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{self, rpc};
 use crate::proto::validate_volume_capabilities_response::Confirmed;
 use crate::proto::{
-    CapacityRange, ControllerGetCapabilitiesRequest, ControllerGetCapabilitiesResponse,
+    CapacityRange, ControllerExpandVolumeRequest, ControllerExpandVolumeResponse,
+    ControllerGetCapabilitiesRequest, ControllerGetCapabilitiesResponse,
     ControllerServiceCapability, CreateVolumeRequest, CreateVolumeResponse, DeleteVolumeRequest,
     DeleteVolumeResponse, ValidateVolumeCapabilitiesRequest, ValidateVolumeCapabilitiesResponse,
     Volume, VolumeCapability,
@@ -106,13 +116,15 @@ impl ControllerService {
         if req.name.is_empty() {
             return Err(CsiError::invalid("name is required"));
         }
+        no_nul_in(&req.name, "name")?;
         check_capabilities(&req.volume_capabilities)?;
         if req.volume_content_source.is_some() {
             return Err(CsiError::invalid(
                 "volume_content_source is not supported (no snapshots or clones)",
             ));
         }
-        let capacity = capacity(req.capacity_range.as_ref())?;
+        let range = req.capacity_range.unwrap_or_default();
+        let capacity = capacity(&range)?;
         let secret = VolumeSecret::parse(&req.secrets)?;
         let params = ProvisionParams::parse(&req.parameters, &secret.hints, &self.defaults)?;
         let creds = secret.credentials;
@@ -144,11 +156,11 @@ impl ControllerService {
 
         match read_marker(&*store, bucket, &marker_key).await {
             Ok(Some(found)) => {
-                return if found == marker {
-                    tracing::info!(volume = %marker.volume_id, name = %req.name, "volume exists already");
-                    Ok(volume(&id, capacity))
+                return if same_volume(&found, &marker) && fits(found.capacity_bytes, &range) {
+                    tracing::info!(volume = %marker.volume_id, name = ?req.name, "volume exists already");
+                    Ok(volume(&id, found.capacity_bytes))
                 } else {
-                    Err(incompatible(&found, &marker))
+                    Err(incompatible(&found, &marker, &range))
                 };
             }
             Ok(None) => {}
@@ -172,7 +184,7 @@ impl ControllerService {
                         )),
                         e => CsiError::s3(format!("creating bucket {bucket}"))(e),
                     })?;
-                    tracing::info!(%bucket, name = %req.name, "created bucket");
+                    tracing::info!(%bucket, name = ?req.name, "created bucket");
                 }
                 Err(e) => return Err(CsiError::s3(format!("checking bucket {bucket}"))(e)),
             }
@@ -213,8 +225,12 @@ impl ControllerService {
                     .await
                     .map_err(CsiError::s3(format!("reading {bucket}/{marker_key}")))?;
                 match found {
-                    Some(found) if found == marker => {}
-                    Some(found) => return Err(incompatible(&found, &marker)),
+                    Some(found)
+                        if same_volume(&found, &marker) && fits(found.capacity_bytes, &range) =>
+                    {
+                        return Ok(volume(&id, found.capacity_bytes));
+                    }
+                    Some(found) => return Err(incompatible(&found, &marker, &range)),
                     None => {
                         return Err(CsiError::Unavailable(format!(
                             "the marker of {bucket}/{root} changed under us; retry"
@@ -224,7 +240,7 @@ impl ControllerService {
             }
             Err(e) => return Err(CsiError::s3(format!("writing {bucket}/{marker_key}"))(e)),
         }
-        tracing::info!(volume = %marker.volume_id, name = %req.name, capacity, "created volume");
+        tracing::info!(volume = %marker.volume_id, name = ?req.name, capacity, "created volume");
         Ok(volume(&id, capacity))
     }
 
@@ -232,11 +248,12 @@ impl ControllerService {
         if req.volume_id.is_empty() {
             return Err(CsiError::invalid("volume_id is required"));
         }
+        no_nul_in(&req.volume_id, "volume_id")?;
         let id: VolumeId = match req.volume_id.parse() {
             Ok(id) => id,
             Err(_) => {
                 // Not an id this driver hands out (e.g. a static volume): nothing of ours.
-                tracing::info!(volume = %req.volume_id, "DeleteVolume of a volume id s3vol never created: nothing to do");
+                tracing::info!(volume = ?req.volume_id, "DeleteVolume of a volume id s3vol never created: nothing to do");
                 return Ok(());
             }
         };
@@ -250,13 +267,13 @@ impl ControllerService {
         let marker = match read_marker(&*store, bucket, &marker_key).await {
             Ok(Some(m)) => m,
             Ok(None) | Err(S3Error::NoSuchBucket(_)) => {
-                tracing::info!(volume = %req.volume_id, "no volume marker: already deleted, or not ours");
+                tracing::info!(volume = ?req.volume_id, "no volume marker: already deleted, or not ours");
                 return Ok(());
             }
             Err(e) => return Err(CsiError::s3(format!("reading {bucket}/{marker_key}"))(e)),
         };
         if marker.volume_id != req.volume_id {
-            tracing::warn!(volume = %req.volume_id, marker = %marker.volume_id, "the marker names another volume: deleting nothing");
+            tracing::warn!(volume = ?req.volume_id, marker = %marker.volume_id, "the marker names another volume: deleting nothing");
             return Ok(());
         }
         let deleted = empty_root(&*store, bucket, root, &marker_key).await?;
@@ -277,30 +294,50 @@ impl ControllerService {
                 }
             }
         }
-        tracing::info!(volume = %req.volume_id, objects = deleted, "deleted volume");
+        tracing::info!(volume = ?req.volume_id, objects = deleted, "deleted volume");
         Ok(())
     }
 
-    fn validate(
+    async fn validate(
         &self,
         req: ValidateVolumeCapabilitiesRequest,
     ) -> CsiResult<ValidateVolumeCapabilitiesResponse> {
         if req.volume_id.is_empty() {
             return Err(CsiError::invalid("volume_id is required"));
         }
+        no_nul_in(&req.volume_id, "volume_id")?;
         if req.volume_capabilities.is_empty() {
             return Err(CsiError::invalid("volume_capabilities is required"));
         }
-        let ours = req.volume_id.parse::<VolumeId>().is_ok();
         let secret = VolumeSecret::parse(&req.secrets)?;
-        let static_volume =
-            VolumeAttrs::parse(&req.volume_context, &secret.hints, &self.defaults).is_ok();
-        if !ours && !static_volume {
-            return Err(CsiError::NotFound(format!(
-                "volume {} is neither one s3vol created nor a static volume with a bucket attribute \
-                 or a secret naming the bucket",
-                req.volume_id
-            )));
+        match req.volume_id.parse::<VolumeId>() {
+            Ok(id) => {
+                let _guard = self.locks.lock(&format!("id:{}", req.volume_id)).await;
+                self.find(&id, &req.volume_id, secret.credentials).await?;
+            }
+            Err(_) => {
+                let attrs = VolumeAttrs::parse(&req.volume_context, &secret.hints, &self.defaults)
+                    .map_err(|_| {
+                        CsiError::NotFound(format!(
+                            "volume {} is neither one s3vol created nor a static volume with a \
+                             bucket attribute or a secret naming the bucket",
+                            req.volume_id
+                        ))
+                    })?;
+                let store = self.stores.store(&attrs.location, secret.credentials).await;
+                match store.head_bucket(&attrs.bucket).await {
+                    Ok(()) => {}
+                    Err(S3Error::NoSuchBucket(_) | S3Error::NotFound(_)) => {
+                        return Err(CsiError::NotFound(format!(
+                            "the bucket {} of static volume {} does not exist",
+                            attrs.bucket, req.volume_id
+                        )));
+                    }
+                    Err(e) => {
+                        return Err(CsiError::s3(format!("checking bucket {}", attrs.bucket))(e));
+                    }
+                }
+            }
         }
         for cap in &req.volume_capabilities {
             if let Err(why) = capability::check(cap) {
@@ -320,6 +357,96 @@ impl ControllerService {
             message: String::new(),
         })
     }
+
+    /// The marker of a volume s3vol created; `NOT_FOUND` when it was never created here or
+    /// has been deleted.
+    async fn find(
+        &self,
+        id: &VolumeId,
+        raw_id: &str,
+        credentials: Option<StaticCredentials>,
+    ) -> CsiResult<(Arc<dyn ObjectStore>, Marker)> {
+        let store = self.stores.store(&id.location, credentials).await;
+        let bucket = id.kind.bucket();
+        let marker_key = format!("{}{MARKER}", id.kind.root());
+        match read_marker(&*store, bucket, &marker_key).await {
+            Ok(Some(m)) if m.volume_id == raw_id => Ok((store, m)),
+            Ok(_) | Err(S3Error::NoSuchBucket(_)) => Err(CsiError::NotFound(format!(
+                "volume {raw_id} does not exist (no volume marker {bucket}/{marker_key} naming it)"
+            ))),
+            Err(e) => Err(CsiError::s3(format!("reading {bucket}/{marker_key}"))(e)),
+        }
+    }
+
+    async fn expand(
+        &self,
+        req: ControllerExpandVolumeRequest,
+    ) -> CsiResult<ControllerExpandVolumeResponse> {
+        if req.volume_id.is_empty() {
+            return Err(CsiError::invalid("volume_id is required"));
+        }
+        no_nul_in(&req.volume_id, "volume_id")?;
+        let Some(range) = req.capacity_range else {
+            return Err(CsiError::invalid("capacity_range is required"));
+        };
+        let wanted = capacity(&range)?;
+        if let Some(cap) = &req.volume_capability {
+            capability::check(cap).map_err(CsiError::InvalidArgument)?;
+        }
+        let id: VolumeId = req.volume_id.parse().map_err(|_| {
+            CsiError::NotFound(format!(
+                "volume {} is not one s3vol created; a static volume has no size to expand",
+                req.volume_id
+            ))
+        })?;
+        let creds = VolumeSecret::parse(&req.secrets)?.credentials;
+        let _guard = self.locks.lock(&format!("id:{}", req.volume_id)).await;
+        let (store, mut marker) = self.find(&id, &req.volume_id, creds).await?;
+        if fits(marker.capacity_bytes, &range) && marker.capacity_bytes >= wanted {
+            // Already that large (a repeated call, or a shrink asked for): nothing to record.
+            return Ok(ControllerExpandVolumeResponse {
+                capacity_bytes: marker.capacity_bytes,
+                node_expansion_required: false,
+            });
+        }
+        if range.limit_bytes > 0 && marker.capacity_bytes > range.limit_bytes {
+            return Err(CsiError::OutOfRange(format!(
+                "volume {} already records {} bytes, more than limit_bytes {}; volumes do not shrink",
+                req.volume_id, marker.capacity_bytes, range.limit_bytes
+            )));
+        }
+        let old = marker.capacity_bytes;
+        marker.capacity_bytes = wanted;
+        let bucket = id.kind.bucket();
+        let marker_key = format!("{}{MARKER}", id.kind.root());
+        let body = Bytes::from(
+            serde_json::to_vec_pretty(&marker)
+                .map_err(|e| CsiError::Internal(format!("encoding the volume marker: {e}")))?,
+        );
+        let put = PutOptions {
+            content_type: Some("application/json".into()),
+            ..PutOptions::default()
+        };
+        store
+            .put_object(bucket, &marker_key, body, &put)
+            .await
+            .map_err(CsiError::s3(format!("writing {bucket}/{marker_key}")))?;
+        tracing::info!(volume = ?req.volume_id, from = old, to = wanted, "expanded volume (recorded; S3 has no size to change)");
+        Ok(ControllerExpandVolumeResponse {
+            capacity_bytes: wanted,
+            node_expansion_required: false,
+        })
+    }
+}
+
+/// `InvalidArgument` when a name or id holds a NUL byte (the maps are checked where they are
+/// parsed).
+fn no_nul_in(value: &str, field: &str) -> CsiResult<()> {
+    if s3vol_s3::input::has_nul(value) {
+        Err(CsiError::invalid(format!("{field} holds a NUL byte")))
+    } else {
+        Ok(())
+    }
 }
 
 fn check_capabilities(caps: &[VolumeCapability]) -> CsiResult<()> {
@@ -333,8 +460,7 @@ fn check_capabilities(caps: &[VolumeCapability]) -> CsiResult<()> {
 }
 
 /// The capacity recorded for a range: the required size, else the limit, else 0 (unknown).
-fn capacity(range: Option<&CapacityRange>) -> CsiResult<i64> {
-    let Some(r) = range else { return Ok(0) };
+fn capacity(r: &CapacityRange) -> CsiResult<i64> {
     if r.required_bytes < 0 || r.limit_bytes < 0 {
         return Err(CsiError::invalid("capacity_range must not be negative"));
     }
@@ -368,13 +494,34 @@ fn volume(id: &VolumeId, capacity: i64) -> Volume {
     }
 }
 
-fn incompatible(found: &Marker, wanted: &Marker) -> CsiError {
+/// Whether a marker found at a volume's place records the volume a request describes (all
+/// but the capacity, which [`fits`] judges).
+fn same_volume(found: &Marker, wanted: &Marker) -> bool {
+    found.driver == wanted.driver
+        && found.volume_name == wanted.volume_name
+        && found.volume_id == wanted.volume_id
+        && found.parameters == wanted.parameters
+}
+
+/// Whether a volume recording `capacity` bytes satisfies `range`. A volume recorded with no
+/// size (0: none was asked for) holds any amount, so it satisfies every range; a negative
+/// capacity (an unreadable marker) none.
+fn fits(capacity: i64, range: &CapacityRange) -> bool {
+    if capacity == 0 {
+        return true;
+    }
+    capacity > 0
+        && capacity >= range.required_bytes
+        && (range.limit_bytes == 0 || capacity <= range.limit_bytes)
+}
+
+fn incompatible(found: &Marker, wanted: &Marker, range: &CapacityRange) -> CsiError {
     let what = if found.volume_name != wanted.volume_name {
         format!("it belongs to volume {:?}", found.volume_name)
-    } else if found.capacity_bytes != wanted.capacity_bytes {
+    } else if same_volume(found, wanted) {
         format!(
-            "it was created with capacity {} bytes, not {}",
-            found.capacity_bytes, wanted.capacity_bytes
+            "it records {} bytes, outside the capacity range asked for (required {}, limit {})",
+            found.capacity_bytes, range.required_bytes, range.limit_bytes
         )
     } else {
         "it was created with different parameters".to_owned()
@@ -487,7 +634,14 @@ impl Controller for ControllerService {
         &self,
         request: Request<ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
-        Ok(Response::new(self.validate(request.into_inner())?))
+        Ok(Response::new(self.validate(request.into_inner()).await?))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        Ok(Response::new(self.expand(request.into_inner()).await?))
     }
 
     async fn controller_get_capabilities(
@@ -497,6 +651,7 @@ impl Controller for ControllerService {
         let capabilities = [
             rpc::Type::CreateDeleteVolume,
             rpc::Type::SingleNodeMultiWriter,
+            rpc::Type::ExpandVolume,
         ]
         .into_iter()
         .map(|t| ControllerServiceCapability {
@@ -811,20 +966,136 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
         let e = svc
-            .validate(ValidateVolumeCapabilitiesRequest {
-                volume_id: "unknown".into(),
-                volume_capabilities: caps(),
-                ..Default::default()
-            })
+            .create(create_req("pvc\0x", &[("mode", "bucket")], 0))
+            .await
             .unwrap_err();
-        assert_eq!(e.code(), Code::NotFound);
-        let ok = svc
-            .validate(ValidateVolumeCapabilitiesRequest {
-                volume_id: "bucket:pvc-7".into(),
-                volume_capabilities: caps(),
-                ..Default::default()
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let e = svc
+            .delete(DeleteVolumeRequest {
+                volume_id: "bucket:a\0b".into(),
+                secrets: HashMap::new(),
             })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let e = svc
+            .create(create_req(
+                "pvc-r1",
+                &[("mode", "bucket"), ("region", "--read-only")],
+                0,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.to_string().contains("region"), "{e}");
+        let validate = |id: &str| ValidateVolumeCapabilitiesRequest {
+            volume_id: id.into(),
+            volume_capabilities: caps(),
+            ..Default::default()
+        };
+        for id in ["unknown", "bucket:pvc-7", "prefix:team/pvc-7"] {
+            let e = svc.validate(validate(id)).await.unwrap_err();
+            assert_eq!(e.code(), Code::NotFound, "{id}");
+        }
+        let v = svc
+            .create(create_req("pvc-7", &[("mode", "bucket")], 0))
+            .await
             .unwrap();
+        let ok = svc.validate(validate(&v.volume_id)).await.unwrap();
         assert!(ok.confirmed.is_some());
+        svc.delete(DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+        let e = svc.validate(validate(&v.volume_id)).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    }
+
+    fn range(required_bytes: i64, limit_bytes: i64) -> Option<CapacityRange> {
+        Some(CapacityRange {
+            required_bytes,
+            limit_bytes,
+        })
+    }
+
+    #[tokio::test]
+    async fn create_again_with_a_compatible_range_returns_the_volume() {
+        let (svc, mem) = service();
+        mem.create_bucket(&BucketName::new("team").unwrap())
+            .await
+            .unwrap();
+        let params = [("mode", "prefix"), ("bucket", "team")];
+        let v = svc
+            .create(create_req("pvc-r", &params, 10 << 20))
+            .await
+            .unwrap();
+        assert_eq!(v.capacity_bytes, 10 << 20);
+        for (r, ok) in [
+            (None, true),
+            (range(0, 0), true),
+            (range(5 << 20, 0), true),
+            (range(10 << 20, 10 << 20), true),
+            (range(1, 20 << 20), true),
+            (range(0, 10 << 20), true),
+            (range(11 << 20, 0), false),
+            (range(0, 9 << 20), false),
+        ] {
+            let mut req = create_req("pvc-r", &params, 0);
+            req.capacity_range = r;
+            match svc.create(req).await {
+                Ok(again) if ok => assert_eq!(again, v, "{r:?}"),
+                Err(e) if !ok => assert_eq!(e.code(), Code::AlreadyExists, "{r:?}"),
+                other => panic!("{r:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn expansion_is_recorded_and_needs_no_node() {
+        let (svc, mem) = service();
+        let v = svc
+            .create(create_req("pvc-x", &[("mode", "bucket")], 1 << 20))
+            .await
+            .unwrap();
+        let expand = |id: &str, r: Option<CapacityRange>| ControllerExpandVolumeRequest {
+            volume_id: id.into(),
+            capacity_range: r,
+            ..Default::default()
+        };
+        let got = svc
+            .expand(expand(&v.volume_id, range(3 << 20, 0)))
+            .await
+            .unwrap();
+        assert_eq!(got.capacity_bytes, 3 << 20);
+        assert!(!got.node_expansion_required);
+        let marker = read_marker(&*mem, &BucketName::new("pvc-x").unwrap(), MARKER)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(marker.capacity_bytes, 3 << 20);
+        // The same size again, or less: the recorded size, nothing written.
+        for r in [range(3 << 20, 0), range(2 << 20, 0)] {
+            let got = svc.expand(expand(&v.volume_id, r)).await.unwrap();
+            assert_eq!(got.capacity_bytes, 3 << 20);
+        }
+        // CreateVolume with the original range now finds a larger, still compatible volume.
+        let again = svc
+            .create(create_req("pvc-x", &[("mode", "bucket")], 1 << 20))
+            .await
+            .unwrap();
+        assert_eq!(again.capacity_bytes, 3 << 20);
+        let e = svc
+            .expand(expand(&v.volume_id, range(0, 2 << 20)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange);
+        let e = svc.expand(expand(&v.volume_id, None)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        for id in ["bucket:never-made", "static-volume"] {
+            let e = svc.expand(expand(id, range(1, 0))).await.unwrap_err();
+            assert_eq!(e.code(), Code::NotFound, "{id}");
+        }
     }
 }

@@ -4,7 +4,9 @@
 //! exactly one place (the `From` impl below), so the codes the spec names for each failure
 //! (InvalidArgument for a missing field, NotFound for an unknown volume, AlreadyExists for an
 //! incompatible repeat, FailedPrecondition for a call out of order, …) are chosen where the
-//! failure is detected and never re-guessed from text. Messages never contain secrets.
+//! failure is detected and never re-guessed from text. Messages never contain secrets, and
+//! what reaches the CO is bounded ([`s3vol_s3::input::bounded`]): control characters escaped,
+//! at most 1 KiB, so neither a huge input nor a store's response body is echoed whole.
 
 use s3vol_s3::S3Error;
 
@@ -100,9 +102,15 @@ impl CsiError {
     }
 }
 
+impl From<s3vol_s3::secret::SecretError> for CsiError {
+    fn from(e: s3vol_s3::secret::SecretError) -> Self {
+        CsiError::InvalidArgument(e.0)
+    }
+}
+
 impl From<CsiError> for tonic::Status {
     fn from(e: CsiError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        tonic::Status::new(e.code(), s3vol_s3::input::bounded(&e.to_string()))
     }
 }
 
@@ -126,5 +134,14 @@ mod tests {
         assert_eq!(e.code(), Code::PermissionDenied);
         let e = CsiError::s3("x")(S3Error::Unreachable("down".into()));
         assert_eq!(e.code(), Code::Unavailable);
+        // A store that answers a huge body: the status carries a bounded, escaped message.
+        let e = CsiError::s3("reading b/k")(S3Error::Other {
+            code: "Weird".into(),
+            status: 400,
+            message: "<html>\n".repeat(50_000),
+        });
+        let status: tonic::Status = e.into();
+        assert!(status.message().len() < 1100, "{}", status.message().len());
+        assert!(!status.message().contains('\n'));
     }
 }

@@ -53,13 +53,24 @@ impl Identity for IdentityService {
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
         // CONTROLLER_SERVICE is a property of the driver, not of this process: a node-only
         // process still belongs to a driver that has a controller.
-        let capabilities = vec![PluginCapability {
-            r#type: Some(plugin_capability::Type::Service(
-                plugin_capability::Service {
-                    r#type: service::Type::ControllerService as i32,
-                },
-            )),
-        }];
+        // VolumeExpansion ONLINE: ControllerExpandVolume records the new size while the volume
+        // is in use; nothing changes on the node.
+        let capabilities = vec![
+            PluginCapability {
+                r#type: Some(plugin_capability::Type::Service(
+                    plugin_capability::Service {
+                        r#type: service::Type::ControllerService as i32,
+                    },
+                )),
+            },
+            PluginCapability {
+                r#type: Some(plugin_capability::Type::VolumeExpansion(
+                    plugin_capability::VolumeExpansion {
+                        r#type: plugin_capability::volume_expansion::Type::Online as i32,
+                    },
+                )),
+            },
+        ];
         Ok(Response::new(GetPluginCapabilitiesResponse {
             capabilities,
         }))

@@ -386,7 +386,7 @@ impl NodeService {
 
     async fn stats(&self, req: NodeGetVolumeStatsRequest) -> CsiResult<NodeGetVolumeStatsResponse> {
         let volume_id = required(&req.volume_id, "volume_id")?;
-        let path = absolute(&req.volume_path, "volume_path")?;
+        let path = required(&req.volume_path, "volume_path")?;
         if self
             .state
             .load(volume_id)
@@ -397,6 +397,14 @@ impl NodeService {
                 "volume {volume_id} is not staged on this node"
             )));
         }
+        // CSI names one error here: the volume does not exist at volume_path (NOT_FOUND). A
+        // relative path is such a path, not a malformed request.
+        if !Path::new(path).is_absolute() {
+            return Err(CsiError::NotFound(format!(
+                "volume {volume_id} is not mounted at volume_path: it is not an absolute path"
+            )));
+        }
+        let path = mounts::normalize(Path::new(path));
         match mounts::top_mount_at(&path).map_err(CsiError::io("reading the mount table"))? {
             Some(m) if m.fstype == FSTYPE => {}
             _ => {

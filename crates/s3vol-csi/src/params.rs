@@ -6,12 +6,21 @@
 //! are rejected too, so a typo (`forcepathstyle`) fails loudly instead of being ignored; the
 //! `csi.storage.k8s.io/` keys the external-provisioner adds are skipped.
 //!
+//! Every string is checked before it is interpreted: a NUL byte anywhere (key or value) is
+//! `InvalidArgument` ([`no_nul`]), a region must look like one (letters, digits, `-`, `_`,
+//! `.`, starting with a letter or digit, so `--read-only` can never pass for a region), an
+//! endpoint is an `http(s)://` URL without spaces or control characters, and a
+//! `memory-limit` below what `s3vol mount` accepts (16M) is refused here, at CreateVolume or
+//! NodeStageVolume, rather than by the serving process later. Messages quote a bad value
+//! only shortened and escaped ([`quoted`]).
+//!
 //! Where a bucket is (bucket, endpoint, region, addressing) is decided in one order everywhere:
 //! the StorageClass parameter or volume attribute, else what the Secret says (a COSI
 //! BucketAccess Secret, [`SecretHints`]), else the driver's [`Defaults`].
 
 use std::collections::{BTreeMap, HashMap};
 
+use s3vol_s3::input::{check_endpoint, check_region, has_nul};
 use s3vol_s3::{Addressing, BucketName, CredentialSource, S3Config, StaticCredentials};
 
 use crate::error::{CsiError, CsiResult};
@@ -53,6 +62,24 @@ pub struct ProvisionParams {
     pub location: Location,
 }
 
+pub use s3vol_s3::input::quoted;
+
+/// `InvalidArgument` when a key or value of `map` holds a NUL byte: no path, argument or
+/// header can carry one, and it is never what a user meant. `what` names the map; values are
+/// not quoted (they may be secrets).
+pub fn no_nul(map: &HashMap<String, String>, what: &str) -> CsiResult<()> {
+    match map.iter().find(|(k, v)| has_nul(k) || has_nul(v)) {
+        Some((k, _)) => Err(CsiError::invalid(format!(
+            "{what}: the entry {} holds a NUL byte",
+            quoted(k)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The smallest `memory-limit` `s3vol mount` accepts.
+pub const MIN_MEMORY_LIMIT: u64 = 16 << 20;
+
 fn non_empty(map: &HashMap<String, String>, key: &str) -> Option<String> {
     map.get(key)
         .map(|v| v.trim())
@@ -67,7 +94,8 @@ fn parse_bool(key: &str, v: Option<&String>) -> CsiResult<Option<bool>> {
         Some("false") => Ok(Some(false)),
         Some("true") => Ok(Some(true)),
         Some(other) => Err(CsiError::invalid(format!(
-            "{key} must be \"true\" or \"false\", not {other:?}"
+            "{key} must be \"true\" or \"false\", not {}",
+            quoted(other)
         ))),
     }
 }
@@ -87,18 +115,22 @@ fn location(
             None => (defaults.endpoint.clone(), ""),
         },
     };
-    if let Some(e) = &endpoint
-        && !(e.starts_with("http://") || e.starts_with("https://"))
-    {
-        return Err(CsiError::invalid(format!(
-            "endpoint {e:?}{from} must start with http:// or https://"
-        )));
+    if let Some(e) = &endpoint {
+        check_endpoint(e).map_err(|why| CsiError::invalid(format!("endpoint{from}: {why}")))?;
+    }
+    let (region, from) = match non_empty(map, keys::REGION) {
+        Some(r) => (Some(r), ""),
+        None => match &secret.region {
+            Some(r) => (Some(r.clone()), FROM_SECRET),
+            None => (defaults.region.clone(), ""),
+        },
+    };
+    if let Some(r) = &region {
+        check_region(r).map_err(|why| CsiError::invalid(format!("{why}{from}")))?;
     }
     Ok(Location {
         endpoint,
-        region: non_empty(map, keys::REGION)
-            .or_else(|| secret.region.clone())
-            .or_else(|| defaults.region.clone()),
+        region,
         path_style: parse_bool(keys::FORCE_PATH_STYLE, map.get(keys::FORCE_PATH_STYLE))?
             .or(secret.path_style)
             .unwrap_or(false),
@@ -129,6 +161,7 @@ impl ProvisionParams {
         secret: &SecretHints,
         defaults: &Defaults,
     ) -> CsiResult<Self> {
+        no_nul(params, "parameters")?;
         const KNOWN: &[&str] = &[
             keys::MODE,
             keys::BUCKET,
@@ -142,7 +175,8 @@ impl ProvisionParams {
             .find(|k| !k.starts_with("csi.storage.k8s.io/") && !KNOWN.contains(&k.as_str()))
         {
             return Err(CsiError::invalid(format!(
-                "unknown StorageClass parameter {unknown:?} (known: {})",
+                "unknown StorageClass parameter {} (known: {})",
+                quoted(unknown),
                 KNOWN.join(", ")
             )));
         }
@@ -164,7 +198,8 @@ impl ProvisionParams {
             },
             Some(other) => {
                 return Err(CsiError::invalid(format!(
-                    "parameter mode must be \"bucket\" or \"prefix\", not {other:?}"
+                    "parameter mode must be \"bucket\" or \"prefix\", not {}",
+                    quoted(other)
                 )));
             }
             None => {
@@ -226,6 +261,7 @@ impl VolumeAttrs {
         secret: &SecretHints,
         defaults: &Defaults,
     ) -> CsiResult<Self> {
+        no_nul(context, "volume_context")?;
         let bucket = bucket_or_secret(context, secret)?.ok_or_else(|| {
             CsiError::invalid(
                 "volume attribute bucket is required (volume_context), unless the secret is a \
@@ -241,7 +277,8 @@ impl VolumeAttrs {
         };
         if prefix.split('/').any(|seg| seg == "." || seg == "..") {
             return Err(CsiError::invalid(format!(
-                "volume attribute prefix {prefix:?} must not contain . or .. segments"
+                "volume attribute prefix {} must not contain . or .. segments",
+                quoted(&prefix)
             )));
         }
         Ok(Self {
@@ -301,7 +338,12 @@ fn parse_mode(key: &str, v: &str) -> CsiResult<u32> {
     u32::from_str_radix(digits, 8)
         .ok()
         .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| CsiError::invalid(format!("mount option {key}={v:?} is not an octal mode")))
+        .ok_or_else(|| {
+            CsiError::invalid(format!(
+                "mount option {key}={} is not an octal mode",
+                quoted(v)
+            ))
+        })
 }
 
 /// Sizes as `s3vol mount` takes them (`10G`, `512M`, plain bytes).
@@ -316,14 +358,15 @@ fn parse_seconds(key: &str, v: &str) -> CsiResult<f64> {
         .filter(|s| (0.0..=86_400.0).contains(s))
         .ok_or_else(|| {
             CsiError::invalid(format!(
-                "mount option {key}={v:?} is not a number of seconds between 0 and 86400"
+                "mount option {key}={} is not a number of seconds between 0 and 86400",
+                quoted(v)
             ))
         })
 }
 
 fn parse_u32(key: &str, v: &str) -> CsiResult<u32> {
     v.parse()
-        .map_err(|_| CsiError::invalid(format!("mount option {key}={v:?} is not a number")))
+        .map_err(|_| CsiError::invalid(format!("mount option {key}={} is not a number", quoted(v))))
 }
 
 /// Mount options from the volume capability's mount flags (StorageClass `mountOptions`, PV
@@ -332,6 +375,9 @@ fn parse_u32(key: &str, v: &str) -> CsiResult<u32> {
 /// anything else is an `InvalidArgument` (so a flag can never smuggle in another argument).
 pub fn mount_options(flags: &[String]) -> CsiResult<MountOptions> {
     let mut o = MountOptions::default();
+    if flags.iter().any(|f| f.contains('\0')) {
+        return Err(CsiError::invalid("a mount option holds a NUL byte"));
+    }
     for item in flags.iter().flat_map(|f| f.split(',')) {
         let item = item.trim();
         if item.is_empty() {
@@ -348,15 +394,26 @@ pub fn mount_options(flags: &[String]) -> CsiResult<MountOptions> {
             "dir-mode" => o.dir_mode = Some(parse_mode(key, need(key, value)?)?),
             "metadata-ttl" => o.metadata_ttl = Some(parse_seconds(key, need(key, value)?)?),
             "cache-size" => o.cache_size = Some(parse_bytes(key, need(key, value)?)?),
-            "memory-limit" => o.memory_limit = Some(parse_bytes(key, need(key, value)?)?),
+            "memory-limit" => {
+                let m = parse_bytes(key, need(key, value)?)?;
+                if m < MIN_MEMORY_LIMIT {
+                    return Err(CsiError::invalid(format!(
+                        "mount option memory-limit={} is too small: a volume needs at least 16M \
+                         for its read and write buffers",
+                        quoted(value.unwrap_or_default())
+                    )));
+                }
+                o.memory_limit = Some(m);
+            }
             "ro" | "read-only" if value.is_none() => o.read_only = true,
             "listing-attrs" if value.is_none() => o.listing_attrs = true,
             "no-xattr" if value.is_none() => o.no_xattr = true,
             "rw" if value.is_none() => {}
             _ => {
                 return Err(CsiError::invalid(format!(
-                    "unsupported mount option {key:?} (supported: uid, gid, file-mode, dir-mode, \
-                     metadata-ttl, cache-size, memory-limit, ro, listing-attrs, no-xattr)"
+                    "unsupported mount option {} (supported: uid, gid, file-mode, dir-mode, \
+                     metadata-ttl, cache-size, memory-limit, ro, listing-attrs, no-xattr)",
+                    quoted(key)
                 )));
             }
         }
@@ -373,7 +430,8 @@ pub fn apply_mount_group(o: &mut MountOptions, group: &str) -> CsiResult<()> {
     }
     let gid: u32 = group.parse().map_err(|_| {
         CsiError::invalid(format!(
-            "volume_mount_group {group:?} is not a numeric group id"
+            "volume_mount_group {} is not a numeric group id",
+            quoted(group)
         ))
     })?;
     o.gid = Some(gid);
@@ -622,5 +680,61 @@ mod tests {
             (Some(3000), Some(0o600), Some(0o2775))
         );
         assert!(apply_mount_group(&mut o, "staff").is_err());
+    }
+
+    /// Values the serving process or the store could never use are refused here, with a
+    /// message that says which and echoes nothing raw or huge.
+    #[test]
+    fn values_are_checked_before_use() {
+        let d = Defaults::default();
+        let none = SecretHints::default();
+        for (k, v) in [
+            ("region", "--read-only"),
+            ("region", "us east 1"),
+            ("region", "eu\twest"),
+            ("endpoint", "http://127.0.0.1:9000\r\nHost: x"),
+            ("endpoint", "http://a b"),
+            ("bucketPrefix", "team\0"),
+            ("mode\0", "bucket"),
+        ] {
+            let e =
+                ProvisionParams::parse(&map(&[("mode", "bucket"), (k, v)]), &none, &d).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{k}={v:?}");
+            let msg = e.to_string();
+            assert!(
+                !msg.contains('\n') && !msg.contains('\r') && !msg.contains('\0'),
+                "{msg}"
+            );
+        }
+        // A region from a Secret is checked too, and said to come from it.
+        let hints = SecretHints {
+            region: Some("--read-only".into()),
+            ..SecretHints::default()
+        };
+        let e = VolumeAttrs::parse(&map(&[("bucket", "bkt")]), &hints, &d).unwrap_err();
+        assert!(e.to_string().contains("from the secret"), "{e}");
+        let e =
+            VolumeAttrs::parse(&map(&[("bucket", "bkt"), ("prefix", "a\0")]), &none, &d).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        for ok in ["us-east-1", "ap-guangzhou", "oss-cn-hangzhou", "default"] {
+            VolumeAttrs::parse(&map(&[("bucket", "bkt"), ("region", ok)]), &none, &d).unwrap();
+        }
+        // memory-limit below what a serving process accepts.
+        for bad in ["memory-limit=1", "memory-limit=15M", "memory-limit=0"] {
+            let e = mount_options(&[bad.into()]).unwrap_err();
+            assert!(e.to_string().contains("at least 16M"), "{bad}: {e}");
+        }
+        assert_eq!(
+            mount_options(&["memory-limit=16M".into()])
+                .unwrap()
+                .memory_limit,
+            Some(16 << 20)
+        );
+        let e = mount_options(&["uid=1\0".into()]).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        // A huge unknown option is quoted shortened.
+        let huge = "x".repeat(100_000);
+        let e = mount_options(&[huge]).unwrap_err();
+        assert!(e.to_string().len() < 400, "{}", e.to_string().len());
     }
 }

@@ -12,6 +12,10 @@
 //! One conformance suite (`tests/conformance.rs`) runs against the in-memory store and a real S3
 //! server, so the fake cannot drift from S3's behaviour.
 //!
+//! [`secret`] reads credentials Secrets (s3vol's own shape and COSI's BucketAccess Secrets)
+//! for both drivers; [`input`] holds the checks both drivers apply to user-supplied strings (regions,
+//! endpoints, NUL bytes, quoting in messages).
+//!
 //! Errors are typed ([`S3Error`]) so callers map them to errno or gRPC codes without parsing
 //! text.
 
@@ -19,7 +23,9 @@ mod aws;
 mod config;
 mod error;
 mod fault;
+pub mod input;
 mod mem;
+pub mod secret;
 mod store;
 pub mod testing;
 mod types;

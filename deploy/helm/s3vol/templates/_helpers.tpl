@@ -76,3 +76,34 @@ runAsGroup: 65532
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/*
+The service-account token, CA and namespace that automountServiceAccountToken would mount,
+as a volume the pod declares explicitly, so that only the containers that call the API mount
+it (apiAccessMount).
+*/}}
+{{- define "s3vol.apiAccessVolume" -}}
+- name: kube-api-access
+  projected:
+    defaultMode: 0444
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3607
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef:
+                fieldPath: metadata.namespace
+{{- end }}
+
+{{- define "s3vol.apiAccessMount" -}}
+- name: kube-api-access
+  mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+  readOnly: true
+{{- end }}
