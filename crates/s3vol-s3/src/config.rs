@@ -6,18 +6,21 @@
 //! and validated only when an operation requires them unless [`ChecksumPolicy::WhenSupported`]
 //! is asked for.
 //!
-//! **Timeouts fit the request** ([`S3Config::attempt_timeout`]): one attempt of a request that
-//! sends no body (HEAD, GET up to the response head, DELETE, creating or aborting an upload)
-//! gets [`S3Config::request_timeout`] (5 s), a LIST twice that, an upload (PUT, UploadPart)
-//! that plus its body's length at [`S3Config::min_throughput`] (1 MiB/s: 13 s for an 8 MiB
-//! part), and requests the server works on for a while (CopyObject, UploadPartCopy,
-//! CompleteMultipartUpload, DeleteObjects) [`S3Config::server_work_timeout`] (60 s). An
-//! attempt that times out is retried after a short backoff (0.2 s doubling to at most 2 s), so
-//! a store that answers again is used again within seconds, not after the minutes a single
-//! 120 s attempt used to hold a writer. Every request is bounded: `max_attempts` attempts and
-//! the backoffs between them ([`S3Config::request_bound`]). There is no shared retry quota:
-//! after a long outage each request still gets all its attempts, since a filesystem cannot
-//! give up a write because other requests failed before it.
+//! **Timeouts fit the request** ([`S3Config::attempt_timeout`]). DESIGN.md asks for timeouts
+//! set once, in the client builder; the client's default is the short one, and `AwsStore`
+//! overrides it per request from the table here, because no single limit fits both a HEAD
+//! (which should fail in seconds when nobody answers) and a 64 MiB part upload. One attempt
+//! of a request that sends no body (HEAD, GET up to the response head, DELETE, creating or
+//! aborting an upload) gets [`S3Config::request_timeout`] (5 s), a LIST twice that, an upload
+//! (PUT, UploadPart) that plus its body's length at [`S3Config::min_throughput`] (1 MiB/s:
+//! 13 s for an 8 MiB part), and requests the server works on for a while (CopyObject,
+//! UploadPartCopy, CompleteMultipartUpload, DeleteObjects) [`S3Config::server_work_timeout`]
+//! (60 s). An attempt that times out is retried after a short backoff (0.2 s doubling to at
+//! most 2 s), so a store that answers again is used again within seconds, not after the
+//! minutes a single 120 s attempt used to hold a writer. Every request is bounded:
+//! `max_attempts` attempts and the backoffs between them ([`S3Config::request_bound`]). There
+//! is no shared retry quota: after a long outage each request still gets all its attempts,
+//! since a filesystem cannot give up a write because other requests failed before it.
 
 use std::fmt;
 use std::time::Duration;
@@ -314,6 +317,26 @@ fn region_from_env() -> Option<Region> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attempt_timeouts_fit_the_request_and_bound_it() {
+        let c = S3Config::default();
+        let s = Duration::from_secs;
+        assert_eq!(c.attempt_timeout(RequestKind::Small), s(5));
+        assert_eq!(c.attempt_timeout(RequestKind::List), s(10));
+        assert_eq!(c.attempt_timeout(RequestKind::Upload(0)), s(5));
+        assert_eq!(c.attempt_timeout(RequestKind::Upload(8 << 20)), s(13));
+        assert_eq!(c.attempt_timeout(RequestKind::ServerWork), s(60));
+        // Five attempts and four pauses of at most 2 s.
+        assert_eq!(c.request_bound(RequestKind::Small), s(33));
+        assert_eq!(c.request_bound(RequestKind::Upload(8 << 20)), s(73));
+        let slow = S3Config {
+            min_throughput: 256 << 10,
+            max_attempts: 1,
+            ..S3Config::default()
+        };
+        assert_eq!(slow.request_bound(RequestKind::Upload(8 << 20)), s(37));
+    }
 
     #[test]
     fn payload_signing_follows_the_scheme_unless_forced() {
