@@ -5,6 +5,9 @@
 # unmounts. Needs root (or fuse3's fusermount3) for the FUSE mount.
 #   scripts/demo.sh            keep nothing running afterwards
 #   KEEP=1 scripts/demo.sh     leave the mount and the server up to play with
+# The first run compiles s3vol and about 360 crates it depends on (the AWS SDK, tokio, tonic,
+# rustls…): about 11 CPU-minutes, so 6–10 minutes on 2 idle cores and much longer on a busy
+# machine; cargo shows its progress. Later runs take seconds.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -15,8 +18,15 @@ if [[ $(id -u) -ne 0 ]] && ! command -v fusermount3 >/dev/null; then
     exit 1
 fi
 
-say "building s3vol"
-cargo build --locked --quiet -p s3vol
+if [[ -x target/debug/s3vol ]]; then
+    say "building s3vol (only what changed since the last build)"
+else
+    say "building s3vol: the first build compiles about 360 crates, about 11 CPU-minutes (6-10 minutes on 2 idle cores, longer on a busy machine); cargo shows its progress below"
+fi
+# With the s3vol package's test dependencies (the small cli_errors test is built alongside):
+# the same features the test suite uses, so scripts/test.sh afterwards reuses every compiled
+# dependency instead of compiling them all a second time.
+cargo build --locked -p s3vol --test cli_errors
 bin=target/debug/s3vol
 
 say "starting the local S3 server"
@@ -63,9 +73,10 @@ for o in s3.list_objects_v2(Bucket="demo")["Contents"]:
 PY
 
 if [[ -n "${KEEP:-}" ]]; then
-    say "left mounted at $mnt; unmount with: umount $mnt; stop the server with: scripts/s3-server.sh stop"
+    say "done: s3://demo stays mounted on $mnt and the S3 server keeps running; when finished: umount $mnt && scripts/s3-server.sh stop"
     exit 0
 fi
 say "unmounting"
 umount "$mnt"
 bash scripts/s3-server.sh stop >/dev/null 2>&1 || true
+say "done: s3vol mounted s3://demo on $mnt, listed it, wrote a file through it and unmounted it. To keep the mount and the server up to play with: KEEP=1 scripts/demo.sh"

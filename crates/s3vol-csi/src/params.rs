@@ -269,18 +269,14 @@ impl VolumeAttrs {
             )
         })?;
         let prefix = non_empty(context, keys::PREFIX).unwrap_or_default();
-        let prefix = prefix.trim_start_matches('/');
-        let prefix = if prefix.is_empty() || prefix.ends_with('/') {
-            prefix.to_owned()
-        } else {
-            format!("{prefix}/")
-        };
-        if prefix.split('/').any(|seg| seg == "." || seg == "..") {
-            return Err(CsiError::invalid(format!(
-                "volume attribute prefix {} must not contain . or .. segments",
-                quoted(&prefix)
-            )));
-        }
+        // The rule `s3vol mount BUCKET/PREFIX` applies too.
+        let prefix = s3vol_s3::normalize_prefix(&prefix).map_err(|e| {
+            CsiError::invalid(format!(
+                "volume attribute prefix {} {}",
+                quoted(&e.prefix),
+                e.reason
+            ))
+        })?;
         Ok(Self {
             bucket,
             prefix,

@@ -2,12 +2,18 @@
 //!
 //! Every request is counted, timed and sized in the `s3vol_s3_*` metrics, and every SDK error is
 //! mapped to an [`S3Error`] here, so nothing above this module sees an SDK type.
+//!
+//! Each request runs with the attempt timeout of its kind ([`RequestKind`], see
+//! [`S3Config::attempt_timeout`]), set per request over the client's defaults. A request that
+//! timed out says how long it waited and where (`no answer from ENDPOINT after N s`); the SDK's
+//! error chain and its debug dump go to the debug log, never into the message.
 
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::future::Future;
 use std::ops::Range;
-use std::time::{Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
@@ -20,7 +26,7 @@ use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use bytes::Bytes;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
-use crate::config::S3Config;
+use crate::config::{RequestKind, S3Config};
 use crate::error::{S3Error, S3Result};
 use crate::store::{GetObject, ObjectStore, Op};
 use crate::types::{
@@ -34,6 +40,8 @@ pub struct AwsStore {
     client: aws_sdk_s3::Client,
     /// Uploads go with `UNSIGNED-PAYLOAD` ([`S3Config::unsigned_payload`]).
     unsigned_payload: bool,
+    /// Timeouts and attempts; credentials are not read from here.
+    config: Arc<S3Config>,
 }
 
 impl AwsStore {
@@ -41,14 +49,17 @@ impl AwsStore {
         Self {
             client: config.build_sdk_client().await,
             unsigned_payload: config.unsigned_payload(),
+            config: Arc::new(config.clone()),
         }
     }
 
-    /// A store over a client built elsewhere; request bodies are signed.
+    /// A store over a client built elsewhere; request bodies are signed, timeouts are the
+    /// defaults of [`S3Config`].
     pub fn from_client(client: aws_sdk_s3::Client) -> Self {
         Self {
             client,
             unsigned_payload: false,
+            config: Arc::new(S3Config::default()),
         }
     }
 
@@ -56,22 +67,97 @@ impl AwsStore {
     pub fn region(&self) -> Option<&str> {
         self.client.config().region().map(|r| r.as_ref())
     }
+
+    /// The endpoint as a user named it, for messages.
+    fn endpoint(&self) -> String {
+        match &self.config.endpoint_url {
+            Some(url) => url.clone(),
+            None => format!("AWS S3 ({})", self.region().unwrap_or("us-east-1")),
+        }
+    }
+
+    /// The per-request configuration of a request of this kind: its attempt timeout.
+    fn timeouts(&self, kind: RequestKind) -> aws_sdk_s3::config::Builder {
+        aws_sdk_s3::config::Builder::default().timeout_config(self.config.timeout_config(kind))
+    }
+
+    /// The error that explains a bare 403 on `bucket`: the credentials error a LIST of one key
+    /// reports, else `denied` as it was.
+    async fn why_denied(&self, bucket: &BucketName, denied: S3Error) -> S3Error {
+        let listed = self
+            .client
+            .list_objects_v2()
+            .bucket(bucket.as_str())
+            .max_keys(1)
+            .customize()
+            .config_override(self.timeouts(RequestKind::List))
+            .send()
+            .await;
+        match listed.map_err(|e| map_err(e, format!("s3://{bucket}"))) {
+            Err(e @ S3Error::InvalidCredentials { .. }) => e,
+            _ => denied,
+        }
+    }
+
+    /// Runs one request, recording its metrics and saying how long a timed-out one waited.
+    async fn observe<T>(
+        &self,
+        op: Op,
+        kind: RequestKind,
+        fut: impl Future<Output = S3Result<T>>,
+    ) -> S3Result<T> {
+        let start = Instant::now();
+        let result = fut.await;
+        let op_name = op.as_str();
+        metrics::counter!("s3vol_s3_requests_total", "op" => op_name).increment(1);
+        metrics::histogram!("s3vol_s3_request_seconds", "op" => op_name)
+            .record(start.elapsed().as_secs_f64());
+        let result = result.map_err(|e| match e {
+            S3Error::Timeout(what) => S3Error::Timeout(format!(
+                "no answer from {} after {} s ({what}; {} attempt(s) of {} each); check that \
+                 the endpoint is an S3 service and that it is up",
+                self.endpoint(),
+                start.elapsed().as_secs_f64().round(),
+                self.config.max_attempts.max(1),
+                secs(self.config.attempt_timeout(kind)),
+            )),
+            S3Error::Unreachable(detail) => {
+                S3Error::Unreachable(format!("{} ({detail})", self.endpoint()))
+            }
+            other => other,
+        });
+        if let Err(e) = &result {
+            metrics::counter!("s3vol_s3_errors_total", "op" => op_name, "kind" => e.kind())
+                .increment(1);
+            tracing::debug!(op = op_name, error = %e, "S3 request failed");
+        }
+        result
+    }
 }
 
-/// Runs one request, recording its metrics.
-async fn observe<T>(op: Op, fut: impl Future<Output = S3Result<T>>) -> S3Result<T> {
-    let start = Instant::now();
-    let result = fut.await;
-    let op_name = op.as_str();
-    metrics::counter!("s3vol_s3_requests_total", "op" => op_name).increment(1);
-    metrics::histogram!("s3vol_s3_request_seconds", "op" => op_name)
-        .record(start.elapsed().as_secs_f64());
-    if let Err(e) = &result {
-        metrics::counter!("s3vol_s3_errors_total", "op" => op_name, "kind" => e.kind())
-            .increment(1);
-        tracing::debug!(op = op_name, error = %e, "S3 request failed");
+/// `5 s`, `13.5 s`.
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s} s")
+    } else {
+        format!("{s:.1} s")
     }
-    result
+}
+
+/// The messages of an error and its sources, one after the other, without the debug dumps
+/// `DisplayErrorContext` adds.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
 }
 
 fn map_err<E>(err: SdkError<E, HttpResponse>, what: impl Display) -> S3Error
@@ -89,25 +175,25 @@ impl S3Error {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let what = what.to_string();
+        // The whole chain, debug dump included, for whoever asks for debug logs.
+        tracing::debug!(%what, error = %DisplayErrorContext(&err), "S3 SDK error");
         match &err {
             SdkError::ServiceError(service) => {
+                let status = service.raw().status().as_u16();
                 let message = match (service.err().code(), service.err().message()) {
                     (Some(_), Some(m)) => m.to_owned(),
-                    // No S3 error code: keep the whole chain, it is all there is to go on.
-                    _ => DisplayErrorContext(&err).to_string(),
+                    (Some(_), None) => String::new(),
+                    // No S3 error code (HEAD responses have no body): the status is all there
+                    // is to go on.
+                    (None, _) => format!("HTTP {status}"),
                 };
-                S3Error::from_code(
-                    service.err().code(),
-                    Some(service.raw().status().as_u16()),
-                    message,
-                    &what,
-                )
+                S3Error::from_code(service.err().code(), Some(status), message, &what)
             }
             SdkError::TimeoutError(_) => S3Error::Timeout(what),
             SdkError::DispatchFailure(failure) => {
-                let detail = format!("{what}: {}", DisplayErrorContext(&err));
+                let detail = format!("{what}: {}", chain(&err));
                 if failure.is_timeout() {
-                    S3Error::Timeout(detail)
+                    S3Error::Timeout(format!("{what}: cannot connect in time"))
                 } else if failure.is_io() {
                     S3Error::Unreachable(detail)
                 } else if detail.contains("credential") {
@@ -118,7 +204,7 @@ impl S3Error {
             }
             SdkError::ResponseError(response) => {
                 let status = response.raw().status().as_u16();
-                let detail = format!("{what}: {}", DisplayErrorContext(&err));
+                let detail = format!("{what}: {}", chain(&err));
                 if status >= 500 || status == 200 {
                     S3Error::Transient(detail)
                 } else {
@@ -126,7 +212,7 @@ impl S3Error {
                 }
             }
             _ => {
-                let detail = format!("{what}: {}", DisplayErrorContext(&err));
+                let detail = format!("{what}: {}", chain(&err));
                 if detail.contains("credential") {
                     S3Error::NoCredentials(detail)
                 } else {
@@ -187,12 +273,14 @@ fn obj(bucket: &BucketName, key: &str) -> String {
 #[async_trait]
 impl ObjectStore for AwsStore {
     async fn head_object(&self, bucket: &BucketName, key: &str) -> S3Result<ObjectInfo> {
-        observe(Op::Head, async {
+        self.observe(Op::Head, RequestKind::Small, async {
             let out = self
                 .client
                 .head_object()
                 .bucket(bucket.as_str())
                 .key(key)
+                .customize()
+                .config_override(self.timeouts(RequestKind::Small))
                 .send()
                 .await
                 .map_err(|e| map_err(e, obj(bucket, key)))?;
@@ -230,18 +318,21 @@ impl ObjectStore for AwsStore {
                 body: Box::pin(futures::stream::empty()),
             });
         }
-        let out = observe(Op::Get, async {
-            self.client
-                .get_object()
-                .bucket(bucket.as_str())
-                .key(key)
-                .set_range(range.as_ref().map(http_range))
-                .set_if_match(if_match.map(|e| e.0.clone()))
-                .send()
-                .await
-                .map_err(|e| map_err(e, obj(bucket, key)))
-        })
-        .await?;
+        let out = self
+            .observe(Op::Get, RequestKind::Small, async {
+                self.client
+                    .get_object()
+                    .bucket(bucket.as_str())
+                    .key(key)
+                    .set_range(range.as_ref().map(http_range))
+                    .set_if_match(if_match.map(|e| e.0.clone()))
+                    .customize()
+                    .config_override(self.timeouts(RequestKind::Small))
+                    .send()
+                    .await
+                    .map_err(|e| map_err(e, obj(bucket, key)))
+            })
+            .await?;
         let size = match out.content_range() {
             // "bytes 0-9/100": the whole object's size follows the slash.
             Some(cr) => cr
@@ -270,10 +361,10 @@ impl ObjectStore for AwsStore {
                         Ok(Some((chunk, (body, what))))
                     }
                     Ok(None) => Ok(None),
-                    Err(e) => Err(S3Error::Transient(format!(
-                        "reading {what}: {}",
-                        DisplayErrorContext(&e)
-                    ))),
+                    Err(e) => {
+                        tracing::debug!(%what, error = %DisplayErrorContext(&e), "reading a body");
+                        Err(S3Error::Transient(format!("reading {what}: {}", chain(&e))))
+                    }
                 }
             },
         );
@@ -291,24 +382,28 @@ impl ObjectStore for AwsStore {
         options: &PutOptions,
     ) -> S3Result<PutResult> {
         let len = body.len() as u64;
-        let out = observe(Op::Put, async {
-            let request = self
-                .client
-                .put_object()
-                .bucket(bucket.as_str())
-                .key(key)
-                .body(SdkByteStream::from(body))
-                .set_metadata(from_metadata(&options.metadata))
-                .set_content_type(options.content_type.clone())
-                .set_if_none_match(options.if_none_match_any.then(|| "*".to_owned()));
-            if self.unsigned_payload {
-                request.customize().disable_payload_signing().send().await
-            } else {
-                request.send().await
-            }
-            .map_err(|e| map_err(e, obj(bucket, key)))
-        })
-        .await?;
+        let out = self
+            .observe(Op::Put, RequestKind::Upload(len), async {
+                let request = self
+                    .client
+                    .put_object()
+                    .bucket(bucket.as_str())
+                    .key(key)
+                    .body(SdkByteStream::from(body))
+                    .set_metadata(from_metadata(&options.metadata))
+                    .set_content_type(options.content_type.clone())
+                    .set_if_none_match(options.if_none_match_any.then(|| "*".to_owned()));
+                let request = request
+                    .customize()
+                    .config_override(self.timeouts(RequestKind::Upload(len)));
+                if self.unsigned_payload {
+                    request.disable_payload_signing().send().await
+                } else {
+                    request.send().await
+                }
+                .map_err(|e| map_err(e, obj(bucket, key)))
+            })
+            .await?;
         metrics::counter!("s3vol_s3_bytes_total", "direction" => "upload").increment(len);
         Ok(PutResult {
             etag: ETag(out.e_tag().unwrap_or_default().to_owned()),
@@ -321,7 +416,7 @@ impl ObjectStore for AwsStore {
         key: &str,
         options: &PutOptions,
     ) -> S3Result<UploadId> {
-        observe(Op::CreateMultipart, async {
+        self.observe(Op::CreateMultipart, RequestKind::Small, async {
             let out = self
                 .client
                 .create_multipart_upload()
@@ -329,6 +424,8 @@ impl ObjectStore for AwsStore {
                 .key(key)
                 .set_metadata(from_metadata(&options.metadata))
                 .set_content_type(options.content_type.clone())
+                .customize()
+                .config_override(self.timeouts(RequestKind::Small))
                 .send()
                 .await
                 .map_err(|e| map_err(e, obj(bucket, key)))?;
@@ -352,23 +449,27 @@ impl ObjectStore for AwsStore {
         body: Bytes,
     ) -> S3Result<CompletedPart> {
         let len = body.len() as u64;
-        let out = observe(Op::UploadPart, async {
-            let request = self
-                .client
-                .upload_part()
-                .bucket(bucket.as_str())
-                .key(key)
-                .upload_id(&upload_id.0)
-                .part_number(part_number)
-                .body(SdkByteStream::from(body));
-            if self.unsigned_payload {
-                request.customize().disable_payload_signing().send().await
-            } else {
-                request.send().await
-            }
-            .map_err(|e| map_err(e, format!("{} part {part_number}", obj(bucket, key))))
-        })
-        .await?;
+        let out = self
+            .observe(Op::UploadPart, RequestKind::Upload(len), async {
+                let request = self
+                    .client
+                    .upload_part()
+                    .bucket(bucket.as_str())
+                    .key(key)
+                    .upload_id(&upload_id.0)
+                    .part_number(part_number)
+                    .body(SdkByteStream::from(body));
+                let request = request
+                    .customize()
+                    .config_override(self.timeouts(RequestKind::Upload(len)));
+                if self.unsigned_payload {
+                    request.disable_payload_signing().send().await
+                } else {
+                    request.send().await
+                }
+                .map_err(|e| map_err(e, format!("{} part {part_number}", obj(bucket, key))))
+            })
+            .await?;
         metrics::counter!("s3vol_s3_bytes_total", "direction" => "upload").increment(len);
         Ok(CompletedPart {
             part_number,
@@ -384,7 +485,7 @@ impl ObjectStore for AwsStore {
         part_number: i32,
         source: &CopySource,
     ) -> S3Result<CompletedPart> {
-        observe(Op::UploadPartCopy, async {
+        self.observe(Op::UploadPartCopy, RequestKind::ServerWork, async {
             let out = self
                 .client
                 .upload_part_copy()
@@ -395,6 +496,8 @@ impl ObjectStore for AwsStore {
                 .copy_source(copy_source_header(source))
                 .set_copy_source_range(source.range.as_ref().map(http_range))
                 .set_copy_source_if_match(source.if_match.as_ref().map(|e| e.0.clone()))
+                .customize()
+                .config_override(self.timeouts(RequestKind::ServerWork))
                 .send()
                 .await
                 .map_err(|e| map_err(e, format!("{} part {part_number}", obj(bucket, key))))?;
@@ -417,7 +520,7 @@ impl ObjectStore for AwsStore {
         upload_id: &UploadId,
         parts: &[CompletedPart],
     ) -> S3Result<PutResult> {
-        observe(Op::CompleteMultipart, async {
+        self.observe(Op::CompleteMultipart, RequestKind::ServerWork, async {
             let parts = parts
                 .iter()
                 .map(|p| {
@@ -438,6 +541,8 @@ impl ObjectStore for AwsStore {
                         .set_parts(Some(parts))
                         .build(),
                 )
+                .customize()
+                .config_override(self.timeouts(RequestKind::ServerWork))
                 .send()
                 .await;
             match result {
@@ -469,12 +574,14 @@ impl ObjectStore for AwsStore {
         key: &str,
         upload_id: &UploadId,
     ) -> S3Result<()> {
-        observe(Op::AbortMultipart, async {
+        self.observe(Op::AbortMultipart, RequestKind::Small, async {
             self.client
                 .abort_multipart_upload()
                 .bucket(bucket.as_str())
                 .key(key)
                 .upload_id(&upload_id.0)
+                .customize()
+                .config_override(self.timeouts(RequestKind::Small))
                 .send()
                 .await
                 .map_err(|e| map_err(e, obj(bucket, key)))?;
@@ -490,7 +597,7 @@ impl ObjectStore for AwsStore {
         source: &CopySource,
         directive: &MetadataDirective,
     ) -> S3Result<PutResult> {
-        observe(Op::Copy, async {
+        self.observe(Op::Copy, RequestKind::ServerWork, async {
             let mut req = self
                 .client
                 .copy_object()
@@ -510,16 +617,21 @@ impl ObjectStore for AwsStore {
                     .set_metadata(from_metadata(metadata))
                     .set_content_type(content_type.clone()),
             };
-            let out = req.send().await.map_err(|e| {
-                map_err(
-                    e,
-                    format!(
-                        "copy {} to {}",
-                        obj(&source.bucket, &source.key),
-                        obj(bucket, key)
-                    ),
-                )
-            })?;
+            let out = req
+                .customize()
+                .config_override(self.timeouts(RequestKind::ServerWork))
+                .send()
+                .await
+                .map_err(|e| {
+                    map_err(
+                        e,
+                        format!(
+                            "copy {} to {}",
+                            obj(&source.bucket, &source.key),
+                            obj(bucket, key)
+                        ),
+                    )
+                })?;
             let etag = out
                 .copy_object_result()
                 .and_then(|r| r.e_tag())
@@ -532,11 +644,13 @@ impl ObjectStore for AwsStore {
     }
 
     async fn delete_object(&self, bucket: &BucketName, key: &str) -> S3Result<()> {
-        observe(Op::Delete, async {
+        self.observe(Op::Delete, RequestKind::Small, async {
             self.client
                 .delete_object()
                 .bucket(bucket.as_str())
                 .key(key)
+                .customize()
+                .config_override(self.timeouts(RequestKind::Small))
                 .send()
                 .await
                 .map_err(|e| map_err(e, obj(bucket, key)))?;
@@ -553,7 +667,7 @@ impl ObjectStore for AwsStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        observe(Op::DeleteMany, async {
+        self.observe(Op::DeleteMany, RequestKind::ServerWork, async {
             let objects = keys
                 .iter()
                 .map(|k| ObjectIdentifier::builder().key(k).build())
@@ -575,6 +689,8 @@ impl ObjectStore for AwsStore {
                 .delete_objects()
                 .bucket(bucket.as_str())
                 .delete(delete)
+                .customize()
+                .config_override(self.timeouts(RequestKind::ServerWork))
                 .send()
                 .await
                 .map_err(|e| map_err(e, format!("s3://{bucket}: delete {} keys", keys.len())))?;
@@ -597,7 +713,7 @@ impl ObjectStore for AwsStore {
     }
 
     async fn list_objects(&self, bucket: &BucketName, request: &ListRequest) -> S3Result<ListPage> {
-        observe(Op::List, async {
+        self.observe(Op::List, RequestKind::List, async {
             let out = self
                 .client
                 .list_objects_v2()
@@ -607,6 +723,8 @@ impl ObjectStore for AwsStore {
                 .set_start_after(request.start_after.clone())
                 .set_continuation_token(request.continuation_token.clone())
                 .set_max_keys(request.max_keys.map(|m| m.min(1000) as i32))
+                .customize()
+                .config_override(self.timeouts(RequestKind::List))
                 .send()
                 .await
                 .map_err(|e| map_err(e, format!("s3://{bucket}/{}", request.prefix)))?;
@@ -640,7 +758,7 @@ impl ObjectStore for AwsStore {
     }
 
     async fn create_bucket(&self, bucket: &BucketName) -> S3Result<()> {
-        observe(Op::CreateBucket, async {
+        self.observe(Op::CreateBucket, RequestKind::Small, async {
             let region = self.region().unwrap_or("us-east-1");
             let config = (region != "us-east-1").then(|| {
                 CreateBucketConfiguration::builder()
@@ -652,6 +770,8 @@ impl ObjectStore for AwsStore {
                 .create_bucket()
                 .bucket(bucket.as_str())
                 .set_create_bucket_configuration(config)
+                .customize()
+                .config_override(self.timeouts(RequestKind::Small))
                 .send()
                 .await
             {
@@ -664,11 +784,13 @@ impl ObjectStore for AwsStore {
     }
 
     async fn head_bucket(&self, bucket: &BucketName) -> S3Result<()> {
-        observe(Op::HeadBucket, async {
+        self.observe(Op::HeadBucket, RequestKind::Small, async {
             match self
                 .client
                 .head_bucket()
                 .bucket(bucket.as_str())
+                .customize()
+                .config_override(self.timeouts(RequestKind::Small))
                 .send()
                 .await
             {
@@ -676,6 +798,9 @@ impl ObjectStore for AwsStore {
                 Err(e) => match map_err(e, format!("s3://{bucket}")) {
                     // HEAD has no body, so a missing bucket arrives as a bare 404.
                     S3Error::NotFound(_) => Err(S3Error::NoSuchBucket(bucket.to_string())),
+                    // ... and refused credentials as a bare 403, indistinguishable from a
+                    // policy that denies: a LIST answers with the S3 error code that tells.
+                    denied @ S3Error::AccessDenied(_) => Err(self.why_denied(bucket, denied).await),
                     other => Err(other),
                 },
             }
@@ -684,10 +809,12 @@ impl ObjectStore for AwsStore {
     }
 
     async fn delete_bucket(&self, bucket: &BucketName) -> S3Result<()> {
-        observe(Op::DeleteBucket, async {
+        self.observe(Op::DeleteBucket, RequestKind::Small, async {
             self.client
                 .delete_bucket()
                 .bucket(bucket.as_str())
+                .customize()
+                .config_override(self.timeouts(RequestKind::Small))
                 .send()
                 .await
                 .map_err(|e| map_err(e, bucket.as_str()))?;

@@ -3,6 +3,11 @@
 //! The variants are what callers act on: the filesystem maps them to errno, the CSI and COSI
 //! drivers to gRPC codes. Each SDK failure is mapped here, once, from the S3 error code when the
 //! server sent one and from the HTTP status otherwise (HEAD responses carry no body).
+//!
+//! The messages are what a user reads first, so each names the cause in one line, and the
+//! credential errors the fix too (`signature mismatch: … check AWS_SECRET_ACCESS_KEY …`);
+//! [`S3Error::hint`] has a fix for the others. The SDK's own error chain, with its debug
+//! dump, goes to the debug log only.
 
 /// Shorthand for results of store operations.
 pub type S3Result<T> = Result<T, S3Error>;
@@ -22,8 +27,9 @@ pub enum S3Error {
     /// The credentials are valid but not allowed to do this.
     #[error("access denied: {0}")]
     AccessDenied(String),
-    /// The credentials themselves were refused (unknown key, bad secret, expired token).
-    #[error("credentials rejected ({code}): {message}")]
+    /// The credentials themselves were refused (unknown key, bad secret, expired token, a
+    /// clock too far off). `message` is what was refused and what the server said.
+    #[error("{}", credentials_error(code, message))]
     InvalidCredentials { code: String, message: String },
     /// No credentials could be found in the configured source.
     #[error("no credentials: {0}")]
@@ -43,8 +49,8 @@ pub enum S3Error {
     /// The endpoint could not be reached at all (DNS, connection refused, TLS).
     #[error("cannot reach the S3 endpoint: {0}")]
     Unreachable(String),
-    /// The request timed out.
-    #[error("request timed out: {0}")]
+    /// The request timed out: the message says after how long, and where.
+    #[error("{0}")]
     Timeout(String),
     /// The server refused the request as malformed (bad range, bad name, too large, …).
     #[error("invalid request ({code}): {message}")]
@@ -58,7 +64,69 @@ pub enum S3Error {
     },
 }
 
+/// One line naming why the credentials were refused and what to change.
+fn credentials_error(code: &str, message: &str) -> String {
+    match code {
+        "SignatureDoesNotMatch" => format!(
+            "signature mismatch: the secret access key does not belong to the access key ID \
+             ({code} on {}); check AWS_SECRET_ACCESS_KEY, or aws_secret_access_key in the \
+             credentials file of the profile",
+            what_of(message)
+        ),
+        "InvalidAccessKeyId" | "InvalidClientTokenId" => format!(
+            "unknown access key: the server has no access key with this ID ({code} on {}); \
+             check AWS_ACCESS_KEY_ID (or the profile), and that --endpoint-url is the store \
+             that issued it",
+            what_of(message)
+        ),
+        "ExpiredToken" | "InvalidToken" => format!(
+            "the session token is expired or invalid ({code} on {}); get new temporary \
+             credentials (AWS_SESSION_TOKEN) or refresh the profile",
+            what_of(message)
+        ),
+        "RequestTimeTooSkewed" => format!(
+            "this machine's clock is too far from the server's ({code} on {}); set the clock \
+             (e.g. with chrony or systemd-timesyncd)",
+            what_of(message)
+        ),
+        "AuthorizationHeaderMalformed" => format!(
+            "requests are signed for the wrong region ({code}: {message}); set --region to \
+             the bucket's region"
+        ),
+        _ => format!("credentials rejected ({code}): {message}"),
+    }
+}
+
+/// The object of a refused request, from a message `what: server message`.
+fn what_of(message: &str) -> &str {
+    message.split_once(": ").map_or(message, |(what, _)| what)
+}
+
 impl S3Error {
+    /// What a user can do about this error, when its message does not already say so.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            S3Error::InvalidCredentials { .. } | S3Error::Timeout(_) => None,
+            S3Error::NoCredentials(_) => Some(
+                "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or --profile (or \
+                 --no-sign-request for a public bucket)",
+            ),
+            S3Error::Unreachable(_) => {
+                Some("check --endpoint-url and that the endpoint is reachable from here")
+            }
+            S3Error::AccessDenied(_) => Some(
+                "the server accepted the credentials but refuses this request: the key's \
+                 permissions or the bucket policy do not allow it",
+            ),
+            S3Error::NoSuchBucket(_) => Some(
+                "check the bucket name, --region and --force-path-style; s3vol mounts existing \
+                 buckets, it does not create them",
+            ),
+            S3Error::NotFound(_) => Some("check the bucket name and the prefix"),
+            _ => None,
+        }
+    }
+
     /// Whether retrying the same request later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -114,7 +182,8 @@ impl S3Error {
                     | "InvalidToken"
                     | "InvalidClientTokenId"
                     | "AuthFailure"
-                    | "AuthorizationHeaderMalformed"),
+                    | "AuthorizationHeaderMalformed"
+                    | "RequestTimeTooSkewed"),
                 ),
                 _,
             ) => S3Error::InvalidCredentials {

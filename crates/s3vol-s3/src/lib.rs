@@ -32,14 +32,15 @@ mod types;
 
 pub use aws::AwsStore;
 pub use config::{
-    Addressing, ChecksumPolicy, CredentialSource, PayloadSigning, S3Config, StaticCredentials,
+    Addressing, ChecksumPolicy, CredentialSource, PayloadSigning, RequestKind, S3Config,
+    StaticCredentials,
 };
 pub use error::{S3Error, S3Result};
 pub use fault::{Fault, FaultStore};
 pub use mem::MemStore;
 pub use store::{ByteStream, GetObject, ObjectStore, Op};
 pub use types::{
-    BucketName, CompletedPart, CopySource, ETag, InvalidBucketName, ListEntry, ListPage,
-    ListRequest, MetadataDirective, ObjectInfo, PutOptions, PutResult, UploadId, UserMetadata,
-    parse_size,
+    BucketName, CompletedPart, CopySource, ETag, InvalidBucketName, InvalidPrefix, ListEntry,
+    ListPage, ListRequest, MetadataDirective, ObjectInfo, PutOptions, PutResult, UploadId,
+    UserMetadata, normalize_prefix, parse_size,
 };

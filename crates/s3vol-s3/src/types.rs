@@ -84,6 +84,34 @@ impl std::str::FromStr for BucketName {
     }
 }
 
+/// Why a key prefix was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid prefix {prefix:?}: {reason}")]
+pub struct InvalidPrefix {
+    pub prefix: String,
+    pub reason: &'static str,
+}
+
+/// The key prefix a volume or mount of `prefix` covers: a leading `/` dropped, a trailing `/`
+/// added (the empty prefix stays empty, the whole bucket). `.` and `..` segments are refused:
+/// a filesystem path would resolve them, S3 takes them as literal key segments, so
+/// `bucket/../x` would name keys outside anything a user meant. One rule for `s3vol mount`
+/// and the CSI driver.
+pub fn normalize_prefix(prefix: &str) -> Result<String, InvalidPrefix> {
+    let p = prefix.trim_start_matches('/');
+    if p.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(InvalidPrefix {
+            prefix: prefix.to_owned(),
+            reason: "must not contain . or .. segments",
+        });
+    }
+    Ok(if p.is_empty() || p.ends_with('/') {
+        p.to_owned()
+    } else {
+        format!("{p}/")
+    })
+}
+
 /// Parses a byte size as users write it: `1048576`, `512K`, `64M`, `10G`, `1GiB`, `1T`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -216,6 +244,17 @@ pub struct CompletedPart {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixes_are_normalized_and_dot_segments_refused() {
+        assert_eq!(normalize_prefix("").unwrap(), "");
+        assert_eq!(normalize_prefix("/a/b").unwrap(), "a/b/");
+        assert_eq!(normalize_prefix("a//b/").unwrap(), "a//b/");
+        assert_eq!(normalize_prefix("a/.hidden").unwrap(), "a/.hidden/");
+        assert!(normalize_prefix("../x").is_err());
+        assert!(normalize_prefix("a/./b").is_err());
+        assert!(normalize_prefix("a/..").is_err());
+    }
 
     #[test]
     fn sizes() {

@@ -8,6 +8,9 @@
 //! `--fuse-fd` serves a `/dev/fuse` descriptor that someone else already mounted (the CSI node
 //! plugin); `--credentials-fd` reads access keys as JSON from a pipe, so they never appear in
 //! argv or the environment.
+//!
+//! Every error ends with the `s3vol check` command line, with this mount's own S3 options,
+//! that diagnoses the bucket step by step.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -26,7 +29,7 @@ use s3vol_s3::{
     Addressing, AwsStore, CredentialSource, ObjectStore, StaticCredentials, parse_size,
 };
 
-use crate::s3args::{BucketPath, S3Args};
+use crate::s3args::{BucketPath, S3Args, shell_quote};
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
@@ -241,14 +244,39 @@ fn read_credentials(fd: RawFd) -> anyhow::Result<StaticCredentials> {
         .context("credentials are not JSON with access_key_id and secret_access_key")
 }
 
+/// The line that ends every error of `s3vol mount`.
+fn check_hint(args: &MountArgs) -> String {
+    let target = format!("{}/{}", args.target.bucket, args.target.prefix);
+    let mut command = vec!["s3vol".to_owned(), "check".to_owned()];
+    command.push(shell_quote(target.trim_end_matches('/')));
+    command.extend(args.s3.to_cli_args().iter().map(|a| shell_quote(a)));
+    format!("run `{}` for a diagnosis", command.join(" "))
+}
+
+/// Checks the mount point as a user typed it: it must exist and be a directory.
+fn check_mountpoint(path: &std::path::Path) -> anyhow::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => bail!("mountpoint {} is not a directory", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "mountpoint {} does not exist; create it first: mkdir -p {}",
+            path.display(),
+            shell_quote(&path.to_string_lossy())
+        ),
+        Err(e) => bail!("mountpoint {}: {e}", path.display()),
+    }
+}
+
 pub fn run(mut args: MountArgs) -> anyhow::Result<ExitCode> {
     apply_options(&mut args)?;
+    let hint = check_hint(&args);
+    mount(args).map_err(|e| anyhow::anyhow!("{e:#}\n{hint}"))
+}
+
+fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
     // With --fuse-fd the mount exists but nobody answers it yet: touching it would hang.
-    if args.fuse_fd.is_none() && !args.mountpoint.is_dir() {
-        bail!(
-            "mountpoint {} is not a directory",
-            args.mountpoint.display()
-        );
+    if args.fuse_fd.is_none() {
+        check_mountpoint(&args.mountpoint)?;
     }
     if let Some(p) = args.part_size
         && p < 5 << 20
@@ -303,10 +331,11 @@ fn daemonize() -> anyhow::Result<ExitCode> {
         let _ = e.read_to_string(&mut stderr);
     }
     let status = child.wait().context("waiting for the mount process")?;
-    eprint!("{stderr}");
     if stderr.is_empty() {
-        eprintln!("s3vol: error: the mount process exited ({status}) before the mount was ready");
+        bail!("the mount process exited ({status}) before the mount was ready");
     }
+    // Its error, and the diagnosis hint, are in what it printed.
+    eprint!("{stderr}");
     Ok(ExitCode::from(
         status.code().unwrap_or(1).clamp(1, 255) as u8
     ))
@@ -414,14 +443,15 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
     .with_context(|| format!("mounting {target} on {}", args.mountpoint.display()))?;
     let mut server = server;
     let unmounter = server.unmounter();
+    // The log file gets every line from "mounted" on.
+    if args.daemon_child {
+        detach_stdio(args.log_file.as_deref())?;
+    }
     tracing::info!(target, mountpoint = %args.mountpoint.display(), "mounted");
 
     if let Some(ready) = ready {
         let mut f = File::from(ready);
         let _ = f.write_all(b"ready\n");
-    }
-    if args.daemon_child {
-        detach_stdio(args.log_file.as_deref())?;
     }
     let by_fd = args.fuse_fd.is_some();
     rt.spawn(shutdown_on_signal(

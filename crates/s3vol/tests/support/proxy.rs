@@ -4,6 +4,9 @@
 //! It forwards each connection to the upstream server, records the request head (request line
 //! and headers) the client sent first on it, and counts the bytes in each direction. Switched
 //! off, it closes every new connection at once, which the S3 client sees as a dead server.
+//! Hung, it accepts new connections and reads what is sent on them but never answers, as a
+//! server that stopped responding (or a network that dropped its packets) would; connections
+//! hung so stay hung after it is switched back on, as they would across a partition.
 //! The test server answers every request with `Connection: close`, so one connection carries
 //! one request and its recorded head describes it.
 
@@ -19,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Debug, Default)]
 struct State {
     down: AtomicBool,
+    hang: AtomicBool,
+    hung: AtomicU64,
     refuse_parts: AtomicBool,
     refused: AtomicU64,
     /// Part uploads still to answer with an HTTP 500.
@@ -109,6 +114,11 @@ impl Proxy {
                     drop(client);
                     continue;
                 }
+                if st.hang.load(Ordering::SeqCst) {
+                    st.hung.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(swallow(client));
+                    continue;
+                }
                 tokio::spawn(forward(client, upstream, st.clone()));
             }
         });
@@ -127,6 +137,16 @@ impl Proxy {
     /// Switches forwarding off (every new connection is closed at once) or back on.
     pub fn set_down(&self, down: bool) {
         self.state.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Makes new connections hang (read, never answered) or forwards them again.
+    pub fn set_hang(&self, hang: bool) {
+        self.state.hang.store(hang, Ordering::SeqCst);
+    }
+
+    /// Connections accepted while hanging.
+    pub fn hung(&self) -> u64 {
+        self.state.hung.load(Ordering::SeqCst)
     }
 
     /// Closes the connections of part uploads (UploadPart), forwarding everything else.
@@ -177,6 +197,16 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
+        }
+    }
+}
+
+/// Reads and discards what the client sends until it gives up and closes.
+async fn swallow(mut client: TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = client.read(&mut buf).await {
+        if n == 0 {
+            break;
         }
     }
 }
