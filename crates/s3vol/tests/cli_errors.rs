@@ -352,3 +352,33 @@ fn requests_to_a_custom_endpoint_are_signed_for_the_region_given() {
         }
     }
 }
+
+#[test]
+fn the_sdk_error_dump_is_logged_at_debug_level_only() {
+    let (mnt, cache) = dirs();
+    // Port 1 on loopback: nothing listens, the connection is refused at once.
+    for (level, dumped) in [("info", false), ("debug", true)] {
+        let mut cmd = s3vol();
+        cmd.args(["--log-level", level, "mount", "-f", "any-bucket"])
+            .arg(mnt.path())
+            .args(["--endpoint-url", "http://127.0.0.1:1", "--force-path-style"])
+            .args(["--max-attempts", "1"])
+            .arg("--cache-dir")
+            .arg(cache.path());
+        let out = run(cmd, Duration::from_secs(60));
+        let err = text(&out.stderr);
+        assert!(!out.status.success());
+        assert_eq!(
+            err.contains("DispatchFailure"),
+            dumped,
+            "at {level}:\n{err}"
+        );
+        assert!(
+            err.lines().any(|l| l.starts_with(
+                "s3vol: error: cannot mount s3://any-bucket/: cannot reach the S3 endpoint: \
+                 http://127.0.0.1:1 "
+            )),
+            "at {level}:\n{err}"
+        );
+    }
+}

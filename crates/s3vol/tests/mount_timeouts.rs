@@ -124,6 +124,7 @@ fn write_through_a_hang(m: &Mounted, proxy: &Proxy, rt: &Runtime, data: Vec<u8>)
         .recv_timeout(Duration::from_secs(120))
         .expect("the writer was still blocked 120 s after S3 answered again");
     let after = recovered.elapsed();
+    eprintln!("the writer finished {after:?} after S3 answered again");
     result.expect("close after S3 came back");
     assert!(
         rt.block_on(m.get("f")) == data,
