@@ -492,8 +492,22 @@ impl Entry {
         }
     }
 
-    /// Deletes every file of the entry.
+    /// Deletes the entry's files, if it made any (no system call otherwise: most streamed
+    /// files never touch the cache directory).
     pub fn remove(&mut self) {
+        if !self.on_disk() {
+            return;
+        }
+        for ext in ["data", "meta", "key"] {
+            let _ = std::fs::remove_file(self.with_ext(ext));
+        }
+        self.data = None;
+        self.meta = None;
+        self.journaled = false;
+    }
+
+    /// Deletes every file a process may have left under this stem (for the start-up scan).
+    pub fn remove_leftovers(&mut self) {
         for ext in ["data", "meta", "key", "meta.tmp", "key.tmp"] {
             let _ = std::fs::remove_file(self.with_ext(ext));
         }

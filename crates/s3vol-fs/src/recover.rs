@@ -191,7 +191,7 @@ fn with_ext(stem: &Path, ext: &str) -> PathBuf {
 }
 
 fn remove_all(stem: &Path) {
-    Entry::new(stem.to_owned()).remove();
+    Entry::new(stem.to_owned()).remove_leftovers();
 }
 
 /// Logs and counts a leftover that stays.
@@ -349,7 +349,8 @@ async fn recover_entry(
         );
         return false;
     }
-    if record.upload_id.is_some() && !record.parts.is_empty() {
+    if record.upload_id.is_some() && record.part_size > 0 {
+        // A stream written out at exit: the data file holds only what was in memory.
         return complete_stream(ctx, stem, &data, &record, size, report).await;
     }
     if let Some(id) = record.upload_id.clone()
