@@ -336,6 +336,28 @@ mod tests {
         assert_eq!(d.used(), 10);
     }
 
+    #[tokio::test]
+    async fn pinned_leftovers_take_budget_but_never_make_a_writer_wait_forever() {
+        let d = Arc::new(Disk::new(100));
+        d.pin(90);
+        // Nobody can free what an earlier mount left: the writer goes on.
+        tokio::time::timeout(Duration::from_secs(5), d.grow(0, 50))
+            .await
+            .unwrap();
+        assert_eq!(d.used(), 140);
+        // Another writer's data is in the way: that is worth waiting for.
+        let d2 = d.clone();
+        let waiter = tokio::spawn(async move { d2.grow(0, 10).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        d.shrink(50);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.used(), 100);
+    }
+
     #[test]
     fn part_buffers_are_reused() {
         let pool = BufPool::new(1024, 1);

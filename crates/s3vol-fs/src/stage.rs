@@ -291,6 +291,10 @@ impl Staged {
             b.etag = etag;
         }
         self.meta_dirty = false;
+        if self.local.on_disk() {
+            // A later start compares the object with the version recorded here.
+            self.journal();
+        }
     }
 
     pub fn is_dirty(&self) -> bool {
