@@ -262,6 +262,15 @@ async fn recover_entry(
         return true;
     };
     let size = if has_data { size_of(&data_path) } else { 0 };
+    if !record.dirty && record.upload_id.is_none() && record.abandoned.is_empty() {
+        // A clean copy, whichever bucket it came from: S3 has every byte of it.
+        if has_data {
+            report.dropped += 1;
+            report.dropped_bytes += size;
+        }
+        remove_all(stem);
+        return true;
+    }
     if record.bucket != ctx.bucket.as_str() {
         keep(
             report,
