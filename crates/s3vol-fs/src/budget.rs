@@ -6,7 +6,8 @@
 //! `--memory-limit`; at the limit, callers wait. Disk counts the bytes of staging files; a
 //! writer that would take it over `--cache-size` waits until uploads finish and staging files
 //! are dropped — unless its own file is all that fills the budget, which no other writer can
-//! free (then it goes on, and says so once in the log).
+//! free (then it goes on, and says so once in the log). Data a previous mount left and could
+//! not upload is *pinned*: it takes budget, but nobody waits for it to go.
 //!
 //! Clean staging files (uploaded, no longer open) are *parked* here rather than deleted, so a
 //! file opened again unchanged is read from local disk. They are evicted least recently used
@@ -92,6 +93,8 @@ pub struct Disk {
     limit: u64,
     used: AtomicU64,
     dirty: AtomicU64,
+    /// Bytes of files a previous mount left that no one here can free (kept dirty data).
+    pinned: AtomicU64,
     freed: Notify,
     warned: AtomicBool,
     /// Clean entries by key, least recently used first.
@@ -114,6 +117,7 @@ impl Disk {
             limit,
             used: AtomicU64::new(0),
             dirty: AtomicU64::new(0),
+            pinned: AtomicU64::new(0),
             freed: Notify::new(),
             warned: AtomicBool::new(false),
             clean: Mutex::new(VecDeque::new()),
@@ -138,8 +142,17 @@ impl Disk {
         clean.remove(i).map(|(_, e)| e)
     }
 
+    /// Counts `bytes` that stay in the cache directory whatever happens (data a previous mount
+    /// left that could not be uploaded): they take budget, and a writer that only they stand
+    /// in the way of goes on, as one alone over the budget does.
+    pub fn pin(&self, bytes: u64) {
+        self.pinned.fetch_add(bytes, Ordering::SeqCst);
+        self.used.fetch_add(bytes, Ordering::SeqCst);
+        metrics::gauge!("s3vol_cache_bytes").set(self.used() as f64);
+    }
+
     /// Drops the least recently used clean entry; false when there is none.
-    fn evict_one(&self) -> bool {
+    pub fn evict_one(&self) -> bool {
         let entry = self.clean().pop_front();
         match entry {
             Some(e) => {
@@ -161,7 +174,8 @@ impl Disk {
     pub async fn grow(&self, own: u64, more: u64) {
         loop {
             let used = self.used.load(Ordering::SeqCst);
-            if used + more <= self.limit || used <= own {
+            let pinned = self.pinned.load(Ordering::SeqCst);
+            if used + more <= self.limit || used <= own + pinned {
                 if used + more > self.limit && !self.warned.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         limit = self.limit,
@@ -320,6 +334,28 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(d.used(), 10);
+    }
+
+    #[tokio::test]
+    async fn pinned_leftovers_take_budget_but_never_make_a_writer_wait_forever() {
+        let d = Arc::new(Disk::new(100));
+        d.pin(90);
+        // Nobody can free what an earlier mount left: the writer goes on.
+        tokio::time::timeout(Duration::from_secs(5), d.grow(0, 50))
+            .await
+            .unwrap();
+        assert_eq!(d.used(), 140);
+        // Another writer's data is in the way: that is worth waiting for.
+        let d2 = d.clone();
+        let waiter = tokio::spawn(async move { d2.grow(0, 10).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        d.shrink(50);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.used(), 100);
     }
 
     #[test]

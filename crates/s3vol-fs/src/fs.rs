@@ -31,12 +31,14 @@ use s3vol_s3::{
 };
 
 use crate::budget::{BufPool, Disk, Memory};
+use crate::cache_dir::CacheDir;
 use crate::config::FsConfig;
 use crate::error::{FsError, FsResult, err};
 use crate::inode::{Inode, InodeNo, Inodes, ROOT};
 use crate::listing::{Listed, Listing, Listings, MAX_ENTRIES as MAX_LISTED_ENTRIES};
 use crate::meta::{Attrs, Kind};
 use crate::read::{ReadCtx, Reader};
+use crate::recover;
 use crate::stage::{Base, MAX_COPY_OBJECT, MIN_PART_SIZE, StageCtx, Staged};
 
 const FOLDER_SUFFIX: &str = "_$folder$";
@@ -233,10 +235,11 @@ impl S3Fs {
         })?;
         let memory = Arc::new(Memory::new(config.memory_limit));
         let disk = Arc::new(Disk::new(config.cache_size));
+        let cache = CacheDir::open(&config.cache_dir).map_err(|e| err!(libc::EACCES, "{e}"))?;
         let stage = Arc::new(StageCtx {
             store: store.clone(),
             bucket: config.bucket.clone(),
-            dir: config.cache_dir.clone(),
+            cache: Arc::new(cache),
             part_size: config.part_size,
             memory: memory.clone(),
             disk,
@@ -245,6 +248,10 @@ impl S3Fs {
                 PARTS_KEPT,
             )),
         });
+        if !config.read_only {
+            // What earlier mounts left, before anything is served (see `recover`).
+            recover::scan(&stage).await;
+        }
         let read = Arc::new(ReadCtx {
             store: store.clone(),
             bucket: config.bucket.clone(),
@@ -1985,7 +1992,7 @@ mod tests {
     async fn fs_over(store: Arc<FaultStore>, cache: &std::path::Path) -> S3Fs {
         let bucket = BucketName::new("bkt").unwrap();
         store.create_bucket(&bucket).await.unwrap();
-        let config = FsConfig::new(bucket, String::new(), cache.to_owned());
+        let config = FsConfig::new(bucket, String::new(), cache.join("cache"));
         S3Fs::new(config, store).await.unwrap()
     }
 

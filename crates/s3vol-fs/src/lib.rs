@@ -5,6 +5,7 @@
 //! kernel. See `docs/SEMANTICS.md` for what each POSIX operation does.
 
 mod budget;
+mod cache_dir;
 mod config;
 mod error;
 mod fs;
@@ -14,6 +15,7 @@ mod listing;
 mod meta;
 mod ranges;
 mod read;
+mod recover;
 mod stage;
 
 pub use config::FsConfig;

@@ -84,6 +84,11 @@ impl RangeSet {
     pub fn clear(&mut self) {
         self.ranges.clear();
     }
+
+    /// The ranges, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Range<u64>> {
+        self.ranges.iter()
+    }
 }
 
 #[cfg(test)]

@@ -33,15 +33,24 @@
 //! locally where `present` says so, else they are the base's.
 //!
 //! Nothing here deletes data that is not durable: a failed upload keeps the bytes (in the
-//! staging file and its `.key` companion naming the object, or in memory while streaming) and
-//! the error goes back to the caller (close or fsync gets EIO); the next flush tries again.
+//! staging file, or in memory while streaming) and the error goes back to the caller (close or
+//! fsync gets EIO); the next flush tries again.
+//!
+//! The cache directory is a journal ([`crate::cache_dir`]): a staging file's record is written
+//! before the file, and kept current where a later mount needs it — when the upload starts or
+//! ends, at a rename or truncate, when a clean copy becomes dirty, and (one appended line) when
+//! a write first covers a range of the base not yet recorded. A stream's multipart upload is
+//! recorded while it exists. Nothing is written to the journal per write on the paths that
+//! matter for speed: streaming, appends, rewrites of ranges already recorded.
+//!
+//! A full cache filesystem is `ENOSPC` for the write that needs the room (after evicting clean
+//! copies), logged once until a write of the file succeeds; nothing of a failed write is left
+//! past the file's end, so an extension reads zeros. The file is never wedged: a staging file
+//! whose creation failed leaves nothing behind, and the next write tries again.
 
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -54,6 +63,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::budget::{BufPool, Disk, Memory, MemoryPermit};
+use crate::cache_dir::{BaseRecord, CacheDir, Entry, PartRecord, Record};
 use crate::error::{FsError, FsResult, err};
 use crate::ranges::RangeSet;
 
@@ -62,7 +72,8 @@ use crate::ranges::RangeSet;
 pub struct StageCtx {
     pub store: Arc<dyn ObjectStore>,
     pub bucket: BucketName,
-    pub dir: PathBuf,
+    /// Where staging files and their journal records go.
+    pub cache: Arc<CacheDir>,
     pub part_size: u64,
     pub memory: Arc<Memory>,
     pub disk: Arc<Disk>,
@@ -139,48 +150,14 @@ impl Stream {
     }
 }
 
-/// The staging file, created when first needed (a streamed file never needs one).
-#[derive(Debug)]
-struct LocalFile {
-    path: PathBuf,
-    file: Option<File>,
-}
-
-impl LocalFile {
-    /// The open staging file; creating it makes it `len` bytes long (sparse) and writes the
-    /// `.key` companion naming `s3://bucket/key`.
-    fn get(&mut self, bucket: &BucketName, key: &str, len: u64) -> FsResult<&File> {
-        if self.file.is_none() {
-            if let Some(dir) = self.path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&self.path)?;
-            file.set_len(len)?;
-            let mut key_file = File::create(self.path.with_extension("key"))?;
-            writeln!(key_file, "s3://{bucket}/{key}")?;
-            self.file = Some(file);
-        }
-        match &self.file {
-            Some(f) => Ok(f),
-            None => Err(err!(
-                libc::EIO,
-                "staging file {} not open",
-                self.path.display()
-            )),
-        }
-    }
-}
-
 /// A file being written, or read while written.
 #[derive(Debug)]
 pub struct Staged {
     ctx: Arc<StageCtx>,
     key: String,
-    local: LocalFile,
+    /// The staging file and its journal record (created when first needed: a streamed file
+    /// never needs one, but its multipart upload is recorded).
+    local: Entry,
     size: u64,
     base: Option<Base>,
     present: RangeSet,
@@ -199,20 +176,29 @@ pub struct Staged {
     reserved: u64,
     /// Bytes counted as dirty.
     dirty_counted: u64,
+    /// The journal record on disk says the data file holds changes not in S3.
+    recorded_dirty: bool,
+    /// Ranges below the base's size that the journal record lists as valid locally.
+    recorded_local: RangeSet,
+    /// A multipart upload of a staging file in progress (recorded in the journal).
+    uploading: Option<UploadId>,
+    /// Uploads that could not be aborted (recorded in the journal for the next start).
+    abandoned: Vec<UploadId>,
+    /// The attributes of the last upload attempt (recorded in the journal).
+    last_metadata: Option<UserMetadata>,
+    /// A full cache filesystem was reported for this file (once until a write succeeds).
+    enospc_logged: bool,
 }
-
-static NEXT: AtomicU64 = AtomicU64::new(0);
 
 impl Staged {
     fn create(ctx: Arc<StageCtx>, key: &str, base: Option<Base>) -> Self {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = ctx.dir.join(format!("{}-{n}.data", std::process::id()));
+        let local = Entry::new(ctx.cache.new_stem());
         let size = base.as_ref().map_or(0, |b| b.size);
         Self {
             sequential: base.is_none(),
             ctx,
             key: key.to_owned(),
-            local: LocalFile { path, file: None },
+            local,
             size,
             base,
             present: RangeSet::new(),
@@ -223,6 +209,12 @@ impl Staged {
             filling: None,
             reserved: 0,
             dirty_counted: 0,
+            recorded_dirty: false,
+            recorded_local: RangeSet::new(),
+            uploading: None,
+            abandoned: Vec::new(),
+            last_metadata: None,
+            enospc_logged: false,
         }
     }
 
@@ -231,6 +223,38 @@ impl Staged {
         let mut s = Self::create(ctx, key, None);
         s.content_dirty = true;
         Ok(s)
+    }
+
+    /// A staging file a previous mount left with data not in S3 (see [`crate::recover`]):
+    /// `record` says which object version it started from and which of its ranges are valid;
+    /// the data file's length `len` is the file's size.
+    pub fn recovered(ctx: Arc<StageCtx>, local: Entry, record: &Record, len: u64) -> Self {
+        let base = record.base.as_ref().map(|b| Base {
+            etag: ETag(b.etag.clone()),
+            size: b.size.min(len),
+        });
+        let mut s = Self::create(ctx, &record.key, base.clone());
+        s.local = local;
+        s.size = len;
+        s.sequential = false;
+        let base_size = base.map_or(0, |b| b.size);
+        for &(a, b) in &record.local {
+            s.present.insert(a.min(base_size)..b.min(base_size));
+        }
+        s.present.insert(base_size..len);
+        s.written = s.present.clone();
+        s.last_metadata = record
+            .metadata
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        s.note_recorded(record);
+        s.mark_content_dirty();
+        s
+    }
+
+    /// The attributes recorded with the last upload attempt.
+    pub fn recorded_metadata(&self) -> Option<&UserMetadata> {
+        self.last_metadata.as_ref()
     }
 
     /// The existing object `key`, fetched lazily.
@@ -267,6 +291,10 @@ impl Staged {
             b.etag = etag;
         }
         self.meta_dirty = false;
+        if self.local.on_disk() {
+            // A later start compares the object with the version recorded here.
+            self.journal();
+        }
     }
 
     pub fn is_dirty(&self) -> bool {
@@ -274,20 +302,14 @@ impl Staged {
     }
 
     /// Where the staging file is (or will be, once the file needs one).
-    pub fn path(&self) -> &std::path::Path {
-        &self.local.path
+    pub fn path(&self) -> std::path::PathBuf {
+        self.local.data_path()
     }
 
-    /// After a rename: uploads go to `key`, and the `.key` companion names it for recovery.
+    /// After a rename: uploads go to `key`, and the journal names it for recovery.
     pub fn set_key(&mut self, key: &str) {
         self.key = key.to_owned();
-        if self.local.file.is_none() {
-            return;
-        }
-        let companion = self.local.path.with_extension("key");
-        if let Err(e) = std::fs::write(&companion, format!("s3://{}/{key}\n", self.ctx.bucket)) {
-            tracing::warn!(file = %companion.display(), error = %e, "cannot update the staging key file");
-        }
+        self.journal();
     }
 
     fn mark_content_dirty(&mut self) {
@@ -305,9 +327,152 @@ impl Staged {
         }
     }
 
-    /// The staging file (created at the file's size when first needed).
+    /// Checks that `n` bytes about to be written to the staging file fit on the cache's
+    /// filesystem, evicting clean copies to make room. A full filesystem is `ENOSPC`, logged
+    /// once until a write of this file succeeds again.
+    fn need_disk(&mut self, n: u64) -> FsResult<()> {
+        loop {
+            match self.ctx.cache.take_free_space(n) {
+                Ok(()) => return Ok(()),
+                Err(free) => {
+                    if self.ctx.disk.evict_one() {
+                        continue;
+                    }
+                    return Err(self.disk_full(format!(
+                        "{n} bytes needed, {free} free on the cache filesystem"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The error for a full cache filesystem, logged once per episode with where the data is.
+    fn disk_full(&mut self, cause: String) -> FsError {
+        metrics::counter!("s3vol_cache_enospc_total").increment(1);
+        if !self.enospc_logged {
+            self.enospc_logged = true;
+            tracing::warn!(
+                key = %self.key,
+                cache_dir = %self.ctx.cache.path().display(),
+                staging_file = %self.local.data_path().display(),
+                cause = %cause,
+                "the cache filesystem is full: writes to this file fail with ENOSPC until space \
+                 returns; what was written before is in the staging file (or in memory and S3 \
+                 while streaming)"
+            );
+        }
+        err!(libc::ENOSPC, "cache filesystem full: {cause}")
+    }
+
+    /// Turns an I/O error on the staging file into the error for the caller (logging a full
+    /// filesystem once).
+    fn io_error(&mut self, e: std::io::Error) -> FsError {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => self.disk_full(e.to_string()),
+            _ => e.into(),
+        }
+    }
+
+    /// The journal record of the file as it is now.
+    fn record(&self) -> Record {
+        let mut r = Record::new(self.ctx.bucket.as_str(), &self.key);
+        r.size = self.size;
+        r.dirty = self.content_dirty;
+        if let Some(b) = &self.base {
+            r.base = Some(BaseRecord {
+                etag: b.etag.as_str().to_owned(),
+                size: b.size,
+            });
+            r.local = self
+                .present
+                .iter()
+                .filter(|x| x.start < b.size)
+                .map(|x| (x.start, x.end.min(b.size)))
+                .collect();
+        }
+        r.upload_id = match &self.stream {
+            Some(s) => Some(s.upload_id.0.clone()),
+            None => self.uploading.as_ref().map(|u| u.0.clone()),
+        };
+        r.abandoned = self.abandoned.iter().map(|u| u.0.clone()).collect();
+        r.metadata = self
+            .last_metadata
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        r
+    }
+
+    fn note_recorded(&mut self, r: &Record) {
+        self.recorded_dirty = r.dirty;
+        self.recorded_local.clear();
+        for &(a, b) in &r.local {
+            self.recorded_local.insert(a..b);
+        }
+    }
+
+    /// Rewrites the journal record, if the file has anything on disk or an upload to record.
+    /// A failure is logged: the data itself is unaffected, only a later recovery is.
+    fn journal(&mut self) {
+        let needed = self.local.on_disk()
+            || self.stream.is_some()
+            || self.uploading.is_some()
+            || !self.abandoned.is_empty();
+        if !needed {
+            return;
+        }
+        let r = self.record();
+        match self.local.write_record(&r) {
+            Ok(()) => self.note_recorded(&r),
+            Err(e) => tracing::warn!(
+                key = %self.key,
+                journal = %self.local.with_ext("meta").display(),
+                error = %e,
+                "cannot update the cache journal; a later mount may not recover this file"
+            ),
+        }
+    }
+
+    /// After a write to the staging file: the journal learns that the file is dirty (one
+    /// rewrite per clean-to-dirty change) and which ranges of the base were overwritten (one
+    /// appended line per range not already recorded).
+    fn journal_write(&mut self, range: std::ops::Range<u64>) {
+        if !self.local.has_data() {
+            return;
+        }
+        if !self.recorded_dirty {
+            self.journal();
+            return;
+        }
+        let Some(base_size) = self.base.as_ref().map(|b| b.size) else {
+            return;
+        };
+        let clipped = range.start..range.end.min(base_size);
+        if clipped.is_empty() || self.recorded_local.missing(clipped.clone()).is_empty() {
+            return;
+        }
+        match self.local.record_local((clipped.start, clipped.end)) {
+            Ok(()) => self.recorded_local.insert(clipped),
+            Err(e) => {
+                tracing::warn!(key = %self.key, error = %e, "cannot append to the cache journal");
+                self.journal();
+            }
+        }
+    }
+
+    /// The staging file (created at the file's size when first needed, after its journal).
     fn file(&mut self) -> FsResult<&File> {
-        self.local.get(&self.ctx.bucket, &self.key, self.size)
+        if !self.local.has_data() {
+            let r = self.record();
+            let size = self.size;
+            if let Err(e) = self.local.create(size, &r) {
+                return Err(self.io_error(e));
+            }
+            self.note_recorded(&r);
+        }
+        match self.local.file() {
+            Some(f) => Ok(f),
+            None => Err(err!(libc::EIO, "staging file not open")),
+        }
     }
 
     /// Makes `range` (clipped to the base) present locally.
@@ -321,6 +486,7 @@ impl Staged {
         }
         for gap in self.present.missing(start..end) {
             self.reserve_to(self.size).await;
+            self.need_disk(gap.end - gap.start)?;
             let got = self
                 .ctx
                 .store
@@ -331,16 +497,27 @@ impl Staged {
                     Some(&base.etag),
                 )
                 .await?;
-            let file = self.local.get(&self.ctx.bucket, &self.key, self.size)?;
+            self.file()?;
             let mut pos = gap.start;
             let mut body = got.body;
             while let Some(chunk) = body.try_next().await? {
                 // Written ranges are newer than the base: never overwrite them.
                 let chunk_range = pos..pos + chunk.len() as u64;
+                let Some(file) = self.local.file() else {
+                    return Err(err!(libc::EIO, "staging file not open"));
+                };
+                let mut failed = None;
                 for hole in self.written.missing(chunk_range.clone()) {
                     let from = (hole.start - pos) as usize;
                     let to = (hole.end - pos) as usize;
-                    file.write_all_at(&chunk[from..to], hole.start)?;
+                    if let Err(e) = file.write_all_at(&chunk[from..to], hole.start) {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                if let Some(e) = failed {
+                    // Not marked present: the range is fetched again next time.
+                    return Err(self.io_error(e));
                 }
                 pos = chunk_range.end;
             }
@@ -407,11 +584,32 @@ impl Staged {
         }
         let end = offset + data.len() as u64;
         self.reserve_to(end.max(self.size)).await;
-        self.file()?.write_all_at(data, offset)?;
+        self.need_disk(data.len() as u64)?;
+        let (landed, result) = write_at(self.file()?, data, offset);
+        if let Err(e) = result {
+            // What landed inside the file's size is content now (as after a short write);
+            // nothing stays past the end, where a later extension must read zeros.
+            let kept = offset..(offset + landed as u64).min(self.size);
+            if !kept.is_empty() {
+                self.written.insert(kept.clone());
+                self.present.insert(kept.clone());
+                self.mark_content_dirty();
+                self.journal_write(kept);
+            }
+            if end > self.size
+                && let Some(f) = self.local.file()
+                && let Err(cut) = f.set_len(self.size)
+            {
+                tracing::error!(key = %self.key, error = %cut, "cannot cut a failed write off the staging file");
+            }
+            return Err(self.io_error(e));
+        }
+        self.enospc_logged = false;
         self.size = self.size.max(end);
         self.written.insert(offset..end);
         self.present.insert(offset..end);
         self.mark_content_dirty();
+        self.journal_write(offset..end);
         Ok(())
     }
 
@@ -422,8 +620,10 @@ impl Staged {
         if len == 0 {
             // Nothing of the old content remains: streaming starts over.
             self.abandon_stream().await;
-            if let Some(file) = &self.local.file {
-                file.set_len(0)?;
+            if let Some(file) = self.local.file()
+                && let Err(e) = file.set_len(0)
+            {
+                return Err(self.io_error(e));
             }
             self.base = None;
             self.present.clear();
@@ -433,6 +633,7 @@ impl Staged {
             self.mark_content_dirty();
             self.ctx.disk.shrink(self.reserved);
             self.reserved = 0;
+            self.journal_or_forget();
             return Ok(());
         }
         // Streaming continues only from empty: the part being filled holds the bytes written
@@ -441,7 +642,18 @@ impl Staged {
         if len > self.size {
             self.reserve_to(len).await;
         }
-        self.file()?.set_len(len)?;
+        // Cutting to the size first makes sure an extension reads zeros, whatever a failed
+        // write may have left past the end.
+        let size = self.size;
+        let file = self.file()?;
+        let cut = if len > size {
+            file.set_len(size).and_then(|()| file.set_len(len))
+        } else {
+            file.set_len(len)
+        };
+        if let Err(e) = cut {
+            return Err(self.io_error(e));
+        }
         if let Some(b) = &mut self.base {
             b.size = b.size.min(len);
         }
@@ -458,7 +670,22 @@ impl Staged {
             self.ctx.disk.shrink(self.reserved - self.size);
             self.reserved = self.size;
         }
+        // The base may have shrunk: the record must say so before anything else is written.
+        self.journal();
         Ok(())
+    }
+
+    /// Rewrites the journal record, or deletes it once there is nothing left to record.
+    fn journal_or_forget(&mut self) {
+        if self.local.has_data()
+            || self.stream.is_some()
+            || self.uploading.is_some()
+            || !self.abandoned.is_empty()
+        {
+            self.journal();
+        } else {
+            self.local.remove_journal();
+        }
     }
 
     fn part_size_for(&self, size: u64) -> u64 {
@@ -546,6 +773,9 @@ impl Staged {
                 failed: Vec::new(),
                 stop_retrying: watch::Sender::new(false),
             });
+            // A mount that dies from here on leaves a record of the upload to abort.
+            self.last_metadata = self.stream.as_ref().map(|s| s.metadata.clone());
+            self.journal();
         }
         if let Some(stream) = self.stream.as_mut() {
             // A window of parts in flight per file: more would only queue at the server, and
@@ -600,11 +830,8 @@ impl Staged {
             for p in stream.running {
                 let _ = p.await;
             }
-            let _ = self
-                .ctx
-                .store
-                .abort_multipart_upload(&self.ctx.bucket, &self.key, &stream.upload_id)
-                .await;
+            self.abort_upload(stream.upload_id).await;
+            self.journal_or_forget();
         }
     }
 
@@ -627,14 +854,18 @@ impl Staged {
             self.written.clear();
             // From here the file is a staging file over that object, whatever happens next.
             self.sequential = false;
-            let size = self.size;
-            self.file()?.set_len(size)?;
+            self.journal_or_forget();
+            self.file()?;
         } else {
             self.reserve_to(self.size).await;
             let size = self.size;
-            let file = self.local.get(&self.ctx.bucket, &self.key, size)?;
-            if let Some((buf, _)) = &self.filling {
-                file.write_all_at(buf, 0)?;
+            self.need_disk(size)?;
+            self.file()?;
+            if let (Some(file), Some((buf, _))) = (self.local.file(), &self.filling)
+                && let Err(e) = file.write_all_at(buf, 0)
+            {
+                // The bytes stay in memory; the next attempt writes them again.
+                return Err(self.io_error(e));
             }
             self.written.insert(0..size);
             self.present.insert(0..size);
@@ -675,18 +906,33 @@ impl Staged {
                 self.sequential = self.size == 0;
                 self.ctx.disk.set_dirty_delta(-(self.dirty_counted as i64));
                 self.dirty_counted = 0;
+                if self.local.on_disk() {
+                    self.last_metadata = Some(metadata.clone());
+                    self.journal_or_forget();
+                }
                 Ok(etag)
             }
             Err(e) => {
                 metrics::counter!("s3vol_upload_failures_total").increment(1);
-                let kept = match &self.stream {
-                    Some(s) => format!("in memory and in multipart upload {}", s.upload_id.0),
-                    None => format!("in the staging file {}", self.local.path.display()),
+                self.last_metadata = Some(metadata.clone());
+                self.journal_or_forget();
+                let kept = match (&self.stream, self.sequential) {
+                    (Some(s), _) => format!(
+                        "in memory and in the unfinished multipart upload {} (recorded in {})",
+                        s.upload_id.0,
+                        self.local.with_ext("meta").display()
+                    ),
+                    (None, true) => {
+                        "in memory only: the staging file could not be written".to_owned()
+                    }
+                    (None, false) => {
+                        format!("in the staging file {}", self.local.data_path().display())
+                    }
                 };
                 tracing::error!(
                     key = %self.key,
                     kept = %kept,
-                    staging_file = %self.local.path.display(),
+                    staging_file = %self.local.data_path().display(),
                     error = %e,
                     "upload failed; the data is kept and retried on the next flush"
                 );
@@ -929,6 +1175,10 @@ impl Staged {
             .store
             .create_multipart_upload(&self.ctx.bucket, &self.key, &options)
             .await?;
+        // Recorded, so that a mount killed in the middle leaves the upload for the next one
+        // to abort.
+        self.uploading = Some(id.clone());
+        self.journal();
         let result = self.send_parts(&id, part).await;
         let result = match result {
             Ok(parts) => self
@@ -940,14 +1190,27 @@ impl Staged {
                 .map_err(FsError::from),
             Err(e) => Err(e),
         };
+        self.uploading = None;
         if result.is_err() {
-            let _ = self
-                .ctx
-                .store
-                .abort_multipart_upload(&self.ctx.bucket, &self.key, &id)
-                .await;
+            self.abort_upload(id).await;
         }
         result
+    }
+
+    /// Aborts a multipart upload this file no longer needs; one that cannot be aborted now is
+    /// recorded for the next start-up scan.
+    async fn abort_upload(&mut self, id: UploadId) {
+        let aborted = self
+            .ctx
+            .store
+            .abort_multipart_upload(&self.ctx.bucket, &self.key, &id)
+            .await;
+        if let Err(e) = aborted
+            && !matches!(e, S3Error::NotFound(_))
+        {
+            tracing::warn!(key = %self.key, upload_id = %id.0, error = %e, "cannot abort an unfinished multipart upload; recorded for the next start");
+            self.abandoned.push(id);
+        }
     }
 
     async fn send_parts(&mut self, id: &UploadId, part: u64) -> FsResult<Vec<CompletedPart>> {
@@ -1014,22 +1277,91 @@ impl Staged {
     }
 
     /// Writes what a stream still holds in memory (the part being filled, failed parts) to the
-    /// staging file, for recovery by hand when the process is going away.
-    fn keep_stream_bytes(&mut self) -> FsResult<()> {
+    /// staging file, synced, with a journal record of the upload and its parts that are in, so
+    /// that the next start can complete the upload from the two (or a person can, by hand).
+    /// For a process going away with a file that is still streaming.
+    pub fn keep_stream_bytes(&mut self) -> FsResult<()> {
         let part = self.ctx.stream_part_size();
-        let size = self.size;
+        if let Some(stream) = self.stream.as_mut() {
+            // Part uploads that have finished report now (without waiting for the others).
+            let (finished, running): (Vec<_>, Vec<_>) = std::mem::take(&mut stream.running)
+                .into_iter()
+                .partition(|p| p.is_finished());
+            stream.running = running;
+            for p in finished {
+                if let Some(outcome) = futures::FutureExt::now_or_never(p) {
+                    let _ = stream.record(outcome);
+                }
+            }
+        }
         let sent = self.stream.as_ref().map_or(0, |s| s.sent);
-        let file = self.local.get(&self.ctx.bucket, &self.key, size)?;
+        let mut on_disk = RangeSet::new();
+        let mut pieces: Vec<(u64, Bytes)> = Vec::new();
         if let Some((buf, _)) = &self.filling {
-            file.write_all_at(buf, sent)?;
+            pieces.push((sent, Bytes::copy_from_slice(buf)));
         }
         if let Some(stream) = &self.stream {
             for p in &stream.failed {
-                file.write_all_at(&p.bytes, (p.number as u64 - 1) * part)?;
+                pieces.push(((p.number as u64 - 1) * part, p.bytes.clone()));
             }
         }
+        self.file()?;
+        for (at, bytes) in pieces {
+            let Some(file) = self.local.file() else {
+                return Err(err!(libc::EIO, "staging file not open"));
+            };
+            if let Err(e) = file.write_all_at(&bytes, at) {
+                return Err(self.io_error(e));
+            }
+            on_disk.insert(at..at + bytes.len() as u64);
+        }
+        if let Some(file) = self.local.file()
+            && let Err(e) = file.sync_data()
+        {
+            return Err(self.io_error(e));
+        }
+        let mut r = self.record();
+        r.local = on_disk.iter().map(|x| (x.start, x.end)).collect();
+        if let Some(stream) = &self.stream {
+            r.parts = stream
+                .done
+                .iter()
+                .map(|p| PartRecord {
+                    number: p.part_number,
+                    etag: p.etag.as_str().to_owned(),
+                })
+                .collect();
+            r.part_size = part;
+            r.streamed = sent;
+        }
+        self.local.write_record(&r)?;
+        self.note_recorded(&r);
         Ok(())
     }
+}
+
+/// `pwrite`s all of `data` at `offset`; returns how many bytes landed, and the error that
+/// stopped it.
+fn write_at(file: &File, mut data: &[u8], mut offset: u64) -> (usize, std::io::Result<()>) {
+    let mut landed = 0;
+    while !data.is_empty() {
+        match file.write_at(data, offset) {
+            Ok(0) => {
+                return (
+                    landed,
+                    Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+                );
+            }
+            Ok(n) => {
+                landed += n;
+                offset += n as u64;
+                data = &data[n..];
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (landed, Err(e)),
+        }
+    }
+    (landed, Ok(()))
 }
 
 /// Uploads one streamed part, retrying with backoff while the error may pass, until the part
@@ -1097,353 +1429,38 @@ impl Drop for Staged {
     fn drop(&mut self) {
         self.ctx.disk.shrink(self.reserved);
         if self.content_dirty {
-            let mut kept = String::from("the staging file is kept for recovery");
-            if self.sequential {
-                if let Some(stream) = &self.stream {
-                    kept = format!(
-                        "what was still in memory is in the staging file; the rest is in the unfinished multipart upload {}",
-                        stream.upload_id.0
-                    );
+            let kept = if self.sequential {
+                match (self.keep_stream_bytes(), &self.stream) {
+                    (Ok(()), Some(stream)) => format!(
+                        "what was still in memory is in the staging file; the rest is in the \
+                         unfinished multipart upload {} (both recorded in {})",
+                        stream.upload_id.0,
+                        self.local.with_ext("meta").display()
+                    ),
+                    (Ok(()), None) => "the staging file holds the whole file".to_owned(),
+                    (Err(e), _) => format!("the bytes still in memory are lost: {e}"),
                 }
-                if let Err(e) = self.keep_stream_bytes() {
-                    kept = format!("the bytes still in memory are lost: {e}");
-                }
-            }
+            } else {
+                self.journal();
+                "the staging file is kept for recovery at the next start".to_owned()
+            };
             tracing::error!(
                 key = %self.key,
-                staging_file = %self.local.path.display(),
+                staging_file = %self.local.data_path().display(),
                 "dropping a file with data not in S3; {kept}"
             );
             return;
         }
         self.ctx.disk.set_dirty_delta(-(self.dirty_counted as i64));
-        if self.local.file.is_some() {
-            let _ = std::fs::remove_file(&self.local.path);
-            let _ = std::fs::remove_file(self.local.path.with_extension("key"));
+        if self.abandoned.is_empty() {
+            self.local.remove();
+        } else {
+            // Only the record of the uploads to abort stays.
+            self.local.remove_data();
+            self.journal();
         }
     }
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-    use s3vol_s3::{Fault, FaultStore, MemStore, Op, S3Error};
-    use std::time::Duration;
-
-    const MIB: usize = 1 << 20;
-
-    async fn ctx_over(store: Arc<FaultStore>, dir: &std::path::Path) -> Arc<StageCtx> {
-        let bucket = BucketName::new("bkt").unwrap();
-        store.create_bucket(&bucket).await.unwrap();
-        Arc::new(StageCtx {
-            store,
-            bucket,
-            dir: dir.to_owned(),
-            part_size: 5 << 20,
-            memory: Arc::new(Memory::new(64 << 20)),
-            disk: Arc::new(Disk::new(1 << 30)),
-            parts: Arc::new(BufPool::new(5 << 20, 2)),
-        })
-    }
-
-    fn data(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i / 1000) as u8 ^ seed).collect()
-    }
-
-    async fn object(ctx: &StageCtx, key: &str) -> (Vec<u8>, UserMetadata) {
-        let got = ctx
-            .store
-            .get_object(&ctx.bucket, key, None, None)
-            .await
-            .unwrap();
-        let body: Vec<Bytes> = got.body.try_collect().await.unwrap();
-        let info = ctx.store.head_object(&ctx.bucket, key).await.unwrap();
-        (body.concat(), info.metadata)
-    }
-
-    fn meta(mode: &str, mtime: &str) -> UserMetadata {
-        UserMetadata::from([
-            ("mode".to_owned(), mode.to_owned()),
-            ("mtime".to_owned(), mtime.to_owned()),
-        ])
-    }
-
-    #[tokio::test]
-    async fn a_streamed_file_arrives_whole_without_a_metadata_copy_when_only_times_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
-        let ctx = ctx_over(store.clone(), dir.path()).await;
-        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
-        let content = data(12 * MIB + 777, 1);
-        for chunk in content.chunks(MIB) {
-            let at = st.size();
-            st.write(at, chunk, || meta("33188", "1")).await.unwrap();
-        }
-        assert!(st.stream.is_some(), "parts went up while writing");
-        // A copy would fail: the upload must not need one.
-        store.add(Fault::FailOp {
-            op: Op::Copy,
-            error: S3Error::Transient("injected".into()),
-            times: None,
-        });
-        st.upload(&meta("33188", "2"), None).await.unwrap();
-        let (body, stored) = object(&ctx, "f").await;
-        assert!(body == content, "the object holds what was written");
-        assert_eq!(stored["mode"], "33188");
-        assert_eq!(stored["mtime"], "1", "the time the upload began");
-    }
-
-    #[tokio::test]
-    async fn a_streamed_file_whose_mode_changed_gets_its_metadata_rewritten() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
-        let ctx = ctx_over(store, dir.path()).await;
-        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
-        let content = data(6 * MIB, 2);
-        st.write(0, &content, || meta("33188", "1")).await.unwrap();
-        st.upload(&meta("33261", "1"), None).await.unwrap();
-        let (body, stored) = object(&ctx, "f").await;
-        assert!(body == content);
-        assert_eq!(stored["mode"], "33261");
-    }
-
-    #[tokio::test]
-    async fn extending_or_seeking_while_streaming_keeps_every_byte_in_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
-        let ctx = ctx_over(store, dir.path()).await;
-        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
-        let mut expect = data(7 * MIB, 3);
-        st.write(0, &expect, || meta("33188", "1")).await.unwrap();
-        // ftruncate up: zeros, then appending after them.
-        st.truncate(8 * MIB as u64).await.unwrap();
-        expect.resize(8 * MIB, 0);
-        let tail = data(3 * MIB, 4);
-        st.write(8 * MIB as u64, &tail, || meta("33188", "1"))
-            .await
-            .unwrap();
-        expect.extend_from_slice(&tail);
-        // And a rewrite near the start.
-        st.write(10, b"header", || meta("33188", "1"))
-            .await
-            .unwrap();
-        expect[10..16].copy_from_slice(b"header");
-        st.upload(&meta("33188", "1"), None).await.unwrap();
-        assert!(object(&ctx, "f").await.0 == expect);
-        // The local copy reads the same.
-        let local = st.read(0, expect.len() as u64).await.unwrap();
-        assert!(local == expect);
-    }
-
-    #[tokio::test]
-    async fn small_files_hold_memory_for_their_size_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
-        let bucket = BucketName::new("bkt").unwrap();
-        store.create_bucket(&bucket).await.unwrap();
-        let memory = Arc::new(Memory::new(16 << 20));
-        let ctx = Arc::new(StageCtx {
-            store,
-            bucket,
-            dir: dir.path().to_owned(),
-            part_size: 5 << 20,
-            memory: memory.clone(),
-            disk: Arc::new(Disk::new(1 << 30)),
-            parts: Arc::new(BufPool::new(5 << 20, 2)),
-        });
-        // Far more small files than 16 MiB holds parts, all kept (as parked clean copies are).
-        let mut kept = Vec::new();
-        for i in 0..40 {
-            let mut st = Staged::new_empty(ctx.clone(), &format!("f{i}")).unwrap();
-            let body = data(4096, i as u8);
-            let written = tokio::time::timeout(Duration::from_secs(10), async {
-                st.write(0, &body, || meta("33188", "1")).await.unwrap();
-                st.upload(&meta("33188", "1"), None).await.unwrap();
-            })
-            .await;
-            assert!(written.is_ok(), "file {i} waited for memory no file holds");
-            assert!(object(&ctx, &format!("f{i}")).await.0 == body);
-            kept.push(st);
-        }
-        assert_eq!(memory.used(), 0, "uploaded files hold no memory");
-    }
-
-    fn files_in(dir: &std::path::Path) -> usize {
-        std::fs::read_dir(dir).map_or(0, |d| d.count())
-    }
-
-    async fn write_all(st: &mut Staged, content: &[u8]) {
-        for chunk in content.chunks(MIB) {
-            let at = st.size();
-            st.write(at, chunk, || meta("33188", "1")).await.unwrap();
-        }
-    }
-
-    #[tokio::test]
-    async fn a_streamed_file_never_touches_the_disk_and_gives_its_memory_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
-        let ctx = ctx_over(store, dir.path()).await;
-        for (name, len) in [("big", 12 * MIB + 5), ("small", 3000), ("empty", 0)] {
-            let mut st = Staged::new_empty(ctx.clone(), name).unwrap();
-            let content = data(len, 7);
-            write_all(&mut st, &content).await;
-            assert_eq!(files_in(dir.path()), 0, "{name}: nothing staged on disk");
-            st.upload(&meta("33188", "1"), None).await.unwrap();
-            assert!(object(&ctx, name).await.0 == content, "{name}");
-            assert!(!st.has_local_bytes(), "{name}: no clean copy worth keeping");
-            drop(st);
-        }
-        assert_eq!(ctx.memory.used(), 0);
-        assert_eq!(files_in(dir.path()), 0);
-    }
-
-    #[tokio::test]
-    async fn a_part_that_fails_for_a_while_is_retried_in_the_background() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
-        let ctx = ctx_over(store.clone(), dir.path()).await;
-        store.add(Fault::FailOp {
-            op: Op::UploadPart,
-            error: S3Error::Transient("injected".into()),
-            times: Some(3),
-        });
-        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
-        let content = data(11 * MIB, 8);
-        write_all(&mut st, &content).await;
-        // Give the background retries (0.5 s, 1 s, ...) time to get the parts in.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while st
-            .stream
-            .as_ref()
-            .is_some_and(|s| s.running.iter().any(|p| !p.is_finished()))
-        {
-            assert!(std::time::Instant::now() < deadline, "parts never went in");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        st.upload(&meta("33188", "1"), None).await.unwrap();
-        assert!(object(&ctx, "f").await.0 == content);
-        assert_eq!(files_in(dir.path()), 0, "no fallback to a staging file");
-    }
-
-    #[tokio::test]
-    async fn a_failed_stream_keeps_every_byte_until_a_later_flush_succeeds() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
-        let ctx = ctx_over(store.clone(), dir.path()).await;
-        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
-        let content = data(13 * MIB, 9);
-        write_all(&mut st, &content[..6 * MIB]).await;
-        store.add(Fault::FailOp {
-            op: Op::UploadPart,
-            error: S3Error::Transient("down".into()),
-            times: None,
-        });
-        write_all(&mut st, &content[6 * MIB..]).await;
-        let e = st.upload(&meta("33188", "1"), None).await.unwrap_err();
-        assert_eq!(e.errno, libc::EIO, "{e:?}");
-        assert!(st.content_dirty());
-        assert!(
-            ctx.store.head_object(&ctx.bucket, "f").await.is_err(),
-            "nothing half-written in the bucket"
-        );
-        // Still failing: the second flush fails the same way and loses nothing.
-        assert!(st.upload(&meta("33188", "1"), None).await.is_err());
-        store.clear();
-        st.upload(&meta("33188", "1"), None).await.unwrap();
-        assert!(object(&ctx, "f").await.0 == content);
-        drop(st);
-        assert_eq!(ctx.memory.used(), 0, "failed parts gave their memory back");
-    }
-
-    #[tokio::test]
-    async fn reading_back_streamed_bytes_completes_the_upload_so_far_and_goes_on_locally() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
-        let ctx = ctx_over(store, dir.path()).await;
-        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
-        let mut expect = data(7 * MIB, 10);
-        write_all(&mut st, &expect).await;
-        // Bytes of the part being filled come from memory, the stream goes on.
-        let tail = st.read(6 * MIB as u64, 100).await.unwrap();
-        assert!(tail[..] == expect[6 * MIB..6 * MIB + 100]);
-        assert!(st.sequential);
-        // Bytes already sent: the upload so far becomes an object to read them from.
-        let head = st.read(100, 1000).await.unwrap();
-        assert!(head[..] == expect[100..1100]);
-        assert!(!st.sequential && st.stream.is_none());
-        assert!(object(&ctx, "f").await.0 == expect, "the object so far");
-        let more = data(2 * MIB, 11);
-        write_all(&mut st, &more).await;
-        expect.extend_from_slice(&more);
-        st.upload(&meta("33188", "2"), None).await.unwrap();
-        assert!(object(&ctx, "f").await.0 == expect);
-    }
-
-    #[tokio::test]
-    async fn a_small_file_whose_upload_fails_is_kept_in_its_staging_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
-        let ctx = ctx_over(store.clone(), dir.path()).await;
-        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
-        let content = data(300_000, 12);
-        write_all(&mut st, &content).await;
-        store.add(Fault::FailOp {
-            op: Op::Put,
-            error: S3Error::Transient("down".into()),
-            times: Some(1),
-        });
-        assert!(st.upload(&meta("33188", "1"), None).await.is_err());
-        assert!(std::fs::read(st.path()).unwrap() == content);
-        st.upload(&meta("33188", "1"), None).await.unwrap();
-        assert!(object(&ctx, "f").await.0 == content);
-    }
-
-    #[tokio::test]
-    async fn dropping_an_unfinished_stream_writes_what_memory_held_to_the_staging_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
-        let ctx = ctx_over(store.clone(), dir.path()).await;
-        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
-        let content = data(12 * MIB, 13);
-        store.add(Fault::FailOp {
-            op: Op::UploadPart,
-            error: S3Error::Transient("down".into()),
-            times: None,
-        });
-        write_all(&mut st, &content).await;
-        assert!(st.upload(&meta("33188", "1"), None).await.is_err());
-        let path = st.path().to_owned();
-        drop(st);
-        let kept = std::fs::read(&path).unwrap();
-        assert_eq!(kept.len(), content.len());
-        assert!(
-            kept == content,
-            "failed parts and the last part are on disk"
-        );
-        let key = std::fs::read_to_string(path.with_extension("key")).unwrap();
-        assert_eq!(key.trim(), "s3://bkt/f");
-    }
-
-    #[tokio::test]
-    async fn a_stream_whose_completion_failed_can_grow_and_complete_later() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
-        let ctx = ctx_over(store.clone(), dir.path()).await;
-        let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
-        let content = data(13 * MIB, 14);
-        write_all(&mut st, &content[..7 * MIB]).await;
-        store.add(Fault::FailOp {
-            op: Op::CompleteMultipart,
-            error: S3Error::Transient("down".into()),
-            times: Some(1),
-        });
-        assert!(st.upload(&meta("33188", "1"), None).await.is_err());
-        // fsync failed; the application writes on, then closes.
-        write_all(&mut st, &content[7 * MIB..]).await;
-        assert!(st.sequential, "still streaming");
-        st.upload(&meta("33188", "1"), None).await.unwrap();
-        assert!(object(&ctx, "f").await.0 == content);
-    }
-}
+mod tests;

@@ -404,7 +404,7 @@ fn mount_fails(args: &[&str]) -> (i32, String) {
         .args(args)
         .arg(mnt.path())
         .arg("--cache-dir")
-        .arg(cache.path())
+        .arg(cache.path().join("cache"))
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -493,7 +493,7 @@ async fn the_background_mount_returns_when_ready_and_sigterm_unmounts() {
         .arg(mnt.path())
         .args(server_args())
         .arg("--cache-dir")
-        .arg(cache.path())
+        .arg(cache.path().join("cache"))
         .stdin(Stdio::null())
         .status()
         .unwrap();

@@ -55,10 +55,7 @@ fn mount_via_env(
         .prefix("s3vol-mnt-")
         .tempdir()
         .unwrap();
-    let cache = tempfile::Builder::new()
-        .prefix("s3vol-cache-")
-        .tempdir()
-        .unwrap();
+    let cache = support::private_tempdir("s3vol-cache-");
     let mut child = s3vol()
         .arg("mount")
         .arg(format!("{bucket}/"))

@@ -13,7 +13,7 @@ async fn fs_with(
 ) -> S3Fs {
     let bucket = BucketName::new("bkt").unwrap();
     store.create_bucket(&bucket).await.unwrap();
-    let mut config = FsConfig::new(bucket, String::new(), cache.to_owned());
+    let mut config = FsConfig::new(bucket, String::new(), cache.join("cache"));
     tweak(&mut config);
     S3Fs::new(config, store).await.unwrap()
 }

@@ -401,12 +401,8 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
     config.read_only = args.read_only;
     config.listing_attrs = args.listing_attrs;
     config.xattrs = !args.no_xattr;
-    std::fs::create_dir_all(&config.cache_dir).with_context(|| {
-        format!(
-            "creating the cache directory {}",
-            config.cache_dir.display()
-        )
-    })?;
+    // The filesystem creates the cache directory (0700), refuses one others can read, and
+    // scans what earlier mounts left there before it is served.
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -95,10 +95,7 @@ impl Mounted {
                 .prefix("s3vol-mnt-")
                 .tempdir()
                 .unwrap(),
-            cache: tempfile::Builder::new()
-                .prefix("s3vol-cache-")
-                .tempdir()
-                .unwrap(),
+            cache: private_tempdir("s3vol-cache-"),
             child: None,
             prefix: prefix.to_owned(),
         };
@@ -224,6 +221,15 @@ impl Drop for Mounted {
             let _ = child.wait();
         }
     }
+}
+
+/// A temporary directory only its owner can enter, as `s3vol mount` requires of a cache
+/// directory.
+pub fn private_tempdir(prefix: &str) -> TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so tests need no RNG crate.

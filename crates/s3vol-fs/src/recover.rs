@@ -1,0 +1,706 @@
+//! The start-up scan of the cache directory: what earlier mounts left, dealt with before this
+//! one serves anything.
+//!
+//! For every entry of an instance that is no longer alive (its lock is free, see
+//! [`crate::cache_dir`]):
+//! - a clean copy (its journal says the data file holds nothing that is not in S3) is deleted;
+//! - a multipart upload recorded in the journal is aborted, unless it can be completed from the
+//!   parts already in and the bytes kept in the data file (a stream the process wrote out when
+//!   it had to stop);
+//! - a data file with changes not in S3 is **uploaded** when the object is still the version it
+//!   started from (same ETag, or still absent for a new file), through the same code as a
+//!   flush (ranges not in the file are the base's, fetched with `If-Match`); otherwise it is
+//!   kept, and the log says where the bytes are, which key, and why they were not uploaded.
+//!
+//! Entries of other buckets (a cache directory shared by mounts of several buckets) are left
+//! for a mount of their bucket; files that carry no journal record (written by an older s3vol,
+//! or unknown) are never touched. What stays counts against the disk budget ([`Disk::pin`]),
+//! so restarts cannot grow the directory past it with clean copies. The scan runs before the
+//! filesystem is served, so nothing written through the new mount can race with a recovered
+//! upload of the same key. Between the scan's HEAD and its upload another client could still
+//! write the key; that window is the same as for any flush.
+//!
+//! [`Disk::pin`]: crate::budget::Disk::pin
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use s3vol_s3::{CompletedPart, ETag, S3Error, UploadId, UserMetadata};
+
+use crate::cache_dir::{Entry, Record, try_lock};
+use crate::stage::{StageCtx, Staged};
+
+/// What the scan found and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ScanReport {
+    pub dropped: u64,
+    pub dropped_bytes: u64,
+    pub uploaded: u64,
+    pub uploaded_bytes: u64,
+    pub kept: u64,
+    pub kept_bytes: u64,
+    pub aborted: u64,
+    /// Instances still alive (another mount uses the directory): left alone.
+    pub live_instances: u64,
+}
+
+/// One leftover: the files sharing a stem.
+#[derive(Debug, Default)]
+struct Leftover {
+    exts: BTreeSet<String>,
+}
+
+fn is_instance(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Splits `<instance>-<n>.<ext>` into its stem and extension.
+fn entry_name(name: &str) -> Option<(&str, &str, &str)> {
+    let (stem, ext) = name.split_once('.')?;
+    let (instance, n) = stem.split_once('-')?;
+    if !is_instance(instance) || n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    matches!(ext, "data" | "key" | "meta" | "meta.tmp" | "key.tmp").then_some((instance, stem, ext))
+}
+
+fn size_of(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Scans the cache directory of `ctx` (see the module docs) and logs one line with what it
+/// found.
+pub async fn scan(ctx: &Arc<StageCtx>) -> ScanReport {
+    let dir = ctx.cache.path().to_owned();
+    let mut report = ScanReport::default();
+    let mut instances: BTreeMap<String, BTreeMap<String, Leftover>> = BTreeMap::new();
+    let mut locks: BTreeSet<String> = BTreeSet::new();
+    let mut unknown_bytes = 0;
+    let read = match std::fs::read_dir(&dir) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(cache_dir = %dir.display(), error = %e, "cannot scan the cache directory");
+            return report;
+        }
+    };
+    for item in read.flatten() {
+        let Ok(name) = item.file_name().into_string() else {
+            continue;
+        };
+        if let Some(instance) = name.strip_suffix(".lock")
+            && is_instance(instance)
+        {
+            locks.insert(instance.to_owned());
+        } else if let Some(instance) = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".lock.tmp"))
+            && is_instance(instance)
+        {
+            // A process died between creating its lock and naming it.
+            if File::open(item.path()).is_ok_and(|f| try_lock(&f)) {
+                let _ = std::fs::remove_file(item.path());
+            }
+        } else if let Some((instance, stem, ext)) = entry_name(&name) {
+            instances
+                .entry(instance.to_owned())
+                .or_default()
+                .entry(stem.to_owned())
+                .or_default()
+                .exts
+                .insert(ext.to_owned());
+        } else if name.ends_with(".data") {
+            // Not ours to judge (an older s3vol's `<pid>-<n>.data`, or a stranger's).
+            let size = size_of(&item.path());
+            unknown_bytes += size;
+            tracing::warn!(
+                file = %item.path().display(),
+                size,
+                "a file in the cache directory has no journal record (an older s3vol's staging \
+                 file?); left as it is, see its .key companion for the object it belongs to"
+            );
+        }
+    }
+    for instance in &locks {
+        instances.entry(instance.clone()).or_default();
+    }
+    for (instance, entries) in instances {
+        if instance == ctx.cache.instance() {
+            continue;
+        }
+        let lock_path = dir.join(format!("{instance}.lock"));
+        // Held while this instance's entries are dealt with: two mounts starting at once do
+        // not both recover the same file.
+        let lock = match File::open(&lock_path) {
+            Ok(f) if try_lock(&f) => Some(f),
+            Ok(_) => {
+                report.live_instances += 1;
+                continue;
+            }
+            Err(_) => None,
+        };
+        let mut remaining = false;
+        for (stem, leftover) in entries {
+            let stem = dir.join(stem);
+            if !recover_entry(ctx, &stem, &leftover, &mut report).await {
+                remaining = true;
+            }
+        }
+        if !remaining && lock.is_some() {
+            let _ = std::fs::remove_file(&lock_path);
+        }
+    }
+    report.kept_bytes += unknown_bytes;
+    ctx.disk.pin(report.kept_bytes);
+    metrics::counter!("s3vol_cache_scan_files_total", "outcome" => "dropped")
+        .increment(report.dropped);
+    metrics::counter!("s3vol_cache_scan_files_total", "outcome" => "uploaded")
+        .increment(report.uploaded);
+    metrics::counter!("s3vol_cache_scan_files_total", "outcome" => "kept").increment(report.kept);
+    metrics::counter!("s3vol_cache_scan_uploads_aborted_total").increment(report.aborted);
+    metrics::gauge!("s3vol_cache_kept_bytes").set(report.kept_bytes as f64);
+    tracing::info!(
+        cache_dir = %dir.display(),
+        clean_dropped = report.dropped,
+        clean_dropped_bytes = report.dropped_bytes,
+        uploaded = report.uploaded,
+        uploaded_bytes = report.uploaded_bytes,
+        kept = report.kept,
+        kept_bytes = report.kept_bytes,
+        uploads_aborted = report.aborted,
+        other_live_mounts = report.live_instances,
+        "cache directory scanned: {} clean copies dropped, {} files with data not in S3 uploaded, \
+         {} kept in the cache directory ({} bytes), {} unfinished multipart uploads aborted",
+        report.dropped,
+        report.uploaded,
+        report.kept,
+        report.kept_bytes,
+        report.aborted
+    );
+    report
+}
+
+fn with_ext(stem: &Path, ext: &str) -> PathBuf {
+    let mut s = stem.as_os_str().to_owned();
+    s.push(".");
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+fn remove_all(stem: &Path) {
+    Entry::new(stem.to_owned()).remove_leftovers();
+}
+
+/// Logs and counts a leftover that stays.
+fn keep(report: &mut ScanReport, stem: &Path, key: &str, size: u64, why: &str) {
+    report.kept += 1;
+    report.kept_bytes += size;
+    tracing::warn!(
+        key,
+        size,
+        staging_file = %with_ext(stem, "data").display(),
+        journal = %with_ext(stem, "meta").display(),
+        why,
+        "data not in S3 kept in the cache directory, not uploaded"
+    );
+}
+
+/// Aborts `id`; true when it is gone (aborted now, or already).
+async fn abort(
+    ctx: &StageCtx,
+    key: &str,
+    id: &str,
+    report: &mut ScanReport,
+) -> Result<(), S3Error> {
+    match ctx
+        .store
+        .abort_multipart_upload(&ctx.bucket, key, &UploadId(id.to_owned()))
+        .await
+    {
+        Ok(()) => {
+            report.aborted += 1;
+            tracing::info!(
+                key,
+                upload_id = id,
+                "aborted a multipart upload an earlier mount left"
+            );
+            Ok(())
+        }
+        Err(S3Error::NotFound(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deals with one leftover; true when nothing of it remains.
+async fn recover_entry(
+    ctx: &Arc<StageCtx>,
+    stem: &Path,
+    leftover: &Leftover,
+    report: &mut ScanReport,
+) -> bool {
+    let data_path = with_ext(stem, "data");
+    let has_data = leftover.exts.contains("data");
+    let record = std::fs::read_to_string(with_ext(stem, "meta"))
+        .ok()
+        .and_then(|t| Record::parse(&t));
+    let Some(mut record) = record else {
+        if has_data {
+            keep(
+                report,
+                stem,
+                "?",
+                size_of(&data_path),
+                "its journal record is missing or unreadable",
+            );
+            return false;
+        }
+        // Companions of a file that was never made: nothing of value.
+        remove_all(stem);
+        return true;
+    };
+    let size = if has_data { size_of(&data_path) } else { 0 };
+    if !record.dirty && record.upload_id.is_none() && record.abandoned.is_empty() {
+        // A clean copy, whichever bucket it came from: S3 has every byte of it.
+        if has_data {
+            report.dropped += 1;
+            report.dropped_bytes += size;
+        }
+        remove_all(stem);
+        return true;
+    }
+    if record.bucket != ctx.bucket.as_str() {
+        keep(
+            report,
+            stem,
+            &record.key,
+            size,
+            &format!(
+                "it belongs to bucket {}: a mount of that bucket with this cache directory recovers it",
+                record.bucket
+            ),
+        );
+        return false;
+    }
+    let key = record.key.clone();
+    for id in std::mem::take(&mut record.abandoned) {
+        if let Err(e) = abort(ctx, &key, &id, report).await {
+            tracing::warn!(key, upload_id = id, error = %e, "cannot abort an unfinished multipart upload; tried again at the next start");
+            record.abandoned.push(id);
+        }
+    }
+    if !has_data || !record.dirty {
+        if let Some(id) = record.upload_id.take()
+            && let Err(e) = abort(ctx, &key, &id, report).await
+        {
+            record.upload_id = Some(id);
+            tracing::warn!(key, error = %e, "cannot abort an unfinished multipart upload; tried again at the next start");
+        }
+        if record.upload_id.is_some() || !record.abandoned.is_empty() {
+            // Only the record stays, for the next start.
+            let mut e = Entry::new(stem.to_owned());
+            if has_data {
+                let _ = std::fs::remove_file(&data_path);
+            }
+            let _ = e.write_record(&record);
+            report.dropped += u64::from(has_data);
+            return false;
+        }
+        if has_data {
+            report.dropped += 1;
+            report.dropped_bytes += size;
+        }
+        remove_all(stem);
+        return true;
+    }
+    let data = match File::options().read(true).write(true).open(&data_path) {
+        Ok(f) => f,
+        Err(e) => {
+            keep(report, stem, &key, size, &format!("cannot open it: {e}"));
+            return false;
+        }
+    };
+    // Is the object still the version this file started from?
+    let current = match ctx.store.head_object(&ctx.bucket, &key).await {
+        Ok(info) => Some(info),
+        Err(S3Error::NotFound(_)) => None,
+        Err(e) => {
+            keep(
+                report,
+                stem,
+                &key,
+                size,
+                &format!("S3 could not be asked whether the object changed: {e}"),
+            );
+            return false;
+        }
+    };
+    let expected = record.base.as_ref().map(|b| b.etag.as_str());
+    let found = current.as_ref().map(|i| i.etag.as_str());
+    let unchanged = match (expected, found) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.trim_matches('"') == b.trim_matches('"'),
+        _ => false,
+    };
+    if !unchanged {
+        keep(
+            report,
+            stem,
+            &key,
+            size,
+            &format!(
+                "the object changed in S3 since this file was staged (expected {}, found {})",
+                expected.unwrap_or("no object"),
+                found.unwrap_or("no object")
+            ),
+        );
+        return false;
+    }
+    if record.upload_id.is_some() && record.part_size > 0 {
+        // A stream written out at exit: the data file holds only what was in memory.
+        return complete_stream(ctx, stem, &data, &record, size, report).await;
+    }
+    if let Some(id) = record.upload_id.clone()
+        && let Err(e) = abort(ctx, &key, &id, report).await
+    {
+        keep(
+            report,
+            stem,
+            &key,
+            size,
+            &format!("its unfinished upload {id} cannot be aborted: {e}"),
+        );
+        return false;
+    }
+    record.upload_id = None;
+    let metadata: UserMetadata = match (&record.metadata, &current) {
+        (Some(m), _) => m.clone(),
+        (None, Some(info)) => info.metadata.clone(),
+        (None, None) => UserMetadata::new(),
+    };
+    let content_type = current.as_ref().and_then(|i| i.content_type.clone());
+    let entry = Entry::adopt(stem.to_owned(), data);
+    let mut staged = Staged::recovered(ctx.clone(), entry, &record, size);
+    match staged.upload(&metadata, content_type).await {
+        Ok(_) => {
+            report.uploaded += 1;
+            report.uploaded_bytes += size;
+            tracing::warn!(
+                key,
+                size,
+                from = %data_path.display(),
+                "uploaded data an earlier mount left in the cache directory"
+            );
+            // Clean now: dropping it deletes its files.
+            drop(staged);
+            true
+        }
+        Err(e) => {
+            keep(
+                report,
+                stem,
+                &key,
+                size,
+                &format!("the upload failed: {}", e.message),
+            );
+            false
+        }
+    }
+}
+
+/// Completes a stream's multipart upload from the parts already in and the bytes the data
+/// file holds; aborts it and keeps the file when they do not cover the whole file.
+async fn complete_stream(
+    ctx: &Arc<StageCtx>,
+    stem: &Path,
+    data: &File,
+    record: &Record,
+    size: u64,
+    report: &mut ScanReport,
+) -> bool {
+    let key = record.key.clone();
+    let Some(id) = record.upload_id.clone() else {
+        return false;
+    };
+    let part = record.part_size.max(1);
+    let local = {
+        let mut r = crate::ranges::RangeSet::new();
+        for &(a, b) in &record.local {
+            r.insert(a..b);
+        }
+        r
+    };
+    let in_upload: BTreeMap<i32, &str> = record
+        .parts
+        .iter()
+        .map(|p| (p.number, p.etag.as_str()))
+        .collect();
+    // Parts 1..=n cover [0, streamed); the tail [streamed, size) is the last part.
+    let count = record.streamed.div_ceil(part);
+    let mut plan = Vec::new();
+    let mut covered = true;
+    for i in 0..count {
+        let number = i as i32 + 1;
+        let range = i * part..((i + 1) * part).min(record.streamed);
+        match in_upload.get(&number) {
+            Some(etag) => plan.push((number, range, Some(etag.to_string()))),
+            None if local.missing(range.clone()).is_empty() => plan.push((number, range, None)),
+            None => covered = false,
+        }
+    }
+    if size > record.streamed {
+        let range = record.streamed..size;
+        if local.missing(range.clone()).is_empty() {
+            plan.push((count as i32 + 1, range, None));
+        } else {
+            covered = false;
+        }
+    }
+    if !covered {
+        let why = match abort(ctx, &key, &id, report).await {
+            Ok(()) => format!(
+                "parts of the file were neither in the upload nor in the data file (in flight \
+                 when the process ended); upload {id} aborted, the data file holds the rest"
+            ),
+            Err(e) => format!("incomplete, and its upload {id} cannot be aborted: {e}"),
+        };
+        keep(report, stem, &key, size, &why);
+        return false;
+    }
+    let upload_id = UploadId(id.clone());
+    let mut parts = Vec::new();
+    for (number, range, etag) in plan {
+        if let Some(etag) = etag {
+            parts.push(CompletedPart {
+                part_number: number,
+                etag: ETag(etag),
+            });
+            continue;
+        }
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        if let Err(e) = data.read_exact_at(&mut buf, range.start) {
+            keep(report, stem, &key, size, &format!("cannot read it: {e}"));
+            return false;
+        }
+        match ctx
+            .store
+            .upload_part(&ctx.bucket, &key, &upload_id, number, Bytes::from(buf))
+            .await
+        {
+            Ok(p) => parts.push(p),
+            Err(e) => {
+                keep(
+                    report,
+                    stem,
+                    &key,
+                    size,
+                    &format!("sending the rest of upload {id} failed: {e}"),
+                );
+                return false;
+            }
+        }
+    }
+    match ctx
+        .store
+        .complete_multipart_upload(&ctx.bucket, &key, &upload_id, &parts)
+        .await
+    {
+        Ok(_) => {
+            report.uploaded += 1;
+            report.uploaded_bytes += size;
+            tracing::warn!(key, size, from = %stem.display(), upload_id = id, "completed a multipart upload an earlier mount left, from its parts and the data file");
+            remove_all(stem);
+            true
+        }
+        Err(e) => {
+            keep(
+                report,
+                stem,
+                &key,
+                size,
+                &format!("completing upload {id} failed: {e}"),
+            );
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::budget::{BufPool, Disk, Memory};
+    use crate::cache_dir::CacheDir;
+    use crate::stage::Base;
+    use futures::TryStreamExt;
+    use s3vol_s3::{BucketName, MemStore, ObjectStore, PutOptions};
+
+    async fn ctx(store: &Arc<MemStore>, dir: &Path) -> Arc<StageCtx> {
+        let bucket = BucketName::new("bkt").unwrap();
+        store.create_bucket(&bucket).await.unwrap();
+        Arc::new(StageCtx {
+            store: store.clone(),
+            bucket,
+            cache: Arc::new(CacheDir::open(dir).unwrap()),
+            part_size: 5 << 20,
+            memory: Arc::new(Memory::new(64 << 20)),
+            disk: Arc::new(Disk::new(1 << 30)),
+            parts: Arc::new(BufPool::new(5 << 20, 2)),
+        })
+    }
+
+    async fn put(ctx: &StageCtx, key: &str, body: &[u8]) -> Base {
+        let r = ctx
+            .store
+            .put_object(
+                &ctx.bucket,
+                key,
+                Bytes::copy_from_slice(body),
+                &PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        Base {
+            etag: r.etag,
+            size: body.len() as u64,
+        }
+    }
+
+    async fn get(ctx: &StageCtx, key: &str) -> Option<Vec<u8>> {
+        let got = ctx
+            .store
+            .get_object(&ctx.bucket, key, None, None)
+            .await
+            .ok()?;
+        let body: Vec<Bytes> = got.body.try_collect().await.unwrap();
+        Some(body.concat())
+    }
+
+    fn meta() -> UserMetadata {
+        UserMetadata::from([("mode".to_owned(), "33188".to_owned())])
+    }
+
+    fn data_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "data")
+            })
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_dead_mounts_files_are_uploaded_dropped_or_kept_and_a_live_ones_left_alone() {
+        let dir = crate::cache_dir::private_tempdir();
+        let store = Arc::new(MemStore::new());
+        let dead = ctx(&store, dir.path()).await;
+        let original: Vec<u8> = (0..300_000u32).map(|i| (i / 7) as u8).collect();
+        let mut leaked = Vec::new();
+
+        // An edited object: two ranges written, the rest only in S3.
+        let base = put(&dead, "edited", &original).await;
+        let mut st = Staged::from_object(dead.clone(), "edited", base).unwrap();
+        st.write(100_000, b"patched", meta).await.unwrap();
+        st.write(299_000, b"tail", meta).await.unwrap();
+        leaked.push(st);
+        // A new file, written out of order.
+        let mut st = Staged::new_empty(dead.clone(), "new").unwrap();
+        st.write(5, b" world", meta).await.unwrap();
+        st.write(0, b"hello", meta).await.unwrap();
+        leaked.push(st);
+        // An object another client replaces after the crash.
+        let base = put(&dead, "raced", &original).await;
+        let mut st = Staged::from_object(dead.clone(), "raced", base).unwrap();
+        st.write(5, b"mine", meta).await.unwrap();
+        leaked.push(st);
+        // A clean copy.
+        let base = put(&dead, "clean", &original).await;
+        let mut st = Staged::from_object(dead.clone(), "clean", base).unwrap();
+        st.write(5, b"done", meta).await.unwrap();
+        st.upload(&meta(), None).await.unwrap();
+        leaked.push(st);
+        // A stream with parts in a multipart upload and the rest in memory.
+        let mut st = Staged::new_empty(dead.clone(), "stream").unwrap();
+        st.write(0, &vec![1u8; 12 << 20], meta).await.unwrap();
+        leaked.push(st);
+        // The process dies: nothing of it runs any more.
+        for st in leaked {
+            std::mem::forget(st);
+        }
+        dead.cache.unlock_as_if_dead();
+        put(&dead, "raced", b"theirs").await;
+
+        // Another mount using the directory, alive, with a dirty file.
+        let live = ctx(&store, dir.path()).await;
+        let mut other = Staged::new_empty(live.clone(), "live").unwrap();
+        other.write(3, b"x", meta).await.unwrap();
+
+        let fresh = ctx(&store, dir.path()).await;
+        let report = scan(&fresh).await;
+        assert_eq!(
+            (
+                report.dropped,
+                report.uploaded,
+                report.kept,
+                report.aborted,
+                report.live_instances
+            ),
+            (1, 2, 1, 1, 1),
+            "{report:?}"
+        );
+        let mut expected = original.clone();
+        expected[100_000..100_007].copy_from_slice(b"patched");
+        expected[299_000..299_004].copy_from_slice(b"tail");
+        assert!(get(&fresh, "edited").await.unwrap() == expected);
+        assert_eq!(get(&fresh, "new").await.unwrap(), b"hello world");
+        assert_eq!(get(&fresh, "raced").await.unwrap(), b"theirs");
+        assert!(
+            get(&fresh, "stream").await.is_none(),
+            "never closed, never in S3"
+        );
+        assert_eq!(
+            data_files(dir.path()),
+            2,
+            "the kept file and the live mount's"
+        );
+        assert!(other.path().exists(), "a live mount's file is not touched");
+        assert_eq!(
+            fresh.disk.used(),
+            original.len() as u64,
+            "what stays counts"
+        );
+        // A second scan finds only what stays.
+        let again = scan(&ctx(&store, dir.path()).await).await;
+        assert_eq!((again.uploaded, again.kept, again.dropped), (0, 1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_stream_written_out_at_exit_is_completed_from_its_parts_and_the_data_file() {
+        let dir = crate::cache_dir::private_tempdir();
+        let store = Arc::new(MemStore::new());
+        let dead = ctx(&store, dir.path()).await;
+        let content: Vec<u8> = (0..(12u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let mut st = Staged::new_empty(dead.clone(), "s").unwrap();
+        for c in content.chunks(1 << 20) {
+            let at = st.size();
+            st.write(at, c, meta).await.unwrap();
+        }
+        // Wait for the parts in flight, as an orderly exit does.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        st.keep_stream_bytes().unwrap();
+        std::mem::forget(st);
+        dead.cache.unlock_as_if_dead();
+
+        let fresh = ctx(&store, dir.path()).await;
+        let report = scan(&fresh).await;
+        assert_eq!((report.uploaded, report.kept), (1, 0), "{report:?}");
+        assert!(get(&fresh, "s").await.unwrap() == content);
+        assert_eq!(data_files(dir.path()), 0);
+    }
+}
