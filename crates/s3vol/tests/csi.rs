@@ -6,6 +6,9 @@
 //! lazily unmounts every path the test used and kills every process it started, so a failing
 //! test leaves no mount behind. Every wait is bounded.
 //!
+//! Both processes run with umask 000, so the modes of the sockets they create are their own.
+//! The CSI process is told the test's temporary directory is the kubelet directory.
+//!
 //! Needs root, `/dev/fuse` and the test S3 server (`scripts/s3-server.sh start`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -40,6 +43,23 @@ struct Harness {
     /// Paths that may be mounted, unmounted (lazily) on drop, last first.
     mounts: Vec<PathBuf>,
     exe: Option<PathBuf>,
+    /// Where the CSI process finds the mounter.
+    mounter_socket: PathBuf,
+    /// The host pid of a mounter that runs as PID 1 of its own PID namespace (as deployed).
+    ns_init: Option<i32>,
+    /// The mounter runs in a PID namespace of its own: the pids in the state records are
+    /// that namespace's, never to be signalled from here.
+    deployed: bool,
+}
+
+fn with_umask_000(cmd: &mut Command) {
+    // SAFETY: umask is async-signal-safe and cannot fail.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -61,12 +81,16 @@ impl Harness {
             .prefix("s3vol-csi-")
             .tempdir()
             .unwrap();
+        let mounter_socket = dir.path().join("mounter.sock");
         let mut h = Harness {
             dir,
             mounter: None,
             csi: None,
             mounts: Vec::new(),
             exe,
+            mounter_socket,
+            ns_init: None,
+            deployed: false,
         };
         h.start_mounter();
         h.start_csi();
@@ -102,6 +126,7 @@ impl Harness {
         if let Some(exe) = &self.exe {
             cmd.arg("--exe").arg(exe);
         }
+        with_umask_000(&mut cmd);
         self.mounter = Some(cmd.spawn().unwrap());
         let sock = self.path("mounter.sock");
         wait_for("the mounter socket", Duration::from_secs(20), || {
@@ -110,13 +135,17 @@ impl Harness {
     }
 
     fn start_csi(&mut self) {
-        let child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        with_umask_000(&mut cmd);
+        let child = cmd
             .args(["csi", "--endpoint"])
             .arg(format!("unix://{}", self.path("csi.sock").display()))
             .args(["--node-id", "test-node", "--mode", "all", "--state-dir"])
             .arg(self.path("state"))
+            .arg("--kubelet-dir")
+            .arg(self.dir.path())
             .arg("--mounter-socket")
-            .arg(self.path("mounter.sock"))
+            .arg(&self.mounter_socket)
             .args(["--log-level", "info", "--mount-timeout", "60"])
             // No credentials in the environment: the secrets in the requests must be used.
             .env_remove("AWS_ACCESS_KEY_ID")
@@ -199,9 +228,15 @@ impl Drop for Harness {
                 }
             }
         }
-        for pid in self.serving_pids() {
-            // SAFETY: plain kill(2) of a process this test started (via the mounter).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        if let Some(init) = self.ns_init {
+            // SAFETY: kill(2) of the PID 1 of the namespace this test made; the kernel then
+            // kills every process in that namespace.
+            unsafe { libc::kill(init, libc::SIGKILL) };
+        } else if !self.deployed {
+            for pid in self.serving_pids() {
+                // SAFETY: plain kill(2) of a process this test started (via the mounter).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
         for c in [self.csi.take(), self.mounter.take()].into_iter().flatten() {
             let mut c = c;
@@ -645,7 +680,8 @@ async fn csi_node_errors_and_idempotent_cleanup() {
 }
 
 /// A stand-in for `s3vol mount` that records what it was given and fails like a real mount
-/// failure would: the reason on stderr, a non-zero exit.
+/// failure would: the reason on stderr, a non-zero exit — and, like a process that closes its
+/// descriptors before it gets round to saying why, only a second after closing its ready pipe.
 fn failing_mount_program(dir: &Path) -> PathBuf {
     let p = dir.join("fake-mount.sh");
     std::fs::write(
@@ -656,6 +692,8 @@ fn failing_mount_program(dir: &Path) -> PathBuf {
              cat <&4 > {dir}/credentials\n\
              ls -l /proc/$$/fd > {dir}/fds 2>&1\n\
              env > {dir}/env\n\
+             exec 5>&-\n\
+             sleep 1\n\
              echo 'fake mount: bucket does not exist (NoSuchBucket)' >&2\n\
              exit 3\n",
             dir = dir.display()
@@ -1537,5 +1575,765 @@ async fn csi_concurrent_calls_on_one_volume_are_serialised() {
     unpublish(&mut node, &v, &target).await;
     unstage(&mut node, &v, &staging).await;
     assert_eq!(mount_count(&target) + mount_count(&staging), 0);
+    h.mounts.clear();
+}
+
+/// The serving process of a volume staged through the harness, from its state record.
+fn the_serving_pid(h: &Harness) -> i32 {
+    let pids = h.serving_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    pids[0]
+}
+
+fn is_gone(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.contains(") Z ") || s.contains(") X "))
+        .unwrap_or(true)
+}
+
+fn mode_of(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// A tmpfs mounted at `path` holding one file, as another component of the node would have it.
+struct ForeignMount(PathBuf);
+
+impl ForeignMount {
+    fn new(path: &Path) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "foreign"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::write(path.join("precious"), b"not s3vol's").unwrap();
+        ForeignMount(path.to_owned())
+    }
+
+    fn intact(&self) -> bool {
+        std::fs::read(self.0.join("precious")).is_ok_and(|b| b == b"not s3vol's")
+    }
+}
+
+impl Drop for ForeignMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn csi_node_touches_only_kubelet_paths_and_only_its_own_mounts() {
+    let mut h = Harness::start();
+    // Sockets: private whatever the umask (the drivers run with umask 000).
+    assert_eq!(mode_of(&h.path("mounter.sock")), 0o600);
+    assert_eq!(mode_of(&h.path("csi.sock")), 0o660);
+
+    let mut node = h.node().await;
+    let cap = mount_cap(Mode::SingleNodeWriter, &[], "");
+    let ctx = HashMap::from([("bucket".to_owned(), "some-bucket".to_owned())]);
+    let outside = tempfile::tempdir().unwrap();
+    let out_staging = outside.path().join("staging");
+    let out_target = outside.path().join("target");
+    std::fs::create_dir_all(&out_staging).unwrap();
+    let e = node
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: "v".into(),
+            staging_target_path: out_staging.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            volume_context: ctx.clone(),
+            secrets: secrets(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a staging path outside the kubelet directory");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("kubelet directory"), "{}", e.message());
+    // `..` cannot walk out of it either.
+    let sneaky = format!("{}/../{}", h.dir.path().display(), out_target.display());
+    for target in [out_target.display().to_string(), sneaky] {
+        let e = node
+            .node_publish_volume(NodePublishVolumeRequest {
+                volume_id: "v".into(),
+                staging_target_path: h.path("staging/v").display().to_string(),
+                target_path: target,
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            })
+            .await
+            .expect_err("a target outside the kubelet directory");
+        assert_eq!(e.code(), Code::InvalidArgument);
+    }
+    assert!(!out_target.exists());
+    assert!(!is_mounted(&out_staging));
+
+    // A mount that is not s3vol's is never unmounted, whatever the call.
+    let staging = h.path("staging/v");
+    let target = h.path("pods/p/mount");
+    let f1 = ForeignMount::new(&target);
+    let f2 = ForeignMount::new(&staging);
+    let e = node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: "v".into(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .expect_err("unpublish of a foreign mount");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    let e = node
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: "v".into(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await
+        .expect_err("unstage of a foreign mount");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(f1.intact() && f2.intact());
+    assert!(is_mounted(&target) && is_mounted(&staging));
+    drop((f1, f2));
+    h.mounts.clear();
+}
+
+/// A volume whose serving process died: every cleanup call succeeds and leaves nothing; a
+/// path holding the dead mount is cleaned before the volume is mounted there again.
+#[tokio::test]
+async fn csi_dead_mounts_never_wedge_the_node() {
+    let mut h = Harness::start();
+    let cap = mount_cap(Mode::SingleNodeWriter, &[], "");
+    let (v, staging, target) = staged_static(&mut h, "csi-wedge", cap.clone()).await;
+    let mut node = h.node().await;
+    let pid = the_serving_pid(&h);
+    // SAFETY: kill(2) of the serving process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for(
+        "the serving process to die",
+        Duration::from_secs(20),
+        || is_gone(pid),
+    );
+    let e = std::fs::metadata(&target).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+
+    // Pod deleted: unpublish and unstage succeed on the dead mounts, twice, leaving nothing.
+    for _ in 0..2 {
+        unpublish(&mut node, &v, &target).await;
+        unstage(&mut node, &v, &staging).await;
+    }
+    assert!(!is_mounted(&target) && !is_mounted(&staging));
+    assert!(!target.exists(), "the target directory is removed");
+    assert!(staging.is_dir(), "the staging directory is usable again");
+
+    // Kubelet retried before it cleaned up: stage and publish on paths holding dead mounts.
+    stage(&h, &mut node, &v, &staging, cap.clone()).await;
+    publish(&mut node, &v, &staging, &target, false).await;
+    let pid = the_serving_pid(&h);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for(
+        "the serving process to die",
+        Duration::from_secs(20),
+        || is_gone(pid),
+    );
+    stage(&h, &mut node, &v, &staging, cap.clone()).await;
+    publish(&mut node, &v, &staging, &target, false).await;
+    assert_eq!(
+        mount_count(&staging),
+        1,
+        "the dead staging mount is replaced"
+    );
+    assert_eq!(mount_count(&target), 1, "the dead bind mount is replaced");
+    std::fs::write(target.join("after.txt"), b"alive again").unwrap();
+    assert_eq!(
+        std::fs::read(staging.join("after.txt")).unwrap(),
+        b"alive again"
+    );
+    unpublish(&mut node, &v, &target).await;
+    unstage(&mut node, &v, &staging).await;
+    assert!(!is_mounted(&target) && !is_mounted(&staging));
+    h.mounts.clear();
+}
+
+/// A process in a private mount namespace holds copies of the volume's mounts: the host's
+/// unmount never reaches them, yet unstage ends the serving process.
+#[tokio::test]
+async fn csi_unstage_ends_the_serving_process_even_when_another_namespace_holds_the_mount() {
+    let mut h = Harness::start();
+    let (v, staging, target) = staged_static(
+        &mut h,
+        "csi-pinned",
+        mount_cap(Mode::SingleNodeWriter, &[], ""),
+    )
+    .await;
+    let pid = the_serving_pid(&h);
+    let mut pinner = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sleep", "120"])
+        .spawn()
+        .unwrap();
+    let pinner_pid = pinner.id();
+    wait_for(
+        "the private namespace to hold a copy",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(format!("/proc/{pinner_pid}/mountinfo"))
+                .is_ok_and(|m| m.contains(staging.to_str().unwrap()))
+                && std::fs::read_link(format!("/proc/{pinner_pid}/ns/mnt")).ok()
+                    != std::fs::read_link("/proc/self/ns/mnt").ok()
+        },
+    );
+    let mut node = h.node().await;
+    unpublish(&mut node, &v, &target).await;
+    unstage(&mut node, &v, &staging).await;
+    let ended = is_gone(pid);
+    let _ = pinner.kill();
+    let _ = pinner.wait();
+    assert!(
+        ended,
+        "the serving process outlived unstage\n{}",
+        h.csi_log()
+    );
+    h.mounts.clear();
+}
+
+/// A serving process that says `ready` and then dies: NodeStage fails with its reason and
+/// leaves nothing mounted.
+#[tokio::test]
+async fn csi_stage_fails_with_the_reason_of_a_process_that_dies_after_ready() {
+    let scratch = tempfile::tempdir().unwrap();
+    let fake = scratch.path().join("ready-then-die.sh");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n\
+         echo ready >&5\n\
+         exec 5>&-\n\
+         echo 'fake mount: cannot open /dev/fuse for a worker thread: Permission denied' >&2\n\
+         exit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut h = Harness::start_with_exe(Some(fake));
+    let mut node = h.node().await;
+    let staging = h.path("staging/v");
+    std::fs::create_dir_all(&staging).unwrap();
+    h.mounts.push(staging.clone());
+    let e = node
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: "bucket:dies".into(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(mount_cap(Mode::SingleNodeWriter, &[], "")),
+            volume_context: HashMap::from([
+                ("bucket".to_owned(), "some-bucket".to_owned()),
+                ("endpoint".to_owned(), "http://127.0.0.1:9".to_owned()),
+            ]),
+            secrets: secrets(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a volume nobody serves must not stage");
+    assert!(
+        e.message().contains("Permission denied"),
+        "the error carries the serving process's reason: {}",
+        e.message()
+    );
+    assert!(!is_mounted(&staging));
+    h.mounts.clear();
+}
+
+/// SIGTERM to the mounter (its pod deleted or drained): each serving process uploads what it
+/// holds and exits, then the mounter exits.
+#[tokio::test]
+async fn csi_mounter_sigterm_uploads_pending_data_and_ends_serving_processes() {
+    let mut h = Harness::start();
+    let (v, _staging, target) = staged_static(
+        &mut h,
+        "csi-sigterm",
+        mount_cap(Mode::SingleNodeWriter, &[], ""),
+    )
+    .await;
+    let bucket = BucketName::new(v.context["bucket"].clone()).unwrap();
+    let pid = the_serving_pid(&h);
+    // Written, not closed: only the shutdown can upload it.
+    let mut f = std::fs::File::create(target.join("pending.txt")).unwrap();
+    f.write_all(b"uploaded at shutdown").unwrap();
+    let mut mounter = h.mounter.take().unwrap();
+    // SAFETY: kill(2) of the mounter this test started.
+    unsafe { libc::kill(mounter.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = mounter.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the mounter did not exit after SIGTERM\n{}",
+            h.csi_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}\n{}", h.csi_log());
+    assert!(is_gone(pid), "the serving process outlived its mounter");
+    let s3 = store().await;
+    assert_eq!(keys(&s3, &bucket, "").await, ["pending.txt"]);
+    let got = s3
+        .get_object(&bucket, "pending.txt", None, None)
+        .await
+        .unwrap();
+    let chunks: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(got.body).await.unwrap();
+    assert_eq!(chunks.concat(), b"uploaded at shutdown");
+    drop(f);
+    h.mounts.clear();
+}
+
+/// The cache directory of a volume goes with NodeUnstage; at node plugin start, empty ones of
+/// volumes no longer staged go, and one that still holds files is kept.
+#[tokio::test]
+async fn csi_cache_directories_of_gone_volumes_are_removed() {
+    let mut h = Harness::start();
+    let cache = h.path("cache");
+    let dirs = |p: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(p)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let (v, staging, target) = staged_static(
+        &mut h,
+        "csi-cache",
+        mount_cap(Mode::SingleNodeWriter, &[], ""),
+    )
+    .await;
+    std::fs::write(target.join("f"), b"x").unwrap();
+    assert_eq!(
+        dirs(&cache).len(),
+        1,
+        "one cache directory per staged volume"
+    );
+    let mut node = h.node().await;
+    unpublish(&mut node, &v, &target).await;
+    unstage(&mut node, &v, &staging).await;
+    assert!(dirs(&cache).is_empty(), "left: {:?}", dirs(&cache));
+
+    std::fs::create_dir_all(cache.join("0123456789abcdef/sub")).unwrap();
+    std::fs::create_dir_all(cache.join("fedcba9876543210")).unwrap();
+    std::fs::write(cache.join("fedcba9876543210/x.data"), b"maybe not in S3").unwrap();
+    h.kill_csi();
+    h.start_csi();
+    wait_for(
+        "the empty cache directory to go",
+        Duration::from_secs(30),
+        || dirs(&cache) == ["fedcba9876543210"],
+    );
+    assert!(h.csi_log().contains("may not be in S3"));
+    h.mounts.clear();
+}
+
+// ---- as deployed: the mounter under the settings the rendered manifests give it ----
+
+/// What the rendered manifests give the s3vol containers at run time
+/// (deploy/tests/runtime_spec.py): from `S3VOL_DEPLOYED_SPEC` (scripts/check-deploy.sh
+/// renders it and runs this test), else rendered here with the deploy checks' virtualenv.
+fn deployed_spec() -> Result<serde_json::Value, String> {
+    if let Ok(p) = std::env::var("S3VOL_DEPLOYED_SPEC") {
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
+        return Ok(serde_json::from_str(&text).unwrap());
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = repo.join(".deploy-check/venv/bin/python");
+    if !python.exists() {
+        return Err(format!(
+            "{} does not exist: scripts/check-deploy.sh makes it and runs this test",
+            python.display()
+        ));
+    }
+    let out = Command::new(python)
+        .arg(repo.join("deploy/tests/runtime_spec.py"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rendering the manifests: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// `setpriv` flags giving a process the user, groups, capabilities and no_new_privs of a
+/// container spec.
+fn setpriv_flags(c: &serde_json::Value) -> String {
+    let mut f = format!(
+        "--reuid={} --regid={}",
+        c["user"].as_u64().unwrap(),
+        c["group"].as_u64().unwrap()
+    );
+    let groups: Vec<String> = c["supplementalGroups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_u64().unwrap().to_string())
+        .collect();
+    if groups.is_empty() {
+        f += " --clear-groups";
+    } else {
+        f += &format!(" --groups={}", groups.join(","));
+    }
+    if c["noNewPrivs"].as_bool().unwrap() {
+        f += " --no-new-privs";
+    }
+    if !c["privileged"].as_bool().unwrap() {
+        assert!(
+            c["capsDropAll"].as_bool().unwrap(),
+            "every unprivileged s3vol container drops ALL capabilities"
+        );
+        let add: String = c["capsAdd"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| format!(",+{}", x.as_str().unwrap()))
+            .collect();
+        f += &format!(" --bounding-set=-all{add} --inh-caps=-all{add}");
+    }
+    f
+}
+
+/// Where a path of the container lives on the stand-in host, through its hostPath mounts.
+fn host_path_of(c: &serde_json::Value, host: &Path, path: &str) -> PathBuf {
+    let m = c["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| Path::new(path).starts_with(m["mountPath"].as_str().unwrap()))
+        .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
+        .unwrap_or_else(|| panic!("{path} is on no volume of the container"));
+    let rest = Path::new(path)
+        .strip_prefix(m["mountPath"].as_str().unwrap())
+        .unwrap();
+    let hp = m["hostPath"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{path} is not on a hostPath volume"));
+    host.join(hp.trim_start_matches('/')).join(rest)
+}
+
+impl Harness {
+    /// The mounter as the manifests deploy it: in a PID namespace of its own as PID 1, chrooted
+    /// into a root that has the host's /usr and /etc read-only, a /dev without `fuse`, and
+    /// exactly the container's volumes (hostPath volumes from a stand-in host directory,
+    /// emptyDirs as tmpfs), read-only when the manifests say so; the init containers run
+    /// first, the same way; then the user, groups, capabilities and no_new_privs of the
+    /// container. The CSI side runs on the host as the privileged node plugin does.
+    fn start_as_deployed(spec: &serde_json::Value) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("s3vol-csi-deployed-")
+            .tempdir()
+            .unwrap();
+        let host = dir.path().join("host");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        let main = spec["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "s3vol")
+            .expect("the mounter container");
+        let inits = spec["init"].as_array().unwrap();
+        let q = |p: &Path| sh_quote(p.to_str().unwrap());
+        let r = q(&root);
+        let mut script = String::from("set -eu\n");
+        script += &format!("mount -t tmpfs -o mode=0755 s3vol-root {r}\n");
+        script += &format!(
+            "for d in usr etc; do mkdir {r}/$d; mount --rbind /$d {r}/$d; \
+             mount -o remount,bind,ro {r}/$d; done\n\
+             for d in bin sbin lib lib32 lib64 libx32; do \
+               if [ -L /$d ]; then ln -s \"$(readlink /$d)\" {r}/$d; \
+               elif [ -d /$d ]; then mkdir {r}/$d; mount --rbind /$d {r}/$d; \
+                 mount -o remount,bind,ro {r}/$d; fi; done\n\
+             mkdir {r}/dev {r}/proc {r}/s3vol-bin\n\
+             mount -t tmpfs -o mode=0755,nosuid s3vol-dev {r}/dev\n\
+             for d in null zero full random urandom tty; do touch {r}/dev/$d; \
+               mount --bind /dev/$d {r}/dev/$d; done\n\
+             mount -t proc proc {r}/proc\n\
+             touch {r}/s3vol-bin/s3vol\n\
+             mount --bind {bin} {r}/s3vol-bin/s3vol\n",
+            bin = sh_quote(BIN)
+        );
+        let mut seen = Vec::new();
+        for c in inits.iter().chain([main]) {
+            for m in c["mounts"].as_array().unwrap() {
+                let at = m["mountPath"].as_str().unwrap();
+                if seen.contains(&at.to_owned()) {
+                    continue;
+                }
+                seen.push(at.to_owned());
+                let target = format!("{r}{}", sh_quote(at));
+                script += &format!("mkdir -p {target}\n");
+                if let Some(hp) = m["hostPath"].as_str() {
+                    let src = host.join(hp.trim_start_matches('/'));
+                    std::fs::create_dir_all(&src).unwrap();
+                    script += &format!("mount --bind {} {target}\n", q(&src));
+                } else if m["emptyDir"].as_bool().unwrap() {
+                    script += &format!("mount -t tmpfs -o mode=0777 s3vol-empty {target}\n");
+                } else {
+                    panic!("volume at {at} is neither a hostPath nor an emptyDir");
+                }
+                if m["readOnly"].as_bool().unwrap() {
+                    script += &format!("mount -o remount,bind,ro {target}\n");
+                }
+            }
+        }
+        if main["readOnlyRootFilesystem"].as_bool().unwrap() {
+            script += &format!("mount -o remount,ro {r}\n");
+        }
+        let env = "env -i PATH=/usr/local/bin:/usr/bin:/bin AWS_EC2_METADATA_DISABLED=true";
+        for c in inits {
+            let argv: Vec<String> = c["command"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .chain(c["args"].as_array().unwrap())
+                .map(|a| sh_quote(a.as_str().unwrap()))
+                .collect();
+            script += &format!(
+                "{env} chroot {r} /usr/bin/setpriv {} -- {}\n",
+                setpriv_flags(c),
+                argv.join(" ")
+            );
+        }
+        let mut socket = None;
+        let mut args = Vec::new();
+        for a in main["args"].as_array().unwrap() {
+            let a = a.as_str().unwrap();
+            if let Some(s) = a.strip_prefix("--socket=") {
+                socket = Some(host_path_of(main, &host, s));
+            }
+            // Metrics on a port of their own: other tests may run this one at the same time.
+            if a.starts_with("--metrics-addr=") {
+                args.push(sh_quote("--metrics-addr=127.0.0.1:0"));
+                continue;
+            }
+            args.push(sh_quote(a));
+        }
+        let envs: String = main["env"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| format!(" {}", sh_quote(&format!("{k}={}", v.as_str().unwrap()))))
+            .collect();
+        script += &format!(
+            "exec {env}{envs} chroot {r} /usr/bin/setpriv {} -- /s3vol-bin/s3vol {}\n",
+            setpriv_flags(main),
+            args.join(" ")
+        );
+        let mounter_socket = socket.expect("the mounter's --socket");
+        let log = std::fs::File::create(dir.path().join("mounter.log")).unwrap();
+        let unshare = Command::new("unshare")
+            .args([
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--mount",
+                "--propagation",
+                "private",
+            ])
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let upid = unshare.id();
+        let mut init = 0;
+        wait_for("the mounter as PID 1", Duration::from_secs(20), || {
+            init = std::fs::read_to_string(format!("/proc/{upid}/task/{upid}/children"))
+                .ok()
+                .and_then(|c| c.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            init > 0
+                && std::fs::read(format!("/proc/{init}/cmdline"))
+                    .is_ok_and(|c| c.starts_with(b"/s3vol-bin/s3vol\0mounter"))
+        });
+        let mut h = Harness {
+            dir,
+            mounter: Some(unshare),
+            csi: None,
+            mounts: Vec::new(),
+            exe: None,
+            mounter_socket,
+            ns_init: Some(init),
+            deployed: true,
+        };
+        let sock = h.mounter_socket.clone();
+        wait_for("the mounter socket", Duration::from_secs(20), || {
+            sock.exists()
+        });
+        h.start_csi();
+        h
+    }
+}
+
+fn status_field(pid: i32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("{field} missing from /proc/{pid}/status"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Checks a process runs as the container spec says: user, groups, no capabilities, not
+/// dumpable, no `/dev/fuse` it opened itself.
+fn assert_runs_as(pid: i32, c: &serde_json::Value, what: &str) {
+    let (u, g) = (c["user"].as_u64().unwrap(), c["group"].as_u64().unwrap());
+    assert_eq!(
+        status_field(pid, "Uid"),
+        format!("{u} {u} {u} {u}"),
+        "{what}"
+    );
+    assert_eq!(
+        status_field(pid, "Gid"),
+        format!("{g} {g} {g} {g}"),
+        "{what}"
+    );
+    let groups: Vec<String> = c["supplementalGroups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.to_string())
+        .collect();
+    assert_eq!(status_field(pid, "Groups"), groups.join(" "), "{what}");
+    if c["capsAdd"].as_array().unwrap().is_empty() {
+        assert_eq!(status_field(pid, "CapEff"), "0000000000000000", "{what}");
+        assert_eq!(status_field(pid, "CapBnd"), "0000000000000000", "{what}");
+    }
+    if c["noNewPrivs"].as_bool().unwrap() {
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1", "{what}");
+    }
+    // Not dumpable: its /proc directory belongs to root, whatever its uid.
+    if u != 0 {
+        let owner = std::os::unix::fs::MetadataExt::uid(
+            &std::fs::metadata(format!("/proc/{pid}")).unwrap(),
+        );
+        assert_eq!(owner, 0, "{what} is dumpable");
+    }
+    assert!(
+        !Path::new(&format!("/proc/{pid}/root/dev/fuse")).exists(),
+        "{what} sees /dev/fuse"
+    );
+}
+
+#[tokio::test]
+async fn csi_as_deployed_mounter_serves_without_dev_fuse_as_pid_1_and_drains_on_sigterm() {
+    let spec = match deployed_spec() {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let m = &spec["mounter"];
+    let main = m["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "s3vol")
+        .unwrap()
+        .clone();
+    // The mounter's own shutdown timeout fits in the pod's grace period, with room to log.
+    let grace = m["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let shutdown = main["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|a| {
+            a.as_str()?
+                .strip_prefix("--shutdown-timeout=")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(270u64);
+    assert!(
+        shutdown + 10 <= grace,
+        "--shutdown-timeout {shutdown} s does not fit terminationGracePeriodSeconds {grace}"
+    );
+
+    let mut h = Harness::start_as_deployed(m);
+    let init = h.ns_init.unwrap();
+    assert_eq!(
+        status_field(init, "NSpid"),
+        format!("{init} 1"),
+        "the mounter is PID 1 of its own PID namespace"
+    );
+    assert_runs_as(init, &main, "the mounter");
+
+    let (v, staging, target) = staged_static(
+        &mut h,
+        "csi-deployed",
+        mount_cap(Mode::SingleNodeWriter, &[], "3000"),
+    )
+    .await;
+    std::fs::write(target.join("hello.txt"), b"served without /dev/fuse").unwrap();
+    assert_eq!(
+        std::fs::read(staging.join("hello.txt")).unwrap(),
+        b"served without /dev/fuse"
+    );
+    let serving = children(init);
+    assert_eq!(serving.len(), 1, "{serving:?}");
+    let pid = serving[0];
+    assert_runs_as(pid, &main, "the serving process");
+    let fuse_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l == Path::new("/dev/fuse"))
+        .count();
+    assert_eq!(
+        fuse_fds, 1,
+        "the serving process holds only the descriptor it was handed"
+    );
+
+    // The pod is deleted: SIGTERM to PID 1 from outside, as the container runtime sends it.
+    let bucket = BucketName::new(v.context["bucket"].clone()).unwrap();
+    let mut f = std::fs::File::create(target.join("pending.txt")).unwrap();
+    f.write_all(b"uploaded when the pod goes").unwrap();
+    // SAFETY: kill(2) of the namespace's PID 1 this test started.
+    unsafe { libc::kill(init, libc::SIGTERM) };
+    let mut unshare = h.mounter.take().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = unshare.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the mounter did not exit after SIGTERM\n{}",
+            h.csi_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    h.ns_init = None;
+    assert!(status.success(), "{status}\n{}", h.csi_log());
+    let s3 = store().await;
+    let mut got = keys(&s3, &bucket, "").await;
+    got.sort();
+    assert_eq!(got, ["hello.txt", "pending.txt"]);
+    drop(f);
+    let mut node = h.node().await;
+    unpublish(&mut node, &v, &target).await;
+    unstage(&mut node, &v, &staging).await;
+    assert!(!is_mounted(&target) && !is_mounted(&staging));
     h.mounts.clear();
 }

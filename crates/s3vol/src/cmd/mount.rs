@@ -232,8 +232,9 @@ fn owned_fd(fd: RawFd, what: &str) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Reads the credentials JSON; the buffer that held it is zeroed before returning.
 fn read_credentials(fd: RawFd) -> anyhow::Result<StaticCredentials> {
-    let mut json = String::new();
+    let mut json = zeroize::Zeroizing::new(String::new());
     File::from(owned_fd(fd, "--credentials-fd")?)
         .read_to_string(&mut json)
         .context("reading credentials")?;
@@ -313,6 +314,12 @@ fn daemonize() -> anyhow::Result<ExitCode> {
 }
 
 fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
+    if args.fuse_fd.is_some() || args.credentials_fd.is_some() {
+        // A serving process handed credentials or a connection: no core dumps, no ptrace by
+        // same-uid processes, /proc/<pid>/mem closed to them.
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+            .context("making the process non-dumpable")?;
+    }
     let mut s3 = args.s3.to_config();
     if let Some(fd) = args.credentials_fd {
         s3.credentials = CredentialSource::Static(read_credentials(fd)?);
