@@ -2090,6 +2090,7 @@ impl Harness {
             script += &format!("mount -o remount,ro {r}\n");
         }
         let env = "env -i PATH=/usr/local/bin:/usr/bin:/bin AWS_EC2_METADATA_DISABLED=true";
+        let chroot = "/usr/sbin/chroot";
         for c in inits {
             let argv: Vec<String> = c["command"]
                 .as_array()
@@ -2099,7 +2100,7 @@ impl Harness {
                 .map(|a| sh_quote(a.as_str().unwrap()))
                 .collect();
             script += &format!(
-                "{env} chroot {r} /usr/bin/setpriv {} -- {}\n",
+                "{env} {chroot} {r} /usr/bin/setpriv {} -- {}\n",
                 setpriv_flags(c),
                 argv.join(" ")
             );
@@ -2125,7 +2126,7 @@ impl Harness {
             .map(|(k, v)| format!(" {}", sh_quote(&format!("{k}={}", v.as_str().unwrap()))))
             .collect();
         script += &format!(
-            "exec {env}{envs} chroot {r} /usr/bin/setpriv {} -- /s3vol-bin/s3vol {}\n",
+            "exec {env}{envs} {chroot} {r} /usr/bin/setpriv {} -- /s3vol-bin/s3vol {}\n",
             setpriv_flags(main),
             args.join(" ")
         );
@@ -2146,17 +2147,30 @@ impl Harness {
             .stderr(log)
             .spawn()
             .unwrap();
+        let mut unshare = unshare;
         let upid = unshare.id();
-        let mut init = 0;
-        wait_for("the mounter as PID 1", Duration::from_secs(20), || {
-            init = std::fs::read_to_string(format!("/proc/{upid}/task/{upid}/children"))
+        let start = Instant::now();
+        let init = loop {
+            let init: i32 = std::fs::read_to_string(format!("/proc/{upid}/task/{upid}/children"))
                 .ok()
                 .and_then(|c| c.split_whitespace().next()?.parse().ok())
                 .unwrap_or(0);
-            init > 0
+            if init > 0
                 && std::fs::read(format!("/proc/{init}/cmdline"))
                     .is_ok_and(|c| c.starts_with(b"/s3vol-bin/s3vol\0mounter"))
-        });
+            {
+                break init;
+            }
+            let exited = unshare.try_wait().unwrap();
+            if exited.is_some() || start.elapsed() > Duration::from_secs(20) {
+                let _ = unshare.kill();
+                panic!(
+                    "the mounter did not start as PID 1 ({exited:?}):\n{}\nscript:\n{script}",
+                    std::fs::read_to_string(dir.path().join("mounter.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         let mut h = Harness {
             dir,
             mounter: Some(unshare),
@@ -2223,10 +2237,11 @@ fn assert_runs_as(pid: i32, c: &serde_json::Value, what: &str) {
     if c["noNewPrivs"].as_bool().unwrap() {
         assert_eq!(status_field(pid, "NoNewPrivs"), "1", "{what}");
     }
-    // Not dumpable: its /proc directory belongs to root, whatever its uid.
+    // Not dumpable: its /proc files (all but the directory itself) belong to root, whatever
+    // its uid, so no process of that uid can read its memory or environment.
     if u != 0 {
         let owner = std::os::unix::fs::MetadataExt::uid(
-            &std::fs::metadata(format!("/proc/{pid}")).unwrap(),
+            &std::fs::metadata(format!("/proc/{pid}/environ")).unwrap(),
         );
         assert_eq!(owner, 0, "{what} is dumpable");
     }
