@@ -22,7 +22,9 @@
 //!   lives on in another mount namespace never receives the unmount, and must not keep the
 //!   process (and its connection) alive.
 //! - A path that holds a **dead s3vol mount** (its serving process gone) is cleaned before
-//!   NodeStage or NodePublish mounts there again.
+//!   NodeStage or NodePublish mounts there again, and a background sweep (every 10 s)
+//!   unmounts dead staging mounts on its own, because the kubelet's own `mkdir` fails on them
+//!   before it would call NodeStage.
 //!
 //! **Paths.** The service only mounts, unmounts and removes paths under the kubelet directory
 //! (`--kubelet-dir`); any other staging or target path is INVALID_ARGUMENT. It only unmounts
@@ -64,6 +66,9 @@ use crate::state::{StagedVolume, StateDir};
 
 /// How long `statfs` of a volume may take before it counts as not answering.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often staged volumes are checked for a dead mount (see [`NodeService::sweep`]).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Settings of the node service.
 #[derive(Clone, Debug)]
@@ -125,7 +130,48 @@ impl NodeService {
             adopted: AtomicBool::new(false),
         });
         svc.adopt()?;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&svc);
+            rt.spawn(async move {
+                loop {
+                    let Some(svc) = weak.upgrade() else { return };
+                    svc.sweep().await;
+                    drop(svc);
+                    tokio::time::sleep(SWEEP_INTERVAL).await;
+                }
+            });
+        }
         Ok(svc)
+    }
+
+    /// Unmounts the staging mounts whose serving process is gone (they answer ENOTCONN). A
+    /// kubelet cannot get past such a directory by itself — its own `mkdir -p` of the staging
+    /// path fails on it ("file exists"), so it never calls NodeStageVolume again — while a
+    /// plain directory lets it stage the volume afresh. The record stays (NodeUnstageVolume
+    /// still comes); pods that had the volume published see ENOTCONN until they restart.
+    async fn sweep(&self) {
+        let Ok(records) = self.state.load_all() else {
+            return;
+        };
+        for (id, v) in records {
+            let _guard = self.locks.lock(&id).await;
+            if !matches!(mounts::top_mount_at(&v.staging_path), Ok(Some(m)) if m.fstype == FSTYPE) {
+                continue;
+            }
+            let Health::Error(io::ErrorKind::NotConnected, _) =
+                mounts::probe(&v.staging_path, PROBE_TIMEOUT).await
+            else {
+                continue;
+            };
+            tracing::warn!(volume = %id, staging = %v.staging_path.display(), "the serving process of this volume is gone; unmounting its dead staging mount so that the kubelet can stage it again");
+            if let Err(e) = unmount_ours(&v.staging_path) {
+                tracing::error!(volume = %id, error = %e, "unmounting a dead staging mount");
+                continue;
+            }
+            if let Err(e) = self.stop_serving(&id, &v.staging_path, v.pid).await {
+                tracing::warn!(volume = %id, error = %e, "cleaning up after a dead serving process");
+            }
+        }
     }
 
     /// Takes over the records of an earlier run: a record whose staging path is still an s3vol

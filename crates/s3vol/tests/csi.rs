@@ -2352,3 +2352,40 @@ async fn csi_as_deployed_mounter_serves_without_dev_fuse_as_pid_1_and_drains_on_
     assert!(!is_mounted(&target) && !is_mounted(&staging));
     h.mounts.clear();
 }
+
+/// The kubelet cannot stage a volume again while its staging directory is a dead mount (its
+/// own `mkdir -p` fails there): the node plugin unmounts such a mount by itself.
+#[tokio::test]
+async fn csi_dead_staging_mounts_are_unmounted_without_a_call() {
+    let mut h = Harness::start();
+    let (v, staging, target) = staged_static(
+        &mut h,
+        "csi-sweep",
+        mount_cap(Mode::SingleNodeWriter, &[], ""),
+    )
+    .await;
+    let pid = the_serving_pid(&h);
+    // SAFETY: kill(2) of the serving process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for(
+        "the dead staging mount to be unmounted",
+        Duration::from_secs(40),
+        || !is_mounted(&staging),
+    );
+    // What the kubelet does next works: mkdir -p, then stage.
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut node = h.node().await;
+    stage(
+        &h,
+        &mut node,
+        &v,
+        &staging,
+        mount_cap(Mode::SingleNodeWriter, &[], ""),
+    )
+    .await;
+    std::fs::write(staging.join("again.txt"), b"x").unwrap();
+    unpublish(&mut node, &v, &target).await;
+    unstage(&mut node, &v, &staging).await;
+    assert!(!is_mounted(&target) && !is_mounted(&staging));
+    h.mounts.clear();
+}
