@@ -3,6 +3,13 @@
 //! Every request is handed to the tokio runtime as a task that replies when done, so slow S3
 //! calls never hold up the threads reading `/dev/fuse`, and requests run concurrently. This is
 //! the only module that knows `fuser`'s types.
+//!
+//! Reader threads: a mount made here gives each its own cloned descriptor
+//! (`FUSE_DEV_IOC_CLONE`, which needs a fresh `open("/dev/fuse")`); a handed-over descriptor
+//! ([`FuseServer::from_fd`], the CSI case) is shared by all of them instead, because a serving
+//! process never opens `/dev/fuse` (DESIGN.md decision 11; the mounter's pod has none). This
+//! departs from "cloned fds" in decision 2 for that case only; the kernel still gives each
+//! request to exactly one reader.
 
 use std::ffi::OsStr;
 use std::io;
