@@ -399,6 +399,13 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("serving metrics on {addr}"))?;
     }
     let store: Arc<dyn ObjectStore> = Arc::new(rt.block_on(AwsStore::new(&s3)));
+    // The client holds its own copy (in zeroing storage); ours is wiped now.
+    if let CredentialSource::Static(c) = &mut s3.credentials {
+        use zeroize::Zeroize;
+        c.access_key_id.zeroize();
+        c.secret_access_key.zeroize();
+        c.session_token.zeroize();
+    }
     let target = format!("s3://{}/{}", config.bucket, config.prefix);
     let fs = rt
         .block_on(S3Fs::new(config, store))
