@@ -368,7 +368,7 @@ impl Mounter {
             let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
         }
         let deadline = Instant::now() + self.config.stop_timeout;
-        while is_serving_process(pid, &req.staging_path) {
+        while is_alive(pid) {
             if Instant::now() >= deadline {
                 return Reply::failed(format!(
                     "the serving process {pid} of volume {} is still running {} s after SIGTERM",
@@ -449,6 +449,18 @@ fn count_files(dir: &Path) -> io::Result<(u64, u64)> {
         }
     }
     Ok((files, bytes))
+}
+
+/// Whether `pid` exists and has not exited (a zombie has: it waits only to be reaped).
+fn is_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may hold anything.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X" | "x") | None)
 }
 
 /// Whether `pid` is an `s3vol mount --fuse-fd` process serving `staging` (its argv says so).

@@ -2389,3 +2389,44 @@ async fn csi_dead_staging_mounts_are_unmounted_without_a_call() {
     assert!(!is_mounted(&target) && !is_mounted(&staging));
     h.mounts.clear();
 }
+
+/// After a restart of the mounter (outside Kubernetes its serving processes live on, their
+/// stderr gone), unstage still ends the volume's serving process, found by the pid the node
+/// plugin recorded; its logging into a dead stderr must not break its shutdown.
+#[tokio::test]
+async fn csi_unstage_ends_a_serving_process_the_restarted_mounter_did_not_start() {
+    let mut h = Harness::start();
+    let (v, staging, target) = staged_static(
+        &mut h,
+        "csi-orphan",
+        mount_cap(Mode::SingleNodeWriter, &[], ""),
+    )
+    .await;
+    let pid = the_serving_pid(&h);
+    let mut m = h.mounter.take().unwrap();
+    m.kill().unwrap();
+    m.wait().unwrap();
+    h.start_mounter();
+    // A copy of the mount in another namespace: only an explicit stop can end the process.
+    let mut pinner = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sleep", "120"])
+        .spawn()
+        .unwrap();
+    let pinner_pid = pinner.id();
+    wait_for("the private copy", Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{pinner_pid}/mountinfo"))
+            .is_ok_and(|m| m.contains(staging.to_str().unwrap()))
+    });
+    let mut node = h.node().await;
+    unpublish(&mut node, &v, &target).await;
+    unstage(&mut node, &v, &staging).await;
+    let ended = is_gone(pid);
+    let _ = pinner.kill();
+    let _ = pinner.wait();
+    assert!(
+        ended,
+        "the serving process outlived unstage\n{}",
+        h.csi_log()
+    );
+    h.mounts.clear();
+}
