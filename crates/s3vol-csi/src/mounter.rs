@@ -40,7 +40,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -191,7 +191,7 @@ pub fn run(config: MounterConfig) -> io::Result<()> {
     // Only the owner (and root, i.e. the node plugin) may hand us volumes.
     let listener = handoff::bind_socket(&config.socket, 0o600)?;
     if let Some(dir) = &config.cache_dir {
-        std::fs::create_dir_all(dir)?;
+        private_dir(dir)?;
     }
     tracing::info!(socket = %config.socket.display(), exe = %config.exe.display(), "mounter serving");
     let mounter = Arc::new(Mounter {
@@ -432,6 +432,16 @@ impl Mounter {
     }
 }
 
+/// Creates `dir` (and missing parents) mode 0700 whatever the umask; an existing `dir` is
+/// made 0700 too (it holds other volumes' data).
+fn private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Regular files under `dir` (recursively): how many, how many bytes.
 fn count_files(dir: &Path) -> io::Result<(u64, u64)> {
     let mut files = 0;
@@ -540,8 +550,7 @@ fn serve(mounter: &Mounter, mut req: MountRequest, fuse: OwnedFd) -> Result<u32,
     validate(&req)?;
     let volume = req.volume_id.clone();
     if let Some(d) = mounter.volume_cache_dir(&volume) {
-        std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
-        let _ = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700));
+        private_dir(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
     let pipe = || rustix::pipe::pipe_with(PipeFlags::CLOEXEC).map_err(|e| format!("pipe: {e}"));
     let creds = match req.credentials.take() {

@@ -236,6 +236,20 @@ pub enum Health {
     NoAnswer,
 }
 
+impl Health {
+    /// Whether the answer says the mount's FUSE server is gone: `ENOTCONN`, or
+    /// `ECONNABORTED` for a request that was in flight when the connection was aborted.
+    pub fn is_dead(&self) -> bool {
+        matches!(
+            self,
+            Health::Error(
+                io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted,
+                _
+            )
+        )
+    }
+}
+
 /// Asks the filesystem at `path` for `statfs`, on a helper thread, waiting at most `timeout`.
 pub async fn probe(path: &Path, timeout: Duration) -> Health {
     let path = path.to_owned();

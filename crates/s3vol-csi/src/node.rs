@@ -158,11 +158,12 @@ impl NodeService {
             if !matches!(mounts::top_mount_at(&v.staging_path), Ok(Some(m)) if m.fstype == FSTYPE) {
                 continue;
             }
-            let Health::Error(io::ErrorKind::NotConnected, _) =
-                mounts::probe(&v.staging_path, PROBE_TIMEOUT).await
-            else {
+            if !mounts::probe(&v.staging_path, PROBE_TIMEOUT)
+                .await
+                .is_dead()
+            {
                 continue;
-            };
+            }
             tracing::warn!(volume = %id, staging = %v.staging_path.display(), "the serving process of this volume is gone; unmounting its dead staging mount so that the kubelet can stage it again");
             if let Err(e) = unmount_ours(&v.staging_path) {
                 tracing::error!(volume = %id, error = %e, "unmounting a dead staging mount");
@@ -538,8 +539,7 @@ impl NodeService {
         };
         if let Some(m) = table(target)?
             && m.fstype == FSTYPE
-            && let Health::Error(io::ErrorKind::NotConnected, _) =
-                mounts::probe(target, PROBE_TIMEOUT).await
+            && mounts::probe(target, PROBE_TIMEOUT).await.is_dead()
         {
             // A bind of a mount whose serving process is gone: clean it, publish afresh.
             tracing::warn!(volume = %volume_id, target = %target.display(), "the target holds a dead s3vol mount; replacing it");
