@@ -75,7 +75,7 @@ else
             echo "   $set: $spec"
             # --workspace: the same features as the test run, so nothing is rebuilt.
             S3VOL_DEPLOYED_SPEC="$spec" cargo test --workspace --locked --test csi -q -- \
-                --exact csi_as_deployed_mounter_serves_without_dev_fuse_as_pid_1_and_drains_on_sigterm \
+                --exact deployed::csi_as_deployed_mounter_serves_without_dev_fuse_as_pid_1_and_drains_on_sigterm \
                 || status=$?
         else
             status=1

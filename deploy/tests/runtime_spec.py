@@ -10,9 +10,10 @@ the capabilities, no_new_privs, the read-only root filesystem, every volume moun
 host path or emptyDir behind it and its propagation, the init containers, the args and
 environment, and the termination grace period.
 
-The CSI test `csi_as_deployed_*` (crates/s3vol/tests/csi.rs) runs the real binary under
-exactly these settings; scripts/check-deploy.sh produces this file for it. Nothing here is a
-copy of the manifests: change them and the test runs the new settings.
+The CSI test `csi_as_deployed_*` (crates/s3vol/tests/support/csi_deployed.rs, in the `csi`
+test binary) runs the real binary under exactly these settings; scripts/check-deploy.sh
+produces this file for it. Nothing here is a copy of the manifests: change them and the test
+runs the new settings.
 """
 
 from __future__ import annotations
