@@ -234,6 +234,11 @@ impl Harness {
             }
             let exited = unshare.try_wait().unwrap();
             if exited.is_some() || start.elapsed() > Duration::from_secs(20) {
+                if init > 0 {
+                    // SAFETY: kill(2) of the namespace's PID 1 this test started; the kernel
+                    // ends the whole namespace with it.
+                    unsafe { libc::kill(init, libc::SIGKILL) };
+                }
                 let _ = unshare.kill();
                 panic!(
                     "the mounter did not start as PID 1 ({exited:?}):\n{}\nscript:\n{script}",

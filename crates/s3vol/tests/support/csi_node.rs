@@ -274,7 +274,7 @@ async fn csi_stage_fails_with_the_reason_of_a_process_that_dies_after_ready() {
 #[tokio::test]
 async fn csi_mounter_sigterm_uploads_pending_data_and_ends_serving_processes() {
     let mut h = Harness::start();
-    let (v, _staging, target) = staged_static(
+    let (v, staging, target) = staged_static(
         &mut h,
         "csi-sigterm",
         mount_cap(Mode::SingleNodeWriter, &[], ""),
@@ -311,6 +311,11 @@ async fn csi_mounter_sigterm_uploads_pending_data_and_ends_serving_processes() {
     let chunks: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(got.body).await.unwrap();
     assert_eq!(chunks.concat(), b"uploaded at shutdown");
     drop(f);
+    // The volume's mounts are dead now; the node plugin cleans them up without a mounter.
+    let mut node = h.node().await;
+    unpublish(&mut node, &v, &target).await;
+    unstage(&mut node, &v, &staging).await;
+    assert!(!is_mounted(&target) && !is_mounted(&staging));
     h.mounts.clear();
 }
 
