@@ -17,8 +17,14 @@
 #   - the security properties in docs/privileges.md: only the node plugin container is
 #     privileged, allowlisted host paths, no host namespaces, least-privilege RBAC, no
 #     secrets, non-root, read-only root filesystems, resources; workload examples pass
-#     Pod Security "restricted"; and each check is shown to fail on a broken copy.
-# The last line is pytest's summary; the exit status is pytest's.
+#     Pod Security "restricted"; and each check is shown to fail on a broken copy
+#   - no hostPath can pin copies of volume mounts (propagation), the mounter's shutdown
+#     timeout fits its grace period, the node plugin is told its kubelet directory
+# Then, as root with /dev/fuse and the test S3 server (scripts/test.sh provides them), the
+# mounter runs as deployed: deploy/tests/runtime_spec.py reads the rendered manifests and the
+# CSI test csi_as_deployed_* runs the real binary under exactly that user, those groups,
+# capabilities and volumes, as PID 1 of its own PID namespace, without /dev/fuse, stages a
+# volume through it and drains it with SIGTERM. The exit status is non-zero if any part fails.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -54,4 +60,26 @@ export PATH="$VENV/bin:$PATH"
 export PYTHONDONTWRITEBYTECODE=1
 
 echo "== s3vol deploy checks ($(kubectl version --client 2>/dev/null | head -n1); $(yamllint --version))"
-exec "$VENV/bin/python" -m pytest deploy/tests -p no:cacheprovider -q -rfEs --durations=5
+status=0
+"$VENV/bin/python" -m pytest deploy/tests -p no:cacheprovider -q -rfEs --durations=5 || status=$?
+
+echo "== the mounter as deployed (rendered manifests; PID 1; no /dev/fuse)"
+if [ "$(id -u)" -ne 0 ] || [ ! -e /dev/fuse ] || [ -z "${S3VOL_TEST_ENDPOINT:-}" ]; then
+    echo "   skipped: needs root, /dev/fuse and the test S3 server (scripts/test.sh provides them)"
+else
+    sets=(kustomize)
+    [ "$(uname -m)" = x86_64 ] && sets+=(helm)
+    for set in "${sets[@]}"; do
+        spec="$PWD/$STATE/runtime-spec-$set.json"
+        if "$VENV/bin/python" deploy/tests/runtime_spec.py "$set" > "$spec"; then
+            echo "   $set: $spec"
+            # --workspace: the same features as the test run, so nothing is rebuilt.
+            S3VOL_DEPLOYED_SPEC="$spec" cargo test --workspace --locked --test csi -q -- \
+                --exact deployed::csi_as_deployed_mounter_serves_without_dev_fuse_as_pid_1_and_drains_on_sigterm \
+                || status=$?
+        else
+            status=1
+        fi
+    done
+fi
+exit $status

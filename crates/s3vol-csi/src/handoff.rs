@@ -8,9 +8,16 @@
 //! 2. The mounter answers with one frame holding a [`Reply`] once the serving process said it
 //!    serves, or failed.
 //!
+//! [`Request::Stop`] ends a volume's serving process (NodeUnstageVolume sends it after the
+//! unmount, so a copy of the mount kept alive in some other mount namespace cannot keep the
+//! process serving), and [`Request::Prune`] lets the mounter drop the cache directories of
+//! volumes that are no longer staged.
+//!
 //! The request holds the volume's credentials, if it has any: they exist only in this message
 //! and in the pipe the mounter hands the serving process. Every type here that can hold them
-//! has a redacting `Debug` (via [`StaticCredentials`]'s), so logging a request is safe.
+//! has a redacting `Debug` (via [`StaticCredentials`]'s), so logging a request is safe, and a
+//! [`MountRequest`] zeroes them when dropped; the frame buffers that carried them are zeroed by
+//! [`call`] and by whoever received them ([`Frame`] does it on drop).
 //!
 //! These calls are blocking (plain `std` sockets with timeouts); async callers run them on a
 //! blocking thread.
@@ -18,7 +25,8 @@
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,6 +36,7 @@ use rustix::net::{
 };
 use s3vol_s3::StaticCredentials;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
 
 /// The largest frame either side accepts.
 const MAX_FRAME: usize = 1 << 20;
@@ -103,6 +112,8 @@ impl MountOptions {
 }
 
 /// Everything the mounter needs to serve one staged volume.
+///
+/// Dropping it zeroes the credentials' bytes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MountRequest {
     pub volume_id: String,
@@ -125,6 +136,32 @@ pub struct MountRequest {
     pub credentials: Option<StaticCredentials>,
 }
 
+impl Drop for MountRequest {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.credentials {
+            wipe(c);
+        }
+    }
+}
+
+/// Zeroes the bytes of credentials (the strings keep their length, filled with NULs).
+pub fn wipe(c: &mut StaticCredentials) {
+    c.access_key_id.zeroize();
+    c.secret_access_key.zeroize();
+    c.session_token.zeroize();
+}
+
+/// Which serving process to end.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StopRequest {
+    pub volume_id: String,
+    /// Where the volume was staged (to recognise its process after a mounter restart).
+    pub staging_path: PathBuf,
+    /// The pid the mounter reported at stage time, if the node plugin recorded one.
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
 /// A request to the mounter.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -133,6 +170,12 @@ pub enum Request {
     Ping,
     /// Serve the FUSE fd that comes with this message.
     Mount(Box<MountRequest>),
+    /// End the serving process of a volume (SIGTERM: it uploads what it holds, then exits) and
+    /// wait for it, bounded. `ok` once no process serves the volume any more.
+    Stop(StopRequest),
+    /// Remove the cache directories of volumes not in `keep` that no process serves and that
+    /// hold no files.
+    Prune { keep: Vec<String> },
 }
 
 /// The mounter's answer.
@@ -145,6 +188,9 @@ pub struct Reply {
     /// The serving process, when one was started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// For a stop: how the serving process ended (exit status and its last stderr lines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
 }
 
 impl Reply {
@@ -153,6 +199,7 @@ impl Reply {
             ok: true,
             error: None,
             pid,
+            ended: None,
         }
     }
 
@@ -161,6 +208,7 @@ impl Reply {
             ok: false,
             error: Some(error.into()),
             pid: None,
+            ended: None,
         }
     }
 }
@@ -201,8 +249,24 @@ pub fn send_frame(stream: &UnixStream, body: &[u8], fd: Option<BorrowedFd<'_>>) 
     Ok(())
 }
 
+/// A received frame's bytes, zeroed when dropped (a mount request carries credentials).
+#[derive(Default)]
+pub struct Frame(pub Vec<u8>);
+
+impl Drop for Frame {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Frame({} bytes)", self.0.len())
+    }
+}
+
 /// Reads one frame and the fd that came with it, if any.
-pub fn recv_frame(stream: &UnixStream) -> io::Result<(Vec<u8>, Option<OwnedFd>)> {
+pub fn recv_frame(stream: &UnixStream) -> io::Result<(Frame, Option<OwnedFd>)> {
     // Read only the header with recvmsg (the fd arrives with the first byte), so nothing past
     // this frame is ever consumed.
     let mut header = [0u8; 4];
@@ -236,9 +300,31 @@ pub fn recv_frame(stream: &UnixStream) -> io::Result<(Vec<u8>, Option<OwnedFd>)>
     if len > MAX_FRAME {
         return Err(invalid("frame too large"));
     }
-    let mut body = vec![0u8; len];
-    (&*stream).read_exact(&mut body)?;
+    let mut body = Frame(vec![0u8; len]);
+    (&*stream).read_exact(&mut body.0)?;
     Ok((body, fd))
+}
+
+/// Binds a unix socket at `path` with `mode`, whatever the umask: it is bound under a temporary
+/// name, given its mode, and only then renamed into place, so no client ever finds it with
+/// looser permissions.
+pub fn bind_socket(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "socket path has no name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 /// Sends `request` (with `fd`) to the mounter at `socket` and waits up to `timeout` for its
@@ -252,10 +338,11 @@ pub fn call(
     let stream = UnixStream::connect(socket)?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     stream.set_read_timeout(Some(timeout))?;
-    let body = serde_json::to_vec(request).map_err(|e| invalid(e.to_string()))?;
-    send_frame(&stream, &body, fd)?;
+    let body = Frame(serde_json::to_vec(request).map_err(|e| invalid(e.to_string()))?);
+    send_frame(&stream, &body.0, fd)?;
+    drop(body);
     let (reply, _) = recv_frame(&stream)?;
-    serde_json::from_slice(&reply).map_err(|e| invalid(format!("bad reply: {e}")))
+    serde_json::from_slice(&reply.0).map_err(|e| invalid(format!("bad reply: {e}")))
 }
 
 #[cfg(test)]
@@ -300,6 +387,24 @@ mod tests {
     }
 
     #[test]
+    fn wiped_secrets_are_zeroed_in_place() {
+        let mut c = request().credentials.take().unwrap();
+        let ptr = c.secret_access_key.as_ptr();
+        let len = c.secret_access_key.len();
+        wipe(&mut c);
+        assert!(c.secret_access_key.is_empty() && c.session_token.is_none());
+        assert_eq!(
+            c.secret_access_key.as_ptr(),
+            ptr,
+            "the buffer is kept, zeroed"
+        );
+        // SAFETY: the String still owns its buffer (zeroize clears without freeing) and
+        // zeroize wrote every byte of its capacity, so the first `len` bytes are initialised.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+        assert!(bytes.iter().all(|&b| b == 0), "{bytes:?}");
+    }
+
+    #[test]
     fn options_become_flags() {
         assert_eq!(
             request().options.to_args(),
@@ -327,7 +432,7 @@ mod tests {
                 send_frame(&a, &big, None).unwrap();
             });
             let (got, fd) = recv_frame(&b).unwrap();
-            let req: Request = serde_json::from_slice(&got).unwrap();
+            let req: Request = serde_json::from_slice(&got.0).unwrap();
             assert_eq!(req, Request::Mount(Box::new(request())));
             // The received fd is the pipe's write end.
             let fd = fd.expect("fd");
@@ -336,7 +441,7 @@ mod tests {
             rustix::io::read(&pr, &mut buf).unwrap();
             assert_eq!(&buf, b"hi");
             let (got, fd) = recv_frame(&b).unwrap();
-            assert_eq!(got.len(), big.len());
+            assert_eq!(got.0.len(), big.len());
             assert!(fd.is_none());
         });
     }

@@ -19,24 +19,46 @@
 //! kernel aborts the connection (the mount answers ENOTCONN, which NodeGetVolumeStats reports).
 //! A thread per child forwards its stderr to the mounter's log (and keeps the last lines to
 //! explain a failed start) and reaps it when it exits.
+//!
+//! Invariants and lifecycle:
+//! - **A failed start says why.** When the ready pipe closes without `ready`, the child is given
+//!   [`EXIT_WAIT`] to exit and its last stderr lines are the error; only a child that neither
+//!   says `ready` nor exits in time is killed.
+//! - **Every served volume is known** (by volume id) until the node plugin asks to stop it
+//!   ([`Request::Stop`]): SIGTERM, then a bounded wait. A volume whose process exited cleanly
+//!   after a stop has uploaded everything, so its cache directory is removed.
+//!   [`Request::Prune`] removes the empty cache directories of volumes no longer staged.
+//! - **SIGTERM ends the mounter gracefully** (it is PID 1 of its container): no new volume is
+//!   accepted, every serving process gets SIGTERM (each uploads what it holds and exits), and
+//!   the mounter waits for them up to its shutdown timeout, which the manifests keep below the
+//!   pod's termination grace period. SIGTERM and SIGINT are blocked in every thread and taken
+//!   with `sigwait` (the way PID 1 must take them: the kernel drops a default-action signal
+//!   sent to a namespace's init); children unblock them before exec.
+//! - Credentials are zeroed once written to the child's pipe, and the process is not dumpable
+//!   (set by the `s3vol mounter` command before anything else).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
 use rustix::pipe::PipeFlags;
 use s3vol_s3::BucketName;
+use zeroize::Zeroize;
 
-use crate::handoff::{self, MountRequest, Reply, Request};
+use crate::handoff::{self, MountRequest, Reply, Request, StopRequest};
 use crate::volume_id::short_hash;
+
+/// How long a child whose ready pipe closed may take to exit (and say why) before it is killed.
+pub const EXIT_WAIT: Duration = Duration::from_secs(10);
 
 /// Settings of the mounter.
 #[derive(Clone, Debug)]
@@ -48,66 +70,417 @@ pub struct MounterConfig {
     pub exe: PathBuf,
     /// How long a child may take to say `ready`.
     pub ready_timeout: Duration,
+    /// How long a stop request waits for a serving process to upload and exit.
+    pub stop_timeout: Duration,
+    /// How long, after SIGTERM, the mounter waits for all its serving processes.
+    pub shutdown_timeout: Duration,
 }
 
-/// Listens on the socket and serves requests until the process ends.
-pub fn run(config: MounterConfig) -> io::Result<()> {
-    if let Some(parent) = config.socket.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    match std::fs::remove_file(&config.socket) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let listener = UnixListener::bind(&config.socket)?;
-    // Only the owner (and root, i.e. the node plugin) may hand us volumes.
-    std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))?;
-    if let Some(dir) = &config.cache_dir {
-        std::fs::create_dir_all(dir)?;
-    }
-    tracing::info!(socket = %config.socket.display(), exe = %config.exe.display(), "mounter serving");
-    let config = Arc::new(config);
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                let config = config.clone();
-                std::thread::spawn(move || handle(&config, stream));
-            }
-            Err(e) => tracing::warn!(error = %e, "accepting a connection"),
-        }
+/// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts later, so that
+/// [`run`] can take them with `sigwait`. Call it first thing, before any other thread exists.
+pub fn block_shutdown_signals() -> io::Result<()> {
+    let set = shutdown_set();
+    // SAFETY: pthread_sigmask with a valid, initialised set and no old-set pointer.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
     }
     Ok(())
 }
 
-fn handle(config: &MounterConfig, stream: UnixStream) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let reply = match handoff::recv_frame(&stream) {
-        Err(e) => {
-            tracing::warn!(error = %e, "reading a request");
+fn shutdown_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set; sigaddset adds valid signal numbers to it.
+    unsafe {
+        let mut set = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Waits for SIGTERM or SIGINT (blocked beforehand by [`block_shutdown_signals`]).
+fn wait_for_shutdown_signal() -> i32 {
+    let set = shutdown_set();
+    loop {
+        let mut sig = 0;
+        // SAFETY: sigwait with a valid set and a valid out pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            return sig;
+        }
+    }
+}
+
+/// How a serving process ended.
+#[derive(Clone, Debug)]
+struct Exit {
+    success: bool,
+    status: String,
+}
+
+/// One serving process, known until the node plugin stops its volume or restages it.
+#[derive(Debug)]
+struct Served {
+    volume: String,
+    pid: u32,
+    /// The last lines of its stderr.
+    tail: Mutex<VecDeque<String>>,
+    exit: Mutex<Option<Exit>>,
+    exited: Condvar,
+}
+
+impl Served {
+    fn tail_text(&self) -> String {
+        let t = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        t.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Waits up to `timeout` for the process to exit (and its stderr to end).
+    fn wait_exit(&self, timeout: Duration) -> Option<Exit> {
+        let deadline = Instant::now() + timeout;
+        let mut exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(e) = &*exit {
+                return Some(e.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            exit = self
+                .exited
+                .wait_timeout(exit, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        self.exit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        if !self.is_running() {
             return;
         }
-        Ok((body, fd)) => match serde_json::from_slice::<Request>(&body) {
-            Err(e) => Reply::failed(format!("malformed request: {e}")),
-            Ok(Request::Ping) => Reply::ok(None),
-            Ok(Request::Mount(req)) => match fd {
-                None => Reply::failed("a mount request must carry the FUSE fd"),
-                Some(fd) => {
-                    let volume = req.volume_id.clone();
-                    match serve(config, *req, fd) {
-                        Ok(pid) => Reply::ok(Some(pid)),
-                        Err(e) => {
-                            tracing::warn!(%volume, error = %e, "volume failed to start");
-                            Reply::failed(e)
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32)
+            && let Err(e) = rustix::process::kill_process(pid, sig)
+        {
+            tracing::warn!(volume = %self.volume, pid = self.pid, error = %e, "signalling the serving process");
+        }
+    }
+}
+
+/// The mounter's state: the volumes it serves.
+#[derive(Debug)]
+struct Mounter {
+    config: MounterConfig,
+    served: Mutex<HashMap<String, Arc<Served>>>,
+    shutting_down: AtomicBool,
+}
+
+/// Serves requests until SIGTERM or SIGINT, then ends every serving process (bounded by the
+/// shutdown timeout) and returns. Call [`block_shutdown_signals`] first.
+pub fn run(config: MounterConfig) -> io::Result<()> {
+    if let Some(parent) = config.socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    // Only the owner (and root, i.e. the node plugin) may hand us volumes.
+    let listener = handoff::bind_socket(&config.socket, 0o600)?;
+    if let Some(dir) = &config.cache_dir {
+        private_dir(dir)?;
+    }
+    tracing::info!(socket = %config.socket.display(), exe = %config.exe.display(), "mounter serving");
+    let mounter = Arc::new(Mounter {
+        config,
+        served: Mutex::new(HashMap::new()),
+        shutting_down: AtomicBool::new(false),
+    });
+    {
+        let mounter = mounter.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        let mounter = mounter.clone();
+                        std::thread::spawn(move || mounter.handle(stream));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "accepting a connection"),
+                }
+            }
+        });
+    }
+    let sig = wait_for_shutdown_signal();
+    mounter.shutdown(sig);
+    Ok(())
+}
+
+impl Mounter {
+    fn handle(&self, stream: UnixStream) {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let reply = match handoff::recv_frame(&stream) {
+            Err(e) => {
+                tracing::warn!(error = %e, "reading a request");
+                return;
+            }
+            Ok((body, fd)) => match serde_json::from_slice::<Request>(&body.0) {
+                Err(e) => Reply::failed(format!("malformed request: {e}")),
+                Ok(Request::Ping) => Reply::ok(None),
+                Ok(Request::Mount(req)) => match fd {
+                    None => Reply::failed("a mount request must carry the FUSE fd"),
+                    Some(_) if self.shutting_down.load(Ordering::SeqCst) => {
+                        Reply::failed("the mounter is shutting down")
+                    }
+                    Some(fd) => {
+                        let volume = req.volume_id.clone();
+                        match self.serve(*req, fd) {
+                            Ok(pid) => Reply::ok(Some(pid)),
+                            Err(e) => {
+                                tracing::warn!(%volume, error = %e, "volume failed to start");
+                                Reply::failed(e)
+                            }
                         }
                     }
-                }
+                },
+                Ok(Request::Stop(req)) => self.stop(&req),
+                Ok(Request::Prune { keep }) => self.prune(&keep),
             },
-        },
-    };
-    let body = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
-    if let Err(e) = handoff::send_frame(&stream, &body, None) {
-        tracing::warn!(error = %e, "sending a reply");
+        };
+        let body = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+        if let Err(e) = handoff::send_frame(&stream, &body, None) {
+            tracing::warn!(error = %e, "sending a reply");
+        }
     }
+
+    fn volume_cache_dir(&self, volume_id: &str) -> Option<PathBuf> {
+        self.config
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(short_hash(volume_id)))
+    }
+
+    /// SIGTERM to every serving process, then a wait for all of them, bounded.
+    fn shutdown(&self, sig: i32) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let served: Vec<Arc<Served>> = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| s.is_running())
+            .cloned()
+            .collect();
+        tracing::info!(
+            signal = sig,
+            volumes = served.len(),
+            timeout_s = self.config.shutdown_timeout.as_secs(),
+            "shutting down: asking every serving process to upload what it holds and exit"
+        );
+        for s in &served {
+            s.signal(rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        for s in &served {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match s.wait_exit(left) {
+                Some(e) if e.success => {
+                    tracing::info!(volume = %s.volume, pid = s.pid, "serving process exited")
+                }
+                Some(e) => {
+                    tracing::warn!(volume = %s.volume, pid = s.pid, status = %e.status, "serving process exited with an error; what it could not upload stays in its cache directory")
+                }
+                None => {
+                    tracing::error!(volume = %s.volume, pid = s.pid, "serving process still running at the end of the shutdown timeout; it ends with the mounter")
+                }
+            }
+        }
+        tracing::info!("mounter stopped");
+    }
+
+    /// Ends the serving process of a volume (see [`Request::Stop`]).
+    fn stop(&self, req: &StopRequest) -> Reply {
+        let known = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&req.volume_id)
+            .cloned();
+        let Some(s) = known else {
+            return self.stop_unknown(req);
+        };
+        s.signal(rustix::process::Signal::TERM);
+        match s.wait_exit(self.config.stop_timeout) {
+            None => Reply::failed(format!(
+                "the serving process {} of volume {} is still running {} s after SIGTERM (still uploading?)",
+                s.pid,
+                req.volume_id,
+                self.config.stop_timeout.as_secs()
+            )),
+            Some(exit) => {
+                {
+                    let mut map = self.served.lock().unwrap_or_else(|p| p.into_inner());
+                    if map.get(&req.volume_id).is_some_and(|c| Arc::ptr_eq(c, &s)) {
+                        map.remove(&req.volume_id);
+                    }
+                }
+                if exit.success {
+                    // Everything it held is in S3: its cache directory holds nothing needed.
+                    if let Some(dir) = self.volume_cache_dir(&req.volume_id) {
+                        match std::fs::remove_dir_all(&dir) {
+                            Ok(()) => {
+                                tracing::info!(volume = %req.volume_id, dir = %dir.display(), "removed the cache directory of a stopped volume")
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            Err(e) => {
+                                tracing::warn!(volume = %req.volume_id, dir = %dir.display(), error = %e, "removing the cache directory of a stopped volume")
+                            }
+                        }
+                    }
+                } else {
+                    tracing::warn!(volume = %req.volume_id, pid = s.pid, status = %exit.status, "serving process ended with an error; its cache directory is kept");
+                }
+                let tail = s.tail_text();
+                Reply {
+                    ended: Some(if tail.is_empty() {
+                        exit.status
+                    } else {
+                        format!("{}: {tail}", exit.status)
+                    }),
+                    ..Reply::ok(Some(s.pid))
+                }
+            }
+        }
+    }
+
+    /// A stop for a volume this mounter did not start (it was restarted in between): signal the
+    /// recorded pid only if that process is the volume's `s3vol mount --fuse-fd … STAGING`.
+    fn stop_unknown(&self, req: &StopRequest) -> Reply {
+        let Some(pid) = req.pid else {
+            return Reply::ok(None);
+        };
+        if !is_serving_process(pid, &req.staging_path) {
+            return Reply::ok(None);
+        }
+        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + self.config.stop_timeout;
+        while is_alive(pid) {
+            if Instant::now() >= deadline {
+                return Reply::failed(format!(
+                    "the serving process {pid} of volume {} is still running {} s after SIGTERM",
+                    req.volume_id,
+                    self.config.stop_timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Reply::ok(Some(pid))
+    }
+
+    /// Removes the cache directories of volumes not in `keep` that no process serves and that
+    /// hold no files (a file there may be data not yet in S3: it is kept and reported).
+    fn prune(&self, keep: &[String]) -> Reply {
+        let Some(root) = &self.config.cache_dir else {
+            return Reply::ok(None);
+        };
+        let mut wanted: Vec<String> = keep.iter().map(|v| short_hash(v)).collect();
+        wanted.extend(
+            self.served
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(_, s)| s.is_running())
+                .map(|(v, _)| short_hash(v)),
+        );
+        let entries = match std::fs::read_dir(root) {
+            Ok(e) => e,
+            Err(e) => return Reply::failed(format!("reading {}: {e}", root.display())),
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if wanted.contains(&name) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let dir = entry.path();
+            match count_files(&dir) {
+                Ok((0, _)) => match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => {
+                        tracing::info!(dir = %dir.display(), "removed the cache directory of a volume no longer staged")
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "removing a stale cache directory")
+                    }
+                },
+                Ok((files, bytes)) => {
+                    tracing::warn!(dir = %dir.display(), files, bytes, "the cache directory of a volume no longer staged holds files that may not be in S3; kept (stage the volume again to upload them, or remove the directory)")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "reading a stale cache directory")
+                }
+            }
+        }
+        Reply::ok(None)
+    }
+
+    /// Starts the serving process for one volume and waits until it serves; returns its pid.
+    fn serve(&self, req: MountRequest, fuse: OwnedFd) -> Result<u32, String> {
+        serve(self, req, fuse)
+    }
+}
+
+/// Creates `dir` (and missing parents) mode 0700 whatever the umask; an existing `dir` is
+/// made 0700 too (it holds other volumes' data).
+fn private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Regular files under `dir` (recursively): how many, how many bytes.
+fn count_files(dir: &Path) -> io::Result<(u64, u64)> {
+    let mut files = 0;
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let t = entry.file_type()?;
+        if t.is_dir() {
+            let (f, b) = count_files(&entry.path())?;
+            files += f;
+            bytes += b;
+        } else {
+            files += 1;
+            bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    Ok((files, bytes))
+}
+
+/// Whether `pid` exists and has not exited (a zombie has: it waits only to be reaped).
+fn is_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may hold anything.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X" | "x") | None)
+}
+
+/// Whether `pid` is an `s3vol mount --fuse-fd` process serving `staging` (its argv says so).
+fn is_serving_process(pid: u32, staging: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let staging = staging.as_os_str().as_encoded_bytes();
+    args.contains(&&b"mount"[..]) && args.contains(&&b"--fuse-fd"[..]) && args.contains(&staging)
 }
 
 /// Checks the fields that end up in argv, so none can be taken for a flag.
@@ -172,24 +545,25 @@ fn child_args(config: &MounterConfig, req: &MountRequest, with_credentials: bool
 }
 
 /// Starts the serving process for one volume and waits until it serves; returns its pid.
-fn serve(config: &MounterConfig, req: MountRequest, fuse: OwnedFd) -> Result<u32, String> {
+fn serve(mounter: &Mounter, mut req: MountRequest, fuse: OwnedFd) -> Result<u32, String> {
+    let config = &mounter.config;
     validate(&req)?;
     let volume = req.volume_id.clone();
-    if let Some(dir) = &config.cache_dir {
-        let d = dir.join(short_hash(&volume));
-        std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
-        let _ = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700));
+    if let Some(d) = mounter.volume_cache_dir(&volume) {
+        private_dir(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
     let pipe = || rustix::pipe::pipe_with(PipeFlags::CLOEXEC).map_err(|e| format!("pipe: {e}"));
-    let creds = match &req.credentials {
-        Some(c) => {
+    let creds = match req.credentials.take() {
+        Some(mut c) => {
             let (r, w) = pipe()?;
-            let body = serde_json::to_vec(c).map_err(|e| format!("encoding credentials: {e}"))?;
+            let body = serde_json::to_vec(&c).map_err(|e| format!("encoding credentials: {e}"));
+            handoff::wipe(&mut c);
+            let mut body = body?;
             // Far below a pipe's capacity, so this never blocks; the write end closes right
             // after, and the child reads to end of file.
-            std::fs::File::from(w)
-                .write_all(&body)
-                .map_err(|e| format!("writing the credentials pipe: {e}"))?;
+            let written = std::fs::File::from(w).write_all(&body);
+            body.zeroize();
+            written.map_err(|e| format!("writing the credentials pipe: {e}"))?;
             Some(r)
         }
         None => None,
@@ -210,11 +584,18 @@ fn serve(config: &MounterConfig, req: MountRequest, fuse: OwnedFd) -> Result<u32
         .stdout(Stdio::null())
         .stderr(Stdio::from(err_w));
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-    // (setsid, fcntl, dup2) on fds that stay open in the parent until `spawn` returns.
+    // (setsid, sigprocmask, fcntl, dup2) on fds that stay open in the parent until `spawn`
+    // returns; `shutdown_set` only fills a sigset_t on the stack.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            // The mounter blocks SIGTERM and SIGINT (it takes them with sigwait); a blocked
+            // mask survives exec, and the serving process must see its signals.
+            let set = shutdown_set();
+            if libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::other("unblocking signals"));
             }
             // Move the sources out of the way first (close-on-exec copies at 10+), so that
             // dup2 onto 3, 4, 5 cannot clobber a source that happens to live there.
@@ -245,64 +626,78 @@ fn serve(config: &MounterConfig, req: MountRequest, fuse: OwnedFd) -> Result<u32
     let mut child = spawned.map_err(|e| format!("starting {}: {e}", config.exe.display()))?;
     let pid = child.id();
     tracing::info!(%volume, pid, "started serving process");
+    let served = Arc::new(Served {
+        volume: volume.clone(),
+        pid,
+        tail: Mutex::new(VecDeque::new()),
+        exit: Mutex::new(None),
+        exited: Condvar::new(),
+    });
+    if let Some(old) = mounter
+        .served
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(volume.clone(), served.clone())
+        && old.is_running()
+    {
+        tracing::warn!(%volume, pid = old.pid, "an earlier serving process of this volume still runs");
+    }
 
-    // stderr: forwarded line by line, the last lines kept to explain a failure.
-    let tail = Arc::new(Mutex::new(VecDeque::<String>::new()));
-    let stderr_thread = {
-        let tail = tail.clone();
-        let volume = volume.clone();
+    // stderr: forwarded line by line, the last lines kept to explain a failure; then the
+    // child is reaped and its exit recorded.
+    {
+        let served = served.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(std::fs::File::from(err_r)).lines() {
                 let Ok(line) = line else { break };
-                tracing::info!(%volume, pid, "mount: {line}");
-                let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
+                tracing::info!(volume = %served.volume, pid, "mount: {line}");
+                let mut t = served.tail.lock().unwrap_or_else(|p| p.into_inner());
                 t.push_back(line);
                 if t.len() > 20 {
                     t.pop_front();
                 }
             }
-        })
-    };
-    let tail_text = || {
-        let t = tail.lock().unwrap_or_else(|p| p.into_inner());
-        t.iter().cloned().collect::<Vec<_>>().join("\n")
-    };
-
-    match wait_ready(&ready_r, config.ready_timeout) {
-        Ok(()) => {
-            let volume2 = volume.clone();
-            std::thread::spawn(move || {
-                match child.wait() {
-                    Ok(status) if status.success() => {
-                        tracing::info!(volume = %volume2, pid, "serving process exited")
-                    }
-                    Ok(status) => {
-                        tracing::warn!(volume = %volume2, pid, %status, "serving process exited; the volume answers ENOTCONN until it is staged again")
-                    }
-                    Err(e) => {
-                        tracing::warn!(volume = %volume2, pid, error = %e, "waiting for the serving process")
-                    }
-                }
-                let _ = stderr_thread.join();
-            });
-            Ok(pid)
-        }
-        Err(why) => {
-            let _ = child.kill();
-            let status = child.wait();
-            // The child is gone, so its stderr reaches end of file: the tail is complete.
-            let _ = stderr_thread.join();
-            let tail = tail_text();
-            let status = status
-                .map(|s| s.to_string())
-                .unwrap_or_else(|e| e.to_string());
-            Err(if tail.is_empty() {
-                format!("s3vol mount {why} ({status})")
+            let exit = match child.wait() {
+                Ok(status) => Exit {
+                    success: status.success(),
+                    status: status.to_string(),
+                },
+                Err(e) => Exit {
+                    success: false,
+                    status: format!("cannot be waited for: {e}"),
+                },
+            };
+            if exit.success {
+                tracing::info!(volume = %served.volume, pid, "serving process exited");
             } else {
-                format!("s3vol mount {why} ({status}): {tail}")
+                tracing::warn!(volume = %served.volume, pid, status = %exit.status, "serving process exited; the volume answers ENOTCONN until it is staged again");
+            }
+            *served.exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit);
+            served.exited.notify_all();
+        });
+    }
+
+    let why = match wait_ready(&ready_r, config.ready_timeout) {
+        Ok(()) => return Ok(pid),
+        Err(why) => why,
+    };
+    // Give a child that gave up the time to exit and say why; kill one that hangs.
+    let exit = match served.wait_exit(EXIT_WAIT) {
+        Some(e) => e,
+        None => {
+            served.signal(rustix::process::Signal::KILL);
+            served.wait_exit(EXIT_WAIT).unwrap_or(Exit {
+                success: false,
+                status: "killed, still not reaped".into(),
             })
         }
-    }
+    };
+    let tail = served.tail_text();
+    Err(if tail.is_empty() {
+        format!("s3vol mount {why} ({})", exit.status)
+    } else {
+        format!("s3vol mount {why} ({}): {tail}", exit.status)
+    })
 }
 
 /// Waits for the line `ready` on the child's ready pipe.
@@ -378,6 +773,8 @@ mod tests {
             cache_dir: Some("/cache".into()),
             exe: "/bin/s3vol".into(),
             ready_timeout: Duration::from_secs(1),
+            stop_timeout: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(1),
         };
         let a = child_args(&config, &req(), true);
         let expected = format!(
@@ -396,33 +793,18 @@ mod tests {
     #[test]
     fn argv_fields_are_checked() {
         assert!(validate(&req()).is_ok());
-        for bad in [
-            MountRequest {
-                bucket: "--uid".into(),
-                ..req()
-            },
-            MountRequest {
-                prefix: "/x".into(),
-                ..req()
-            },
-            MountRequest {
-                prefix: "../x".into(),
-                ..req()
-            },
-            MountRequest {
-                region: Some("--x y".into()),
-                ..req()
-            },
-            MountRequest {
-                endpoint: Some("-f".into()),
-                ..req()
-            },
-            MountRequest {
-                staging_path: "rel".into(),
-                ..req()
-            },
-        ] {
-            assert!(validate(&bad).is_err(), "{bad:?}");
+        let bad: [fn(&mut MountRequest); 6] = [
+            |r| r.bucket = "--uid".into(),
+            |r| r.prefix = "/x".into(),
+            |r| r.prefix = "../x".into(),
+            |r| r.region = Some("--x y".into()),
+            |r| r.endpoint = Some("-f".into()),
+            |r| r.staging_path = "rel".into(),
+        ];
+        for change in bad {
+            let mut r = req();
+            change(&mut r);
+            assert!(validate(&r).is_err(), "{r:?}");
         }
     }
 }

@@ -75,28 +75,49 @@ pub fn unmount(path: &Path, detach: bool) -> io::Result<()> {
     Ok(rustix::mount::unmount(path, flags)?)
 }
 
-/// Unmounts everything mounted at `path` (mounts can be stacked). A path with nothing mounted is
-/// fine. A busy mount is detached: the CO has already stopped using it.
-pub fn unmount_all(path: &Path) -> io::Result<()> {
+/// Why [`unmount_s3vol`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum UnmountError {
+    /// The top mount at the path is not s3vol's: not ours to unmount.
+    #[error("a {fstype} mount ({what}) that is not s3vol's")]
+    Foreign { fstype: String, what: String },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Unmounts every s3vol mount stacked at `path`, top first, and stops at the first mount that
+/// is not s3vol's (`fuse.s3vol` in the mount table), which is left alone. A path with nothing
+/// mounted is fine. The mounted path itself is never touched, so a dead mount (ENOTCONN) or a
+/// hung one unmounts like any other; a busy mount is detached (the CO has stopped using it).
+pub fn unmount_s3vol(path: &Path) -> Result<(), UnmountError> {
     for _ in 0..16 {
-        if mounts_at(path)?.is_empty() {
+        let Some(top) = top_mount_at(path)? else {
             return Ok(());
+        };
+        if top.fstype != FSTYPE {
+            return Err(UnmountError::Foreign {
+                fstype: top.fstype,
+                what: top.source,
+            });
         }
         match unmount(path, false) {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                // Listed but not a mount point of ours to unmount: give up quietly below.
-            }
+            // Listed but not a mount point we can see (another namespace's view): give up below.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
             Err(_) => unmount(path, true)?,
         }
     }
-    if mounts_at(path)?.is_empty() {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!(
+    match top_mount_at(path)? {
+        None => Ok(()),
+        Some(m) if m.fstype != FSTYPE => Err(UnmountError::Foreign {
+            fstype: m.fstype,
+            what: m.source,
+        }),
+        Some(_) => Err(io::Error::other(format!(
             "{} is still mounted after unmounting it 16 times",
             path.display()
-        )))
+        ))
+        .into()),
     }
 }
 
@@ -213,6 +234,20 @@ pub enum Health {
     Error(io::ErrorKind, String),
     /// It did not answer in time.
     NoAnswer,
+}
+
+impl Health {
+    /// Whether the answer says the mount's FUSE server is gone: `ENOTCONN`, or
+    /// `ECONNABORTED` for a request that was in flight when the connection was aborted.
+    pub fn is_dead(&self) -> bool {
+        matches!(
+            self,
+            Health::Error(
+                io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted,
+                _
+            )
+        )
+    }
 }
 
 /// Asks the filesystem at `path` for `statfs`, on a helper thread, waiting at most `timeout`.

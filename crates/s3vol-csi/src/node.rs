@@ -4,17 +4,32 @@
 //! - **NodeStageVolume** opens `/dev/fuse`, mounts it at the staging path with mount(2)
 //!   (`fuse.s3vol`, `nosuid,nodev,allow_other,default_permissions`, read-only when every use is
 //!   read-only), sends the fd with the volume's configuration and credentials to the mounter
-//!   ([`crate::handoff`]) and waits until the serving process says it serves. On any failure the
-//!   staging path is unmounted again (lazily, so it always succeeds) and the error says why. The
-//!   plugin then closes its copy of the fd: the serving process alone holds the connection, so
-//!   if it dies the kernel answers ENOTCONN instead of hanging.
+//!   ([`crate::handoff`]) and waits until the serving process says it serves. "Serves" is then
+//!   proven with a request through the mount (`statfs` of the staging path, bounded): only an
+//!   answer makes the call succeed. On any failure the serving process is stopped, the staging
+//!   path unmounted again, and the error carries the serving process's own reason. The plugin
+//!   closes its copy of the fd: the serving process alone holds the connection, so if it dies
+//!   the kernel answers ENOTCONN instead of hanging.
 //! - **NodePublishVolume** bind-mounts the staging path at the target path — but only after
 //!   checking in the mount table that the staging path *is* an s3vol mount, so a pod can never
 //!   be handed a plain directory of the node's disk — then remounts the bind `nosuid,nodev` and
 //!   read-only when asked, which the kernel enforces. It creates the target directory (the spec
 //!   makes that the plugin's job) and removes it again if anything fails.
-//! - **NodeUnpublishVolume** / **NodeUnstageVolume** unmount (a missing mount is fine) and
-//!   remove what publish created / the state record.
+//! - **NodeUnpublishVolume** / **NodeUnstageVolume** unmount (a missing mount is fine, and so is
+//!   a dead one: nothing here touches the mounted path, which answers ENOTCONN once its serving
+//!   process is gone) and remove what publish created / the state record. Unstage then asks the
+//!   mounter to stop the volume's serving process and waits for it: a copy of the mount that
+//!   lives on in another mount namespace never receives the unmount, and must not keep the
+//!   process (and its connection) alive.
+//! - A path that holds a **dead s3vol mount** (its serving process gone) is cleaned before
+//!   NodeStage or NodePublish mounts there again, and a background sweep (every 10 s)
+//!   unmounts dead staging mounts on its own, because the kubelet's own `mkdir` fails on them
+//!   before it would call NodeStage.
+//!
+//! **Paths.** The service only mounts, unmounts and removes paths under the kubelet directory
+//! (`--kubelet-dir`); any other staging or target path is INVALID_ARGUMENT. It only unmounts
+//! mounts that are s3vol's (`fuse.s3vol` in `/proc/self/mountinfo`): anything else mounted at
+//! a path it is asked to clean is left alone and the call fails with FAILED_PRECONDITION.
 //! - **NodeGetVolumeStats** reports `statfs` of the volume and its condition: abnormal when the
 //!   mount answers an error (ENOTCONN: its serving process is gone) or nothing within 5 s.
 //!
@@ -52,6 +67,9 @@ use crate::state::{StagedVolume, StateDir};
 /// How long `statfs` of a volume may take before it counts as not answering.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often staged volumes are checked for a dead mount (see [`NodeService::sweep`]).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Settings of the node service.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -61,12 +79,16 @@ pub struct NodeConfig {
     pub defaults: Defaults,
     /// How long to wait for the mounter to say a volume serves.
     pub mount_timeout: Duration,
+    /// The kubelet's directory: every staging and target path must lie under it.
+    pub kubelet_dir: PathBuf,
 }
 
 /// The Node service.
 #[derive(Debug)]
 pub struct NodeService {
     config: NodeConfig,
+    /// `config.kubelet_dir`, canonical.
+    kubelet_dir: PathBuf,
     state: StateDir,
     locks: KeyLocks,
     adopted: AtomicBool,
@@ -94,14 +116,63 @@ impl NodeService {
     /// Opens the state directory and adopts the volumes a previous run staged.
     pub fn new(config: NodeConfig) -> io::Result<Arc<Self>> {
         let state = StateDir::open(&config.state_dir)?;
+        // Canonical, so that symlinks in requests' paths cannot lead out of it; a directory
+        // that does not exist (yet) is taken as given (nothing under it can be staged).
+        let kubelet_dir = config
+            .kubelet_dir
+            .canonicalize()
+            .unwrap_or_else(|_| mounts::normalize(&config.kubelet_dir));
         let svc = Arc::new(Self {
             config,
+            kubelet_dir,
             state,
             locks: KeyLocks::default(),
             adopted: AtomicBool::new(false),
         });
         svc.adopt()?;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&svc);
+            rt.spawn(async move {
+                loop {
+                    let Some(svc) = weak.upgrade() else { return };
+                    svc.sweep().await;
+                    drop(svc);
+                    tokio::time::sleep(SWEEP_INTERVAL).await;
+                }
+            });
+        }
         Ok(svc)
+    }
+
+    /// Unmounts the staging mounts whose serving process is gone (they answer ENOTCONN). A
+    /// kubelet cannot get past such a directory by itself — its own `mkdir -p` of the staging
+    /// path fails on it ("file exists"), so it never calls NodeStageVolume again — while a
+    /// plain directory lets it stage the volume afresh. The record stays (NodeUnstageVolume
+    /// still comes); pods that had the volume published see ENOTCONN until they restart.
+    async fn sweep(&self) {
+        let Ok(records) = self.state.load_all() else {
+            return;
+        };
+        for (id, v) in records {
+            let _guard = self.locks.lock(&id).await;
+            if !matches!(mounts::top_mount_at(&v.staging_path), Ok(Some(m)) if m.fstype == FSTYPE) {
+                continue;
+            }
+            if !mounts::probe(&v.staging_path, PROBE_TIMEOUT)
+                .await
+                .is_dead()
+            {
+                continue;
+            }
+            tracing::warn!(volume = %id, staging = %v.staging_path.display(), "the serving process of this volume is gone; unmounting its dead staging mount so that the kubelet can stage it again");
+            if let Err(e) = unmount_ours(&v.staging_path) {
+                tracing::error!(volume = %id, error = %e, "unmounting a dead staging mount");
+                continue;
+            }
+            if let Err(e) = self.stop_serving(&id, &v.staging_path, v.pid).await {
+                tracing::warn!(volume = %id, error = %e, "cleaning up after a dead serving process");
+            }
+        }
     }
 
     /// Takes over the records of an earlier run: a record whose staging path is still an s3vol
@@ -119,7 +190,90 @@ impl NodeService {
             }
         }
         self.adopted.store(true, Ordering::SeqCst);
+        self.prune_cache_dirs();
         Ok(())
+    }
+
+    /// Asks the mounter, in the background, to remove the cache directories of volumes that are
+    /// not staged here any more. Best effort: the mounter may not be up yet (a few tries).
+    fn prune_cache_dirs(&self) {
+        let keep: Vec<String> = match self.state.load_all() {
+            Ok(all) => all.into_keys().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the state records to prune cache directories");
+                return;
+            }
+        };
+        let socket = self.config.mounter_socket.clone();
+        std::thread::spawn(move || {
+            let request = handoff::Request::Prune { keep };
+            for _ in 0..30 {
+                match handoff::call(&socket, &request, None, Duration::from_secs(60)) {
+                    Ok(r) if r.ok => return,
+                    Ok(r) => {
+                        tracing::warn!(error = ?r.error, "the mounter could not prune cache directories");
+                        return;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_secs(2)),
+                }
+            }
+        });
+    }
+
+    /// `path` (from a request, named `name`) made absolute and normal; it must lie under the
+    /// kubelet directory.
+    fn kubelet_path(&self, value: &str, name: &str) -> CsiResult<PathBuf> {
+        let p = absolute(value, name)?;
+        if p == self.kubelet_dir || !p.starts_with(&self.kubelet_dir) {
+            return Err(CsiError::invalid(format!(
+                "{name} {} is not under the kubelet directory {}",
+                p.display(),
+                self.kubelet_dir.display()
+            )));
+        }
+        Ok(p)
+    }
+
+    /// Asks the mounter to end the serving process of a volume and waits for it; returns how
+    /// that process ended, when the mounter knew it.
+    async fn stop_serving(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        pid: Option<u32>,
+    ) -> CsiResult<Option<String>> {
+        let socket = self.config.mounter_socket.clone();
+        let request = handoff::Request::Stop(handoff::StopRequest {
+            volume_id: volume_id.to_owned(),
+            staging_path: staging.to_owned(),
+            pid,
+        });
+        // The mounter's own wait is bounded; allow it that and a margin.
+        let timeout = self.config.mount_timeout + Duration::from_secs(30);
+        let reply =
+            tokio::task::spawn_blocking(move || handoff::call(&socket, &request, None, timeout))
+                .await;
+        match reply {
+            Ok(Ok(r)) if r.ok => Ok(r.ended),
+            Ok(Ok(r)) => Err(CsiError::Unavailable(r.error.unwrap_or_else(|| {
+                "the mounter could not stop the serving process".into()
+            }))),
+            // No mounter listening, so no serving process of it: nothing left to stop.
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                tracing::warn!(volume = %volume_id, error = %e, socket = %self.config.mounter_socket.display(), "no mounter listens; nothing to stop");
+                Ok(None)
+            }
+            Ok(Err(e)) => Err(CsiError::Unavailable(format!(
+                "asking the mounter at {} to stop the serving process of {volume_id}: {e}",
+                self.config.mounter_socket.display()
+            ))),
+            Err(e) => Err(CsiError::Internal(format!("stop task failed: {e}"))),
+        }
     }
 
     /// Whether this node can serve: state adopted, `/dev/fuse` present, mounter answering.
@@ -141,7 +295,7 @@ impl NodeService {
 
     async fn stage(&self, req: NodeStageVolumeRequest) -> CsiResult<()> {
         let volume_id = required(&req.volume_id, "volume_id")?;
-        let staging = absolute(&req.staging_target_path, "staging_target_path")?;
+        let staging = self.kubelet_path(&req.staging_target_path, "staging_target_path")?;
         let cap = req
             .volume_capability
             .as_ref()
@@ -215,12 +369,11 @@ impl NodeService {
                     return Ok(());
                 }
                 health => {
-                    // Its serving process is gone: replace the dead mount.
+                    // Its serving process is gone (or hangs): replace the dead mount.
                     tracing::warn!(volume = %volume_id, ?health, "staged mount is dead; mounting again");
-                    mounts::unmount_all(&staging).map_err(CsiError::io(format!(
-                        "unmounting the dead mount at {}",
-                        staging.display()
-                    )))?;
+                    unmount_ours(&staging)?;
+                    let pid = existing.as_ref().and_then(|r| r.pid);
+                    self.stop_serving(volume_id, &staging, pid).await?;
                 }
             }
         }
@@ -265,12 +418,15 @@ impl NodeService {
         let failure = match outcome {
             Ok(Ok(reply)) if reply.ok => {
                 record.pid = reply.pid;
-                match self.state.save(&record) {
-                    Ok(()) => {
-                        tracing::info!(volume = %volume_id, staging = %staging.display(), source = %source, pid = ?reply.pid, "staged");
-                        return Ok(());
-                    }
-                    Err(e) => CsiError::io("writing the state record")(e),
+                match self.prove_serving(volume_id, &staging, reply.pid).await {
+                    Err(e) => e,
+                    Ok(()) => match self.state.save(&record) {
+                        Ok(()) => {
+                            tracing::info!(volume = %volume_id, staging = %staging.display(), source = %source, pid = ?reply.pid, "staged");
+                            return Ok(());
+                        }
+                        Err(e) => CsiError::io("writing the state record")(e),
+                    },
                 }
             }
             Ok(Ok(reply)) => CsiError::Internal(format!(
@@ -285,19 +441,57 @@ impl NodeService {
             )),
             Err(e) => CsiError::Internal(format!("hand-off task failed: {e}")),
         };
-        if let Err(e) = mounts::unmount_all(&staging) {
+        if let Err(e) = unmount_ours(&staging) {
             tracing::error!(volume = %volume_id, error = %e, "could not unmount the staging path after a failed stage");
         }
         tracing::warn!(volume = %volume_id, error = %failure, "stage failed");
         Err(failure)
     }
 
+    /// Proves that the volume's serving process answers: a `statfs` through the mount, bounded
+    /// by the mount timeout. If it does not answer, the process is stopped and its own reason
+    /// for ending becomes the error.
+    async fn prove_serving(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        pid: Option<u32>,
+    ) -> CsiResult<()> {
+        let health = mounts::probe(staging, self.config.mount_timeout).await;
+        if matches!(health, Health::Ok { .. }) {
+            return Ok(());
+        }
+        let what = match &health {
+            Health::Error(_, msg) => format!("answers {msg}"),
+            _ => format!(
+                "did not answer within {} s",
+                self.config.mount_timeout.as_secs()
+            ),
+        };
+        let ended = match self.stop_serving(volume_id, staging, pid).await {
+            Ok(Some(ended)) => format!("; the serving process ended: {ended}"),
+            Ok(None) => String::new(),
+            Err(e) => format!("; stopping its serving process: {e}"),
+        };
+        Err(CsiError::Internal(format!(
+            "the mount at {} {what} right after the mounter said it serves{ended}",
+            staging.display()
+        )))
+    }
+
     async fn unstage(&self, req: NodeUnstageVolumeRequest) -> CsiResult<()> {
         let volume_id = required(&req.volume_id, "volume_id")?;
-        let staging = absolute(&req.staging_target_path, "staging_target_path")?;
+        let staging = self.kubelet_path(&req.staging_target_path, "staging_target_path")?;
         let _guard = self.locks.lock(volume_id).await;
-        mounts::unmount_all(&staging)
-            .map_err(CsiError::io(format!("unmounting {}", staging.display())))?;
+        unmount_ours(&staging)?;
+        let record = self
+            .state
+            .load(volume_id)
+            .map_err(CsiError::io("reading the state record"))?;
+        // The unmount reaches the serving process only if no other mount namespace holds a
+        // copy of the mount: end it explicitly.
+        self.stop_serving(volume_id, &staging, record.and_then(|r| r.pid))
+            .await?;
         self.state
             .remove(volume_id)
             .map_err(CsiError::io("removing the state record"))?;
@@ -307,15 +501,17 @@ impl NodeService {
 
     async fn publish(&self, req: NodePublishVolumeRequest) -> CsiResult<()> {
         let volume_id = required(&req.volume_id, "volume_id")?;
-        let target = absolute(&req.target_path, "target_path")?;
-        let staging = absolute(&req.staging_target_path, "staging_target_path")?;
+        let target = self.kubelet_path(&req.target_path, "target_path")?;
+        let staging = self.kubelet_path(&req.staging_target_path, "staging_target_path")?;
         let cap = req
             .volume_capability
             .as_ref()
             .ok_or_else(|| CsiError::invalid("volume_capability is required"))?;
         let read_only = capability::check(cap).map_err(CsiError::InvalidArgument)? || req.readonly;
         let _guard = self.locks.lock(volume_id).await;
-        let result = self.publish_locked(volume_id, &staging, &target, read_only);
+        let result = self
+            .publish_locked(volume_id, &staging, &target, read_only)
+            .await;
         if result.is_err() {
             // Never leave the pod a plain directory on the node's disk.
             remove_target(&target);
@@ -323,7 +519,7 @@ impl NodeService {
         result
     }
 
-    fn publish_locked(
+    async fn publish_locked(
         &self,
         volume_id: &str,
         staging: &Path,
@@ -341,6 +537,14 @@ impl NodeService {
                 )));
             }
         };
+        if let Some(m) = table(target)?
+            && m.fstype == FSTYPE
+            && mounts::probe(target, PROBE_TIMEOUT).await.is_dead()
+        {
+            // A bind of a mount whose serving process is gone: clean it, publish afresh.
+            tracing::warn!(volume = %volume_id, target = %target.display(), "the target holds a dead s3vol mount; replacing it");
+            unmount_ours(target)?;
+        }
         if let Some(m) = table(target)? {
             if m.fstype == FSTYPE && m.source == staged.source && m.read_only() == read_only {
                 tracing::info!(volume = %volume_id, target = %target.display(), "already published");
@@ -371,10 +575,9 @@ impl NodeService {
 
     async fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> CsiResult<()> {
         let volume_id = required(&req.volume_id, "volume_id")?;
-        let target = absolute(&req.target_path, "target_path")?;
+        let target = self.kubelet_path(&req.target_path, "target_path")?;
         let _guard = self.locks.lock(volume_id).await;
-        mounts::unmount_all(&target)
-            .map_err(CsiError::io(format!("unmounting {}", target.display())))?;
+        unmount_ours(&target)?;
         match std::fs::remove_dir(&target) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -465,6 +668,18 @@ impl NodeService {
             volume_condition: Some(condition),
         })
     }
+}
+
+/// Unmounts every s3vol mount stacked at `path`; a mount that is not s3vol's is left alone and
+/// makes the call fail (FAILED_PRECONDITION), naming it.
+fn unmount_ours(path: &Path) -> CsiResult<()> {
+    mounts::unmount_s3vol(path).map_err(|e| match e {
+        mounts::UnmountError::Foreign { fstype, what } => CsiError::FailedPrecondition(format!(
+            "{} has a {fstype} mount ({what}) that is not s3vol's; it is left alone",
+            path.display()
+        )),
+        mounts::UnmountError::Io(e) => CsiError::io(format!("unmounting {}", path.display()))(e),
+    })
 }
 
 /// Removes a target directory publish may have created; if it cannot be removed (not empty),

@@ -39,6 +39,8 @@ pub struct DriverConfig {
     pub mounter_socket: PathBuf,
     pub defaults: Defaults,
     pub mount_timeout: Duration,
+    /// The kubelet's directory: the node service touches no path outside it.
+    pub kubelet_dir: PathBuf,
 }
 
 /// Why the driver could not serve.
@@ -85,6 +87,7 @@ pub async fn serve(
                 mounter_socket: config.mounter_socket.clone(),
                 defaults: config.defaults.clone(),
                 mount_timeout: config.mount_timeout,
+                kubelet_dir: config.kubelet_dir.clone(),
             })
             .map_err(io(format!(
                 "opening the state directory {}",
@@ -116,7 +119,12 @@ pub async fn serve(
         }
         _ => {}
     }
-    let listener = tokio::net::UnixListener::bind(&path)
+    // 0660 whatever the umask: the kubelet and the sidecars (root, or the socket's group) only.
+    let listener = crate::handoff::bind_socket(&path, 0o660)
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)
+        })
         .map_err(io(format!("listening on {}", path.display())))?;
     tracing::info!(endpoint = %config.endpoint, mode = ?config.mode, driver = %config.driver_name, node = %config.node_id, "serving CSI");
 

@@ -3,6 +3,13 @@
 //! Every request is handed to the tokio runtime as a task that replies when done, so slow S3
 //! calls never hold up the threads reading `/dev/fuse`, and requests run concurrently. This is
 //! the only module that knows `fuser`'s types.
+//!
+//! Reader threads: a mount made here gives each its own cloned descriptor
+//! (`FUSE_DEV_IOC_CLONE`, which needs a fresh `open("/dev/fuse")`); a handed-over descriptor
+//! ([`FuseServer::from_fd`], the CSI case) is shared by all of them instead, because a serving
+//! process never opens `/dev/fuse` (DESIGN.md decision 11; the mounter's pod has none). This
+//! departs from "cloned fds" in decision 2 for that case only; the kernel still gives each
+//! request to exactly one reader.
 
 use std::ffi::OsStr;
 use std::io;
@@ -88,6 +95,18 @@ fn config(settings: &MountSettings) -> Config {
     config
 }
 
+/// The session configuration for a handed-over descriptor: the reader threads share that one
+/// descriptor instead of cloning it. `FUSE_DEV_IOC_CLONE` needs a fresh `open("/dev/fuse")`,
+/// which a serving process must never do (DESIGN.md decision 11): in the CSI mounter's pod
+/// there is no `/dev/fuse` and no right to open it. Several threads reading one descriptor is
+/// how libfuse's multithreaded loop works without `clone_fd`; the kernel hands each request to
+/// exactly one reader.
+fn config_for_fd(settings: &MountSettings) -> Config {
+    let mut config = config(settings);
+    config.clone_fd = false;
+    config
+}
+
 impl FuseServer {
     /// Mounts at `mountpoint` (mount(2) as root, else through fusermount3) and completes the
     /// FUSE handshake: when this returns, the filesystem answers.
@@ -101,7 +120,9 @@ impl FuseServer {
         Ok(Self { session })
     }
 
-    /// Serves an already mounted `/dev/fuse` descriptor (handed over by the CSI node plugin).
+    /// Serves an already mounted `/dev/fuse` descriptor (handed over by the CSI node plugin),
+    /// and only that descriptor: `/dev/fuse` is never opened (reader threads share it). When this
+    /// returns the INIT handshake is done; the mount answers once [`FuseServer::run`] runs.
     pub fn from_fd(
         fs: Arc<S3Fs>,
         rt: Handle,
@@ -113,7 +134,7 @@ impl FuseServer {
         } else {
             SessionACL::Owner
         };
-        let session = Session::from_fd(FuseFs::new(fs, rt), fd, acl, config(settings))?;
+        let session = Session::from_fd(FuseFs::new(fs, rt), fd, acl, config_for_fd(settings))?;
         Ok(Self { session })
     }
 

@@ -28,7 +28,11 @@ pub fn init(level: &str, format: LogFormat) -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log line that cannot be written is dropped. Reporting it would `eprintln!`, which
+        // panics when stderr is gone — as it is for a CSI serving process whose mounter died —
+        // and the panic would kill whatever task was logging (its SIGTERM handler, say).
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

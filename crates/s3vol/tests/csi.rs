@@ -6,6 +6,9 @@
 //! lazily unmounts every path the test used and kills every process it started, so a failing
 //! test leaves no mount behind. Every wait is bounded.
 //!
+//! Both processes run with umask 000, so the modes of the sockets they create are their own.
+//! The CSI process is told the test's temporary directory is the kubelet directory.
+//!
 //! Needs root, `/dev/fuse` and the test S3 server (`scripts/s3-server.sh start`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -29,6 +32,11 @@ use s3vol_s3::{AwsStore, BucketName, ListRequest, ObjectStore, PutOptions};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+#[path = "support/csi_deployed.rs"]
+mod deployed;
+#[path = "support/csi_node.rs"]
+mod node_rules;
+
 const BIN: &str = env!("CARGO_BIN_EXE_s3vol");
 const DRIVER: &str = "csi.s3vol.io";
 
@@ -40,6 +48,23 @@ struct Harness {
     /// Paths that may be mounted, unmounted (lazily) on drop, last first.
     mounts: Vec<PathBuf>,
     exe: Option<PathBuf>,
+    /// Where the CSI process finds the mounter.
+    mounter_socket: PathBuf,
+    /// The host pid of a mounter that runs as PID 1 of its own PID namespace (as deployed).
+    ns_init: Option<i32>,
+    /// The mounter runs in a PID namespace of its own: the pids in the state records are
+    /// that namespace's, never to be signalled from here.
+    deployed: bool,
+}
+
+fn with_umask_000(cmd: &mut Command) {
+    // SAFETY: umask is async-signal-safe and cannot fail.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -61,12 +86,16 @@ impl Harness {
             .prefix("s3vol-csi-")
             .tempdir()
             .unwrap();
+        let mounter_socket = dir.path().join("mounter.sock");
         let mut h = Harness {
             dir,
             mounter: None,
             csi: None,
             mounts: Vec::new(),
             exe,
+            mounter_socket,
+            ns_init: None,
+            deployed: false,
         };
         h.start_mounter();
         h.start_csi();
@@ -102,6 +131,7 @@ impl Harness {
         if let Some(exe) = &self.exe {
             cmd.arg("--exe").arg(exe);
         }
+        with_umask_000(&mut cmd);
         self.mounter = Some(cmd.spawn().unwrap());
         let sock = self.path("mounter.sock");
         wait_for("the mounter socket", Duration::from_secs(20), || {
@@ -110,13 +140,17 @@ impl Harness {
     }
 
     fn start_csi(&mut self) {
-        let child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        with_umask_000(&mut cmd);
+        let child = cmd
             .args(["csi", "--endpoint"])
             .arg(format!("unix://{}", self.path("csi.sock").display()))
             .args(["--node-id", "test-node", "--mode", "all", "--state-dir"])
             .arg(self.path("state"))
+            .arg("--kubelet-dir")
+            .arg(self.dir.path())
             .arg("--mounter-socket")
-            .arg(self.path("mounter.sock"))
+            .arg(&self.mounter_socket)
             .args(["--log-level", "info", "--mount-timeout", "60"])
             // No credentials in the environment: the secrets in the requests must be used.
             .env_remove("AWS_ACCESS_KEY_ID")
@@ -199,9 +233,15 @@ impl Drop for Harness {
                 }
             }
         }
-        for pid in self.serving_pids() {
-            // SAFETY: plain kill(2) of a process this test started (via the mounter).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        if let Some(init) = self.ns_init {
+            // SAFETY: kill(2) of the PID 1 of the namespace this test made; the kernel then
+            // kills every process in that namespace.
+            unsafe { libc::kill(init, libc::SIGKILL) };
+        } else if !self.deployed {
+            for pid in self.serving_pids() {
+                // SAFETY: plain kill(2) of a process this test started (via the mounter).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
         for c in [self.csi.take(), self.mounter.take()].into_iter().flatten() {
             let mut c = c;
@@ -645,7 +685,8 @@ async fn csi_node_errors_and_idempotent_cleanup() {
 }
 
 /// A stand-in for `s3vol mount` that records what it was given and fails like a real mount
-/// failure would: the reason on stderr, a non-zero exit.
+/// failure would: the reason on stderr, a non-zero exit — and, like a process that closes its
+/// descriptors before it gets round to saying why, only a second after closing its ready pipe.
 fn failing_mount_program(dir: &Path) -> PathBuf {
     let p = dir.join("fake-mount.sh");
     std::fs::write(
@@ -656,6 +697,8 @@ fn failing_mount_program(dir: &Path) -> PathBuf {
              cat <&4 > {dir}/credentials\n\
              ls -l /proc/$$/fd > {dir}/fds 2>&1\n\
              env > {dir}/env\n\
+             exec 5>&-\n\
+             sleep 1\n\
              echo 'fake mount: bucket does not exist (NoSuchBucket)' >&2\n\
              exit 3\n",
             dir = dir.display()

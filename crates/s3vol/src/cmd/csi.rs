@@ -44,6 +44,9 @@ pub struct CsiArgs {
     /// Where the node plugin records staged volumes (a host directory).
     #[arg(long, default_value = "/var/lib/s3vol/state", value_name = "DIR")]
     pub state_dir: PathBuf,
+    /// The kubelet's directory: staging and target paths must lie under it.
+    #[arg(long, default_value = "/var/lib/kubelet", value_name = "DIR")]
+    pub kubelet_dir: PathBuf,
     /// Unix socket of the mounter that serves staged volumes.
     #[arg(long, default_value = DEFAULT_MOUNTER_SOCKET, value_name = "PATH")]
     pub mounter_socket: PathBuf,
@@ -79,6 +82,7 @@ pub fn run(args: CsiArgs) -> anyhow::Result<ExitCode> {
             region: args.s3_region.filter(|s| !s.is_empty()),
         },
         mount_timeout: Duration::from_secs(args.mount_timeout.max(1)),
+        kubelet_dir: args.kubelet_dir,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     if let Some(addr) = args.metrics_addr {

@@ -235,8 +235,9 @@ fn owned_fd(fd: RawFd, what: &str) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Reads the credentials JSON; the buffer that held it is zeroed before returning.
 fn read_credentials(fd: RawFd) -> anyhow::Result<StaticCredentials> {
-    let mut json = String::new();
+    let mut json = zeroize::Zeroizing::new(String::new());
     File::from(owned_fd(fd, "--credentials-fd")?)
         .read_to_string(&mut json)
         .context("reading credentials")?;
@@ -342,6 +343,12 @@ fn daemonize() -> anyhow::Result<ExitCode> {
 }
 
 fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
+    if args.fuse_fd.is_some() || args.credentials_fd.is_some() {
+        // A serving process handed credentials or a connection: no core dumps, no ptrace by
+        // same-uid processes, /proc/<pid>/mem closed to them.
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+            .context("making the process non-dumpable")?;
+    }
     let mut s3 = args.s3.to_config();
     if let Some(fd) = args.credentials_fd {
         s3.credentials = CredentialSource::Static(read_credentials(fd)?);
@@ -417,6 +424,13 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("serving metrics on {addr}"))?;
     }
     let store: Arc<dyn ObjectStore> = Arc::new(rt.block_on(AwsStore::new(&s3)));
+    // The client holds its own copy (in zeroing storage); ours is wiped now.
+    if let CredentialSource::Static(c) = &mut s3.credentials {
+        use zeroize::Zeroize;
+        c.access_key_id.zeroize();
+        c.secret_access_key.zeroize();
+        c.session_token.zeroize();
+    }
     let target = format!("s3://{}/{}", config.bucket, config.prefix);
     let fs = rt
         .block_on(S3Fs::new(config, store))

@@ -1,7 +1,9 @@
 //! `s3vol mounter`: receives mounted volumes from the CSI node plugin and serves each in an
 //! `s3vol mount` process of its own. Unprivileged: it never mounts or opens `/dev/fuse`.
 //!
-//! Only parses flags and runs `s3vol_csi::mounter::run`.
+//! Parses flags, makes the process non-dumpable (it holds credentials on their way to the
+//! serving processes), blocks SIGTERM/SIGINT before any thread starts (the mounter takes them
+//! with `sigwait`, see `s3vol_csi::mounter`), and runs `s3vol_csi::mounter::run`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +24,14 @@ pub struct MounterArgs {
     /// Seconds a volume's serving process may take to start serving.
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     pub ready_timeout: u64,
+    /// Seconds NodeUnstageVolume waits for a volume's serving process to upload what it holds
+    /// and exit.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub stop_timeout: u64,
+    /// Seconds the mounter waits, after SIGTERM, for its serving processes to upload and exit;
+    /// keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, default_value_t = 270, value_name = "SECONDS")]
+    pub shutdown_timeout: u64,
     /// The s3vol binary to run for each volume (default: this one).
     #[arg(long, hide = true, value_name = "PATH")]
     pub exe: Option<PathBuf>,
@@ -32,6 +42,9 @@ pub struct MounterArgs {
 }
 
 pub fn run(args: MounterArgs) -> anyhow::Result<ExitCode> {
+    s3vol_csi::mounter::block_shutdown_signals().context("blocking SIGTERM and SIGINT")?;
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .context("making the process non-dumpable")?;
     // The mounter itself is synchronous; a small runtime serves the metrics endpoint.
     let _metrics_rt = match args.metrics_addr {
         Some(addr) => {
@@ -54,6 +67,8 @@ pub fn run(args: MounterArgs) -> anyhow::Result<ExitCode> {
         cache_dir: args.cache_dir,
         exe,
         ready_timeout: Duration::from_secs(args.ready_timeout.max(1)),
+        stop_timeout: Duration::from_secs(args.stop_timeout.max(1)),
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
     })
     .with_context(|| format!("serving on {}", args.socket.display()))?;
     Ok(ExitCode::SUCCESS)
