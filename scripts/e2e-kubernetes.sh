@@ -444,6 +444,7 @@ metadata: {name: e2e-prefix}
 provisioner: csi.s3vol.io
 reclaimPolicy: Delete
 volumeBindingMode: Immediate
+allowVolumeExpansion: true
 parameters:
   mode: prefix
   bucket: e2e-volumes
@@ -537,6 +538,14 @@ if claim data; then
         fi
     else
         record "dynamic PVC: non-root pod with fsGroup writes and reads" FAIL "pod: $(kc -n e2e describe pod writer | tail -n 5 | tr '\n' ' ' | cut -c1-300)"
+    fi
+    # Resize: ControllerExpandVolume records the size; nothing is needed on the node.
+    kc -n e2e patch pvc data --type merge -p '{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}' >/dev/null
+    for _ in $(seq 1 90); do [[ $(kc -n e2e get pvc data -o jsonpath='{.status.capacity.storage}') == 2Gi ]] && break; sleep 1; done
+    if [[ $(kc -n e2e get pvc data -o jsonpath='{.status.capacity.storage}') == 2Gi ]]; then
+        record "dynamic PVC resized 1Gi -> 2Gi" PASS ""
+    else
+        record "dynamic PVC resized 1Gi -> 2Gi" FAIL "$(kc -n e2e describe pvc data | tail -n 3 | tr '\n' ' ' | cut -c1-300)"
     fi
     kc -n e2e delete pod writer --wait=true --timeout=120s >/dev/null 2>&1 || true
     kc -n e2e delete pvc data --wait=true --timeout=120s >/dev/null 2>&1 || true
