@@ -1013,6 +1013,73 @@ impl Staged {
         self.meta_dirty = false;
     }
 
+    /// The file's object is about to be deleted while handles still read it (unlink of an
+    /// open file): every byte goes to the staging file (a stream is spilled, which completes
+    /// its upload so far; ranges of the base not yet here are fetched), and the base is
+    /// forgotten, so nothing is read from S3 any more. On failure nothing changes.
+    pub async fn make_local(&mut self) -> FsResult<()> {
+        self.spill("the file is unlinked while open").await?;
+        let size = self.size;
+        self.fill(0, size).await?;
+        self.base = None;
+        Ok(())
+    }
+
+    /// The process is about to exit with this file not in S3: what only memory holds (the
+    /// part being filled, parts whose upload failed or is still being tried) goes to the
+    /// staging file, which is then fsynced with its `.key` companion. Returns where the bytes
+    /// are, for the log.
+    pub async fn keep_for_exit(&mut self) -> FsResult<String> {
+        if !self.content_dirty {
+            return Ok("only attribute changes were not uploaded; the content is in S3".into());
+        }
+        let target = format!("s3://{}/{}", self.ctx.bucket, self.key);
+        let mut in_upload = None;
+        if self.sequential {
+            if let Some(stream) = &mut self.stream {
+                // Running part uploads hand their bytes back instead of retrying further.
+                stream.stop_retrying.send_replace(true);
+                for p in std::mem::take(&mut stream.running) {
+                    stream.record(p.await)?;
+                }
+                if !stream.done.is_empty() {
+                    let mut numbers: Vec<i32> = stream.done.iter().map(|p| p.part_number).collect();
+                    numbers.sort_unstable();
+                    in_upload = Some(format!(
+                        "; parts {numbers:?} ({} bytes each) are only in the unfinished multipart upload {} and are zeros in the staging file",
+                        self.ctx.stream_part_size(),
+                        stream.upload_id.0
+                    ));
+                }
+            }
+            self.keep_stream_bytes()?;
+        }
+        let path = self.local.path.clone();
+        match &self.local.file {
+            Some(f) => f.sync_all()?,
+            None => {
+                return Err(err!(libc::EIO, "{target}: no staging file holds its data"));
+            }
+        }
+        File::open(path.with_extension("key"))?.sync_all()?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        let whole = match (&in_upload, &self.base) {
+            (Some(parts), _) => format!("the bytes that were in memory are in it{parts}"),
+            (None, Some(b)) if !self.present.missing(0..b.size.min(self.size)).is_empty() => {
+                "only the ranges written or read are in it (elsewhere, take the bytes of the object in S3)".to_owned()
+            }
+            (None, _) => "all of its bytes are in it".to_owned(),
+        };
+        Ok(format!(
+            "{target} ({} bytes) is in the staging file {} (fsynced, with {}): {whole}",
+            self.size,
+            path.display(),
+            path.with_extension("key").display(),
+        ))
+    }
+
     /// Writes what a stream still holds in memory (the part being filled, failed parts) to the
     /// staging file, for recovery by hand when the process is going away.
     fn keep_stream_bytes(&mut self) -> FsResult<()> {
