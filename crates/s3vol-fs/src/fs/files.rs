@@ -377,7 +377,8 @@ impl S3Fs {
             let staged = self.staged_for_write(&child, false).await?;
             staged.lock().await.make_local().await?;
         }
-        if !local_only {
+        // A file streaming its first parts has just been completed as an object: delete it too.
+        if !local_only || open {
             self.store.delete_object(&self.config.bucket, &key).await?;
         }
         self.stage.disk.unpark(child.ino);
