@@ -130,16 +130,17 @@ async fn sub_second_times_survive_s3fs_both_ways() {
 
     // s3vol → s3fs.
     std::fs::write(m.path("from-s3vol"), b"v").unwrap();
-    set_mtime(&m.path("from-s3vol"), 1_600_000_000, 25);
+    // A quarter second: written as `.25`, s3fs would read 25 ns.
+    set_mtime(&m.path("from-s3vol"), 1_600_000_000, 250_000_000);
     let md = m.head("from-s3vol").await.unwrap().metadata;
-    assert_eq!(md["mtime"], "1600000000.000000025");
+    assert_eq!(md["mtime"], "1600000000.250000000");
     let s3fs = tokio::task::spawn_blocking(move || S3fs::mount(&bucket))
         .await
         .unwrap();
     let st = std::fs::metadata(s3fs.path("from-s3vol")).unwrap();
     assert_eq!(
         (st.mtime(), st.mtime_nsec()),
-        (1_600_000_000, 25),
+        (1_600_000_000, 250_000_000),
         "s3fs reads what s3vol wrote"
     );
 
