@@ -41,7 +41,7 @@ use crate::stage::{Base, MAX_COPY_OBJECT, MIN_PART_SIZE, StageCtx, Staged};
 
 const FOLDER_SUFFIX: &str = "_$folder$";
 /// The longest symlink target read: `PATH_MAX` less its NUL, as Linux allows.
-pub const MAX_SYMLINK_TARGET: u64 = libc::PATH_MAX as u64 - 1;
+pub(crate) const MAX_SYMLINK_TARGET: u64 = libc::PATH_MAX as u64 - 1;
 /// Idle part buffers kept for reuse by streamed uploads (memory: this many parts, at most).
 const PARTS_KEPT: usize = 4;
 

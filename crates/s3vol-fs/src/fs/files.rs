@@ -461,7 +461,7 @@ impl S3Fs {
         Ok((inode, attrs))
     }
 
-    /// The target of a symlink: its object's body, at most [`MAX_SYMLINK_TARGET`] bytes. Only
+    /// The target of a symlink: its object's body, at most `MAX_SYMLINK_TARGET` (4,095) bytes. Only
     /// that much is ever asked for (a ranged GET) and kept, whatever the object's size or what
     /// the server sends: a larger object marked as a symlink answers `EIO`.
     pub async fn readlink(&self, ino: InodeNo) -> FsResult<String> {
@@ -530,7 +530,7 @@ impl S3Fs {
     }
 
     /// Before the process exits: for every file with changes not in S3, writes what only
-    /// memory holds to its staging file and fsyncs it (see [`Staged::keep_for_exit`]).
+    /// memory holds to its staging file and fsyncs it (see `Staged::keep_for_exit`).
     /// Returns each such file's key with where its bytes are.
     pub async fn keep_unflushed(&self) -> Vec<(String, FsResult<String>)> {
         let mut kept = Vec::new();
