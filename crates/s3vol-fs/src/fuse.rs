@@ -20,10 +20,10 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, SessionUnmounter, TimeOrNow,
-    WriteFlags,
+    InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, SessionUnmounter,
+    TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 
@@ -205,6 +205,8 @@ pub(crate) fn file_attr(ino: u64, a: &Attrs) -> FileAttr {
         crtime: a.mtime,
         kind: file_type(a.kind),
         perm: a.perm,
+        // S3 keeps no count of a directory's subdirectories: 2 whatever it holds (see
+        // docs/SEMANTICS.md); a file removed while open gets 0 in `getattr`.
         nlink: if a.kind == Kind::Dir { 2 } else { 1 },
         uid: a.uid,
         gid: a.gid,
@@ -266,7 +268,7 @@ impl Filesystem for FuseFs {
         let fs = self.fs.clone();
         let failed = self.rt.block_on(async move { fs.flush_all().await });
         for (key, e) in &failed {
-            tracing::error!(key, error = %e, "not flushed at unmount; data kept in the cache directory");
+            tracing::warn!(key, error = %e, "not uploaded at unmount; tried again before the process exits, which then keeps what fails on disk");
         }
     }
 
@@ -293,7 +295,14 @@ impl Filesystem for FuseFs {
         let ttl = self.ttl;
         self.spawn(move |fs| async move {
             match fs.getattr(ino.0).await {
-                Ok(attrs) => reply.attr(&ttl, &file_attr(ino.0, &attrs)),
+                Ok(attrs) => {
+                    let mut attr = file_attr(ino.0, &attrs);
+                    if fs.is_unlinked(ino.0) {
+                        // Removed while open: no name links to it any more.
+                        attr.nlink = 0;
+                    }
+                    reply.attr(&ttl, &attr)
+                }
                 Err(e) => reply.error(errno("getattr", &e)),
             }
         });
@@ -759,6 +768,26 @@ impl Filesystem for FuseFs {
                 Err(e) => reply.error(errno("removexattr", &e)),
             }
         });
+    }
+
+    /// No ioctl is supported: the answer is `ENOTTY`, what a filesystem without ioctls gives
+    /// (Python's `open` asks `TCGETS` of every file it opens, so this must stay quiet).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        static LOGGED: std::sync::Once = std::sync::Once::new();
+        LOGGED.call_once(|| {
+            tracing::info!(cmd, "ioctl is not supported: answered ENOTTY (logged once)");
+        });
+        reply.error(Errno::ENOTTY);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {

@@ -1,8 +1,14 @@
 //! The inode table: kernel inode numbers ↔ bucket keys, with cached attributes.
 //!
-//! An inode is created the first time a name is looked up or listed, and lives until the
-//! kernel forgets it (lookup count back to zero) and no handle uses it. The pair
-//! (parent, name) maps to at most one inode, so a name keeps its number while it is known.
+//! An inode is created the first time a name is looked up or listed. Once the kernel forgets
+//! it (lookup count back to zero) and no handle uses it, it is *retained*: it stays in the
+//! table under its name and number, so the next lookup of the name (after `drop_caches`, or
+//! under memory pressure) gets the same number back. Tools rely on that (`find`'s loop check,
+//! hard-link detection in `tar` and `rsync`, `git`'s index). At most [`MAX_RETAINED`]
+//! forgotten inodes are kept, least recently forgotten dropped first; a name whose inode was
+//! dropped so gets a new number on its next lookup (unless a kept listing still holds the
+//! inode, which then comes back). The pair (parent, name) maps to at most one inode, and a
+//! number to at most one inode.
 //!
 //! Keys: a directory's key ends with `/` (the mount's prefix for the root); a file's does not.
 //! Keys are stored in the inode and rewritten when a directory is renamed.
@@ -10,7 +16,7 @@
 //! Locking: one table mutex, never held across an await, and per-inode state behind its own
 //! short mutex. Where both are taken, the table comes first.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -21,6 +27,8 @@ use crate::stage::Staged;
 
 pub type InodeNo = u64;
 pub const ROOT: InodeNo = 1;
+/// Forgotten inodes kept so their names keep their numbers (a few hundred bytes each).
+pub const MAX_RETAINED: usize = 100_000;
 
 /// Mutable state of an inode.
 #[derive(Debug)]
@@ -74,6 +82,42 @@ struct Table {
     inodes: HashMap<InodeNo, Arc<Inode>>,
     by_name: HashMap<(InodeNo, String), InodeNo>,
     next: InodeNo,
+    /// Inodes the kernel forgot and no handle uses, still in `inodes`: number → when
+    /// forgotten (a sequence number), and the other way round, oldest first.
+    retained: HashMap<InodeNo, u64>,
+    retained_order: BTreeMap<u64, InodeNo>,
+    forget_seq: u64,
+}
+
+impl Table {
+    /// The inode is in use again (looked up, listed, opened): no longer retained.
+    fn revive(&mut self, ino: InodeNo) {
+        if let Some(seq) = self.retained.remove(&ino) {
+            self.retained_order.remove(&seq);
+        }
+    }
+
+    /// Drops the oldest retained inodes beyond [`MAX_RETAINED`].
+    fn trim_retained(&mut self) {
+        while self.retained.len() > MAX_RETAINED {
+            let Some((_, ino)) = self.retained_order.pop_first() else {
+                return;
+            };
+            self.retained.remove(&ino);
+            let Some(inode) = self.inodes.get(&ino).cloned() else {
+                continue;
+            };
+            let s = inode.state();
+            if s.lookups == 0 && s.open_handles == 0 && s.staged.is_none() {
+                let slot = (s.parent, s.name.clone());
+                drop(s);
+                self.inodes.remove(&ino);
+                if self.by_name.get(&slot) == Some(&ino) {
+                    self.by_name.remove(&slot);
+                }
+            }
+        }
+    }
 }
 
 /// All known inodes.
@@ -167,6 +211,9 @@ impl Inodes {
                 s.lookups += 1;
             }
             drop(s);
+            if lookup {
+                t.revive(existing.ino);
+            }
             return existing;
         }
         let ino = t.next;
@@ -202,6 +249,7 @@ impl Inodes {
     pub fn add_lookup(&self, inode: &Arc<Inode>) {
         let mut t = self.table();
         Self::restore(&mut t, inode);
+        t.revive(inode.ino);
         inode.state().lookups += 1;
     }
 
@@ -237,6 +285,7 @@ impl Inodes {
             }
         };
         if lookup {
+            t.revive(inode.ino);
             inode.state().lookups += 1;
         }
         inode
@@ -257,7 +306,9 @@ impl Inodes {
         }
     }
 
-    /// Drops `n` kernel references; forgets the inode when none remain and nothing uses it.
+    /// Drops `n` kernel references. An inode with none left that nothing uses is retained
+    /// (see the module docs): still found by name and number, dropped only beyond
+    /// [`MAX_RETAINED`].
     pub fn forget(&self, ino: InodeNo, n: u64) {
         if ino == ROOT {
             return;
@@ -269,12 +320,20 @@ impl Inodes {
         let mut s = inode.state();
         s.lookups = s.lookups.saturating_sub(n);
         if s.lookups == 0 && s.open_handles == 0 && s.staged.is_none() {
-            let slot = (s.parent, s.name.clone());
+            let unlinked = s.unlinked;
             drop(s);
-            t.inodes.remove(&ino);
-            if t.by_name.get(&slot) == Some(&ino) {
-                t.by_name.remove(&slot);
+            if unlinked {
+                // Out of the namespace: nothing can look it up again.
+                t.revive(ino);
+                t.inodes.remove(&ino);
+                return;
             }
+            t.revive(ino);
+            t.forget_seq += 1;
+            let seq = t.forget_seq;
+            t.retained.insert(ino, seq);
+            t.retained_order.insert(seq, ino);
+            t.trim_retained();
         }
     }
 
@@ -283,7 +342,13 @@ impl Inodes {
     pub fn detach(&self, parent: InodeNo, name: &str) -> Option<Arc<Inode>> {
         let mut t = self.table();
         let ino = t.by_name.remove(&(parent, name.to_owned()))?;
-        t.inodes.get(&ino).cloned()
+        let inode = t.inodes.get(&ino).cloned();
+        if t.retained.contains_key(&ino) {
+            // Nothing holds it and nothing can find it any more.
+            t.revive(ino);
+            t.inodes.remove(&ino);
+        }
+        inode
     }
 
     /// Children of `parent` that exist only locally (not yet uploaded), for listings.
@@ -336,8 +401,11 @@ impl Inodes {
             .collect()
     }
 
+    /// Inodes in use: held by the kernel, a handle or local changes (retained ones not
+    /// counted).
     pub fn len(&self) -> usize {
-        self.table().inodes.len()
+        let t = self.table();
+        t.inodes.len() - t.retained.len()
     }
 }
 
@@ -364,28 +432,26 @@ mod tests {
     }
 
     #[test]
-    fn listed_entries_count_as_lookups_and_come_back_under_their_number() {
+    fn listed_entries_count_as_lookups_and_keep_their_number() {
         let inodes = table();
         let a = file(&inodes, "a");
         assert_eq!(inodes.listed(ROOT, "a", &a, true).ino, a.ino);
         assert_eq!(a.state().lookups, 1);
-        // The kernel forgets it: out of the table...
+        // The kernel forgets it: retained, under its number and name.
         inodes.forget(a.ino, 1);
-        assert!(inodes.get(a.ino).is_none() && inodes.child(ROOT, "a").is_none());
-        // ...and a kept listing hands it out again, under the same number and name.
-        assert_eq!(inodes.listed(ROOT, "a", &a, true).ino, a.ino);
+        assert_eq!(inodes.len(), 1, "only the root is in use");
         assert_eq!(inodes.child(ROOT, "a").unwrap().ino, a.ino);
+        // A kept listing hands it out again, under the same number and name.
+        assert_eq!(inodes.listed(ROOT, "a", &a, true).ino, a.ino);
         assert_eq!(a.state().lookups, 1);
+        assert_eq!(inodes.len(), 2);
         // Without a lookup (plain readdir) nothing is counted.
         inodes.listed(ROOT, "a", &a, false);
         assert_eq!(a.state().lookups, 1);
-        // A name looked up anew since the listing: the current inode wins.
+        // Forgotten again and looked up anew from S3: the same inode, the same number.
         inodes.forget(a.ino, 1);
         let a2 = file(&inodes, "a");
-        assert_ne!(a2.ino, a.ino);
-        assert_eq!(inodes.listed(ROOT, "a", &a, true).ino, a2.ino);
-        assert_eq!((a.state().lookups, a2.state().lookups), (0, 1));
-        assert!(inodes.get(a.ino).is_none());
+        assert!(Arc::ptr_eq(&a, &a2));
     }
 
     #[test]
@@ -394,7 +460,6 @@ mod tests {
         let b = file(&inodes, "b");
         inodes.add_lookup(&b);
         inodes.forget(b.ino, 1);
-        assert!(inodes.get(b.ino).is_none());
         inodes.add_lookup(&b);
         assert_eq!(inodes.get(b.ino).unwrap().state().lookups, 1);
         assert_eq!(inodes.child(ROOT, "b").unwrap().ino, b.ino);
@@ -404,5 +469,40 @@ mod tests {
         c.state().unlinked = true;
         inodes.listed(ROOT, "c", &c, true);
         assert!(inodes.get(c.ino).is_some() && inodes.child(ROOT, "c").is_none());
+        // Forgotten once unlinked: gone for good.
+        inodes.forget(c.ino, 1);
+        assert!(inodes.get(c.ino).is_none());
+    }
+
+    #[test]
+    fn retained_inodes_are_bounded_oldest_forgotten_first() {
+        let inodes = table();
+        let all: Vec<_> = (0..MAX_RETAINED + 2)
+            .map(|i| {
+                let f = file(&inodes, &format!("f{i}"));
+                inodes.add_lookup(&f);
+                f
+            })
+            .collect();
+        for f in &all {
+            inodes.forget(f.ino, 1);
+        }
+        // The two forgotten first are dropped; the others keep their numbers.
+        assert!(inodes.child(ROOT, "f0").is_none() && inodes.child(ROOT, "f1").is_none());
+        assert_eq!(inodes.child(ROOT, "f2").unwrap().ino, all[2].ino);
+        let last = MAX_RETAINED + 1;
+        assert_eq!(
+            inodes.child(ROOT, &format!("f{last}")).unwrap().ino,
+            all[last].ino
+        );
+        // Looked up again, an inode is in use and never dropped.
+        inodes.add_lookup(&all[2]);
+        for name in ["more", "and more"] {
+            let f = file(&inodes, name);
+            inodes.add_lookup(&f);
+            inodes.forget(f.ino, 1);
+        }
+        assert_eq!(inodes.child(ROOT, "f2").unwrap().ino, all[2].ino);
+        assert!(inodes.child(ROOT, "f3").is_none());
     }
 }

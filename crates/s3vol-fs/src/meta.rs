@@ -2,8 +2,11 @@
 //!
 //! - `x-amz-meta-mode`: decimal `st_mode` including the file-type bits;
 //! - `x-amz-meta-uid`, `x-amz-meta-gid`: decimal ids;
-//! - `x-amz-meta-mtime`, `-ctime`, `-atime`: Unix seconds, a fractional part accepted on read
-//!   (rclone writes one) and written when the time has sub-second precision;
+//! - `x-amz-meta-mtime`, `-ctime`, `-atime`: Unix seconds; a time with sub-second precision
+//!   gets a fraction of exactly nine digits (`1321009871.250000000`), as s3fs writes it: s3fs
+//!   reads the digits after the dot as a count of nanoseconds, so a shorter fraction would
+//!   come back to it a million times too small. On read, any fraction is a decimal fraction
+//!   (which agrees with s3fs for nine digits and reads rclone's shorter ones right);
 //! - `x-amz-meta-xattr`: URL-encoded JSON object of attribute name → base64 value;
 //! - directories are `dir/` objects with `Content-Type: application/x-directory`;
 //! - symlinks are objects whose body is the target and whose mode has `S_IFLNK`.
@@ -176,15 +179,12 @@ pub fn parse_time(s: &str) -> Option<SystemTime> {
     }
 }
 
-/// Formats Unix seconds: whole seconds as an integer (what s3fs writes), otherwise with the
-/// fraction (what rclone writes; s3fs reads the integer part).
+/// Formats Unix seconds as s3fs does: whole seconds as an integer, otherwise with the
+/// nanoseconds as nine digits (s3fs parses the digits after the dot as nanoseconds).
 pub fn format_time(t: SystemTime) -> String {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) if d.subsec_nanos() == 0 => d.as_secs().to_string(),
-        Ok(d) => {
-            let frac = format!("{:09}", d.subsec_nanos());
-            format!("{}.{}", d.as_secs(), frac.trim_end_matches('0'))
-        }
+        Ok(d) => format!("{}.{:09}", d.as_secs(), d.subsec_nanos()),
         Err(e) => format!("-{}", e.duration().as_secs()),
     }
 }
@@ -202,7 +202,15 @@ fn encode_xattrs(x: &Xattrs) -> String {
     utf8_percent_encode(&json, XATTR_ESCAPE).to_string()
 }
 
+/// The longest `x-amz-meta-xattr` header decoded. S3 keeps 2 KiB of user metadata per object;
+/// other stores allow more, but nothing legitimate comes near this.
+const MAX_XATTR_HEADER: usize = 64 << 10;
+
 fn decode_xattrs(s: &str) -> Option<Xattrs> {
+    if s.len() > MAX_XATTR_HEADER {
+        tracing::warn!(len = s.len(), "x-amz-meta-xattr header too long: ignored");
+        return None;
+    }
     let json = percent_decode_str(s).decode_utf8().ok()?;
     let map: BTreeMap<String, String> = serde_json::from_str(&json).ok()?;
     map.into_iter()
@@ -311,7 +319,7 @@ mod tests {
         a.xattrs.insert("user.empty".into(), Vec::new());
         let m = a.encode();
         assert_eq!(m["mode"], (libc::S_IFREG | 0o4711).to_string());
-        assert_eq!(m["mtime"], "1700000000.5");
+        assert_eq!(m["mtime"], "1700000000.500000000");
         let b = Attrs::decode(Kind::File, &m, &config(), 5, UNIX_EPOCH);
         assert_eq!(a, b);
     }
@@ -341,9 +349,25 @@ mod tests {
         );
         assert_eq!(parse_time("x"), None);
         assert_eq!(format_time(UNIX_EPOCH + Duration::from_secs(7)), "7");
+        // Nine digits, as s3fs writes them and reads them (as nanoseconds).
         assert_eq!(
             format_time(UNIX_EPOCH + Duration::from_millis(7250)),
-            "7.25"
+            "7.250000000"
+        );
+        assert_eq!(
+            format_time(UNIX_EPOCH + Duration::new(1_321_009_871, 25)),
+            "1321009871.000000025"
+        );
+        // Both forms read back: s3fs's nine digits and a shorter decimal fraction.
+        for t in [
+            UNIX_EPOCH + Duration::new(1_321_009_871, 25),
+            UNIX_EPOCH + Duration::new(1_321_009_871, 250_000_000),
+        ] {
+            assert_eq!(parse_time(&format_time(t)), Some(t));
+        }
+        assert_eq!(
+            parse_time("1321009871.25"),
+            Some(UNIX_EPOCH + Duration::new(1_321_009_871, 250_000_000))
         );
     }
 }

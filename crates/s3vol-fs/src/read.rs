@@ -166,6 +166,15 @@ async fn fetch(ctx: &ReadCtx, key: &str, etag: &ETag, range: Range<u64>) -> FsRe
             continue;
         }
         let n = chunk.len() as u64;
+        // A server that ignores the range would send the whole object: never hold more than
+        // was asked for (and counted in the memory budget).
+        if got_len + n > len {
+            return Err(err!(
+                libc::EIO,
+                "read s3://{}/{key} {range:?}: the server sent more than the range",
+                ctx.bucket,
+            ));
+        }
         out.chunks.push((got_len, chunk));
         got_len += n;
     }

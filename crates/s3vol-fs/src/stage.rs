@@ -188,6 +188,10 @@ pub struct Staged {
     last_metadata: Option<UserMetadata>,
     /// A full cache filesystem was reported for this file (once until a write succeeds).
     enospc_logged: bool,
+    /// The file was unlinked while open: its bytes serve the open handles only, and its
+    /// journal record never calls them dirty, so a later start drops them instead of bringing
+    /// the deleted file back.
+    unlinked: bool,
 }
 
 impl Staged {
@@ -213,6 +217,7 @@ impl Staged {
             recorded_local: RangeSet::new(),
             uploading: None,
             abandoned: Vec::new(),
+            unlinked: false,
             last_metadata: None,
             enospc_logged: false,
         }
@@ -377,7 +382,7 @@ impl Staged {
     fn record(&self) -> Record {
         let mut r = Record::new(self.ctx.bucket.as_str(), &self.key);
         r.size = self.size;
-        r.dirty = self.content_dirty;
+        r.dirty = self.content_dirty && !self.unlinked;
         if let Some(b) = &self.base {
             r.base = Some(BaseRecord {
                 etag: b.etag.as_str().to_owned(),
@@ -436,7 +441,7 @@ impl Staged {
     /// rewrite per clean-to-dirty change) and which ranges of the base were overwritten (one
     /// appended line per range not already recorded).
     fn journal_write(&mut self, range: std::ops::Range<u64>) {
-        if !self.local.has_data() {
+        if !self.local.has_data() || self.unlinked {
             return;
         }
         if !self.recorded_dirty {
@@ -1274,6 +1279,81 @@ impl Staged {
         self.abandon_stream().await;
         self.content_dirty = false;
         self.meta_dirty = false;
+        self.unlinked = true;
+        self.journal_or_forget();
+    }
+
+    /// The file's object is about to be deleted while handles still read it (unlink of an
+    /// open file): every byte goes to the staging file (a stream is spilled, which completes
+    /// its upload so far; ranges of the base not yet here are fetched), and the base is
+    /// forgotten, so nothing is read from S3 any more. On failure nothing changes.
+    pub async fn make_local(&mut self) -> FsResult<()> {
+        self.spill("the file is unlinked while open").await?;
+        let size = self.size;
+        self.fill(0, size).await?;
+        self.base = None;
+        Ok(())
+    }
+
+    /// The process is about to exit with this file not in S3: what only memory holds (the
+    /// part being filled, parts whose upload failed or is still being tried) goes to the
+    /// staging file, which is then fsynced with its `.key` and `.meta` companions. Returns where the bytes
+    /// are, for the log.
+    pub async fn keep_for_exit(&mut self) -> FsResult<String> {
+        if !self.content_dirty {
+            return Ok("only attribute changes were not uploaded; the content is in S3".into());
+        }
+        let target = format!("s3://{}/{}", self.ctx.bucket, self.key);
+        let mut in_upload = None;
+        if self.sequential {
+            if let Some(stream) = &mut self.stream {
+                // Running part uploads hand their bytes back instead of retrying further.
+                stream.stop_retrying.send_replace(true);
+                for p in std::mem::take(&mut stream.running) {
+                    stream.record(p.await)?;
+                }
+                if !stream.done.is_empty() {
+                    let mut numbers: Vec<i32> = stream.done.iter().map(|p| p.part_number).collect();
+                    numbers.sort_unstable();
+                    in_upload = Some(format!(
+                        "; parts {numbers:?} ({} bytes each) are only in the unfinished multipart upload {} and are zeros in the staging file",
+                        self.ctx.stream_part_size(),
+                        stream.upload_id.0
+                    ));
+                }
+            }
+            self.keep_stream_bytes()?;
+        }
+        let path = self.local.data_path();
+        match self.local.file() {
+            Some(f) => f.sync_all()?,
+            None => {
+                return Err(err!(libc::EIO, "{target}: no staging file holds its data"));
+            }
+        }
+        for companion in ["key", "meta"] {
+            let p = self.local.with_ext(companion);
+            if p.exists() {
+                File::open(p)?.sync_all()?;
+            }
+        }
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        let whole = match (&in_upload, &self.base) {
+            (Some(parts), _) => format!("the bytes that were in memory are in it{parts}"),
+            (None, Some(b)) if !self.present.missing(0..b.size.min(self.size)).is_empty() => {
+                "only the ranges written or read are in it (elsewhere, take the bytes of the object in S3)".to_owned()
+            }
+            (None, _) => "all of its bytes are in it".to_owned(),
+        };
+        Ok(format!(
+            "{target} ({} bytes) is in the staging file {} (fsynced, with {} and {}): {whole}",
+            self.size,
+            path.display(),
+            self.local.with_ext("key").display(),
+            self.local.with_ext("meta").display(),
+        ))
     }
 
     /// Writes what a stream still holds in memory (the part being filled, failed parts) to the

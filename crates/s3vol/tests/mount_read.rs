@@ -651,12 +651,20 @@ async fn listed_entries_stat_and_read_correctly_even_after_the_kernel_forgets_th
         listed
     };
     let names = |listed: Vec<(String, u64)>| listed.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
-    let first = names(check("cold"));
+    let first = check("cold");
+    let numbers: std::collections::HashMap<String, u64> = first.iter().cloned().collect();
+    let first = names(first);
     drop_kernel_caches();
     // Stat and read by name before anything lists the directory again.
     for (i, name) in first.iter().enumerate().step_by(7) {
         let path = dir.join(name);
-        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o7777, 0o660);
+        let md = std::fs::metadata(&path).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o660);
+        assert_eq!(
+            md.ino(),
+            numbers[name],
+            "{name} keeps its number once forgotten"
+        );
         assert_eq!(
             std::fs::read(&path).unwrap(),
             format!("body of {i}").as_bytes()
@@ -667,6 +675,60 @@ async fn listed_entries_stat_and_read_correctly_even_after_the_kernel_forgets_th
     assert_eq!(names(check("re-listed")), first);
     drop_kernel_caches();
     assert_eq!(names(check("after drop_caches")), first);
+
+    // Many listers and statters at once while the kernel's caches are dropped again and
+    // again: every observation of a name shows the one number it had from the start.
+    let seen = std::sync::Mutex::new(std::collections::HashMap::<String, BTreeSet<u64>>::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..40 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                drop_kernel_caches();
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        });
+        let workers: Vec<_> = (0..8)
+            .map(|w| {
+                let (dir, seen, first) = (&dir, &seen, &first);
+                s.spawn(move || {
+                    for round in 0..5 {
+                        let mut got = Vec::new();
+                        if w % 2 == 0 {
+                            for e in std::fs::read_dir(dir).unwrap() {
+                                let e = e.unwrap();
+                                got.push((e.file_name().into_string().unwrap(), e.ino()));
+                            }
+                        } else {
+                            for name in first.iter().skip((w + round) % 3).step_by(3) {
+                                let md = std::fs::metadata(dir.join(name)).unwrap();
+                                got.push((name.clone(), md.ino()));
+                            }
+                        }
+                        let mut seen = seen.lock().unwrap();
+                        for (name, ino) in got {
+                            seen.entry(name).or_default().insert(ino);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.len(), N);
+    for (name, inos) in &seen {
+        assert_eq!(
+            inos.iter().copied().collect::<Vec<_>>(),
+            vec![numbers[name]],
+            "{name}: one number for the mount's life"
+        );
+    }
     // New names show at once.
     std::fs::write(dir.join("new"), b"n").unwrap();
     let names: BTreeSet<String> = std::fs::read_dir(&dir)

@@ -360,3 +360,28 @@ async fn a_stream_whose_completion_failed_can_grow_and_complete_later() {
     st.upload(&meta("33188", "1"), None).await.unwrap();
     assert!(object(&ctx, "f").await.0 == content);
 }
+
+#[tokio::test]
+async fn an_unlinked_files_journal_never_calls_its_bytes_dirty() {
+    let dir = crate::cache_dir::private_tempdir();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let ctx = ctx_over(store, dir.path()).await;
+    let mut st = Staged::new_empty(ctx.clone(), "gone").unwrap();
+    write_all(&mut st, &data(MIB, 3)).await;
+    // Unlink while open: the bytes go local for the handles, then stop being the object's.
+    st.make_local().await.unwrap();
+    let record = |st: &Staged| {
+        let text = std::fs::read_to_string(st.local.with_ext("meta")).unwrap();
+        crate::cache_dir::Record::parse(&text).unwrap()
+    };
+    assert!(record(&st).dirty, "before the unlink the bytes are the file's, not in S3");
+    st.discard().await;
+    assert!(!record(&st).dirty, "after the unlink a crash must not bring the file back");
+    // Writes through a handle still open do not make it dirty again.
+    st.write(MIB as u64, &data(4096, 4), || meta("33188", "1"))
+        .await
+        .unwrap();
+    assert!(!record(&st).dirty);
+    let back = st.read(MIB as u64, 4096).await.unwrap();
+    assert!(back[..] == data(4096, 4)[..], "the handle reads what it wrote");
+}

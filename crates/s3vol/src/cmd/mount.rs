@@ -11,6 +11,16 @@
 //!
 //! Every error ends with the `s3vol check` command line, with this mount's own S3 options,
 //! that diagnoses the bucket step by step.
+//!
+//! As root the mount is made here (`kernel.rs`) and unmounted only while it is still the
+//! mount the path shows, once; without root, through `fusermount3`. A path that already shows
+//! an s3vol mount is refused unless `--allow-stacked`.
+//!
+//! Exit: whatever ends the process (unmount, SIGTERM, SIGINT, the end of a handed-over
+//! session) first uploads what is pending, then writes what could not be uploaded and is
+//! only in memory to its staging file (fsynced) and logs, per file, where its bytes are
+//! (`exit_flush`). Only then does the process exit: `std::process::exit` runs no destructor,
+//! so nothing may be left to one.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -30,6 +40,8 @@ use s3vol_s3::{
 };
 
 use crate::s3args::{BucketPath, S3Args, shell_quote};
+
+mod kernel;
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
@@ -104,6 +116,10 @@ pub struct MountArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9810).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Mount even if the directory already shows an s3vol mount (stacking a second one over
+    /// it; unmounting the top one later leaves the one below in place).
+    #[arg(long)]
+    pub allow_stacked: bool,
     /// Internal: this process is the background half of a mount.
     #[arg(long, hide = true)]
     pub daemon_child: bool,
@@ -284,10 +300,29 @@ fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
     {
         bail!("--part-size must be at least 5M (S3's minimum part size)");
     }
+    if args.fuse_fd.is_none() && !args.allow_stacked {
+        refuse_stacking(&args.mountpoint)?;
+    }
     if !args.foreground && args.fuse_fd.is_none() && !args.daemon_child {
         return daemonize();
     }
     serve(args)
+}
+
+/// Refuses a mount point that already shows an s3vol mount: a second mount over it is
+/// almost always a mistake (a mount command run twice), and hides the first one.
+fn refuse_stacking(mountpoint: &std::path::Path) -> anyhow::Result<()> {
+    let top = s3vol_csi::mounts::top_mount_at(mountpoint).context("reading the mount table")?;
+    if let Some(m) = top
+        && m.fstype == s3vol_csi::mounts::FSTYPE
+    {
+        bail!(
+            "{} is already an s3vol mount ({}); unmount it first, or pass --allow-stacked to mount over it",
+            mountpoint.display(),
+            m.source
+        );
+    }
+    Ok(())
 }
 
 /// Starts this command again in the background and waits for it to report the mount ready.
@@ -446,13 +481,36 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
         read_only: args.read_only,
         threads: 4,
     };
-    let server = match fuse_fd {
-        Some(fd) => FuseServer::from_fd(fs.clone(), rt.handle().clone(), fd, &settings),
-        None => FuseServer::mount(fs.clone(), rt.handle().clone(), &args.mountpoint, &settings),
-    }
-    .with_context(|| format!("mounting {target} on {}", args.mountpoint.display()))?;
-    let mut server = server;
-    let unmounter = server.unmounter();
+    let (server, kernel_mount) = match fuse_fd {
+        Some(fd) => (
+            FuseServer::from_fd(fs.clone(), rt.handle().clone(), fd, &settings),
+            KernelMount::HandedOver,
+        ),
+        None if rustix::process::geteuid().is_root() => {
+            let (fd, mut own) = kernel::mount(
+                &args.mountpoint,
+                &settings.fs_name,
+                settings.read_only,
+                settings.allow_other,
+            )
+            .with_context(|| format!("mounting {target} on {}", args.mountpoint.display()))?;
+            let server = FuseServer::from_fd(fs.clone(), rt.handle().clone(), fd, &settings);
+            if server.is_err() {
+                let _ = own.unmount(true);
+            }
+            (server, KernelMount::Own(own))
+        }
+        None => (
+            FuseServer::mount(fs.clone(), rt.handle().clone(), &args.mountpoint, &settings),
+            KernelMount::Fusermount,
+        ),
+    };
+    let mut server =
+        server.with_context(|| format!("mounting {target} on {}", args.mountpoint.display()))?;
+    let kernel_mount = match kernel_mount {
+        KernelMount::Fusermount => KernelMount::Unmounter(server.unmounter()),
+        other => other,
+    };
     // The log file gets every line from "mounted" on.
     if args.daemon_child {
         detach_stdio(args.log_file.as_deref())?;
@@ -463,27 +521,80 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
         let mut f = File::from(ready);
         let _ = f.write_all(b"ready\n");
     }
-    let by_fd = args.fuse_fd.is_some();
+    let kernel_mount = Arc::new(std::sync::Mutex::new(kernel_mount));
     rt.spawn(shutdown_on_signal(
         fs.clone(),
-        unmounter,
-        by_fd,
+        kernel_mount.clone(),
         args.mountpoint.clone(),
     ));
     let result = server.run();
-    let failed = rt.block_on(fs.flush_all());
-    if !failed.is_empty() {
-        for (key, e) in &failed {
-            tracing::error!(key, error = %e, "not uploaded; the data stays in the cache directory");
-        }
+    let not_uploaded = rt.block_on(exit_flush(&fs, "unmount"));
+    // A session that ended for another reason than an unmount leaves the mount in place:
+    // take it away, if it is still ours.
+    if let KernelMount::Own(own) = &mut *lock(&kernel_mount)
+        && let Err(e) = own.unmount(true)
+    {
+        tracing::warn!(error = %e, mountpoint = %args.mountpoint.display(), "cannot unmount");
+    }
+    if not_uploaded > 0 {
         bail!(
-            "{} file(s) could not be uploaded; their data stays in the cache directory",
-            failed.len()
+            "{not_uploaded} file(s) could not be uploaded; the log says where each one's data is"
         );
     }
     result.context("serving the filesystem")?;
     tracing::info!("unmounted");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Who unmounts the kernel mount.
+#[derive(Debug)]
+enum KernelMount {
+    /// Made here with mount(2): see `kernel.rs`.
+    Own(kernel::OwnMount),
+    /// Made through fusermount3; this unmounts it.
+    Unmounter(s3vol_fs::fuse::Unmounter),
+    /// Made through fusermount3, before its unmounter is taken.
+    Fusermount,
+    /// Handed over (`--fuse-fd`): the mount is its owner's to unmount.
+    HandedOver,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Uploads everything pending; for each file that cannot be uploaded, makes what only memory
+/// holds durable in its staging file and logs where its bytes are. Returns how many files are
+/// not in S3.
+async fn exit_flush(fs: &S3Fs, when: &str) -> usize {
+    let failed = fs.flush_all().await;
+    if failed.is_empty() {
+        return 0;
+    }
+    let mut errors: std::collections::HashMap<String, String> = failed
+        .iter()
+        .map(|(key, e)| (key.clone(), e.to_string()))
+        .collect();
+    for (key, kept) in fs.keep_unflushed().await {
+        let error = errors.remove(&key).unwrap_or_default();
+        match kept {
+            Ok(place) => tracing::error!(key, error, "not uploaded at {when}; {place}"),
+            Err(e) => tracing::error!(
+                key,
+                error,
+                keep_error = %e,
+                "not uploaded at {when}, and what was only in memory could not be written to the cache directory: it is lost when this process exits"
+            ),
+        }
+    }
+    for (key, error) in errors {
+        tracing::error!(
+            key,
+            error,
+            "not uploaded at {when}; nothing of it was pending locally"
+        );
+    }
+    failed.len()
 }
 
 /// Once the mount is up, stderr goes to the log file (or nowhere) so the parent can exit.
@@ -503,13 +614,12 @@ fn detach_stdio(log_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT: upload what is pending, then unmount (which ends the session). A
-/// mount served from a handed-over descriptor is not ours to unmount: we exit and the mount
-/// owner sees it gone.
+/// SIGTERM and SIGINT: upload what is pending and keep on disk what cannot be, then unmount
+/// (which ends the session). A mount served from a handed-over descriptor is not ours to
+/// unmount: the process exits and the mount's owner sees it gone.
 async fn shutdown_on_signal(
     fs: Arc<S3Fs>,
-    mut unmounter: s3vol_fs::fuse::Unmounter,
-    by_fd: bool,
+    kernel_mount: Arc<std::sync::Mutex<KernelMount>>,
     mountpoint: PathBuf,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -525,28 +635,51 @@ async fn shutdown_on_signal(
         _ = int.recv() => {}
     }
     tracing::info!("signal received: flushing and unmounting");
-    let failed = fs.flush_all().await;
-    for (key, e) in &failed {
-        tracing::error!(key, error = %e, "not uploaded; the data stays in the cache directory");
-    }
-    if by_fd {
-        std::process::exit(if failed.is_empty() { 0 } else { 1 });
-    }
-    let unmounted = tokio::task::spawn_blocking(move || unmounter.unmount()).await;
-    if let Ok(Ok(())) = unmounted {
-        // The session ends and `serve` returns.
+    let not_uploaded = exit_flush(&fs, "shutdown").await;
+    let code = i32::from(not_uploaded > 0);
+    let unmounted = tokio::task::spawn_blocking(move || {
+        let mut k = lock(&kernel_mount);
+        match &mut *k {
+            // The session ends once the kernel mount is gone, and `serve` returns.
+            KernelMount::Own(own) => match own.unmount(true) {
+                Ok(kernel::Unmounted::Done) => true,
+                Ok(kernel::Unmounted::Detached) => {
+                    tracing::warn!(
+                        mountpoint = %mountpoint.display(),
+                        "the mount is busy (files open); detached it lazily, exiting"
+                    );
+                    false
+                }
+                Ok(kernel::Unmounted::NotOurs) => false,
+                Err(e) => {
+                    tracing::error!(error = %e, "unmount failed; exiting");
+                    false
+                }
+            },
+            KernelMount::Unmounter(u) => {
+                if u.unmount().is_ok() {
+                    return true;
+                }
+                tracing::warn!(
+                    mountpoint = %mountpoint.display(),
+                    "the mount is busy; detaching it lazily and exiting"
+                );
+                if let Err(e) =
+                    rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::DETACH)
+                {
+                    tracing::error!(error = %e, "lazy unmount failed");
+                }
+                false
+            }
+            KernelMount::Fusermount | KernelMount::HandedOver => false,
+        }
+    })
+    .await;
+    if let Ok(true) = unmounted {
         return;
     }
-    // Files still open keep the mount busy. Their data is uploaded (above): detach the mount
-    // so new lookups fail cleanly, and leave.
-    tracing::warn!(
-        mountpoint = %mountpoint.display(),
-        "the mount is busy; detaching it lazily and exiting"
-    );
-    if let Err(e) = rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::DETACH) {
-        tracing::error!(error = %e, "lazy unmount failed");
-    }
-    std::process::exit(if failed.is_empty() { 0 } else { 1 });
+    // Everything is uploaded or on disk (above); nothing is left for destructors to do.
+    std::process::exit(code);
 }
 
 #[cfg(test)]
