@@ -709,8 +709,8 @@ mod tests {
         };
         let e = VolumeAttrs::parse(&map(&[("bucket", "bkt")]), &hints, &d).unwrap_err();
         assert!(e.to_string().contains("from the secret"), "{e}");
-        let e =
-            VolumeAttrs::parse(&map(&[("bucket", "bkt"), ("prefix", "a\0")]), &none, &d).unwrap_err();
+        let e = VolumeAttrs::parse(&map(&[("bucket", "bkt"), ("prefix", "a\0")]), &none, &d)
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         for ok in ["us-east-1", "ap-guangzhou", "oss-cn-hangzhou", "default"] {
             VolumeAttrs::parse(&map(&[("bucket", "bkt"), ("region", ok)]), &none, &d).unwrap();

@@ -374,14 +374,23 @@ async fn an_unlinked_files_journal_never_calls_its_bytes_dirty() {
         let text = std::fs::read_to_string(st.local.with_ext("meta")).unwrap();
         crate::cache_dir::Record::parse(&text).unwrap()
     };
-    assert!(record(&st).dirty, "before the unlink the bytes are the file's, not in S3");
+    assert!(
+        record(&st).dirty,
+        "before the unlink the bytes are the file's, not in S3"
+    );
     st.discard().await;
-    assert!(!record(&st).dirty, "after the unlink a crash must not bring the file back");
+    assert!(
+        !record(&st).dirty,
+        "after the unlink a crash must not bring the file back"
+    );
     // Writes through a handle still open do not make it dirty again.
     st.write(MIB as u64, &data(4096, 4), || meta("33188", "1"))
         .await
         .unwrap();
     assert!(!record(&st).dirty);
     let back = st.read(MIB as u64, 4096).await.unwrap();
-    assert!(back[..] == data(4096, 4)[..], "the handle reads what it wrote");
+    assert!(
+        back[..] == data(4096, 4)[..],
+        "the handle reads what it wrote"
+    );
 }
