@@ -113,6 +113,7 @@ fn dirs() -> (tempfile::TempDir, tempfile::TempDir) {
             .unwrap(),
         tempfile::Builder::new()
             .prefix("s3vol-cache-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()
             .unwrap(),
     )

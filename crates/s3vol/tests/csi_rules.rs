@@ -376,6 +376,7 @@ impl AllInOne {
             .unwrap();
         let mounter = dir.path().join("mounter/mounter.sock");
         let state = dir.path().join("state");
+        let kubelet = dir.path().to_str().unwrap().to_owned();
         let driver = Driver::start_in(
             dir,
             &[
@@ -386,6 +387,8 @@ impl AllInOne {
                 "all",
                 "--state-dir",
                 state.to_str().unwrap(),
+                "--kubelet-dir",
+                &kubelet,
                 "--mounter-socket",
                 mounter.to_str().unwrap(),
                 "--mount-timeout",

@@ -126,6 +126,7 @@ fn mount_via(rt: &Runtime, proxy: &Proxy, tag: &str, extra: &[&str]) -> (Mounted
         .unwrap();
     let cache = tempfile::Builder::new()
         .prefix("s3vol-cache-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .unwrap();
     let (child, log) = spawn_mount(
@@ -285,7 +286,10 @@ fn a_fuse_fd_serving_process_keeps_a_refused_stream_on_disk_at_sigterm() {
     let bucket = testing::unique_bucket("life-fd");
     rt.block_on(store.create_bucket(&bucket)).unwrap();
     let mnt = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let cache = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
 
     // What the node plugin does: open /dev/fuse, mount it, hand the descriptor over.
     let fuse = OpenOptions::new()
@@ -403,7 +407,10 @@ fn unmounting_s3vol_over_a_tmpfs_leaves_the_tmpfs() {
     let bucket = testing::unique_bucket("life-tmpfs");
     rt.block_on(store.create_bucket(&bucket)).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let cache = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
     let c = |s: &str| std::ffi::CString::new(s).unwrap();
     let (src, target, fstype) = (c("tmpfs"), c(dir.path().to_str().unwrap()), c("tmpfs"));
     // SAFETY: valid C strings.
@@ -472,7 +479,10 @@ fn a_stacked_s3vol_mount_is_refused_unless_asked_and_unmounts_alone() {
     ))
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let cache = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
     let ep = testing::endpoint();
     let (mut first, _log) = spawn_mount(&ep, below.as_str(), dir.path(), cache.path(), &[], "warn")
         .unwrap_or_else(|(s, log)| panic!("mount failed ({s}): {log}"));
@@ -606,7 +616,15 @@ fn a_file_unlinked_while_open_keeps_its_content_for_its_handles() {
     drop(f);
     // Nothing is left behind in the cache once the handles are closed.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while fs::read_dir(m.cache.path()).unwrap().next().is_some() {
+    // (The running mount's own `<instance>.lock` stays: it is no file's data.)
+    let leftovers = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_none_or(|x| x != "lock"))
+            .collect()
+    };
+    while !leftovers(m.cache.path()).is_empty() {
         assert!(
             Instant::now() < deadline,
             "the cache keeps files of unlinked files: {:?}",
@@ -681,7 +699,10 @@ fn ioctl_answers_enotty_and_is_logged_once() {
     let bucket = testing::unique_bucket("life-ioctl");
     rt.block_on(store.create_bucket(&bucket)).unwrap();
     let mnt = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let cache = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
     let (mut child, log) = spawn_mount(
         &testing::endpoint(),
         bucket.as_str(),

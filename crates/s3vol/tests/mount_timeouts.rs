@@ -46,6 +46,7 @@ fn mount_via(rt: &Runtime, proxy: &Proxy, tag: &str, extra: &[&str]) -> Mounted 
         .unwrap();
     let cache = tempfile::Builder::new()
         .prefix("s3vol-cache-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .unwrap();
     let mut child = s3vol()

@@ -92,7 +92,10 @@ pub fn run(args: CsiArgs) -> anyhow::Result<ExitCode> {
         kubelet_dir: args.kubelet_dir,
     };
     let mounter = match config.mode {
-        Mode::All => ChildMounter::start_unless_serving(&config.mounter_socket)?,
+        Mode::All => ChildMounter::start_unless_serving(
+            &config.mounter_socket,
+            &config.state_dir.join("cache"),
+        )?,
         _ => None,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -118,7 +121,9 @@ const MOUNTER_STOP: Duration = Duration::from_secs(60);
 struct ChildMounter(Child);
 
 impl ChildMounter {
-    fn start_unless_serving(socket: &Path) -> anyhow::Result<Option<Self>> {
+    /// `cache_dir`: the parent of the volumes' cache directories (under the state directory,
+    /// so that what a crash leaves is found by the volume's next mount on this machine).
+    fn start_unless_serving(socket: &Path, cache_dir: &Path) -> anyhow::Result<Option<Self>> {
         if s3vol_csi::mounter::is_serving(socket) {
             tracing::info!(socket = %socket.display(), "using the mounter already serving there");
             return Ok(None);
@@ -128,6 +133,8 @@ impl ChildMounter {
             .arg("mounter")
             .arg("--socket")
             .arg(socket)
+            .arg("--cache-dir")
+            .arg(cache_dir)
             .stdin(std::process::Stdio::null())
             .spawn()
             .with_context(|| format!("starting {} mounter", exe.display()))?;
