@@ -78,6 +78,9 @@ stop_pid() { # NAME
     rm -f "$f"
 }
 
+is_mount_point() { # PATH
+    awk -v p="$1" '$5 == p {found = 1} END {exit !found}' /proc/self/mountinfo
+}
 mounts_under() { # PREFIX: mount points below it, deepest first
     awk -v p="$1" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r
 }
@@ -106,7 +109,7 @@ down() {
     for m in $(mounts_under /var/lib/kubelet/) $(mounts_under /run/s3vol-e2e/); do
         umount -l "$m" 2>/dev/null || true
     done
-    if awk '{print $5}' /proc/self/mountinfo | grep -qx /var/lib/kubelet; then
+    if is_mount_point /var/lib/kubelet; then
         umount -l /var/lib/kubelet 2>/dev/null || true
     fi
     S3VOL_S3_STATE=$RUN/s3 bash "$REPO/scripts/s3-server.sh" stop >/dev/null 2>&1 || true
@@ -260,7 +263,9 @@ mkimage() {
     umoci config --image "$work/oci:$tag" "${args[@]}"
     tar -C "$work/oci" -cf "$work/image.tar" .
     ctr -a "$SOCK" -n k8s.io images import --base-name "$name" "$work/image.tar" >/dev/null
-    ctr -a "$SOCK" -n k8s.io images ls -q | grep -qx "$ref" || die "image $ref was not imported"
+    local images
+    images=$(ctr -a "$SOCK" -n k8s.io images ls -q)
+    grep -qx "$ref" <<<"$images" || die "image $ref was not imported"
     echo "    image $ref: $(du -sh "$work/image.tar" | cut -f1) archive" >&2
     rm -rf "$work"
 }
@@ -354,7 +359,7 @@ daemon kube-scheduler "$BIN/kube-scheduler" --kubeconfig="$RUN/scheduler.kubecon
 # kubelet. /var/lib/kubelet must be a shared mount for the node plugin's Bidirectional
 # propagation; the manifests name /var/lib/kubelet, so that is the root directory.
 mkdir -p /var/lib/kubelet
-if ! awk '{print $5}' /proc/self/mountinfo | grep -qx /var/lib/kubelet; then
+if ! is_mount_point /var/lib/kubelet; then
     mount --bind /var/lib/kubelet /var/lib/kubelet
 fi
 mount --make-rshared /var/lib/kubelet
