@@ -381,8 +381,10 @@ impl Mounter {
         Reply::ok(Some(pid))
     }
 
-    /// Removes the cache directories of volumes not in `keep` that no process serves and that
-    /// hold no files (a file there may be data not yet in S3: it is kept and reported).
+    /// Removes the cache directories of volumes not in `keep` that no process serves and whose
+    /// journal says they hold nothing S3 lacks (clean copies, finished records, dead locks).
+    /// Data not in S3 is kept and reported with its keys, as is anything the journal does not
+    /// explain.
     fn prune(&self, keep: &[String]) -> Reply {
         let Some(root) = &self.config.cache_dir else {
             return Reply::ok(None);
@@ -405,23 +407,21 @@ impl Mounter {
             if wanted.contains(&name) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            let dir = entry.path();
-            match count_files(&dir) {
-                Ok((0, _)) => match std::fs::remove_dir_all(&dir) {
-                    Ok(()) => {
-                        tracing::info!(dir = %dir.display(), "removed the cache directory of a volume no longer staged")
-                    }
-                    Err(e) => {
-                        tracing::warn!(dir = %dir.display(), error = %e, "removing a stale cache directory")
-                    }
-                },
-                Ok((files, bytes)) => {
-                    tracing::warn!(dir = %dir.display(), files, bytes, "the cache directory of a volume no longer staged holds files that may not be in S3; kept (stage the volume again to upload them, or remove the directory)")
+            if let Some(original) = name
+                .strip_prefix('.')
+                .and_then(|n| n.strip_suffix(".removing"))
+            {
+                // A prune that did not finish: complete it, or put the directory back.
+                let dir = root.join(original);
+                if !dir.exists() && std::fs::rename(entry.path(), &dir).is_ok() {
+                    prune_dir(&dir);
                 }
-                Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "reading a stale cache directory")
-                }
+                continue;
             }
+            if name.starts_with('.') {
+                continue;
+            }
+            prune_dir(&entry.path());
         }
         Reply::ok(None)
     }
@@ -442,23 +442,45 @@ fn private_dir(dir: &Path) -> io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
-/// Regular files under `dir` (recursively): how many, how many bytes.
-fn count_files(dir: &Path) -> io::Result<(u64, u64)> {
-    let mut files = 0;
-    let mut bytes = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let t = entry.file_type()?;
-        if t.is_dir() {
-            let (f, b) = count_files(&entry.path())?;
-            files += f;
-            bytes += b;
-        } else {
-            files += 1;
-            bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
+/// Removes one volume's cache directory if nothing in it is needed (see [`Mounter::prune`]).
+/// The directory is first renamed aside and checked again there, so a serving process that
+/// opened it meanwhile keeps it (it is renamed back) and one starting later gets a new one.
+fn prune_dir(dir: &Path) {
+    let judge = |d: &Path| s3vol_fs::cache_dir::leftovers(d);
+    match judge(dir) {
+        Ok(l) if l.disposable() => {}
+        Ok(l) if l.in_use => return,
+        Ok(l) => {
+            let bytes: u64 = l.unsaved.iter().map(|(_, b)| b).sum();
+            let keys: Vec<&str> = l.unsaved.iter().map(|(k, _)| k.as_str()).take(10).collect();
+            tracing::warn!(dir = %dir.display(), unsaved_files = l.unsaved.len(), unsaved_bytes = bytes, ?keys, unknown_files = l.unknown.len(), "the cache directory of a volume no longer staged holds data that may not be in S3; kept (stage the volume again to upload it, or remove the directory)");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "reading a stale cache directory");
+            return;
         }
     }
-    Ok((files, bytes))
+    let Some(name) = dir.file_name() else { return };
+    let aside = dir.with_file_name(format!(".{}.removing", name.to_string_lossy()));
+    if let Err(e) = std::fs::rename(dir, &aside) {
+        tracing::warn!(dir = %dir.display(), error = %e, "moving a stale cache directory aside");
+        return;
+    }
+    if !judge(&aside).is_ok_and(|l| l.disposable()) {
+        if let Err(e) = std::fs::rename(&aside, dir) {
+            tracing::error!(dir = %dir.display(), aside = %aside.display(), error = %e, "a cache directory taken into use while being pruned could not be moved back");
+        }
+        return;
+    }
+    match std::fs::remove_dir_all(&aside) {
+        Ok(()) => {
+            tracing::info!(dir = %dir.display(), "removed the cache directory of a volume no longer staged")
+        }
+        Err(e) => {
+            tracing::warn!(dir = %aside.display(), error = %e, "removing a stale cache directory")
+        }
+    }
 }
 
 /// Whether `pid` exists and has not exited (a zombie has: it waits only to be reaped).
@@ -748,6 +770,68 @@ pub fn is_serving(path: &Path) -> bool {
 mod tests {
     use super::*;
     use crate::handoff::MountOptions;
+
+    /// A volume's cache directory as a mount that died would leave it: one clean copy, and
+    /// optionally one file with data not in S3.
+    fn leave_cache_dir(dir: &Path, dirty: bool) {
+        use s3vol_fs::cache_dir::{CacheDir, Entry, Record};
+        private_dir(dir).unwrap();
+        let cache = CacheDir::open(dir).unwrap();
+        Entry::new(cache.new_stem())
+            .create(4, &Record::new("bkt", "clean"))
+            .unwrap();
+        if dirty {
+            let mut r = Record::new("bkt", "unsaved");
+            r.dirty = true;
+            Entry::new(cache.new_stem()).create(9, &r).unwrap();
+        }
+        // Dropping `cache` releases its lock, as the death of its process would.
+    }
+
+    #[test]
+    fn pruning_removes_what_s3_has_and_keeps_what_it_lacks() {
+        let root = tempfile::tempdir().unwrap();
+        let clean = root.path().join("aaaa");
+        let dirty = root.path().join("bbbb");
+        let unfinished = root.path().join("cccc");
+        leave_cache_dir(&clean, false);
+        leave_cache_dir(&dirty, true);
+        leave_cache_dir(&unfinished, false);
+        // A prune that stopped after moving the directory aside.
+        let aside = root.path().join(".cccc.removing");
+        std::fs::rename(&unfinished, &aside).unwrap();
+        let mounter = Mounter {
+            config: MounterConfig {
+                socket: root.path().join("mounter.sock"),
+                cache_dir: Some(root.path().to_owned()),
+                exe: "/nonexistent/s3vol".into(),
+                ready_timeout: Duration::from_secs(1),
+                stop_timeout: Duration::from_secs(1),
+                shutdown_timeout: Duration::from_secs(1),
+            },
+            served: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
+        };
+        assert!(mounter.prune(&[]).ok);
+        assert!(!clean.exists(), "clean copies are not worth a directory");
+        assert!(
+            !aside.exists() && !unfinished.exists(),
+            "the unfinished prune completed"
+        );
+        assert!(dirty.exists(), "data not in S3 is kept");
+        let left: Vec<_> = std::fs::read_dir(&dirty).unwrap().collect();
+        assert!(!left.is_empty());
+    }
+
+    #[test]
+    fn pruning_leaves_a_directory_in_use() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("dddd");
+        private_dir(&dir).unwrap();
+        let _live = s3vol_fs::cache_dir::CacheDir::open(&dir).unwrap();
+        prune_dir(&dir);
+        assert!(dir.exists(), "a live mount keeps its directory");
+    }
 
     fn req() -> MountRequest {
         MountRequest {

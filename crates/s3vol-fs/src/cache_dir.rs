@@ -243,10 +243,100 @@ fn random_id() -> io::Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// What a cache directory holds once no mount uses it (see [`leftovers`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    /// A live mount still holds an instance lock here.
+    pub in_use: bool,
+    /// Entries whose data or multipart upload is not (all) in S3: `s3://bucket/key` and the
+    /// bytes of the data file.
+    pub unsaved: Vec<(String, u64)>,
+    /// Files that belong to no journal entry this version can read: kept, as they may be data.
+    pub unknown: Vec<PathBuf>,
+}
+
+impl Leftovers {
+    /// Nothing here is needed: the directory may be removed.
+    pub fn disposable(&self) -> bool {
+        !self.in_use && self.unsaved.is_empty() && self.unknown.is_empty()
+    }
+}
+
+/// Reads the journal of a cache directory without changing anything: whether a mount uses it,
+/// and what it holds that is not in S3. Clean copies, records of finished uploads and the
+/// locks of dead instances are not worth keeping; everything else is reported.
+pub fn leftovers(dir: &Path) -> io::Result<Leftovers> {
+    let mut found = Leftovers::default();
+    let mut names = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            found.unknown.push(entry.path());
+            continue;
+        }
+        names.insert(entry.file_name().to_string_lossy().into_owned());
+    }
+    for name in &names {
+        let path = dir.join(name);
+        if name.ends_with(".lock") || name.ends_with(".lock.tmp") {
+            // Taking the lock would steal nothing: a live instance refuses it.
+            if !try_lock(&File::open(&path)?) {
+                found.in_use = true;
+            }
+        } else if name.ends_with(".meta.tmp") {
+            // An unfinished rewrite of a record: the record it was to replace still counts.
+        } else if let Some(stem) = name.strip_suffix(".meta") {
+            let data = dir.join(format!("{stem}.data"));
+            match Record::parse(&std::fs::read_to_string(&path)?) {
+                Some(r) if r.dirty || r.upload_id.is_some() || !r.abandoned.is_empty() => {
+                    let bytes = std::fs::metadata(&data).map_or(0, |m| m.len());
+                    found
+                        .unsaved
+                        .push((format!("s3://{}/{}", r.bucket, r.key), bytes));
+                }
+                Some(_) => {}
+                None => found.unknown.push(path),
+            }
+        } else if let Some(stem) = name
+            .strip_suffix(".data")
+            .or_else(|| name.strip_suffix(".key"))
+        {
+            // Written after their record: without one they are not ours to judge.
+            if !names.contains(&format!("{stem}.meta")) {
+                found.unknown.push(path);
+            }
+        } else {
+            found.unknown.push(path);
+        }
+    }
+    Ok(found)
+}
+
 /// Tries to take an exclusive `flock` without waiting.
 pub fn try_lock(file: &File) -> bool {
     // SAFETY: flock on an open descriptor has no memory-safety preconditions.
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Makes a default cache directory that an earlier s3vol created `0755` private (`0700`), if
+/// this user owns it and nobody else could write to it: nothing but s3vol's own staging files
+/// can be in it, and refusing it would stop every mount after an upgrade. Returns whether it
+/// changed anything. A directory named by the user is never changed: [`ensure_private_dir`]
+/// refuses it with the fix to apply.
+pub fn tighten_legacy_default(dir: &Path) -> io::Result<bool> {
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: geteuid cannot fail.
+    let ours = unsafe { libc::geteuid() };
+    let mode = meta.mode() & 0o7777;
+    if !meta.is_dir() || meta.uid() != ours || mode & 0o022 != 0 || mode & 0o044 == 0 {
+        return Ok(false);
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(true)
 }
 
 /// Creates `dir` 0700 (its missing parents as usual), or checks that an existing one is
@@ -642,5 +732,70 @@ mod tests {
         );
         assert!(Record::parse("{\"version\": 99}").is_none());
         assert!(Record::parse("garbage").is_none());
+    }
+
+    #[test]
+    fn a_default_directory_left_0755_by_an_earlier_version_is_made_private() {
+        let top = tempfile::tempdir().unwrap();
+        let old = top.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(CacheDir::open(&old).is_err(), "refused as it is");
+        assert!(tighten_legacy_default(&old).unwrap());
+        assert_eq!(std::fs::metadata(&old).unwrap().mode() & 0o7777, 0o700);
+        CacheDir::open(&old).unwrap();
+        // One others may write to is not ours to trust: left for the refusal to explain.
+        let open = top.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(!tighten_legacy_default(&open).unwrap());
+        assert_eq!(std::fs::metadata(&open).unwrap().mode() & 0o7777, 0o777);
+        assert!(!tighten_legacy_default(&top.path().join("missing")).unwrap());
+    }
+
+    #[test]
+    fn leftovers_tell_data_not_in_s3_from_what_may_go() {
+        let dir = private_tempdir();
+        {
+            let cache = CacheDir::open(dir.path()).unwrap();
+            // A live instance: nothing may be judged disposable.
+            assert!(leftovers(dir.path()).unwrap().in_use);
+            let mut clean = Entry::new(cache.new_stem());
+            clean.create(3, &Record::new("b", "clean")).unwrap();
+            std::fs::write(clean.with_ext("meta.tmp"), b"{").unwrap();
+            cache.unlock_as_if_dead();
+            let found = leftovers(dir.path()).unwrap();
+            assert_eq!(
+                found,
+                Leftovers::default(),
+                "clean copies and dead locks may go"
+            );
+            assert!(found.disposable());
+
+            let mut dirty = Entry::new(cache.new_stem());
+            let mut r = Record::new("b", "dirty");
+            r.dirty = true;
+            dirty.create(7, &r).unwrap();
+            let mut uploading = Entry::new(cache.new_stem());
+            let mut r = Record::new("b", "streamed");
+            r.upload_id = Some("u1".into());
+            uploading.write_record(&r).unwrap();
+            let found = leftovers(dir.path()).unwrap();
+            assert!(!found.disposable());
+            assert_eq!(
+                found.unsaved,
+                vec![
+                    ("s3://b/dirty".to_owned(), 7),
+                    ("s3://b/streamed".to_owned(), 0)
+                ]
+            );
+        }
+        // A data file without its record, or a file of another program: kept, reported.
+        let other = private_tempdir();
+        std::fs::write(other.path().join("0123-4.data"), b"?").unwrap();
+        std::fs::write(other.path().join("notes.txt"), b"?").unwrap();
+        let found = leftovers(other.path()).unwrap();
+        assert_eq!(found.unknown.len(), 2);
+        assert!(!found.disposable());
     }
 }

@@ -39,6 +39,12 @@ pub struct FsConfig {
     /// entry (`security.selinux`, `system.posix_acl_access`). Attributes already stored on
     /// objects are kept when s3vol rewrites their metadata.
     pub xattrs: bool,
+    /// How long a flush (close, fsync) may wait for S3 before it fails with `EIO`, keeping the
+    /// data for the next one, on top of the time the file's bytes take at `min_throughput`.
+    pub close_timeout: Duration,
+    /// Bytes per second an upload is expected to reach at least (the S3 client's
+    /// `--min-throughput`, which sizes its upload timeouts the same way).
+    pub min_throughput: u64,
 }
 
 impl FsConfig {
@@ -60,6 +66,8 @@ impl FsConfig {
             list_concurrency: 64,
             listing_attrs: false,
             xattrs: true,
+            close_timeout: Duration::from_secs(60),
+            min_throughput: 1 << 20,
         }
     }
 }

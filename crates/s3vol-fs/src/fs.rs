@@ -249,6 +249,8 @@ impl S3Fs {
                 config.part_size.max(MIN_PART_SIZE) as usize,
                 PARTS_KEPT,
             )),
+            close_timeout: config.close_timeout,
+            min_throughput: config.min_throughput,
         });
         if !config.read_only {
             // What earlier mounts left, before anything is served (see `recover`).

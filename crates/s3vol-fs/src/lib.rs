@@ -5,7 +5,7 @@
 //! kernel. See `docs/SEMANTICS.md` for what each POSIX operation does.
 
 mod budget;
-mod cache_dir;
+pub mod cache_dir;
 mod config;
 mod error;
 mod fs;

@@ -548,6 +548,8 @@ mod tests {
             memory: Arc::new(Memory::new(64 << 20)),
             disk: Arc::new(Disk::new(1 << 30)),
             parts: Arc::new(BufPool::new(5 << 20, 2)),
+            close_timeout: std::time::Duration::from_secs(60),
+            min_throughput: 1 << 20,
         })
     }
 

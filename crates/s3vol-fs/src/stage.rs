@@ -61,6 +61,7 @@ use s3vol_s3::{
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::budget::{BufPool, Disk, Memory, MemoryPermit};
 use crate::cache_dir::{BaseRecord, CacheDir, Entry, PartRecord, Record};
@@ -79,6 +80,11 @@ pub struct StageCtx {
     pub disk: Arc<Disk>,
     /// Buffers of [`StageCtx::stream_part_size`] bytes for streamed parts.
     pub parts: Arc<BufPool>,
+    /// How long one flush may take before it gives up (keeping the data), on top of the time
+    /// its bytes take at `min_throughput`: see [`Staged::upload`].
+    pub close_timeout: Duration,
+    /// Bytes per second an upload is expected to reach at least.
+    pub min_throughput: u64,
 }
 
 impl StageCtx {
@@ -86,6 +92,32 @@ impl StageCtx {
     pub fn stream_part_size(&self) -> u64 {
         self.part_size.max(MIN_PART_SIZE)
     }
+
+    /// When a flush of a file of `size` bytes gives up.
+    fn flush_deadline(&self, size: u64) -> Instant {
+        let transfer = Duration::from_secs_f64(size as f64 / self.min_throughput.max(1) as f64);
+        Instant::now() + self.close_timeout + transfer
+    }
+}
+
+/// Runs one S3 call of a flush, or gives up at `deadline` (dropping the call: every caller
+/// still holds the bytes it sends, so giving up loses nothing).
+async fn by<T, E: Into<FsError>>(
+    deadline: Instant,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> FsResult<T> {
+    match tokio::time::timeout_at(deadline, call).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(flush_timed_out()),
+    }
+}
+
+fn flush_timed_out() -> FsError {
+    err!(
+        libc::EIO,
+        "S3 did not take the data within the flush's time bound (--close-timeout); it is kept \
+         and sent again at the next flush"
+    )
 }
 
 /// S3's smallest part (but the last) of a multipart upload.
@@ -508,6 +540,16 @@ impl Staged {
             while let Some(chunk) = body.try_next().await? {
                 // Written ranges are newer than the base: never overwrite them.
                 let chunk_range = pos..pos + chunk.len() as u64;
+                if chunk_range.end > gap.end {
+                    // A server that ignores the range sends the whole object: its bytes would
+                    // land at the wrong offsets (and past what the disk budget allowed).
+                    return Err(err!(
+                        libc::EIO,
+                        "read s3://{}/{} {gap:?}: the server sent more than the range",
+                        self.ctx.bucket,
+                        self.key
+                    ));
+                }
                 let Some(file) = self.local.file() else {
                     return Err(err!(libc::EIO, "staging file not open"));
                 };
@@ -850,7 +892,8 @@ impl Staged {
         tracing::debug!(key = %self.key, size = self.size, why, "spilling a streamed file to a staging file");
         if let Some(stream) = &self.stream {
             let metadata = stream.metadata.clone();
-            let etag = self.finish_stream(&metadata, None).await?;
+            let deadline = self.ctx.flush_deadline(self.size);
+            let etag = self.finish_stream(&metadata, None, deadline).await?;
             self.base = Some(Base {
                 etag,
                 size: self.size,
@@ -883,34 +926,45 @@ impl Staged {
     /// Makes the file durable in S3 as `key` with `metadata`, and returns the new ETag. On
     /// failure the data is kept (locally, or in memory and the unfinished upload) and the next
     /// call tries again.
+    ///
+    /// A flush is bounded: it gives up (`EIO`, data kept) once [`StageCtx::close_timeout`]
+    /// plus the time the file's size takes at [`StageCtx::min_throughput`] have passed, so an
+    /// unresponsive server cannot hold `close` for the sum of every request's retries.
     pub async fn upload(
         &mut self,
         metadata: &UserMetadata,
         content_type: Option<String>,
     ) -> FsResult<ETag> {
-        let result = if !self.sequential {
-            self.put_all(metadata, content_type).await
+        let deadline = self.ctx.flush_deadline(self.size);
+        let result = if !self.content_dirty
+            && let Some(base) = &self.base
+            && self.size <= MAX_COPY_OBJECT
+        {
+            // Only the attributes changed: S3 already holds these bytes, unless another
+            // client deleted the object meanwhile (then a local copy, if whole, is sent).
+            let etag = base.etag.clone();
+            match self
+                .replace_metadata(metadata, content_type.clone(), deadline)
+                .await
+            {
+                Err(e)
+                    if e.errno == libc::ENOENT && self.present.missing(0..self.size).is_empty() =>
+                {
+                    self.put_all(metadata, content_type, deadline).await
+                }
+                copied => copied.map(|c| c.unwrap_or(etag)),
+            }
+        } else if !self.sequential {
+            self.put_all(metadata, content_type, deadline).await
         } else if self.stream.is_some() {
-            self.finish_stream(metadata, content_type).await
+            self.finish_stream(metadata, content_type, deadline).await
         } else {
-            self.put_filling(metadata, content_type).await
+            self.put_filling(metadata, content_type, deadline).await
         };
         match result {
             Ok(etag) => {
-                self.base = Some(Base {
-                    etag: etag.clone(),
-                    size: self.size,
-                });
-                // `present` stays as it is: parts copied server-side were never downloaded,
-                // and the new object holds the same bytes there to fetch when read.
-                self.written.clear();
-                self.content_dirty = false;
+                self.content_landed(etag.clone());
                 self.meta_dirty = false;
-                // An empty file may stream again: many programs open a file, dup the
-                // descriptor and close the first one (a flush) before writing.
-                self.sequential = self.size == 0;
-                self.ctx.disk.set_dirty_delta(-(self.dirty_counted as i64));
-                self.dirty_counted = 0;
                 if self.local.on_disk() {
                     self.last_metadata = Some(metadata.clone());
                     self.journal_or_forget();
@@ -922,6 +976,9 @@ impl Staged {
                 self.last_metadata = Some(metadata.clone());
                 self.journal_or_forget();
                 let kept = match (&self.stream, self.sequential) {
+                    _ if !self.content_dirty => {
+                        "in S3 already: only the attributes are not yet written".to_owned()
+                    }
                     (Some(s), _) => format!(
                         "in memory and in the unfinished multipart upload {} (recorded in {})",
                         s.upload_id.0,
@@ -952,12 +1009,30 @@ impl Staged {
         }
     }
 
+    /// The file's bytes are the object `etag` in S3: nothing of its content is dirty.
+    fn content_landed(&mut self, etag: ETag) {
+        self.base = Some(Base {
+            etag,
+            size: self.size,
+        });
+        // `present` stays as it is: parts copied server-side were never downloaded, and the
+        // new object holds the same bytes there to fetch when read.
+        self.written.clear();
+        self.content_dirty = false;
+        // An empty file may stream again: many programs open a file, dup the descriptor and
+        // close the first one (a flush) before writing.
+        self.sequential = self.size == 0;
+        self.ctx.disk.set_dirty_delta(-(self.dirty_counted as i64));
+        self.dirty_counted = 0;
+    }
+
     /// Uploads a file that never filled a part from its buffer. On failure the bytes go to the
     /// staging file, where the next flush finds them.
     async fn put_filling(
         &mut self,
         metadata: &UserMetadata,
         content_type: Option<String>,
+        deadline: Instant,
     ) -> FsResult<ETag> {
         let (bytes, permit) = match self.filling.take() {
             Some((buf, permit)) => (Bytes::from(buf), Some(permit)),
@@ -968,11 +1043,13 @@ impl Staged {
             content_type,
             if_none_match_any: false,
         };
-        let put = self
-            .ctx
-            .store
-            .put_object(&self.ctx.bucket, &self.key, bytes.clone(), &options)
-            .await;
+        let put = by(
+            deadline,
+            self.ctx
+                .store
+                .put_object(&self.ctx.bucket, &self.key, bytes.clone(), &options),
+        )
+        .await;
         match put {
             Ok(r) => {
                 self.ctx.parts.give_bytes(bytes);
@@ -985,7 +1062,7 @@ impl Staged {
                 if let Err(local) = self.spill("upload failed").await {
                     tracing::error!(key = %self.key, error = %local, "cannot write the staging file; the data stays in memory");
                 }
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -994,11 +1071,12 @@ impl Staged {
         &mut self,
         metadata: &UserMetadata,
         content_type: Option<String>,
+        deadline: Instant,
     ) -> FsResult<ETag> {
         if self.size <= self.ctx.stream_part_size() {
-            self.put_whole(metadata, content_type).await
+            self.put_whole(metadata, content_type, deadline).await
         } else {
-            self.put_multipart(metadata, content_type).await
+            self.put_multipart(metadata, content_type, deadline).await
         }
     }
 
@@ -1008,6 +1086,7 @@ impl Staged {
         &mut self,
         metadata: &UserMetadata,
         content_type: Option<String>,
+        deadline: Instant,
     ) -> FsResult<ETag> {
         let Some(stream) = self.stream.as_mut() else {
             return Err(err!(libc::EIO, "no upload to finish"));
@@ -1015,34 +1094,53 @@ impl Staged {
         // Running uploads report now instead of retrying further; failed ones get one more try.
         stream.stop_retrying.send_replace(true);
         let mut first_err = None;
-        for p in std::mem::take(&mut stream.running) {
-            if let Err(e) = stream.record(p.await) {
-                first_err = first_err.or(Some(e));
-            }
-        }
-        stream.stop_retrying.send_replace(false);
-        let mut still_failed = Vec::new();
-        for part in std::mem::take(&mut stream.failed) {
-            match self
-                .ctx
-                .store
-                .upload_part(
-                    &self.ctx.bucket,
-                    &self.key,
-                    &stream.upload_id,
-                    part.number,
-                    part.bytes.clone(),
-                )
-                .await
-            {
-                Ok(done) => stream.done.push(done),
-                Err(e) => {
-                    first_err = first_err.or(Some(e.into()));
-                    still_failed.push(part);
+        let mut still_running = Vec::new();
+        for mut p in std::mem::take(&mut stream.running) {
+            match tokio::time::timeout_at(deadline, &mut p).await {
+                Ok(outcome) => {
+                    if let Err(e) = stream.record(outcome) {
+                        first_err = first_err.or(Some(e));
+                    }
+                }
+                // Still sending: it keeps its bytes, and the next flush waits for it again.
+                Err(_) => {
+                    first_err = first_err.or(Some(flush_timed_out()));
+                    still_running.push(p);
                 }
             }
         }
-        stream.failed = still_failed;
+        stream.running = still_running;
+        stream.stop_retrying.send_replace(false);
+        // Failed parts go again, a few at a time; each keeps its bytes until it is in.
+        let (ctx, key, id) = (&self.ctx, &self.key, &stream.upload_id);
+        let retried: Vec<(PartData, FsResult<CompletedPart>)> =
+            futures::stream::iter(std::mem::take(&mut stream.failed))
+                .map(|part| async move {
+                    let sent = by(
+                        deadline,
+                        ctx.store.upload_part(
+                            &ctx.bucket,
+                            key,
+                            id,
+                            part.number,
+                            part.bytes.clone(),
+                        ),
+                    )
+                    .await;
+                    (part, sent)
+                })
+                .buffer_unordered(PARTS_IN_FLIGHT)
+                .collect()
+                .await;
+        for (part, sent) in retried {
+            match sent {
+                Ok(done) => stream.done.push(done),
+                Err(e) => {
+                    first_err = first_err.or(Some(e));
+                    stream.failed.push(part);
+                }
+            }
+        }
         if let Some(e) = first_err {
             return Err(e);
         }
@@ -1057,17 +1155,17 @@ impl Staged {
                 return Err(err!(libc::EIO, "the last part of the upload is missing"));
             };
             let bytes = Bytes::from(buf);
-            let sent = self
-                .ctx
-                .store
-                .upload_part(
+            let sent = by(
+                deadline,
+                self.ctx.store.upload_part(
                     &self.ctx.bucket,
                     &self.key,
                     &stream.upload_id,
                     number,
                     bytes.clone(),
-                )
-                .await;
+                ),
+            )
+            .await;
             match sent {
                 Ok(done) => {
                     parts.push(done);
@@ -1075,16 +1173,21 @@ impl Staged {
                 }
                 Err(e) => {
                     self.filling = Some((Vec::from(bytes), permit));
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
         parts.sort_by_key(|p| p.part_number);
-        let completed = self
-            .ctx
-            .store
-            .complete_multipart_upload(&self.ctx.bucket, &self.key, &stream.upload_id, &parts)
-            .await;
+        let completed = by(
+            deadline,
+            self.ctx.store.complete_multipart_upload(
+                &self.ctx.bucket,
+                &self.key,
+                &stream.upload_id,
+                &parts,
+            ),
+        )
+        .await;
         let etag = match completed {
             Ok(r) => {
                 if let Some((bytes, _permit)) = tail {
@@ -1096,7 +1199,7 @@ impl Staged {
                 if let Some((bytes, permit)) = tail {
                     self.filling = Some((Vec::from(bytes), permit));
                 }
-                return Err(e.into());
+                return Err(e);
             }
         };
         let created_with = stream.metadata.clone();
@@ -1104,8 +1207,19 @@ impl Staged {
         if !same_but_times(&created_with, metadata) || content_type.is_some() {
             // The upload was created before the final attributes were known. The copy makes a
             // new version; on AWS it has a new ETag, which is the one to remember.
-            if let Some(copied) = self.replace_metadata(metadata, content_type).await? {
-                return Ok(copied);
+            match self
+                .replace_metadata(metadata, content_type, deadline)
+                .await
+            {
+                Ok(Some(copied)) => return Ok(copied),
+                Ok(None) => {}
+                Err(e) => {
+                    // The bytes are in S3 now and no longer in memory: from here on the file
+                    // is that object, and the next flush only rewrites its attributes.
+                    self.content_landed(etag);
+                    self.meta_dirty = true;
+                    return Err(e);
+                }
             }
         }
         Ok(etag)
@@ -1115,6 +1229,7 @@ impl Staged {
         &self,
         metadata: &UserMetadata,
         content_type: Option<String>,
+        deadline: Instant,
     ) -> FsResult<Option<ETag>> {
         if self.size > MAX_COPY_OBJECT {
             tracing::warn!(key = %self.key, "object over 5 GiB: attributes not rewritten");
@@ -1126,19 +1241,17 @@ impl Staged {
             range: None,
             if_match: None,
         };
-        let copied = self
-            .ctx
-            .store
-            .copy_object(
-                &self.ctx.bucket,
-                &self.key,
-                &source,
-                &MetadataDirective::Replace {
-                    metadata: metadata.clone(),
-                    content_type,
-                },
-            )
-            .await?;
+        let directive = MetadataDirective::Replace {
+            metadata: metadata.clone(),
+            content_type,
+        };
+        let copied = by(
+            deadline,
+            self.ctx
+                .store
+                .copy_object(&self.ctx.bucket, &self.key, &source, &directive),
+        )
+        .await?;
         Ok(Some(copied.etag))
     }
 
@@ -1146,6 +1259,7 @@ impl Staged {
         &mut self,
         metadata: &UserMetadata,
         content_type: Option<String>,
+        deadline: Instant,
     ) -> FsResult<ETag> {
         self.fill(0, self.size).await?;
         let _permit = self.ctx.memory.acquire(self.size).await;
@@ -1156,18 +1270,18 @@ impl Staged {
             content_type,
             if_none_match_any: false,
         };
-        Ok(self
-            .ctx
-            .store
-            .put_object(&self.ctx.bucket, &self.key, Bytes::from(buf), &options)
-            .await?
-            .etag)
+        let put =
+            self.ctx
+                .store
+                .put_object(&self.ctx.bucket, &self.key, Bytes::from(buf), &options);
+        Ok(by(deadline, put).await?.etag)
     }
 
     async fn put_multipart(
         &mut self,
         metadata: &UserMetadata,
         content_type: Option<String>,
+        deadline: Instant,
     ) -> FsResult<ETag> {
         let part = self.part_size_for(self.size);
         let options = PutOptions {
@@ -1175,24 +1289,27 @@ impl Staged {
             content_type,
             if_none_match_any: false,
         };
-        let id = self
-            .ctx
-            .store
-            .create_multipart_upload(&self.ctx.bucket, &self.key, &options)
-            .await?;
+        let id = by(
+            deadline,
+            self.ctx
+                .store
+                .create_multipart_upload(&self.ctx.bucket, &self.key, &options),
+        )
+        .await?;
         // Recorded, so that a mount killed in the middle leaves the upload for the next one
         // to abort.
         self.uploading = Some(id.clone());
         self.journal();
-        let result = self.send_parts(&id, part).await;
-        let result = match result {
-            Ok(parts) => self
-                .ctx
-                .store
-                .complete_multipart_upload(&self.ctx.bucket, &self.key, &id, &parts)
-                .await
-                .map(|r| r.etag)
-                .map_err(FsError::from),
+        // The staging file holds every byte, so giving up in the middle loses nothing.
+        let result = match by(deadline, self.send_parts(&id, part)).await {
+            Ok(parts) => by(
+                deadline,
+                self.ctx
+                    .store
+                    .complete_multipart_upload(&self.ctx.bucket, &self.key, &id, &parts),
+            )
+            .await
+            .map(|r| r.etag),
             Err(e) => Err(e),
         };
         self.uploading = None;

@@ -33,6 +33,9 @@ pub enum Fault {
     },
     /// Calls of `op` (every operation when `None`) are delayed.
     Latency { op: Option<Op>, delay: Duration },
+    /// GETs answer with the whole object whatever range they ask for, as a server that
+    /// ignores `Range` does (until cleared).
+    IgnoreRange,
 }
 
 #[derive(Debug)]
@@ -137,6 +140,13 @@ impl ObjectStore for FaultStore {
         if_match: Option<&ETag>,
     ) -> S3Result<GetObject> {
         self.before(Op::Get).await?;
+        let ignore = self
+            .rules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|r| matches!(r.fault, Fault::IgnoreRange));
+        let range = if ignore { None } else { range };
         self.inner.get_object(bucket, key, range, if_match).await
     }
 

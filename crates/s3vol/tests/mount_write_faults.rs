@@ -458,6 +458,100 @@ fn close_fails_with_eio_when_s3_is_down_and_unmount_uploads_the_kept_data() {
     assert_eq!(rt.block_on(m.get("before")), b"acknowledged");
 }
 
+/// A streamed file whose attributes changed while it was written is completed, then its
+/// metadata rewritten by a server-side copy. When only that copy fails, the bytes are already
+/// in S3 (and no longer in memory): close reports the failure, and the next flush rewrites the
+/// attributes of that object. It never sends the content again from nothing.
+#[test]
+fn a_failed_attribute_rewrite_after_a_streamed_upload_keeps_the_content() {
+    use std::os::unix::fs::PermissionsExt;
+    let rt = rt();
+    let proxy = Proxy::start(&testing::endpoint());
+    let mut m = mount_via(&rt, &proxy, "wf-meta-copy", &["--part-size", "5M"]);
+    let data = pattern(12 << 20, 12);
+    let mut f = File::create(m.path("big")).unwrap();
+    f.write_all(&data).unwrap();
+    // A mode change after the upload began: the object's metadata must be rewritten at close.
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .unwrap();
+    proxy.set_refuse_copies(true);
+    let err = close(f).unwrap_err();
+    assert_eq!(
+        errno(&err),
+        libc::EIO,
+        "close reports the failed rewrite: {err}"
+    );
+    wait_until_quiet(&proxy);
+    assert!(
+        rt.block_on(m.get("big")) == data,
+        "the content is in S3 although its attributes are not"
+    );
+    proxy.set_refuse_copies(false);
+    // The next flush (here: the unmount) finishes the job with a copy.
+    let (status, stderr) = m.stop();
+    assert!(
+        status.success(),
+        "unmount flushed everything: {status}\n{stderr}"
+    );
+    assert!(
+        rt.block_on(m.get("big")) == data,
+        "the content survived the retry"
+    );
+    let mode: u32 = rt.block_on(m.head("big")).unwrap().metadata["mode"]
+        .parse()
+        .unwrap();
+    assert_eq!(mode & 0o7777, 0o600, "the new mode was written");
+}
+
+/// A flush is bounded by --close-timeout (plus the time its bytes take at --min-throughput),
+/// however many requests and retries it would need: against a server that never answers,
+/// close fails with EIO in about that time, and the data is kept for the next flush.
+#[test]
+fn close_against_a_hung_server_gives_up_at_the_close_timeout_and_keeps_the_data() {
+    let rt = rt();
+    let proxy = Proxy::start(&testing::endpoint());
+    // Without the bound: 2 attempts of 5 s each per request, for the part in flight, then
+    // the failed part again, then the tail: over 30 s.
+    let mut m = mount_via(
+        &rt,
+        &proxy,
+        "wf-close-bound",
+        &[
+            "--part-size",
+            "5M",
+            "--close-timeout",
+            "2",
+            "--min-throughput",
+            "16M",
+        ],
+    );
+    let data = pattern(12 << 20, 13);
+    let mut f = File::create(m.path("big")).unwrap();
+    f.write_all(&data[..6 << 20]).unwrap();
+    proxy.set_hang(true);
+    f.write_all(&data[6 << 20..]).unwrap();
+    let started = Instant::now();
+    let err = close(f).unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(errno(&err), libc::EIO, "close reports the failure: {err}");
+    // The bound is 2 s + 12 MiB at 16 MiB/s, under 3 s; the margin is for a busy machine.
+    // Without the bound the retries take over 20 s here.
+    assert!(
+        took < Duration::from_secs(12),
+        "close took {took:?} against a hung server with --close-timeout 2"
+    );
+    proxy.set_hang(false);
+    let (status, stderr) = m.stop();
+    assert!(
+        status.success(),
+        "unmount flushed everything: {status}\n{stderr}"
+    );
+    assert!(
+        rt.block_on(m.get("big")) == data,
+        "every byte reached S3 at the end"
+    );
+}
+
 #[test]
 fn kept_data_of_a_renamed_file_names_its_new_key() {
     let rt = rt();

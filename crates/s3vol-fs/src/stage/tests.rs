@@ -19,6 +19,8 @@ async fn ctx_over(store: Arc<FaultStore>, dir: &std::path::Path) -> Arc<StageCtx
         memory: Arc::new(Memory::new(64 << 20)),
         disk: Arc::new(Disk::new(1 << 30)),
         parts: Arc::new(BufPool::new(5 << 20, 2)),
+        close_timeout: Duration::from_secs(60),
+        min_throughput: 1 << 20,
     })
 }
 
@@ -126,6 +128,8 @@ async fn small_files_hold_memory_for_their_size_only() {
         memory: memory.clone(),
         disk: Arc::new(Disk::new(1 << 30)),
         parts: Arc::new(BufPool::new(5 << 20, 2)),
+        close_timeout: Duration::from_secs(60),
+        min_throughput: 1 << 20,
     });
     // Far more small files than 16 MiB holds parts, all kept (as parked clean copies are).
     let mut kept = Vec::new();
@@ -393,4 +397,111 @@ async fn an_unlinked_files_journal_never_calls_its_bytes_dirty() {
         back[..] == data(4096, 4)[..],
         "the handle reads what it wrote"
     );
+}
+
+#[tokio::test]
+async fn a_failed_metadata_rewrite_after_a_completed_stream_keeps_the_object_whole() {
+    let dir = crate::cache_dir::private_tempdir();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let ctx = ctx_over(store.clone(), dir.path()).await;
+    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let content = data(12 * MIB, 5);
+    for chunk in content.chunks(MIB) {
+        let at = st.size();
+        st.write(at, chunk, || meta("33188", "1")).await.unwrap();
+    }
+    store.add(Fault::FailOp {
+        op: Op::Copy,
+        error: S3Error::Transient("injected".into()),
+        times: Some(1),
+    });
+    // The mode changed: the upload completes, then the metadata copy fails.
+    let err = st.upload(&meta("33261", "1"), None).await.unwrap_err();
+    assert_eq!(err.errno, libc::EIO);
+    assert!(
+        object(&ctx, "f").await.0 == content,
+        "completed before the copy"
+    );
+    assert!(
+        st.is_dirty() && !st.content_dirty(),
+        "only the attributes are left"
+    );
+    let before = store.calls();
+    st.upload(&meta("33261", "1"), None).await.unwrap();
+    assert_eq!(store.calls() - before, 1, "one copy, nothing else");
+    let (body, stored) = object(&ctx, "f").await;
+    assert!(
+        body == content,
+        "the retry did not send the content again from nothing"
+    );
+    assert_eq!(stored["mode"], "33261");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flush_gives_up_at_its_time_bound_and_keeps_every_byte() {
+    let dir = crate::cache_dir::private_tempdir();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let ctx = ctx_over(store.clone(), dir.path()).await;
+    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let content = data(12 * MIB, 6);
+    st.write(0, &content[..6 * MIB], || meta("33188", "1"))
+        .await
+        .unwrap();
+    // From here every request takes 100 s: past the bound of 60 s + 12 MiB at 1 MiB/s.
+    store.add(Fault::Latency {
+        op: None,
+        delay: Duration::from_secs(100),
+    });
+    st.write(6 * MIB as u64, &content[6 * MIB..], || meta("33188", "1"))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let err = st.upload(&meta("33188", "1"), None).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.errno, libc::EIO);
+    assert!(
+        took <= Duration::from_secs(60 + 12 + 1),
+        "gave up after {took:?}"
+    );
+    // The part still in flight goes on; the next flush waits for it.
+    store.clear();
+    st.upload(&meta("33188", "1"), None).await.unwrap();
+    assert!(
+        object(&ctx, "f").await.0 == content,
+        "nothing was lost by giving up"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_ignores_ranges_fails_the_fill_instead_of_misplacing_bytes() {
+    let dir = crate::cache_dir::private_tempdir();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let ctx = ctx_over(store.clone(), dir.path()).await;
+    let content = data(3 * MIB, 7);
+    let put = ctx
+        .store
+        .put_object(
+            &ctx.bucket,
+            "f",
+            Bytes::from(content.clone()),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    let base = Base {
+        etag: put.etag,
+        size: content.len() as u64,
+    };
+    let mut st = Staged::from_object(ctx.clone(), "f", base).unwrap();
+    st.write(MIB as u64, b"patch", || meta("33188", "1"))
+        .await
+        .unwrap();
+    store.add(Fault::IgnoreRange);
+    let err = st.read(2 * MIB as u64, 4096).await.unwrap_err();
+    assert_eq!(err.errno, libc::EIO);
+    store.clear();
+    let mut expect = content.clone();
+    expect[MIB..MIB + 5].copy_from_slice(b"patch");
+    let local = st.read(0, expect.len() as u64).await.unwrap();
+    assert!(local == expect, "the staging file holds no misplaced bytes");
 }

@@ -94,6 +94,11 @@ pub struct MountArgs {
     /// Multipart part size (e.g. 8M; at least 5M) [default: 8M].
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub part_size: Option<u64>,
+    /// Seconds a close or fsync waits for S3 before it fails with EIO (the data is kept and
+    /// sent again at the next flush), plus the time the file takes at --min-throughput
+    /// [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    pub close_timeout: Option<f64>,
     /// Stay in the foreground.
     #[arg(short, long)]
     pub foreground: bool,
@@ -168,6 +173,11 @@ fn apply_options(args: &mut MountArgs) -> anyhow::Result<()> {
                 args.metadata_ttl = args
                     .metadata_ttl
                     .or(Some(need()?.parse().context("-o metadata-ttl")?))
+            }
+            "close-timeout" => {
+                args.close_timeout = args
+                    .close_timeout
+                    .or(Some(need()?.parse().context("-o close-timeout")?))
             }
             "cache-dir" | "use-cache" => {
                 args.cache_dir = args.cache_dir.clone().or(Some(need()?.into()))
@@ -405,10 +415,26 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
         .map(|fd| owned_fd(fd, "--fuse-fd"))
         .transpose()?;
 
+    let cache_dir = match &args.cache_dir {
+        Some(d) => d.clone(),
+        None => {
+            let d = default_cache_dir();
+            match s3vol_fs::cache_dir::tighten_legacy_default(&d) {
+                Ok(true) => {
+                    tracing::info!(dir = %d.display(), "made the default cache directory private (mode 0700); earlier versions created it readable by all")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(dir = %d.display(), error = %e, "cannot make the default cache directory private")
+                }
+            }
+            d
+        }
+    };
     let mut config = FsConfig::new(
         args.target.bucket.clone(),
         args.target.prefix.clone(),
-        args.cache_dir.clone().unwrap_or_else(default_cache_dir),
+        cache_dir,
     );
     if let Some(u) = args.uid {
         config.uid = u;
@@ -440,6 +466,13 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
     if let Some(p) = args.part_size {
         config.part_size = p;
     }
+    if let Some(t) = args.close_timeout {
+        if !(1.0..=86_400.0).contains(&t) {
+            bail!("--close-timeout must be between 1 and 86400 seconds");
+        }
+        config.close_timeout = Duration::from_secs_f64(t);
+    }
+    config.min_throughput = args.s3.min_throughput.max(1);
     config.read_only = args.read_only;
     config.listing_attrs = args.listing_attrs;
     config.xattrs = !args.no_xattr;

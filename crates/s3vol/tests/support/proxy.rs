@@ -25,6 +25,7 @@ struct State {
     hang: AtomicBool,
     hung: AtomicU64,
     refuse_parts: AtomicBool,
+    refuse_copies: AtomicBool,
     refused: AtomicU64,
     /// Part uploads still to answer with an HTTP 500.
     parts_to_fail: AtomicU64,
@@ -154,6 +155,12 @@ impl Proxy {
         self.state.refuse_parts.store(refuse, Ordering::SeqCst);
     }
 
+    /// Closes the connections of server-side copies (CopyObject, UploadPartCopy), forwarding
+    /// everything else.
+    pub fn set_refuse_copies(&self, refuse: bool) {
+        self.state.refuse_copies.store(refuse, Ordering::SeqCst);
+    }
+
     /// Answers the next `n` part uploads with `500 InternalError` (after reading their body,
     /// as a server that failed would), forwarding everything else.
     pub fn fail_next_parts(&self, n: u64) {
@@ -234,7 +241,10 @@ async fn forward(mut client: TcpStream, upstream: SocketAddr, st: Arc<State>) {
     let request = Request {
         head: String::from_utf8_lossy(&head[..end]).into_owned(),
     };
-    if st.refuse_parts.load(Ordering::SeqCst) && request.is_part_upload() {
+    if (st.refuse_parts.load(Ordering::SeqCst) && request.is_part_upload())
+        || (st.refuse_copies.load(Ordering::SeqCst)
+            && request.header("x-amz-copy-source").is_some())
+    {
         st.refused.fetch_add(1, Ordering::SeqCst);
         return;
     }
