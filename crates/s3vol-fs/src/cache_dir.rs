@@ -283,7 +283,7 @@ pub fn leftovers(dir: &Path) -> io::Result<Leftovers> {
             if !try_lock(&File::open(&path)?) {
                 found.in_use = true;
             }
-        } else if name.ends_with(".meta.tmp") {
+        } else if name.ends_with(".meta.tmp") || name.ends_with(".key.tmp") {
             // An unfinished rewrite of a record: the record it was to replace still counts.
         } else if let Some(stem) = name.strip_suffix(".meta") {
             let data = dir.join(format!("{stem}.data"));
