@@ -173,7 +173,7 @@ WORKLOADS = {
     "stat": ("stat(2) of every file of the large directory, by name, fresh mount", "s", False, None),
     "rename": ("`mv` of a directory of 100 files", "s", False, None),
 }
-CLIENT_ORDER = ["s3vol", "s3vol-list", "mountpoint", "s3fs", "rclone"]
+CLIENT_ORDER = ["s3vol", "s3vol-base", "s3vol-list", "mountpoint", "s3fs", "rclone"]
 
 
 def fmt(v):

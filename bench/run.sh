@@ -28,7 +28,10 @@
 # ls and stat.
 #
 # Environment: BENCH_HOME (default /opt/s3vol-bench: Garage, build dirs, work files),
-# S3VOL_BIN (an s3vol binary to use instead of building one), BENCH_RAND_SECS (fio runtime).
+# S3VOL_BIN (an s3vol binary to use instead of building one), S3VOL_BASE_BIN (a second s3vol
+# binary, e.g. a build of an earlier commit: adds the client `s3vol-base`, run with the same
+# options as `s3vol`, so that `--clients s3vol,s3vol-base` measures a change side by side),
+# BENCH_RAND_SECS (fio runtime).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -138,12 +141,16 @@ S3VOL_VERSION=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unk
 
 CEILING=$BENCH_HOME/target/ceiling/release/s3vol-bench-ceiling
 MOUNTPOINT=$BENCH_HOME/target/mountpoint-cli/release/mount-s3-bench
+# With --clients, only what they need is built: the ceiling row comes with the full set only.
+wanted() { [[ -z $clients || ",$clients," == *",$1,"* ]]; }
 if [[ $mode == full ]]; then
-	log "building the ceiling tool (s3vol-s3 without FUSE)"
-	# The workspace's lock file, so that the tool links the same SDK versions as s3vol.
-	cp "$REPO/Cargo.lock" "$BENCH/ceiling/Cargo.lock"
-	(cd "$BENCH/ceiling" && CARGO_TARGET_DIR=$BENCH_HOME/target/ceiling cargo build --release) >&2
-	if [[ ! -x $MOUNTPOINT ]]; then
+	if wanted ceiling; then
+		log "building the ceiling tool (s3vol-s3 without FUSE)"
+		# The workspace's lock file, so that the tool links the same SDK versions as s3vol.
+		cp "$REPO/Cargo.lock" "$BENCH/ceiling/Cargo.lock"
+		(cd "$BENCH/ceiling" && CARGO_TARGET_DIR=$BENCH_HOME/target/ceiling cargo build --release) >&2
+	fi
+	if [[ ! -x $MOUNTPOINT ]] && wanted mountpoint; then
 		log "building the Mountpoint CLI (cmake, clang and the AWS CRT: long)"
 		dpkg -s cmake clang libclang-dev libfuse3-dev >/dev/null 2>&1 ||
 			apt_install cmake clang libclang-dev libfuse3-dev pkg-config
@@ -158,6 +165,7 @@ available=(s3vol s3vol-list s3fs rclone)
 # Not in the quick mode: moto answers Mountpoint's PUTs without the ETag header its client
 # requires, and the quick mode must not depend on a long build anyway.
 [[ $mode == full && -x $MOUNTPOINT ]] && available=(s3vol s3vol-list mountpoint s3fs rclone)
+[[ -n ${S3VOL_BASE_BIN:-} ]] && available+=(s3vol-base)
 if [[ -n $clients ]]; then
 	IFS=, read -r -a CLIENTS <<<"$clients"
 	for c in "${CLIENTS[@]}"; do
@@ -166,7 +174,7 @@ if [[ -n $clients ]]; then
 else
 	CLIENTS=("${available[@]}")
 fi
-[[ -x $CEILING ]] || CEILING=
+[[ -x $CEILING ]] && wanted ceiling || CEILING=
 
 # ---------------------------------------------------------------- the server
 BUCKET=s3vol-bench
@@ -227,6 +235,11 @@ client_cmd() { # client mountpoint-dir
 		# loopback); Mountpoint sends UNSIGNED-PAYLOAD too. s3fs 1.90 has no such option.
 		echo "$S3VOL" mount "$BUCKET" "$dir" --endpoint-url "$EP" --force-path-style --region "$REGION" \
 			-f --memory-limit "$S3VOL_MEMORY_LIMIT" --cache-dir "$WORK/cache/s3vol" --log-level warn \
+			--payload-signing never
+		;;
+	s3vol-base)
+		echo "$S3VOL_BASE_BIN" mount "$BUCKET" "$dir" --endpoint-url "$EP" --force-path-style --region "$REGION" \
+			-f --memory-limit "$S3VOL_MEMORY_LIMIT" --cache-dir "$WORK/cache/s3vol-base" --log-level warn \
 			--payload-signing never
 		;;
 	s3vol-list)
@@ -481,7 +494,7 @@ done
 	echo
 	py summarize "$RESULTS"
 	echo
-	echo "Versions: s3vol $S3VOL_VERSION (\`git describe --dirty\` when it was built); $(s3fs --version 2>&1 | head -1 | sed 's/ (commit.*//'); $("$RCLONE" version 2>/dev/null | head -1); $(fio --version)$([[ " ${CLIENTS[*]} " == *" mountpoint "* ]] && echo "; mountpoint-s3-fs 0.11.0 + mountpoint-s3-client 0.22.0 (bench/mountpoint-cli)")."
+	echo "Versions: s3vol $S3VOL_VERSION (\`git describe --dirty\` when it was built); $(s3fs --version 2>&1 | head -1 | sed 's/ (commit.*//'); $("$RCLONE" version 2>/dev/null | head -1); $(fio --version)$([[ " ${CLIENTS[*]} " == *" mountpoint "* ]] && echo "; mountpoint-s3-fs 0.11.0 + mountpoint-s3-client 0.22.0 (bench/mountpoint-cli)")$([[ " ${CLIENTS[*]} " == *" s3vol-base "* ]] && echo "; s3vol-base $S3VOL_BASE_BIN")."
 	echo
 	echo "Commands (mount point and paths as in this run):"
 	echo
