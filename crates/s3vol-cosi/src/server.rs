@@ -68,7 +68,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     UnixListener::bind(path).map_err(err)
 }
 
-/// Serves both protocol versions on `listener` until `shutdown` completes.
+/// How long calls in progress may go on once shutdown was asked for; connections kept open
+/// between calls (the COSI sidecar keeps one) never hold the exit longer.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves both protocol versions on `listener` until `shutdown` completes, then lets calls in
+/// progress finish for up to [`SHUTDOWN_GRACE`].
 pub async fn serve(
     driver: Arc<Driver>,
     listener: UnixListener,
@@ -76,13 +81,26 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let v1 = V1alpha1::new(driver.clone());
     let v2 = V1alpha2::new(driver);
-    tonic::transport::Server::builder()
+    let (asked, mut asked_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = asked.send(true);
+    };
+    let served = tonic::transport::Server::builder()
         .add_service(v1.identity_server())
         .add_service(v1.provisioner_server())
         .add_service(v2.identity_server())
         .add_service(v2.provisioner_server())
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+    tokio::select! {
+        r = served => r?,
+        () = async {
+            let _ = asked_rx.wait_for(|a| *a).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::info!(grace = ?SHUTDOWN_GRACE, "calls still running after the shutdown grace; ending them");
+        }
+    }
     Ok(())
 }
 

@@ -72,7 +72,14 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, ServeError> {
     }
 }
 
-/// Serves until `shutdown` completes.
+/// How long requests in progress may go on once shutdown was asked for. Clients keep their
+/// connections open between calls (the kubelet always does), so waiting for every connection
+/// to close would never end; a call still running after this is cut off and retried by its
+/// caller, as CSI callers do.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves until `shutdown` completes, then lets the calls in progress finish for up to
+/// [`SHUTDOWN_GRACE`].
 pub async fn serve(
     config: DriverConfig,
     shutdown: impl Future<Output = ()> + Send,
@@ -132,11 +139,24 @@ pub async fn serve(
         .add_service(IdentityServer::new(identity))
         .add_optional_service(controller.map(ControllerServer::new))
         .add_optional_service(node.map(NodeServer::new));
-    let result = router
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
+    let (asked, mut asked_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = asked.send(true);
+    };
+    let served = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+    let result = tokio::select! {
+        r = served => r.map_err(ServeError::from),
+        () = async {
+            let _ = asked_rx.wait_for(|a| *a).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::info!(grace = ?SHUTDOWN_GRACE, "connections still open after the shutdown grace; closing them");
+            Ok(())
+        }
+    };
     let _ = std::fs::remove_file(&path);
-    Ok(result?)
+    result
 }
 
 #[cfg(test)]

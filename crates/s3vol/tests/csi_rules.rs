@@ -261,6 +261,60 @@ async fn any_authority_is_served_by_the_cosi_socket() {
     }
 }
 
+/// SIGTERM ends a driver although a client keeps its connection open (the kubelet and the COSI
+/// sidecar do, between calls) and one call never finishes (its client never sends the request
+/// body): calls in progress get a grace of 10 s, and nothing holds the exit longer.
+async fn sigterm_ends_the_driver_while_a_call_never_finishes(mut d: Driver, method: &str) {
+    let io = tokio::net::UnixStream::connect(&d.sock).await.unwrap();
+    let (mut h2c, conn) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://localhost{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    // Headers without the end of the stream: the server waits for a body that never comes.
+    let (_response, _body) = h2c.send_request(request, false).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let child = d.child.as_mut().unwrap();
+    // SAFETY: kill(2) of the driver this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "{method}: still running 40 s after SIGTERM with a call in progress:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}\n{}", d.log());
+}
+
+#[tokio::test]
+async fn sigterm_ends_the_csi_driver_while_a_call_never_finishes() {
+    let d = Driver::csi_controller();
+    let sock = d.sock.clone();
+    sigterm_ends_the_driver_while_a_call_never_finishes(d, "/csi.v1.Identity/GetPluginInfo").await;
+    assert!(!sock.exists(), "the socket is removed at exit");
+}
+
+#[tokio::test]
+async fn sigterm_ends_the_cosi_driver_while_a_call_never_finishes() {
+    sigterm_ends_the_driver_while_a_call_never_finishes(
+        Driver::cosi(),
+        "/cosi.v1alpha1.Identity/DriverGetInfo",
+    )
+    .await;
+}
+
 // ---- CSI rules against the test S3 server --------------------------------------------------
 
 use std::collections::HashMap;
