@@ -11,6 +11,10 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
                                         expected bytes
   bench.py stat DIR COUNT               os.stat of f00000 … in DIR, no listing first
   bench.py tree DIR FILES SIZE          a local tree of FILES files in 10 subdirectories
+  bench.py srctree DIR FILES            a local tree shaped like a source tree: FILES text files
+                                        of 200 B – 64 KiB (seeded, so every run is the same) in
+                                        nested directories, every 7th holding MARKER
+  bench.py upload-tree DIR PREFIX       every file under DIR as PREFIX<relative path>
   bench.py populate PREFIX COUNT SIZE [--dir-marker]   objects PREFIXf00000 … with s3fs metadata
   bench.py upload KEY FILE              one object from a local file (multipart, 8 MiB parts)
   bench.py count PREFIX                 how many objects are under PREFIX, directory
@@ -76,6 +80,49 @@ def cmd_tree(d, files, size):
         os.makedirs(sub, exist_ok=True)
         with open(os.path.join(sub, name(i)), "wb") as f:
             f.write(content(i, size))
+
+
+MARKER = "s3vol_bench_marker"
+
+
+def cmd_srctree(d, files):
+    import random
+
+    files = int(files)
+    rng = random.Random(3559)
+    words = [b"fn", b"let", b"return", b"struct", b"impl", b"match", b"self", b"use", b"pub", b"if"]
+    for i in range(files):
+        # About 12 files a directory, three levels deep, like a project's source.
+        parts = ["m%02d" % (i // 144 % 25), "s%d" % (i // 12 % 12)]
+        if i % 5 == 0:
+            parts.append("t%d" % (i % 3))
+        sub = os.path.join(d, *parts)
+        os.makedirs(sub, exist_ok=True)
+        size = int(200 * (64 * 1024 / 200) ** rng.random())
+        line = b" ".join(rng.choice(words) for _ in range(8)) + b"\n"
+        body = (line * (size // len(line) + 1))[:size]
+        if i % 7 == 0:
+            body = body[: max(0, size - 40)] + b"\n// " + MARKER.encode() + b"\n"
+        with open(os.path.join(sub, "f%05d.rs" % i), "wb") as f:
+            f.write(body)
+
+
+def cmd_upload_tree(d, prefix):
+    client = s3()
+    paths = []
+    for root, _dirs, names in os.walk(d):
+        for n in names:
+            paths.append(os.path.join(root, n))
+
+    def put(path):
+        with open(path, "rb") as f:
+            body = f.read()
+        key = prefix + os.path.relpath(path, d)
+        client.put_object(Bucket=bucket(), Key=key, Body=body, Metadata=file_meta(0o100644))
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        for f in [pool.submit(put, p) for p in paths]:
+            f.result()
 
 
 def s3():
@@ -172,8 +219,14 @@ WORKLOADS = {
     "ls_warm": ("`ls -l` of the same directory again on the same mount (warm)", "s", False, "list"),
     "stat": ("stat(2) of every file of the large directory, by name, fresh mount", "s", False, None),
     "rename": ("`mv` of a directory of 100 files", "s", False, None),
+    "tarx": ("`tar x` of a source-like tree of small files into the mount", "files/s", True, None),
+    "find": ("`find -type f` over that tree, fresh mount (cold)", "s", False, None),
+    "grep": ("`grep -rl` over that tree, fresh mount (every byte read)", "s", False, None),
+    "readers4": ("4 concurrent sequential readers of 4 different files, page cache dropped", "MiB/s", True, None),
 }
-CLIENT_ORDER = ["s3vol", "s3vol-base", "s3vol-list", "mountpoint", "s3fs", "rclone"]
+CLIENT_ORDER = [
+    "s3vol", "s3vol-base", "s3vol-list", "mountpoint", "s3fs", "rclone", "s3vol-crc", "mountpoint-crc"
+]
 
 
 def fmt(v):
@@ -212,10 +265,11 @@ def cmd_summarize(path):
         head = "| client | median (%s) | runs | s3vol vs this client | vs no-FUSE ceiling | peak RSS (MiB) |" % unit
         out.append(head)
         out.append("|---|---:|---:|---:|---:|---:|")
-        s = med.get("s3vol")
         for c in sorted(med, key=lambda c: CLIENT_ORDER.index(c) if c in CLIENT_ORDER else 99):
             v = med[c]
-            if s is None or c == "s3vol":
+            # Rows with upload checksums compare with s3vol's own row with checksums.
+            s = med.get("s3vol-crc") if c == "mountpoint-crc" else med.get("s3vol")
+            if s is None or c in ("s3vol", "s3vol-crc"):
                 ratio = "—"
             else:
                 r = (s / v) if higher else (v / s)
@@ -234,7 +288,8 @@ def cmd_summarize(path):
             )
         out.append("")
     out.append(
-        "s3vol vs this client: s3vol's speed divided by the client's (above 1: s3vol is faster); "
+        "s3vol vs this client: s3vol's speed divided by the client's (above 1: s3vol is faster; "
+        "for `mountpoint-crc`, `s3vol-crc`'s); "
         "medians of %d run(s)." % runs
     )
     print("\n".join(out))
@@ -246,6 +301,8 @@ COMMANDS = {
     "stat": cmd_stat,
     "tree": cmd_tree,
     "populate": cmd_populate,
+    "srctree": cmd_srctree,
+    "upload-tree": cmd_upload_tree,
     "upload": cmd_upload,
     "count": cmd_count,
     "fio-iops": cmd_fio_iops,

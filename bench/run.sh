@@ -24,6 +24,13 @@
 #   ls        ls -l of a directory of LS entries: on a fresh mount (cold), then again (warm)
 #   stat      stat(2) of each of the LS files by name, on a fresh mount
 #   rename    mv of a directory of 100 files (not Mountpoint: it cannot rename directories)
+#   tarx      tar x of a source-like tree (3,559 files of 200 B – 64 KiB, nested) into the mount
+#   find      find -type f over that tree, on a fresh mount
+#   grep      grep -rl over that tree, on a fresh mount (reads every byte)
+#   readers4  4 concurrent dd readers of 4 different 256 MiB files, page cache dropped
+# Integrity settings are matched: `s3vol` and `mountpoint` both send no upload checksums;
+# `s3vol-crc` (--full-checksums) and `mountpoint-crc` (its default, CRC32C) both do, and run
+# the write workloads only (seqwrite, create).
 # Mountpoint only runs what its semantics allow: seqwrite, seqread, randread, create, cptree,
 # ls and stat.
 #
@@ -62,10 +69,12 @@ done
 
 if [[ $mode == full ]]; then
 	BIG_MIB=1024 SMALL=1000 TREE=1000 LS=10000 REN=100 RAND_SECS=${BENCH_RAND_SECS:-15}
+	SRC_FILES=3559 PAR_MIB=256
 	runs=${runs:-3}
 	WORK=$BENCH_HOME/work
 else
 	BIG_MIB=16 SMALL=40 TREE=40 LS=200 REN=20 RAND_SECS=${BENCH_RAND_SECS:-2}
+	SRC_FILES=60 PAR_MIB=4
 	runs=${runs:-1}
 	WORK=$(mktemp -d /tmp/s3vol-bench.XXXXXX)
 fi
@@ -164,7 +173,7 @@ fi
 available=(s3vol s3vol-list s3fs rclone)
 # Not in the quick mode: moto answers Mountpoint's PUTs without the ETag header its client
 # requires, and the quick mode must not depend on a long build anyway.
-[[ $mode == full && -x $MOUNTPOINT ]] && available=(s3vol s3vol-list mountpoint s3fs rclone)
+[[ $mode == full && -x $MOUNTPOINT ]] && available=(s3vol s3vol-list mountpoint s3fs rclone s3vol-crc mountpoint-crc)
 [[ -n ${S3VOL_BASE_BIN:-} ]] && available+=(s3vol-base)
 if [[ -n $clients ]]; then
 	IFS=, read -r -a CLIENTS <<<"$clients"
@@ -216,6 +225,18 @@ py upload shared/big "$SRC"
 py populate shared/ls/ "$LS" 4096 --dir-marker
 rm -rf "$WORK/tree" && py tree "$WORK/tree" "$TREE" 4096
 [[ $(py count shared/ls/) -eq $LS ]] || die "populating shared/ls/ failed"
+rm -rf "$WORK/srctree" && py srctree "$WORK/srctree" "$SRC_FILES"
+tar -cf "$WORK/srctree.tar" -C "$WORK" srctree
+py upload-tree "$WORK/srctree" shared/src/
+MARKED=$(grep -rl s3vol_bench_marker "$WORK/srctree" | wc -l)
+[[ $(py count shared/src/) -eq $SRC_FILES ]] || die "uploading shared/src/ failed"
+declare -A PAR_SHA=()
+for i in 0 1 2 3; do
+	head -c $((PAR_MIB << 20)) /dev/urandom >"$WORK/par$i"
+	PAR_SHA[$i]=$(sha256sum "$WORK/par$i" | cut -d' ' -f1)
+	py upload "shared/par$i" "$WORK/par$i"
+	rm -f "$WORK/par$i"
+done
 
 # Credentials files of the peers (never on a command line).
 printf '%s:%s\n' "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" >"$WORK/s3fs.passwd"
@@ -249,7 +270,18 @@ client_cmd() { # client mountpoint-dir
 			-f --memory-limit "$S3VOL_MEMORY_LIMIT" --cache-dir "$WORK/cache/s3vol-list" --log-level warn \
 			--listing-attrs --no-xattr
 		;;
+	s3vol-crc)
+		# The same with upload checksums, to compare with Mountpoint's default (CRC32C).
+		echo "$S3VOL" mount "$BUCKET" "$dir" --endpoint-url "$EP" --force-path-style --region "$REGION" \
+			-f --memory-limit "$S3VOL_MEMORY_LIMIT" --cache-dir "$WORK/cache/s3vol-crc" --log-level warn \
+			--payload-signing never --full-checksums
+		;;
 	mountpoint)
+		# Without upload checksums, as s3vol sends none by default: the same integrity setting.
+		echo "$MOUNTPOINT" "$BUCKET" "$dir" --endpoint-url "$EP" --force-path-style --region "$REGION" \
+			--metadata-ttl 10 --allow-delete --upload-checksums off
+		;;
+	mountpoint-crc)
 		echo "$MOUNTPOINT" "$BUCKET" "$dir" --endpoint-url "$EP" --force-path-style --region "$REGION" \
 			--metadata-ttl 10 --allow-delete
 		;;
@@ -418,10 +450,69 @@ w_rename() {
 	echo "$t"
 }
 
+w_tarx() {
+	local d=$2/$1/r$3 t
+	mkdir -p "$d"
+	t=$(now)
+	# No owners, modes or times restored: what every client can do (Mountpoint sets none).
+	tar -x -m --no-same-owner --no-same-permissions -f "$WORK/srctree.tar" -C "$d"
+	t=$(elapsed "$t")
+	[[ $(py count "$1/r$3/srctree/") -eq $SRC_FILES ]] || {
+		note "$1: not all $SRC_FILES extracted files are in the bucket"
+		return 1
+	}
+	rate "$SRC_FILES" "$t"
+}
+
+w_find() {
+	local t n
+	t=$(now)
+	n=$(find "$2/shared/src" -type f | wc -l)
+	t=$(elapsed "$t")
+	[[ $n -eq $SRC_FILES ]] || {
+		note "$1: find saw $n files, expected $SRC_FILES"
+		return 1
+	}
+	echo "$t"
+}
+
+w_grep() {
+	local t n
+	drop_caches
+	t=$(now)
+	n=$(grep -rl s3vol_bench_marker "$2/shared/src" | wc -l)
+	t=$(elapsed "$t")
+	[[ $n -eq $MARKED ]] || {
+		note "$1: grep found the marker in $n files, expected $MARKED"
+		return 1
+	}
+	echo "$t"
+}
+
+w_readers4() {
+	local t i pids=()
+	drop_caches
+	t=$(now)
+	for i in 0 1 2 3; do
+		dd if="$2/shared/par$i" of=/dev/null bs=1M status=none &
+		pids+=($!)
+	done
+	for i in "${pids[@]}"; do wait "$i" || return 1; done
+	t=$(elapsed "$t")
+	for i in 0 1 2 3; do
+		[[ $(sha256sum <"$2/shared/par$i" | cut -d' ' -f1) == "${PAR_SHA[$i]}" ]] || {
+			note "$1: shared/par$i reads back wrong"
+			return 1
+		}
+	done
+	rate $((4 * PAR_MIB)) "$t"
+}
+
 supports() { # client workload
 	case $1 in
 	mountpoint) [[ $2 != rename ]] ;;
 	s3vol-list) [[ $2 == ls ]] ;;
+	s3vol-crc | mountpoint-crc) [[ $2 == seqwrite || $2 == create ]] ;;
 	*) true ;;
 	esac
 }
@@ -472,7 +563,7 @@ run_ceiling() { # run
 	note "ceiling run $r: $(grep -c "^$r	ceiling:" "$RESULTS") measurements"
 }
 
-WORKLOADS=(seqwrite seqread randread create cptree ls stat rename)
+WORKLOADS=(seqwrite seqread randread create cptree ls stat rename tarx find grep readers4)
 log "$mode run: ${CLIENTS[*]} on $SERVER; $runs run(s)"
 for ((r = 1; r <= runs; r++)); do
 	log "run $r of $runs"
@@ -490,7 +581,8 @@ done
 	echo "## Results ($mode mode, $(date -u +%Y-%m-%d), $runs run(s))"
 	echo
 	echo "Machine: $(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(. /etc/os-release && echo "$PRETTY_NAME"), kernel $(uname -r)."
-	echo "Server: $SERVER. Sizes: ${BIG_MIB} MiB file, $SMALL small files, $TREE-file tree, $LS-entry directory, $REN-file rename."
+	echo "Server: $SERVER. Sizes: ${BIG_MIB} MiB file, $SMALL small files, $TREE-file tree, $LS-entry directory, $REN-file rename, $SRC_FILES-file source tree, 4 × $PAR_MIB MiB files."
+	echo "Integrity: \`s3vol\` and \`mountpoint\` send no upload checksums; \`s3vol-crc\` and \`mountpoint-crc\` both do (s3vol \`--full-checksums\`, Mountpoint's default CRC32C)."
 	echo
 	py summarize "$RESULTS"
 	echo
