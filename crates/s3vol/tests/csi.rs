@@ -34,6 +34,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 #[path = "support/csi_deployed.rs"]
 mod deployed;
+#[path = "support/csi_identity.rs"]
+mod identity;
 #[path = "support/csi_node.rs"]
 mod node_rules;
 
