@@ -936,7 +936,10 @@ async fn csi_no_secret_or_token_shows_in_argv_environment_logs_state_or_errors()
     let _ = canary.kill();
     let _ = canary.wait();
     let canary_env = format!("the first token in /proc/{canary_pid}/environ");
-    assert!(found.contains(&canary_env), "the search missed the canary: {found:#?}");
+    assert!(
+        found.contains(&canary_env),
+        "the search missed the canary: {found:#?}"
+    );
     found.retain(|f| *f != canary_env);
     assert!(found.is_empty(), "secrets leaked: {found:#?}");
 
