@@ -1114,3 +1114,74 @@ impl Node for Arc<NodeService> {
         }))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn pod() -> PodIdentity {
+        PodIdentity {
+            role_arn: "arn:aws:iam::1:role/r".into(),
+            sts_endpoint: None,
+            audience: None,
+            duration_seconds: None,
+        }
+    }
+
+    fn context(tokens: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (keys::SA_TOKENS.to_owned(), tokens.to_owned()),
+            (keys::POD_NAMESPACE.to_owned(), "apps".to_owned()),
+            (keys::POD_NAME.to_owned(), "loader/7 d9".to_owned()),
+        ])
+    }
+
+    #[test]
+    fn the_pods_token_role_endpoint_and_session_name() {
+        let one = r#"{"sts.amazonaws.com":{"token":"TOKENSECRET","expirationTimestamp":"x"}}"#;
+        let w = pod_web_identity(&context(one), &pod(), Some("http://minio:9000")).unwrap();
+        assert_eq!(w.token, "TOKENSECRET");
+        assert_eq!(w.role_arn, "arn:aws:iam::1:role/r");
+        // STS on the volume's endpoint unless told otherwise (MinIO, Ceph RGW).
+        assert_eq!(w.sts_endpoint.as_deref(), Some("http://minio:9000"));
+        assert_eq!(w.session_name, "s3vol-apps-loader-7-d9");
+        assert_eq!(w.subject, "apps/loader/7 d9");
+
+        let two = r#"{"a":{"token":"TA"},"b":{"token":"TB"}}"#;
+        let e = pod_web_identity(&context(two), &pod(), None).unwrap_err();
+        assert!(matches!(&e, CsiError::InvalidArgument(m) if m.contains("tokenAudience")));
+        let chosen = PodIdentity {
+            audience: Some("b".into()),
+            ..pod()
+        };
+        assert_eq!(
+            pod_web_identity(&context(two), &chosen, None)
+                .unwrap()
+                .token,
+            "TB"
+        );
+        let missing = PodIdentity {
+            audience: Some("c".into()),
+            ..pod()
+        };
+        let e = pod_web_identity(&context(two), &missing, None).unwrap_err();
+        assert!(matches!(&e, CsiError::FailedPrecondition(m) if m.contains("a, b")));
+
+        // No token: the CSIDriver lacks tokenRequests, and the error says so.
+        let e = pod_web_identity(&HashMap::new(), &pod(), None).unwrap_err();
+        assert!(matches!(&e, CsiError::FailedPrecondition(m) if m.contains("tokenRequests")));
+        // A malformed token map is refused without quoting it.
+        let e = pod_web_identity(&context("{\"a\": TOKENSECRET"), &pod(), None).unwrap_err();
+        assert!(!format!("{e:?}").contains("TOKENSECRET"));
+    }
+
+    #[test]
+    fn each_pods_mount_has_its_own_id() {
+        let a = pod_mount_id("v", Path::new("/k/pods/a/volumes/x/mount"));
+        let b = pod_mount_id("v", Path::new("/k/pods/b/volumes/x/mount"));
+        assert_ne!(a, b);
+        assert!(a.starts_with("v#pod-"));
+    }
+}

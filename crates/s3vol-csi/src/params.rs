@@ -14,6 +14,10 @@
 //! NodeStageVolume, rather than by the serving process later. Messages quote a bad value
 //! only shortened and escaped ([`quoted`]).
 //!
+//! Whose identity a volume's mounts use ([`AuthSource`], `authenticationSource` with its
+//! `roleArn`, `stsEndpoint`, `tokenAudience`, `sessionDuration`) is a StorageClass parameter
+//! the controller copies into the volume context ([`IDENTITY_KEYS`]); see `docs/identity.md`.
+//!
 //! Where a bucket is (bucket, endpoint, region, addressing) is decided in one order everywhere:
 //! the StorageClass parameter or volume attribute, else what the Secret says (a COSI
 //! BucketAccess Secret, [`SecretHints`]), else the driver's [`Defaults`].
@@ -560,6 +564,67 @@ mod tests {
         kv.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn authentication_sources() {
+        assert_eq!(AuthSource::parse(&map(&[])).unwrap(), AuthSource::Default);
+        assert_eq!(
+            AuthSource::parse(&map(&[("authenticationSource", "driver")])).unwrap(),
+            AuthSource::Driver
+        );
+        assert_eq!(
+            AuthSource::parse(&map(&[("authenticationSource", "secret")])).unwrap(),
+            AuthSource::Secret
+        );
+        assert_eq!(
+            AuthSource::parse(&map(&[
+                ("authenticationSource", "pod"),
+                ("roleArn", "arn:aws:iam::1:role/r"),
+                ("stsEndpoint", "https://sts.example"),
+                ("tokenAudience", "minio"),
+                ("sessionDuration", "900"),
+            ]))
+            .unwrap(),
+            AuthSource::Pod(PodIdentity {
+                role_arn: "arn:aws:iam::1:role/r".into(),
+                sts_endpoint: Some("https://sts.example".into()),
+                audience: Some("minio".into()),
+                duration_seconds: Some(900),
+            })
+        );
+        for (bad, says) in [
+            (&[("authenticationSource", "Pod")][..], "must be"),
+            (&[("authenticationSource", "pod")][..], "needs roleArn"),
+            (
+                &[("authenticationSource", "pod"), ("roleArn", "reader")][..],
+                "not a role ARN",
+            ),
+            (
+                &[
+                    ("authenticationSource", "pod"),
+                    ("roleArn", "arn:aws:iam::1:role/r"),
+                    ("stsEndpoint", "sts.example"),
+                ][..],
+                "stsEndpoint",
+            ),
+            (
+                &[("roleArn", "arn:aws:iam::1:role/r")][..],
+                "only applies with authenticationSource: pod",
+            ),
+        ] {
+            match AuthSource::parse(&map(bad)) {
+                Err(CsiError::InvalidArgument(m)) => assert!(m.contains(says), "{m}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        // A StorageClass may carry them.
+        let sc = map(&[
+            ("mode", "bucket"),
+            ("authenticationSource", "pod"),
+            ("roleArn", "arn:aws:iam::1:role/r"),
+        ]);
+        assert!(ProvisionParams::parse(&sc, &SecretHints::default(), &Defaults::default()).is_ok());
     }
 
     #[test]

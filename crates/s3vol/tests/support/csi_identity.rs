@@ -276,8 +276,10 @@ async fn csi_secret_keys_rotate_three_times_without_remount_while_writing() {
         publish_with(&mut node, &v, &staging, &target, secret_of(&new))
             .await
             .unwrap_or_else(|e| panic!("republish {round}: {e}\n{}", h.csi_log()));
-        // The republish returns once the serving process signs with the new key: the old
-        // one can go right away.
+        // The republish returns once the serving process signs with the new key. Requests
+        // signed just before may still be on their way: as an operator would, give them a
+        // moment before the old key goes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let old = std::mem::replace(&mut key, new);
         user.delete_key(&old.access_key_id).await;
         // The old key is really dead: only the rotation keeps the mount working.
