@@ -46,7 +46,7 @@
 # unknown key are rejected. Do not call /moto-api/reset (it wipes the IAM user
 # too) or /moto-api/reset-auth (it turns checking off or resets the counter).
 #
-# Two fixes to moto: the server is moto's own (moto.server.main, what the
+# Fixes to moto: the server is moto's own (moto.server.main, what the
 # moto_server command runs), started through s3_server_setup.py, which first
 # patches moto 5.2.1 in memory where it breaks correct S3 clients:
 #  - it computes S3 signatures from the raw request line. Unpatched, moto
@@ -56,6 +56,14 @@
 #  - it does not parse PUT bodies as forms. Unpatched, a PUT with
 #    Content-Type application/x-www-form-urlencoded or multipart/form-data
 #    stores an empty object and answers 200.
+# And STS web identity made to behave as AWS's (_patch_sts_web_identity):
+#  - AssumeRoleWithWebIdentity is taken unsigned (unpatched: a 500 once
+#    authentication is on);
+#  - its token must be a JWT whose "exp" lies in the future, and the role
+#    must exist (unpatched: any token, any role);
+#  - assumed-role credentials are refused (ExpiredToken) after their
+#    Expiration (unpatched: valid forever).
+# The role's policies apply to its assumed-role credentials unpatched.
 #
 # Concurrency and size: moto's server main (moto/server.py) calls werkzeug's
 # run_simple(threaded=True), so every connection gets its own thread and no

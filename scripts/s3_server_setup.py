@@ -4,10 +4,11 @@
 Used by scripts/s3-server.sh; not meant to be called by hand.
 
   s3_server_setup.py serve HOST PORT
-      Runs moto's server (what `moto_server -H HOST -p PORT` runs) with two
+      Runs moto's server (what `moto_server -H HOST -p PORT` runs) with these
       fixes: S3 signatures are checked against the request line as sent
-      (_patch_s3_canonical_request) and PUT bodies are never parsed as forms
-      (_patch_put_form_parsing).
+      (_patch_s3_canonical_request), PUT bodies are never parsed as forms
+      (_patch_put_form_parsing), and STS web identity behaves as AWS's does
+      where s3vol's tests rely on it (_patch_sts_web_identity).
 
   s3_server_setup.py setup ENDPOINT REGION
       Spends moto's unauthenticated request budget (INITIAL_NO_AUTH_ACTION_COUNT,
@@ -233,9 +234,104 @@ def _patch_put_form_parsing():
     Request.want_form_data_parsed = property(want_form_data_parsed)
 
 
+def _jwt_claims(token):
+    """The claims of a JWT (its signature is not checked), or None."""
+    import base64
+
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except ValueError:
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _patch_sts_web_identity():
+    """Make STS web identity behave as AWS's where s3vol's tests rely on it.
+
+    moto 5.2.1, unpatched:
+     - requires a SigV4 signature on AssumeRoleWithWebIdentity once
+       authentication is on (and fails with a 500 without one). AWS takes
+       the call unsigned: the token is the credential. It is exempted here.
+     - accepts any token for any role, even an expired one or a role that
+       does not exist. Here the token must be a JWT (its signature is not
+       checked) whose "exp" claim lies in the future (else
+       ExpiredTokenException) and the role must exist (else AccessDenied),
+       so tests can prove that an expired token is refused.
+     - accepts assumed-role credentials forever. Here a request signed with
+       them after their Expiration is refused (ExpiredToken, as AWS answers),
+       so a client must renew them in time.
+    Nothing else changes: the role's policies already apply to its
+    assumed-role credentials, and other STS calls are as moto has them.
+    """
+    import datetime
+    import time
+
+    from moto.core.authorization import ActionAuthenticatorMixin
+    from moto.iam import access_control
+    from moto.iam.models import iam_backends
+    from moto.sts.exceptions import STSClientError
+    from moto.sts.models import sts_backends
+    from moto.sts.responses import TokenResponse
+
+    from moto.s3.exceptions import S3ClientError
+
+    authenticate = ActionAuthenticatorMixin._authenticate_and_authorize_normal_action
+
+    def _authenticate_and_authorize_normal_action(self, resource="*"):
+        if self._get_action() == "AssumeRoleWithWebIdentity":
+            return
+        return authenticate(self, resource)
+
+    ActionAuthenticatorMixin._authenticate_and_authorize_normal_action = (
+        _authenticate_and_authorize_normal_action
+    )
+
+    assume = TokenResponse.assume_role_with_web_identity
+
+    def assume_role_with_web_identity(self):
+        claims = _jwt_claims(self._get_param("WebIdentityToken") or "")
+        if claims is None:
+            raise STSClientError(
+                "InvalidIdentityToken", "The web identity token is not a JWT"
+            )
+        exp = claims.get("exp")
+        if not isinstance(exp, (int, float)) or exp <= time.time():
+            raise STSClientError("ExpiredTokenException", "Token expired")
+        role_arn = self._get_param("RoleArn") or ""
+        backend = iam_backends[self.current_account][self.partition]
+        if not any(r.arn == role_arn for r in backend.roles.values()):
+            raise STSClientError(
+                "AccessDenied",
+                "Not authorized to perform sts:AssumeRoleWithWebIdentity",
+            )
+        return assume(self)
+
+    TokenResponse.assume_role_with_web_identity = assume_role_with_web_identity
+
+    key_init = access_control.AssumedRoleAccessKey.__init__
+
+    def assumed_role_key_init(self, account_id, partition, access_key_id, headers):
+        key_init(self, account_id, partition, access_key_id, headers)
+        for role in sts_backends[account_id][partition].assumed_roles:
+            if role.access_key_id == access_key_id:
+                now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+                if role.expiration <= now:
+                    # S3's error shape: only S3 requests use these keys here.
+                    raise S3ClientError(
+                        "ExpiredToken", "The provided token has expired."
+                    )
+
+    access_control.AssumedRoleAccessKey.__init__ = assumed_role_key_init
+
+
 def serve(host, port):
     _patch_s3_canonical_request()
     _patch_put_form_parsing()
+    _patch_sts_web_identity()
     from moto.server import main as moto_server_main
 
     moto_server_main(["-H", host, "-p", port])

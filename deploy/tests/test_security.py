@@ -29,8 +29,14 @@ def test_csidriver_object(name):
     assert spec["attachRequired"] is False
     # File + VOLUME_MOUNT_GROUP: kubelet delegates fsGroup to the driver.
     assert spec["fsGroupPolicy"] == "File"
-    assert spec["podInfoOnMount"] is False
+    # Pod names in log lines about a pod's own identity (docs/identity.md).
+    assert spec["podInfoOnMount"] is True
     assert spec["volumeLifecycleModes"] == ["Persistent"]
+    # Rotated Secrets and refreshed tokens reach running mounts (docs/identity.md).
+    assert spec["requiresRepublish"] is True
+    assert spec["tokenRequests"] == [
+        {"audience": "sts.amazonaws.com", "expirationSeconds": 3600}
+    ]
 
 
 @pytest.mark.parametrize("name", INSTALL_SETS)

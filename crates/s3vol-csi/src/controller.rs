@@ -616,7 +616,18 @@ impl Controller for ControllerService {
         &self,
         request: Request<CreateVolumeRequest>,
     ) -> Result<Response<CreateVolumeResponse>, Status> {
-        let volume = self.create(request.into_inner()).await?;
+        let req = request.into_inner();
+        // Whose identity mounts use is the StorageClass's word, carried to the node in the
+        // volume context (checked here, so a bad setting fails the claim, not every mount).
+        params::AuthSource::parse(&req.parameters)?;
+        let identity: Vec<(String, String)> = req
+            .parameters
+            .iter()
+            .filter(|(k, v)| params::IDENTITY_KEYS.contains(&k.as_str()) && !v.trim().is_empty())
+            .map(|(k, v)| (k.clone(), v.trim().to_owned()))
+            .collect();
+        let mut volume = self.create(req).await?;
+        volume.volume_context.extend(identity);
         Ok(Response::new(CreateVolumeResponse {
             volume: Some(volume),
         }))

@@ -8,6 +8,11 @@
 //! 2. The mounter answers with one frame holding a [`Reply`] once the serving process said it
 //!    serves, or failed.
 //!
+//! [`Request::Credentials`] hands a serving process new keys for its volume (a rotated Secret,
+//! on NodePublishVolume and every republish): the mounter writes them to the credentials pipe
+//! it keeps open for the serving process, which swaps them in for the requests it signs from
+//! then on (see `s3vol mount --credentials-fd`). Nothing is restarted or remounted.
+//!
 //! [`Request::Stop`] ends a volume's serving process (NodeUnstageVolume sends it after the
 //! unmount, so a copy of the mount kept alive in some other mount namespace cannot keep the
 //! process serving), and [`Request::Prune`] lets the mounter drop the cache directories of
@@ -34,7 +39,7 @@ use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
 };
-use s3vol_s3::StaticCredentials;
+use s3vol_s3::{IdentityDocument, StaticCredentials, WebIdentity};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
@@ -131,15 +136,32 @@ pub struct MountRequest {
     /// Where the node plugin mounted the fd (for the serving process's logs and `/proc/mounts`
     /// consistency; it does not mount anything itself).
     pub staging_path: PathBuf,
-    /// `None`: the mounter's own credential chain.
+    /// `None` (and no `web_identity`): the mounter's own credential chain.
     #[serde(default)]
     pub credentials: Option<StaticCredentials>,
+    /// The pod's own identity (`authenticationSource: pod`): a role assumed with its token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_identity: Option<WebIdentity>,
+}
+
+impl MountRequest {
+    /// The identity to write to the serving process's credentials pipe, taken out of the
+    /// request; `None`: the mounter's own credential chain.
+    pub fn take_identity(&mut self) -> Option<IdentityDocument> {
+        if let Some(web_identity) = self.web_identity.take() {
+            return Some(IdentityDocument::WebIdentity { web_identity });
+        }
+        self.credentials.take().map(IdentityDocument::Keys)
+    }
 }
 
 impl Drop for MountRequest {
     fn drop(&mut self) {
         if let Some(c) = &mut self.credentials {
             wipe(c);
+        }
+        if let Some(w) = &mut self.web_identity {
+            w.wipe();
         }
     }
 }
@@ -162,6 +184,22 @@ pub struct StopRequest {
     pub pid: Option<u32>,
 }
 
+/// New keys, or a new token, for the serving process of a volume (or of one pod's mount of
+/// it: `volume_id` is then the mount's own id, see `node`).
+///
+/// Dropping it zeroes the secrets' bytes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CredentialsUpdate {
+    pub volume_id: String,
+    pub identity: IdentityDocument,
+}
+
+impl Drop for CredentialsUpdate {
+    fn drop(&mut self) {
+        self.identity.wipe();
+    }
+}
+
 /// A request to the mounter.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -176,6 +214,10 @@ pub enum Request {
     /// Remove the cache directories of volumes not in `keep` that no process serves and that
     /// hold no files.
     Prune { keep: Vec<String> },
+    /// Pass new credentials (keys or a token) to the serving process of a volume. `ok` once
+    /// they are written to its credentials pipe; fails when the volume is not served by this
+    /// mounter with credentials of its own.
+    Credentials(CredentialsUpdate),
 }
 
 /// The mounter's answer.
@@ -373,6 +415,7 @@ mod tests {
                 secret_access_key: "VERYSECRET".into(),
                 session_token: Some("TOKENSECRET".into()),
             }),
+            web_identity: None,
         }
     }
 
@@ -384,6 +427,21 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("AKID"));
+    }
+
+    #[test]
+    fn credentials_updates_round_trip_and_redact() {
+        let update = Request::Credentials(CredentialsUpdate {
+            volume_id: "v".into(),
+            identity: IdentityDocument::Keys(request().credentials.take().unwrap()),
+        });
+        let s = format!("{update:?}");
+        assert!(
+            !s.contains("VERYSECRET") && !s.contains("TOKENSECRET"),
+            "{s}"
+        );
+        let json = serde_json::to_vec(&update).unwrap();
+        assert_eq!(serde_json::from_slice::<Request>(&json).unwrap(), update);
     }
 
     #[test]

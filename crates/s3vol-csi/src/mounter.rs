@@ -11,14 +11,15 @@
 //!        --memory-limit B --read-only --listing-attrs --no-xattr] -- BUCKET[/PREFIX] STAGING_PATH
 //! ```
 //!
-//! with the FUSE fd as fd 3, a pipe holding the credentials JSON
-//! (`{"access_key_id", "secret_access_key", "session_token"?}`) as fd 4 — credentials never go
-//! into argv or the environment — and a pipe as fd 5 on which the child writes `ready` once it
-//! serves. The child gets a session of its own (`setsid`), so signals to the mounter's process
-//! group do not reach it; the mounter closes its copies of the fds, so when the child exits the
-//! kernel aborts the connection (the mount answers ENOTCONN, which NodeGetVolumeStats reports).
-//! A thread per child forwards its stderr to the mounter's log (and keeps the last lines to
-//! explain a failed start) and reaps it when it exits.
+//! with the FUSE fd as fd 3, a pipe holding the credentials JSON and a newline as fd 4 (keys,
+//! `{"access_key_id", "secret_access_key", "session_token"?}`, or a pod's identity,
+//! `{"web_identity": {…}}`; credentials never go into argv or the environment) and a pipe as
+//! fd 5 on which the child writes `ready` once it serves. The child gets a session of its own
+//! (`setsid`), so signals to the mounter's process group do not reach it; the mounter closes
+//! its copies of the fds, so when the child exits the kernel aborts the connection (the mount
+//! answers ENOTCONN, which NodeGetVolumeStats reports). A thread per child forwards its
+//! stderr to the mounter's log (and keeps the last lines to explain a failed start) and reaps
+//! it when it exits.
 //!
 //! Invariants and lifecycle:
 //! - **A failed start says why.** When the ready pipe closes without `ready`, the child is given
@@ -34,6 +35,14 @@
 //!   pod's termination grace period. SIGTERM and SIGINT are blocked in every thread and taken
 //!   with `sigwait` (the way PID 1 must take them: the kernel drops a default-action signal
 //!   sent to a namespace's init); children unblock them before exec.
+//! - **Credentials can be rotated** ([`Request::Credentials`]): fd 4 is one end of a unix
+//!   socket pair, the mounter keeps the other and writes every update there as one more JSON
+//!   line; the serving process answers each update after the first with a line (`ok`, or
+//!   `error: why`) once it signs with the new credentials, so the request is `ok` only then.
+//!   Writes and the wait for that answer are bounded (a child that stops reading can never
+//!   stall the mounter). A mounter that was restarted no longer holds the channels of the
+//!   processes it adopted: an update for such a volume fails and says so (the volume gets new
+//!   credentials when it is staged again).
 //! - Credentials are zeroed once written to the child's pipe, and the process is not dumpable
 //!   (set by the `s3vol mounter` command before anything else).
 
@@ -127,6 +136,8 @@ struct Served {
     tail: Mutex<VecDeque<String>>,
     exit: Mutex<Option<Exit>>,
     exited: Condvar,
+    /// Our end of its credentials channel, when it was given credentials.
+    credentials: Mutex<Option<UnixStream>>,
 }
 
 impl Served {
@@ -247,6 +258,7 @@ impl Mounter {
                 },
                 Ok(Request::Stop(req)) => self.stop(&req),
                 Ok(Request::Prune { keep }) => self.prune(&keep),
+                Ok(Request::Credentials(update)) => self.update_credentials(&update),
             },
         };
         let body = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
@@ -430,6 +442,41 @@ impl Mounter {
     fn serve(&self, req: MountRequest, fuse: OwnedFd) -> Result<u32, String> {
         serve(self, req, fuse)
     }
+
+    /// Writes new credentials to the pipe of a volume's serving process.
+    fn update_credentials(&self, update: &handoff::CredentialsUpdate) -> Reply {
+        let volume = &update.volume_id;
+        let known = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume)
+            .cloned();
+        let Some(s) = known.filter(|s| s.is_running()) else {
+            return Reply::failed(format!(
+                "no serving process of volume {volume} started by this mounter runs (was the mounter restarted since the volume was staged?); new credentials reach it when it is staged again"
+            ));
+        };
+        let mut pipe = s.credentials.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(w) = pipe.as_mut() else {
+            return Reply::failed(format!(
+                "volume {volume} was staged without credentials of its own (it uses the driver's identity); its credentials cannot be replaced"
+            ));
+        };
+        match write_credentials(w, &update.identity).and_then(|()| read_ack(w)) {
+            Ok(()) => {
+                tracing::info!(%volume, pid = s.pid, "passed new credentials to the serving process");
+                Reply::ok(Some(s.pid))
+            }
+            Err(e) => {
+                tracing::warn!(%volume, pid = s.pid, error = %e, "passing new credentials to the serving process");
+                Reply::failed(format!(
+                    "passing new credentials to the serving process {} of volume {volume}: {e}",
+                    s.pid
+                ))
+            }
+        }
+    }
 }
 
 /// Creates `dir` (and missing parents) mode 0700 whatever the umask; an existing `dir` is
@@ -575,20 +622,20 @@ fn serve(mounter: &Mounter, mut req: MountRequest, fuse: OwnedFd) -> Result<u32,
         private_dir(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
     let pipe = || rustix::pipe::pipe_with(PipeFlags::CLOEXEC).map_err(|e| format!("pipe: {e}"));
-    let creds = match req.credentials.take() {
+    let (creds, creds_w) = match req.take_identity() {
         Some(mut c) => {
-            let (r, w) = pipe()?;
-            let body = serde_json::to_vec(&c).map_err(|e| format!("encoding credentials: {e}"));
-            handoff::wipe(&mut c);
-            let mut body = body?;
-            // Far below a pipe's capacity, so this never blocks; the write end closes right
-            // after, and the child reads to end of file.
-            let written = std::fs::File::from(w).write_all(&body);
-            body.zeroize();
-            written.map_err(|e| format!("writing the credentials pipe: {e}"))?;
-            Some(r)
+            // Both ends close on exec; the child's copy is made by dup2 below.
+            let (r, mut w) = UnixStream::pair().map_err(|e| format!("credentials channel: {e}"))?;
+            let bounded = w
+                .set_write_timeout(Some(CREDENTIALS_WRITE_TIMEOUT))
+                .and_then(|()| w.set_read_timeout(Some(CREDENTIALS_ACK_TIMEOUT)));
+            let written = bounded.and_then(|()| write_credentials(&mut w, &c));
+            c.wipe();
+            written.map_err(|e| format!("writing the credentials channel: {e}"))?;
+            // Kept open for rotations; the child reads one JSON line per update.
+            (Some(OwnedFd::from(r)), Some(w))
         }
-        None => None,
+        None => (None, None),
     };
     let (ready_r, ready_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
@@ -654,6 +701,7 @@ fn serve(mounter: &Mounter, mut req: MountRequest, fuse: OwnedFd) -> Result<u32,
         tail: Mutex::new(VecDeque::new()),
         exit: Mutex::new(None),
         exited: Condvar::new(),
+        credentials: Mutex::new(creds_w),
     });
     if let Some(old) = mounter
         .served
@@ -720,6 +768,68 @@ fn serve(mounter: &Mounter, mut req: MountRequest, fuse: OwnedFd) -> Result<u32,
     } else {
         format!("s3vol mount {why} ({}): {tail}", exit.status)
     })
+}
+
+/// How long writing an update to a serving process's credentials channel may block.
+const CREDENTIALS_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a serving process may take to confirm an update.
+const CREDENTIALS_ACK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Writes credentials as one JSON line; the encoded bytes are zeroed after. An answer left over
+/// from an earlier update that timed out is dropped first, so it cannot pass for this one's.
+fn write_credentials(w: &mut UnixStream, c: &s3vol_s3::IdentityDocument) -> io::Result<()> {
+    let mut stale = [0u8; 512];
+    while matches!(
+        rustix::net::recv(&*w, &mut stale, rustix::net::RecvFlags::DONTWAIT),
+        Ok((n, _)) if n > 0
+    ) {}
+    let mut body = serde_json::to_vec(c).map_err(io::Error::other)?;
+    body.push(b'\n');
+    let written = w.write_all(&body);
+    body.zeroize();
+    written
+}
+
+/// Reads the serving process's answer to an update: `ok`, or `error: why`.
+fn read_ack(r: &mut UnixStream) -> io::Result<()> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 1024 {
+        match io::Read::read(r, &mut byte) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the serving process closed its credentials channel",
+                ));
+            }
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the serving process did not confirm the update within {} s",
+                        CREDENTIALS_ACK_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let line = String::from_utf8_lossy(&line);
+    match line.trim() {
+        "ok" => Ok(()),
+        other => Err(io::Error::other(format!(
+            "the serving process refused the update: {}",
+            other.strip_prefix("error: ").unwrap_or(other)
+        ))),
+    }
 }
 
 /// Waits for the line `ready` on the child's ready pipe.
@@ -847,6 +957,7 @@ mod tests {
             },
             staging_path: "/stage".into(),
             credentials: None,
+            web_identity: None,
         }
     }
 

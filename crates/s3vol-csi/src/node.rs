@@ -15,6 +15,25 @@
 //!   be handed a plain directory of the node's disk — then remounts the bind `nosuid,nodev` and
 //!   read-only when asked, which the kernel enforces. It creates the target directory (the spec
 //!   makes that the plugin's job) and removes it again if anything fails.
+//! - **Credentials rotate without a remount.** When NodePublishVolume carries a Secret (the
+//!   StorageClass's `csi.storage.k8s.io/node-publish-secret-*`, normally the same Secret as the
+//!   node-stage one), its keys are handed to the volume's serving process through the mounter
+//!   ([`handoff::Request::Credentials`]) before the bind mount — on the first publish and on
+//!   every republish the kubelet makes (`requiresRepublish: true` in the CSIDriver), so a
+//!   rotated Secret reaches a running mount within the kubelet's resync period. The serving
+//!   process signs every later request with them; nothing is remounted. If they cannot be
+//!   handed over, the call fails (UNAVAILABLE) and says why: a pod must not be told its volume
+//!   uses keys it does not.
+//! - **Pod identity** (`authenticationSource: pod`, see `docs/identity.md`). Staging is per
+//!   volume but identity is per pod, and pods with different identities must never share a
+//!   mount: so NodeStageVolume mounts nothing for such a volume (it only makes the staging
+//!   directory), and NodePublishVolume mounts fuse.s3vol at the target path itself, for that
+//!   pod alone, served by a process of its own that assumes the volume's role with the pod's
+//!   service-account token (the kubelet's `csi.storage.k8s.io/serviceAccount.tokens`, from
+//!   the CSIDriver's `tokenRequests`). Its state record, serving process and cache
+//!   directory are keyed by `VOLUME#pod-HASH(target)`. Every republish hands the serving
+//!   process the refreshed token; NodeUnpublishVolume stops it. Two pods never share the
+//!   process, even with the same identity (simple and safe; it costs a process per pod).
 //! - **NodeUnpublishVolume** / **NodeUnstageVolume** unmount (a missing mount is fine, and so is
 //!   a dead one: nothing here touches the mounted path, which answers ENOTCONN once its serving
 //!   process is gone) and remove what publish created / the state record. Unstage then asks the
@@ -49,7 +68,7 @@ use crate::error::{CsiError, CsiResult};
 use crate::handoff::{self, MountRequest};
 use crate::locks::KeyLocks;
 use crate::mounts::{self, FSTYPE, Health};
-use crate::params::{self, Defaults, VolumeAttrs};
+use crate::params::{self, AuthSource, Defaults, PodIdentity, VolumeAttrs, keys};
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self, rpc};
 use crate::proto::volume_usage::Unit;
@@ -61,7 +80,7 @@ use crate::proto::{
     NodeUnpublishVolumeResponse, NodeUnstageVolumeRequest, NodeUnstageVolumeResponse,
     VolumeCondition, VolumeUsage,
 };
-use crate::secret::VolumeSecret;
+use crate::secret::{SecretHints, VolumeSecret};
 use crate::state::{StagedVolume, StateDir};
 
 /// How long `statfs` of a volume may take before it counts as not answering.
@@ -308,8 +327,28 @@ impl NodeService {
         params::apply_mount_group(&mut options, group)?;
         options.read_only |= cap_read_only;
         tracing::debug!(volume = %volume_id, shape = ?secret.shape, "read the node-stage secret");
-        let credentials = secret.credentials;
-        let mut record = StagedVolume {
+        let credentials = match AuthSource::parse(&req.volume_context)? {
+            AuthSource::Default => secret.credentials,
+            AuthSource::Driver => None,
+            AuthSource::Secret => Some(secret.credentials.ok_or_else(|| {
+                CsiError::invalid(
+                    "authenticationSource is secret, but the node-stage Secret holds no keys \
+                     (set csi.storage.k8s.io/node-stage-secret-name and -namespace in the \
+                     StorageClass or PV)",
+                )
+            })?),
+            AuthSource::Pod(_) => {
+                // Each pod gets its own mount at publish time, as itself: nothing is mounted
+                // for the volume as a whole.
+                if !staging.is_dir() {
+                    std::fs::create_dir_all(&staging)
+                        .map_err(CsiError::io(format!("creating {}", staging.display())))?;
+                }
+                tracing::info!(volume = %volume_id, staging = %staging.display(), "staged (authenticationSource: pod; each pod's mount is made when it is published)");
+                return Ok(());
+            }
+        };
+        let record = StagedVolume {
             volume_id: volume_id.to_owned(),
             staging_path: staging.clone(),
             bucket: attrs.bucket.to_string(),
@@ -382,6 +421,24 @@ impl NodeService {
                 .map_err(CsiError::io(format!("creating {}", staging.display())))?;
         }
 
+        self.mount_and_serve(record, credentials, None).await
+    }
+
+    /// Mounts fuse.s3vol at `record.staging_path`, hands the connection (with the mount's
+    /// keys or pod identity) to the mounter, proves the mount serves and saves the record. On
+    /// any failure the path is unmounted again and the error carries the serving process's
+    /// own reason.
+    async fn mount_and_serve(
+        &self,
+        mut record: StagedVolume,
+        credentials: Option<s3vol_s3::StaticCredentials>,
+        web_identity: Option<s3vol_s3::WebIdentity>,
+    ) -> CsiResult<()> {
+        let volume_id = record.volume_id.clone();
+        let volume_id = volume_id.as_str();
+        let staging = record.staging_path.clone();
+        let options = record.options.clone();
+        let source = mounts::mount_source(&record.bucket, &record.prefix);
         let fd = mounts::open_fuse().map_err(|e| {
             CsiError::FailedPrecondition(format!(
                 "cannot open /dev/fuse (the node plugin must be privileged): {e}"
@@ -400,6 +457,7 @@ impl NodeService {
             options,
             staging_path: staging.clone(),
             credentials,
+            web_identity,
         }));
         let socket = self.config.mounter_socket.clone();
         let timeout = self.config.mount_timeout;
@@ -508,9 +566,32 @@ impl NodeService {
             .as_ref()
             .ok_or_else(|| CsiError::invalid("volume_capability is required"))?;
         let read_only = capability::check(cap).map_err(CsiError::InvalidArgument)? || req.readonly;
+        let secret = match AuthSource::parse(&req.volume_context)? {
+            AuthSource::Pod(pod) => {
+                let _guard = self.locks.lock(volume_id).await;
+                let result = self
+                    .publish_as_pod(
+                        volume_id,
+                        &target,
+                        cap,
+                        read_only,
+                        &req.volume_context,
+                        &pod,
+                    )
+                    .await;
+                if result.is_err() {
+                    remove_target(&target);
+                }
+                return result;
+            }
+            // The driver's identity: a publish Secret's keys are not used.
+            AuthSource::Driver => None,
+            _ if req.secrets.is_empty() => None,
+            _ => Some(VolumeSecret::parse(&req.secrets)?),
+        };
         let _guard = self.locks.lock(volume_id).await;
         let result = self
-            .publish_locked(volume_id, &staging, &target, read_only)
+            .publish_locked(volume_id, &staging, &target, read_only, secret)
             .await;
         if result.is_err() {
             // Never leave the pod a plain directory on the node's disk.
@@ -525,6 +606,7 @@ impl NodeService {
         staging: &Path,
         target: &Path,
         read_only: bool,
+        secret: Option<VolumeSecret>,
     ) -> CsiResult<()> {
         let table =
             |p: &Path| mounts::top_mount_at(p).map_err(CsiError::io("reading the mount table"));
@@ -537,6 +619,10 @@ impl NodeService {
                 )));
             }
         };
+        if let Some(credentials) = secret.and_then(|s| s.credentials) {
+            self.pass_identity(volume_id, s3vol_s3::IdentityDocument::Keys(credentials))
+                .await?;
+        }
         if let Some(m) = table(target)?
             && m.fstype == FSTYPE
             && mounts::probe(target, PROBE_TIMEOUT).await.is_dead()
@@ -573,11 +659,144 @@ impl NodeService {
         Ok(())
     }
 
+    /// Publishes a volume for one pod as that pod (`authenticationSource: pod`): its own
+    /// FUSE mount at the target path, served by a process of its own that assumes the role
+    /// with the pod's token. A republish (the same target, mounted and answering) only hands
+    /// the serving process the pod's refreshed token.
+    async fn publish_as_pod(
+        &self,
+        volume_id: &str,
+        target: &Path,
+        cap: &crate::proto::VolumeCapability,
+        read_only: bool,
+        context: &std::collections::HashMap<String, String>,
+        pod: &PodIdentity,
+    ) -> CsiResult<()> {
+        let attrs = VolumeAttrs::parse(context, &SecretHints::default(), &self.config.defaults)?;
+        let identity = pod_web_identity(context, pod, attrs.location.endpoint.as_deref())?;
+        let mount_id = pod_mount_id(volume_id, target);
+        let (flags, group) = capability::mount_flags(cap);
+        let mut options = params::mount_options(flags)?;
+        params::apply_mount_group(&mut options, group)?;
+        options.read_only |= read_only;
+        let record = StagedVolume {
+            volume_id: mount_id.clone(),
+            staging_path: target.to_owned(),
+            bucket: attrs.bucket.to_string(),
+            prefix: attrs.prefix.clone(),
+            endpoint: attrs.location.endpoint.clone(),
+            region: attrs.location.region.clone(),
+            force_path_style: attrs.location.path_style,
+            options,
+            pid: None,
+        };
+        let existing = self
+            .state
+            .load(&mount_id)
+            .map_err(CsiError::io("reading the state record"))?;
+        if let Some(m) =
+            mounts::top_mount_at(target).map_err(CsiError::io("reading the mount table"))?
+        {
+            if m.fstype != FSTYPE {
+                return Err(CsiError::FailedPrecondition(format!(
+                    "{} already has a {} mount that is not s3vol's",
+                    target.display(),
+                    m.fstype
+                )));
+            }
+            let alive = matches!(
+                mounts::probe(target, PROBE_TIMEOUT).await,
+                Health::Ok { .. }
+            );
+            if let Some(old) = &existing
+                && alive
+            {
+                if !old.same_mount(&record) {
+                    return Err(CsiError::AlreadyExists(format!(
+                        "{} is published with a different bucket, prefix or options",
+                        target.display()
+                    )));
+                }
+                self.pass_identity(
+                    &mount_id,
+                    s3vol_s3::IdentityDocument::WebIdentity {
+                        web_identity: identity,
+                    },
+                )
+                .await?;
+                tracing::info!(volume = %volume_id, target = %target.display(), pod = %subject_of(context), "republished: the pod's refreshed token was handed to its serving process");
+                return Ok(());
+            }
+            tracing::warn!(volume = %volume_id, target = %target.display(), "the target holds a dead or unknown s3vol mount; replacing it");
+            unmount_ours(target)?;
+            if let Some(old) = &existing {
+                self.stop_serving(&mount_id, target, old.pid).await?;
+            }
+        }
+        match std::fs::create_dir(target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && target.is_dir() => {}
+            Err(e) => return Err(CsiError::io(format!("creating {}", target.display()))(e)),
+        }
+        tracing::info!(volume = %volume_id, target = %target.display(), pod = %subject_of(context), role = %pod.role_arn, "publishing as the pod");
+        self.mount_and_serve(record, None, Some(identity)).await
+    }
+
+    /// Hands the serving process of a mount new keys or a refreshed token.
+    async fn pass_identity(
+        &self,
+        volume_id: &str,
+        identity: s3vol_s3::IdentityDocument,
+    ) -> CsiResult<()> {
+        let socket = self.config.mounter_socket.clone();
+        let request = handoff::Request::Credentials(handoff::CredentialsUpdate {
+            volume_id: volume_id.to_owned(),
+            identity,
+        });
+        let reply = tokio::task::spawn_blocking(move || {
+            handoff::call(&socket, &request, None, Duration::from_secs(30))
+        })
+        .await;
+        let labels = [("volume", volume_id.to_owned())];
+        let failure = match reply {
+            Ok(Ok(r)) if r.ok => {
+                metrics::counter!("s3vol_credential_updates_total", &labels).increment(1);
+                tracing::debug!(volume = %volume_id, "passed the publish Secret's keys to the serving process");
+                return Ok(());
+            }
+            Ok(Ok(r)) => r
+                .error
+                .unwrap_or_else(|| "the mounter gave no reason".into()),
+            Ok(Err(e)) => format!(
+                "asking the mounter at {}: {e}",
+                self.config.mounter_socket.display()
+            ),
+            Err(e) => format!("hand-off task failed: {e}"),
+        };
+        metrics::counter!("s3vol_credential_update_failures_total", &labels).increment(1);
+        tracing::warn!(volume = %volume_id, error = %failure, "could not pass new credentials to the serving process");
+        Err(CsiError::Unavailable(format!(
+            "passing new credentials to the serving process of {volume_id}: {failure}"
+        )))
+    }
+
     async fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> CsiResult<()> {
         let volume_id = required(&req.volume_id, "volume_id")?;
         let target = self.kubelet_path(&req.target_path, "target_path")?;
         let _guard = self.locks.lock(volume_id).await;
         unmount_ours(&target)?;
+        // A pod's own mount (authenticationSource: pod) has its own serving process.
+        let mount_id = pod_mount_id(volume_id, &target);
+        if let Some(r) = self
+            .state
+            .load(&mount_id)
+            .map_err(CsiError::io("reading the state record"))?
+        {
+            self.stop_serving(&mount_id, &target, r.pid).await?;
+            self.state
+                .remove(&mount_id)
+                .map_err(CsiError::io("removing the state record"))?;
+        }
         match std::fs::remove_dir(&target) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -590,11 +809,18 @@ impl NodeService {
     async fn stats(&self, req: NodeGetVolumeStatsRequest) -> CsiResult<NodeGetVolumeStatsResponse> {
         let volume_id = required(&req.volume_id, "volume_id")?;
         let path = required(&req.volume_path, "volume_path")?;
-        if self
-            .state
-            .load(volume_id)
-            .map_err(CsiError::io("reading the state record"))?
-            .is_none()
+        let known = |id: &str| {
+            self.state
+                .load(id)
+                .map_err(CsiError::io("reading the state record"))
+                .map(|r| r.is_some())
+        };
+        // A pod's own mount (authenticationSource: pod) is recorded under its own id.
+        if !known(volume_id)?
+            && !known(&pod_mount_id(
+                volume_id,
+                &mounts::normalize(Path::new(path)),
+            ))?
         {
             return Err(CsiError::NotFound(format!(
                 "volume {volume_id} is not staged on this node"
@@ -668,6 +894,122 @@ impl NodeService {
             volume_condition: Some(condition),
         })
     }
+}
+
+/// The id of one pod's mount of a volume (`authenticationSource: pod`): its state record, its
+/// serving process and its cache directory are its own.
+fn pod_mount_id(volume_id: &str, target: &Path) -> String {
+    format!(
+        "{volume_id}#pod-{}",
+        crate::volume_id::short_hash(&target.display().to_string())
+    )
+}
+
+/// `namespace/name` of the pod a publish is for, as the kubelet says (`podInfoOnMount`).
+fn subject_of(context: &std::collections::HashMap<String, String>) -> String {
+    match (
+        context.get(keys::POD_NAMESPACE),
+        context.get(keys::POD_NAME),
+    ) {
+        (Some(ns), Some(name)) if !ns.is_empty() && !name.is_empty() => format!("{ns}/{name}"),
+        _ => "an unnamed pod (set podInfoOnMount: true in the CSIDriver)".into(),
+    }
+}
+
+/// The kubelet's `csi.storage.k8s.io/serviceAccount.tokens`: audience → token.
+#[derive(serde::Deserialize)]
+struct KubeletToken {
+    token: String,
+}
+
+/// The web identity of the pod a publish is for: its token (for the audience the volume
+/// names, or the only one), the role, the STS endpoint (default: the volume's endpoint, which
+/// is where MinIO and Ceph RGW answer STS; else AWS's regional STS).
+fn pod_web_identity(
+    context: &std::collections::HashMap<String, String>,
+    pod: &PodIdentity,
+    volume_endpoint: Option<&str>,
+) -> CsiResult<s3vol_s3::WebIdentity> {
+    let raw = context
+        .get(keys::SA_TOKENS)
+        .filter(|t| !t.trim().is_empty())
+        .ok_or_else(|| {
+            CsiError::FailedPrecondition(
+                "authenticationSource is pod, but the kubelet passed no service-account token: \
+                 the CSIDriver object needs tokenRequests (with the audience the STS expects) \
+                 and requiresRepublish: true (the Helm chart sets both)"
+                    .into(),
+            )
+        })?;
+    // The error of a failed parse could quote the token: it is not repeated.
+    let mut tokens: std::collections::BTreeMap<String, KubeletToken> = serde_json::from_str(raw)
+        .map_err(|_| {
+            CsiError::invalid(format!(
+                "volume context {} is not the kubelet's JSON ({{audience: {{token, expirationTimestamp}}}})",
+                keys::SA_TOKENS
+            ))
+        })?;
+    let audiences = tokens.keys().cloned().collect::<Vec<_>>().join(", ");
+    let token = match &pod.audience {
+        Some(a) => match tokens.remove(a) {
+            Some(t) => t.token,
+            None => {
+                return Err(CsiError::FailedPrecondition(format!(
+                    "no service-account token for audience {a} (tokenAudience); the kubelet passed tokens for: {audiences}"
+                )));
+            }
+        },
+        None if tokens.len() <= 1 => tokens
+            .into_values()
+            .next()
+            .map(|t| t.token)
+            .unwrap_or_default(),
+        None => {
+            return Err(CsiError::invalid(format!(
+                "the kubelet passed tokens for several audiences ({audiences}); set tokenAudience to the one the STS expects"
+            )));
+        }
+    };
+    if token.is_empty() {
+        return Err(CsiError::invalid(
+            "the pod's service-account token is empty",
+        ));
+    }
+    let ns = context
+        .get(keys::POD_NAMESPACE)
+        .map(String::as_str)
+        .unwrap_or("");
+    let name = context
+        .get(keys::POD_NAME)
+        .map(String::as_str)
+        .unwrap_or("");
+    // STS's rule for session names: 2 to 64 of [A-Za-z0-9+=,.@_-].
+    let mut session_name: String = format!("s3vol-{ns}-{name}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "+=,.@_-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    session_name = session_name.trim_end_matches('-').to_owned();
+    if session_name.len() < 2 {
+        session_name = "s3vol".into();
+    }
+    Ok(s3vol_s3::WebIdentity {
+        role_arn: pod.role_arn.clone(),
+        token,
+        sts_endpoint: pod
+            .sts_endpoint
+            .clone()
+            .or_else(|| volume_endpoint.map(str::to_owned)),
+        session_name,
+        duration_seconds: pod.duration_seconds,
+        subject: subject_of(context),
+    })
 }
 
 /// Unmounts every s3vol mount stacked at `path`; a mount that is not s3vol's is left alone and
@@ -770,5 +1112,76 @@ impl Node for Arc<NodeService> {
             max_volumes_per_node: 0,
             accessible_topology: None,
         }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn pod() -> PodIdentity {
+        PodIdentity {
+            role_arn: "arn:aws:iam::1:role/r".into(),
+            sts_endpoint: None,
+            audience: None,
+            duration_seconds: None,
+        }
+    }
+
+    fn context(tokens: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (keys::SA_TOKENS.to_owned(), tokens.to_owned()),
+            (keys::POD_NAMESPACE.to_owned(), "apps".to_owned()),
+            (keys::POD_NAME.to_owned(), "loader/7 d9".to_owned()),
+        ])
+    }
+
+    #[test]
+    fn the_pods_token_role_endpoint_and_session_name() {
+        let one = r#"{"sts.amazonaws.com":{"token":"TOKENSECRET","expirationTimestamp":"x"}}"#;
+        let w = pod_web_identity(&context(one), &pod(), Some("http://minio:9000")).unwrap();
+        assert_eq!(w.token, "TOKENSECRET");
+        assert_eq!(w.role_arn, "arn:aws:iam::1:role/r");
+        // STS on the volume's endpoint unless told otherwise (MinIO, Ceph RGW).
+        assert_eq!(w.sts_endpoint.as_deref(), Some("http://minio:9000"));
+        assert_eq!(w.session_name, "s3vol-apps-loader-7-d9");
+        assert_eq!(w.subject, "apps/loader/7 d9");
+
+        let two = r#"{"a":{"token":"TA"},"b":{"token":"TB"}}"#;
+        let e = pod_web_identity(&context(two), &pod(), None).unwrap_err();
+        assert!(matches!(&e, CsiError::InvalidArgument(m) if m.contains("tokenAudience")));
+        let chosen = PodIdentity {
+            audience: Some("b".into()),
+            ..pod()
+        };
+        assert_eq!(
+            pod_web_identity(&context(two), &chosen, None)
+                .unwrap()
+                .token,
+            "TB"
+        );
+        let missing = PodIdentity {
+            audience: Some("c".into()),
+            ..pod()
+        };
+        let e = pod_web_identity(&context(two), &missing, None).unwrap_err();
+        assert!(matches!(&e, CsiError::FailedPrecondition(m) if m.contains("a, b")));
+
+        // No token: the CSIDriver lacks tokenRequests, and the error says so.
+        let e = pod_web_identity(&HashMap::new(), &pod(), None).unwrap_err();
+        assert!(matches!(&e, CsiError::FailedPrecondition(m) if m.contains("tokenRequests")));
+        // A malformed token map is refused without quoting it.
+        let e = pod_web_identity(&context("{\"a\": TOKENSECRET"), &pod(), None).unwrap_err();
+        assert!(!format!("{e:?}").contains("TOKENSECRET"));
+    }
+
+    #[test]
+    fn each_pods_mount_has_its_own_id() {
+        let a = pod_mount_id("v", Path::new("/k/pods/a/volumes/x/mount"));
+        let b = pod_mount_id("v", Path::new("/k/pods/b/volumes/x/mount"));
+        assert_ne!(a, b);
+        assert!(a.starts_with("v#pod-"));
     }
 }

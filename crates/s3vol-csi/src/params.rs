@@ -14,6 +14,10 @@
 //! NodeStageVolume, rather than by the serving process later. Messages quote a bad value
 //! only shortened and escaped ([`quoted`]).
 //!
+//! Whose identity a volume's mounts use ([`AuthSource`], `authenticationSource` with its
+//! `roleArn`, `stsEndpoint`, `tokenAudience`, `sessionDuration`) is a StorageClass parameter
+//! the controller copies into the volume context ([`IDENTITY_KEYS`]); see `docs/identity.md`.
+//!
 //! Where a bucket is (bucket, endpoint, region, addressing) is decided in one order everywhere:
 //! the StorageClass parameter or volume attribute, else what the Secret says (a COSI
 //! BucketAccess Secret, [`SecretHints`]), else the driver's [`Defaults`].
@@ -37,6 +41,118 @@ pub mod keys {
     pub const ENDPOINT: &str = "endpoint";
     pub const REGION: &str = "region";
     pub const FORCE_PATH_STYLE: &str = "forcePathStyle";
+    /// Whose credentials a mount uses: `driver`, `secret` or `pod` ([`super::AuthSource`]).
+    pub const AUTHENTICATION_SOURCE: &str = "authenticationSource";
+    /// With `pod`: the role the pod's token assumes.
+    pub const ROLE_ARN: &str = "roleArn";
+    /// With `pod`: the STS endpoint (default: the volume's endpoint, else AWS's).
+    pub const STS_ENDPOINT: &str = "stsEndpoint";
+    /// With `pod`: which of the pod's tokens (by audience) to use when the CSIDriver asks for
+    /// several.
+    pub const TOKEN_AUDIENCE: &str = "tokenAudience";
+    /// With `pod`: the lifetime, in seconds, asked for the role's credentials.
+    pub const SESSION_DURATION: &str = "sessionDuration";
+    /// What the kubelet adds to NodePublishVolume's volume context (`tokenRequests`,
+    /// `podInfoOnMount`).
+    pub const SA_TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
+    pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+    pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+}
+
+/// The keys of the identity settings: StorageClass parameters copied into the volume context.
+pub const IDENTITY_KEYS: &[&str] = &[
+    keys::AUTHENTICATION_SOURCE,
+    keys::ROLE_ARN,
+    keys::STS_ENDPOINT,
+    keys::TOKEN_AUDIENCE,
+    keys::SESSION_DURATION,
+];
+
+/// Whose credentials a volume's mounts use (`authenticationSource`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AuthSource {
+    /// Not set: the keys of the node-stage Secret when there is one, else the driver's own
+    /// identity (the behaviour before the setting existed).
+    #[default]
+    Default,
+    /// `driver`: the driver's own identity (its service account, instance profile, …); the
+    /// keys of a Secret, if any, are not used.
+    Driver,
+    /// `secret`: the keys of the node-stage (and node-publish) Secret; a volume without one
+    /// does not mount.
+    Secret,
+    /// `pod`: each pod's own identity, a role assumed with its service-account token.
+    Pod(PodIdentity),
+}
+
+/// How a pod's token becomes credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodIdentity {
+    pub role_arn: String,
+    /// `None`: the volume's endpoint, else AWS's STS.
+    pub sts_endpoint: Option<String>,
+    pub audience: Option<String>,
+    pub duration_seconds: Option<u32>,
+}
+
+impl AuthSource {
+    /// Parses the identity settings of a volume context (or StorageClass parameters).
+    pub fn parse(context: &HashMap<String, String>) -> CsiResult<Self> {
+        let other = |k: &str| non_empty(context, k);
+        let source = match other(keys::AUTHENTICATION_SOURCE).as_deref() {
+            None => AuthSource::Default,
+            Some("driver") => AuthSource::Driver,
+            Some("secret") => AuthSource::Secret,
+            Some("pod") => {
+                let role_arn = other(keys::ROLE_ARN).ok_or_else(|| {
+                    CsiError::invalid(
+                        "authenticationSource: pod needs roleArn (the role the pod's token assumes)",
+                    )
+                })?;
+                if !role_arn.starts_with("arn:") || role_arn.chars().any(|c| c.is_whitespace()) {
+                    return Err(CsiError::invalid(format!(
+                        "roleArn {} is not a role ARN (arn:aws:iam::ACCOUNT:role/NAME)",
+                        quoted(&role_arn)
+                    )));
+                }
+                let sts_endpoint = match other(keys::STS_ENDPOINT) {
+                    Some(e) => {
+                        check_endpoint(&e).map_err(|why| {
+                            CsiError::invalid(format!("stsEndpoint {} {why}", quoted(&e)))
+                        })?;
+                        Some(e)
+                    }
+                    None => None,
+                };
+                let duration_seconds = match other(keys::SESSION_DURATION) {
+                    Some(v) => Some(parse_u32(keys::SESSION_DURATION, &v)?),
+                    None => None,
+                };
+                AuthSource::Pod(PodIdentity {
+                    role_arn,
+                    sts_endpoint,
+                    audience: other(keys::TOKEN_AUDIENCE),
+                    duration_seconds,
+                })
+            }
+            Some(v) => {
+                return Err(CsiError::invalid(format!(
+                    "authenticationSource must be \"driver\", \"secret\" or \"pod\", not {}",
+                    quoted(v)
+                )));
+            }
+        };
+        if !matches!(source, AuthSource::Pod(_))
+            && let Some(k) = [keys::ROLE_ARN, keys::STS_ENDPOINT, keys::TOKEN_AUDIENCE]
+                .into_iter()
+                .find(|k| other(k).is_some())
+        {
+            return Err(CsiError::invalid(format!(
+                "{k} only applies with authenticationSource: pod"
+            )));
+        }
+        Ok(source)
+    }
 }
 
 /// The driver's own defaults for volumes that name no endpoint or region.
@@ -170,14 +286,15 @@ impl ProvisionParams {
             keys::REGION,
             keys::FORCE_PATH_STYLE,
         ];
-        if let Some(unknown) = params
-            .keys()
-            .find(|k| !k.starts_with("csi.storage.k8s.io/") && !KNOWN.contains(&k.as_str()))
-        {
+        if let Some(unknown) = params.keys().find(|k| {
+            !k.starts_with("csi.storage.k8s.io/")
+                && !KNOWN.contains(&k.as_str())
+                && !IDENTITY_KEYS.contains(&k.as_str())
+        }) {
             return Err(CsiError::invalid(format!(
                 "unknown StorageClass parameter {} (known: {})",
                 quoted(unknown),
-                KNOWN.join(", ")
+                [KNOWN, IDENTITY_KEYS].concat().join(", ")
             )));
         }
         let mode = match non_empty(params, keys::MODE).as_deref() {
@@ -447,6 +564,67 @@ mod tests {
         kv.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn authentication_sources() {
+        assert_eq!(AuthSource::parse(&map(&[])).unwrap(), AuthSource::Default);
+        assert_eq!(
+            AuthSource::parse(&map(&[("authenticationSource", "driver")])).unwrap(),
+            AuthSource::Driver
+        );
+        assert_eq!(
+            AuthSource::parse(&map(&[("authenticationSource", "secret")])).unwrap(),
+            AuthSource::Secret
+        );
+        assert_eq!(
+            AuthSource::parse(&map(&[
+                ("authenticationSource", "pod"),
+                ("roleArn", "arn:aws:iam::1:role/r"),
+                ("stsEndpoint", "https://sts.example"),
+                ("tokenAudience", "minio"),
+                ("sessionDuration", "900"),
+            ]))
+            .unwrap(),
+            AuthSource::Pod(PodIdentity {
+                role_arn: "arn:aws:iam::1:role/r".into(),
+                sts_endpoint: Some("https://sts.example".into()),
+                audience: Some("minio".into()),
+                duration_seconds: Some(900),
+            })
+        );
+        for (bad, says) in [
+            (&[("authenticationSource", "Pod")][..], "must be"),
+            (&[("authenticationSource", "pod")][..], "needs roleArn"),
+            (
+                &[("authenticationSource", "pod"), ("roleArn", "reader")][..],
+                "not a role ARN",
+            ),
+            (
+                &[
+                    ("authenticationSource", "pod"),
+                    ("roleArn", "arn:aws:iam::1:role/r"),
+                    ("stsEndpoint", "sts.example"),
+                ][..],
+                "stsEndpoint",
+            ),
+            (
+                &[("roleArn", "arn:aws:iam::1:role/r")][..],
+                "only applies with authenticationSource: pod",
+            ),
+        ] {
+            match AuthSource::parse(&map(bad)) {
+                Err(CsiError::InvalidArgument(m)) => assert!(m.contains(says), "{m}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        // A StorageClass may carry them.
+        let sc = map(&[
+            ("mode", "bucket"),
+            ("authenticationSource", "pod"),
+            ("roleArn", "arn:aws:iam::1:role/r"),
+        ]);
+        assert!(ProvisionParams::parse(&sc, &SecretHints::default(), &Defaults::default()).is_ok());
     }
 
     #[test]

@@ -109,6 +109,12 @@ pub enum CredentialSource {
     Profile(String),
     /// Fixed keys.
     Static(StaticCredentials),
+    /// Keys that may be replaced while the client runs (see [`crate::RotatingCredentials`]);
+    /// the client then caches no identity, so a replacement applies to the next request.
+    Rotating(crate::RotatingCredentials),
+    /// A role assumed with a web identity token (see [`crate::WebIdentityCredentials`]); the
+    /// provider keeps and renews the temporary credentials itself.
+    WebIdentity(crate::WebIdentityCredentials),
     /// Unsigned requests, for public buckets.
     Anonymous,
 }
@@ -274,6 +280,12 @@ impl S3Config {
                     "s3vol-static",
                 ))
             }
+            CredentialSource::Rotating(provider) => loader
+                .credentials_provider(provider.clone())
+                .identity_cache(aws_config::identity::IdentityCache::no_cache()),
+            CredentialSource::WebIdentity(provider) => loader
+                .credentials_provider(provider.clone())
+                .identity_cache(aws_config::identity::IdentityCache::no_cache()),
             CredentialSource::Anonymous => loader.no_credentials(),
         };
         let mut shared = loader.load().await;

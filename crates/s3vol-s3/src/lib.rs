@@ -25,10 +25,12 @@ mod error;
 mod fault;
 pub mod input;
 mod mem;
+mod rotating;
 pub mod secret;
 mod store;
 pub mod testing;
 mod types;
+mod web_identity;
 
 pub use aws::AwsStore;
 pub use config::{
@@ -38,9 +40,11 @@ pub use config::{
 pub use error::{S3Error, S3Result};
 pub use fault::{Fault, FaultStore};
 pub use mem::MemStore;
+pub use rotating::RotatingCredentials;
 pub use store::{ByteStream, GetObject, ObjectStore, Op};
 pub use types::{
     BucketName, CompletedPart, CopySource, ETag, InvalidBucketName, InvalidPrefix, ListEntry,
     ListPage, ListRequest, MetadataDirective, ObjectInfo, PutOptions, PutResult, UploadId,
     UserMetadata, normalize_prefix, parse_size,
 };
+pub use web_identity::{IdentityDocument, WebIdentity, WebIdentityCredentials};

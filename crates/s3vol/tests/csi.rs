@@ -34,6 +34,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 #[path = "support/csi_deployed.rs"]
 mod deployed;
+#[path = "support/csi_identity.rs"]
+mod identity;
 #[path = "support/csi_node.rs"]
 mod node_rules;
 
@@ -695,7 +697,8 @@ async fn csi_node_errors_and_idempotent_cleanup() {
     h.mounts.clear();
 }
 
-/// A stand-in for `s3vol mount` that records what it was given and fails like a real mount
+/// A stand-in for `s3vol mount` that records what it was given (the first line of fd 4: the
+/// mounter keeps that channel open for rotations, so it never ends) and fails like a real mount
 /// failure would: the reason on stderr, a non-zero exit — and, like a process that closes its
 /// descriptors before it gets round to saying why, only a second after closing its ready pipe.
 fn failing_mount_program(dir: &Path) -> PathBuf {
@@ -705,7 +708,7 @@ fn failing_mount_program(dir: &Path) -> PathBuf {
         format!(
             "#!/bin/sh\n\
              printf '%s\\n' \"$@\" > {dir}/argv\n\
-             cat <&4 > {dir}/credentials\n\
+             head -n 1 <&4 > {dir}/credentials\n\
              ls -l /proc/$$/fd > {dir}/fds 2>&1\n\
              env > {dir}/env\n\
              exec 5>&-\n\

@@ -7,7 +7,8 @@
 //!
 //! `--fuse-fd` serves a `/dev/fuse` descriptor that someone else already mounted (the CSI node
 //! plugin); `--credentials-fd` reads access keys as JSON from a pipe, so they never appear in
-//! argv or the environment.
+//! argv or the environment, and keeps reading it: every later document replaces the keys while
+//! the mount serves (`credentials.rs`).
 //!
 //! Every error ends with the `s3vol check` command line, with this mount's own S3 options,
 //! that diagnoses the bucket step by step.
@@ -35,12 +36,11 @@ use anyhow::{Context, bail};
 use clap::Args;
 use s3vol_fs::fuse::{FuseServer, MountSettings};
 use s3vol_fs::{FsConfig, S3Fs};
-use s3vol_s3::{
-    Addressing, AwsStore, CredentialSource, ObjectStore, StaticCredentials, parse_size,
-};
+use s3vol_s3::{Addressing, AwsStore, CredentialSource, ObjectStore, parse_size};
 
 use crate::s3args::{BucketPath, S3Args, shell_quote};
 
+mod credentials;
 mod kernel;
 
 #[derive(Debug, Args)]
@@ -109,7 +109,8 @@ pub struct MountArgs {
     #[arg(long, value_name = "FD")]
     pub fuse_fd: Option<RawFd>,
     /// Read access keys as JSON ({"access_key_id", "secret_access_key", "session_token"})
-    /// from this descriptor.
+    /// from this descriptor; every further document on it (one per line) replaces them while
+    /// the mount serves.
     #[arg(long, value_name = "FD")]
     pub credentials_fd: Option<RawFd>,
     /// Write "ready" to this descriptor once the filesystem is served.
@@ -261,14 +262,15 @@ fn owned_fd(fd: RawFd, what: &str) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Reads the credentials JSON; the buffer that held it is zeroed before returning.
-fn read_credentials(fd: RawFd) -> anyhow::Result<StaticCredentials> {
-    let mut json = zeroize::Zeroizing::new(String::new());
-    File::from(owned_fd(fd, "--credentials-fd")?)
-        .read_to_string(&mut json)
-        .context("reading credentials")?;
-    serde_json::from_str(&json)
-        .context("credentials are not JSON with access_key_id and secret_access_key")
+/// Reads the first credentials document; the pipe stays open for the ones that follow.
+fn read_credentials(
+    fd: RawFd,
+) -> anyhow::Result<(s3vol_s3::IdentityDocument, credentials::CredentialsPipe)> {
+    let mut pipe = credentials::CredentialsPipe::new(owned_fd(fd, "--credentials-fd")?);
+    match pipe.next().context("reading credentials")? {
+        Some(c) => Ok((c, pipe)),
+        None => bail!("the credentials descriptor {fd} closed before sending credentials"),
+    }
 }
 
 /// The line that ends every error of `s3vol mount`.
@@ -395,8 +397,24 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
             .context("making the process non-dumpable")?;
     }
     let mut s3 = args.s3.to_config();
+    let mut rotation = None;
     if let Some(fd) = args.credentials_fd {
-        s3.credentials = CredentialSource::Static(read_credentials(fd)?);
+        let (mut doc, pipe) = read_credentials(fd)?;
+        let follower = match &doc {
+            s3vol_s3::IdentityDocument::Keys(keys) => {
+                let p = s3vol_s3::RotatingCredentials::new(keys);
+                s3.credentials = CredentialSource::Rotating(p.clone());
+                credentials::Follower::Keys(p)
+            }
+            s3vol_s3::IdentityDocument::WebIdentity { web_identity } => {
+                let p =
+                    s3vol_s3::WebIdentityCredentials::new(web_identity.clone(), s3.region.clone());
+                s3.credentials = CredentialSource::WebIdentity(p.clone());
+                credentials::Follower::WebIdentity(p)
+            }
+        };
+        doc.wipe();
+        rotation = Some((pipe, follower));
     }
     if s3.endpoint_url.is_some()
         && args.s3.region.is_none()
@@ -492,6 +510,9 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("serving metrics on {addr}"))?;
     }
     let store: Arc<dyn ObjectStore> = Arc::new(rt.block_on(AwsStore::new(&s3)));
+    if let Some((pipe, follower)) = rotation {
+        credentials::follow(pipe, follower, rt.handle().clone());
+    }
     // The client holds its own copy (in zeroing storage); ours is wiped now.
     if let CredentialSource::Static(c) = &mut s3.credentials {
         use zeroize::Zeroize;
