@@ -270,7 +270,15 @@ pub fn leftovers(dir: &Path) -> io::Result<Leftovers> {
     let mut names = std::collections::BTreeSet::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if !entry.file_type()?.is_file() {
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            // s3vol makes no subdirectories: one that holds files is someone else's.
+            if holds_files(&entry.path())? {
+                found.unknown.push(entry.path());
+            }
+            continue;
+        }
+        if !kind.is_file() {
             found.unknown.push(entry.path());
             continue;
         }
@@ -310,6 +318,17 @@ pub fn leftovers(dir: &Path) -> io::Result<Leftovers> {
         }
     }
     Ok(found)
+}
+
+/// Whether anything but (empty) directories is under `dir`.
+fn holds_files(dir: &Path) -> io::Result<bool> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_dir() || holds_files(&entry.path())? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Tries to take an exclusive `flock` without waiting.
@@ -794,8 +813,14 @@ mod tests {
         let other = private_tempdir();
         std::fs::write(other.path().join("0123-4.data"), b"?").unwrap();
         std::fs::write(other.path().join("notes.txt"), b"?").unwrap();
+        std::fs::create_dir_all(other.path().join("sub/deeper")).unwrap();
+        std::fs::write(other.path().join("sub/deeper/x"), b"?").unwrap();
         let found = leftovers(other.path()).unwrap();
-        assert_eq!(found.unknown.len(), 2);
+        assert_eq!(found.unknown.len(), 3);
         assert!(!found.disposable());
+        // Empty directories hold nothing.
+        let empty = private_tempdir();
+        std::fs::create_dir_all(empty.path().join("sub/deeper")).unwrap();
+        assert!(leftovers(empty.path()).unwrap().disposable());
     }
 }
