@@ -65,6 +65,18 @@ impl Notifier {
         self.send(notify_code::FUSE_POLL, &notif)
     }
 
+    /// Ask the kernel to queue again every request that was read from this connection
+    /// (by any process) and not answered yet (`FUSE_NOTIFY_RESEND`, Linux 6.9 and later).
+    /// Resent requests carry the same unique ID with bit 63 set
+    /// ([`crate::RequestId::RESEND`]); the reply must echo it, as every reply does.
+    /// This is how a server that took over the descriptor of a server that died serves what
+    /// its predecessor had read.
+    /// # Errors
+    /// `EINVAL` on kernels without the notification; `ENOTCONN` when the connection is gone.
+    pub fn resend(&self) -> io::Result<()> {
+        self.send(notify_code::FUSE_NOTIFY_RESEND, &Notification::new_empty())
+    }
+
     /// Invalidate the kernel cache for a given directory entry
     /// # Errors
     /// Returns an error if the notification data is too large.

@@ -221,6 +221,36 @@ impl<FS: Filesystem> Session<FS> {
         Ok(session)
     }
 
+    /// Wrap an existing /dev/fuse file descriptor whose connection is already initialised:
+    /// an earlier server answered the kernel's INIT and then stopped (exited, crashed, or
+    /// handed the descriptor on), and the kernel keeps the connection as long as some process
+    /// holds the descriptor. No handshake is made (the kernel sends INIT once per connection):
+    /// `Filesystem::init` is not called, and the filesystem must answer as the negotiated
+    /// parameters require (the earlier server's INIT reply; the caller keeps it). Requests
+    /// the earlier server had read and not answered are not seen again unless the caller asks
+    /// for them with [`Notifier::resend`](crate::Notifier::resend).
+    pub fn from_fd_initialized(
+        filesystem: FS,
+        fd: OwnedFd,
+        acl: SessionACL,
+        config: Config,
+    ) -> Self {
+        let ch = Channel::new(Arc::new(DevFuse(File::from(fd))));
+        Session {
+            filesystem: FilesystemHolder {
+                fs: Some(filesystem),
+            },
+            ch,
+            mount: UmountOnDrop {
+                mount: Arc::new(Mutex::new(None)),
+            },
+            allowed: acl,
+            session_owner: geteuid(),
+            proto_version: None,
+            config,
+        }
+    }
+
     /// Run the session loop in a background thread. If the returned handle is dropped,
     /// the filesystem is unmounted and the given session ends.
     pub fn spawn(self) -> io::Result<BackgroundSession> {

@@ -51,6 +51,17 @@ pub(crate) enum RequestError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[cfg_attr(feature = "serializable", derive(Serialize, Deserialize))]
 pub struct RequestId(pub u64);
+
+impl RequestId {
+    /// Bit the kernel sets in the unique ID of a request it sends again after
+    /// `FUSE_NOTIFY_RESEND` (`FUSE_UNIQUE_RESEND`).
+    pub const RESEND: u64 = 1 << 63;
+
+    /// Whether this request was sent before, to a server that did not answer it.
+    pub fn is_resend(self) -> bool {
+        self.0 & Self::RESEND != 0
+    }
+}
 impl From<RequestId> for u64 {
     fn from(fh: RequestId) -> Self {
         fh.0
