@@ -39,6 +39,11 @@ pub struct FsConfig {
     /// entry (`security.selinux`, `system.posix_acl_access`). Attributes already stored on
     /// objects are kept when s3vol rewrites their metadata.
     pub xattrs: bool,
+    /// New files written sequentially stream from memory (see `stage.rs`). Off for a
+    /// supervised mount: every byte written then lives in a staging file, which outlives the
+    /// process serving the mount, so a successor finds it (docs/SEMANTICS.md, "When the
+    /// serving process dies").
+    pub stream_writes: bool,
 }
 
 impl FsConfig {
@@ -60,6 +65,7 @@ impl FsConfig {
             list_concurrency: 64,
             listing_attrs: false,
             xattrs: true,
+            stream_writes: true,
         }
     }
 }

@@ -541,6 +541,7 @@ mod tests {
         let bucket = BucketName::new("bkt").unwrap();
         store.create_bucket(&bucket).await.unwrap();
         Arc::new(StageCtx {
+            stream: true,
             store: store.clone(),
             bucket,
             cache: Arc::new(CacheDir::open(dir).unwrap()),
