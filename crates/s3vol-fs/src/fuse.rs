@@ -632,9 +632,7 @@ impl Filesystem for FuseFs {
                 Err(e)
                     if replay
                         && e.errno == libc::ENOENT
-                        && fs
-                            .resent_rename_done(source, newparent.0, &newname)
-                            .await =>
+                        && fs.resent_rename_done(source, newparent.0, &newname).await =>
                 {
                     reply.ok()
                 }

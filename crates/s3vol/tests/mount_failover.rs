@@ -362,9 +362,17 @@ async fn twenty_kills_of_the_serving_process_cost_the_applications_nothing() {
         })
         .chain(["ro.bin".to_owned(), "open-writer.bin".to_owned()])
         .collect();
-    assert_eq!(
-        got, want,
-        "the bucket holds other objects than the applications left"
+    let extra: Vec<_> = got.difference(&want).collect();
+    let missing: Vec<_> = want.difference(&got).collect();
+    for key in extra.iter().chain(&missing) {
+        let log = log.lock().unwrap();
+        for line in log.lines().filter(|l| l.contains(&format!("\"{key}\""))) {
+            println!("log about {key}: {line}");
+        }
+    }
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "the bucket holds other objects than the applications left: extra {extra:?}, missing {missing:?}"
     );
     assert_eq!(
         m.get("open-writer.bin").await,

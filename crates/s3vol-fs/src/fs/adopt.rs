@@ -176,7 +176,8 @@ impl S3Fs {
             && src.kind == target.kind
         {
             let (old_key, new_key) = (src.key(), target.key());
-            self.inodes.relink(&src, new_parent, new_name, new_key.clone());
+            self.inodes
+                .relink(&src, new_parent, new_name, new_key.clone());
             if src.kind == Kind::Dir {
                 self.inodes.rekey_subtree(&old_key, &new_key);
             }
