@@ -133,13 +133,13 @@ fn metadata_loop(
             }
             Ok(())
         });
-        if let Some(got) = r.timed("read back", || fs::read(dir.join("g"))) {
-            if got != body {
-                r.errors.push(format!(
-                    "d{i}/g reads back {} bytes, not what was written",
-                    got.len()
-                ));
-            }
+        if let Some(got) = r.timed("read back", || fs::read(dir.join("g")))
+            && got != body
+        {
+            r.errors.push(format!(
+                "d{i}/g reads back {} bytes, not what was written",
+                got.len()
+            ));
         }
         expect.push((format!("d{i}/g"), body));
         let mut all = rec.lock().unwrap();
@@ -313,7 +313,7 @@ async fn twenty_kills_of_the_serving_process_cost_the_applications_nothing() {
     let written = writer.join().unwrap();
     reader.join().unwrap();
 
-    let rec = rec.lock().unwrap();
+    let rec = std::mem::take(&mut *rec.lock().unwrap());
     let mut lat = rec.latencies.clone();
     lat.sort();
     println!(
