@@ -88,12 +88,34 @@ fn session_dir() -> anyhow::Result<PathBuf> {
         return Err(std::io::Error::last_os_error()).context("drawing a session id");
     }
     let name: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    let dir = base.join(name);
+    sweep(&base);
+    let dir = base.join(format!("{}-{name}", std::process::id()));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
+}
+
+/// Removes the session directories of supervisors that are gone (killed with SIGKILL, so
+/// they could not remove their own): named `<pid>-<random>`, and that pid no longer runs.
+fn sweep(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Whether the FUSE connection behind `fd` has ended (unmounted or aborted): the kernel then
