@@ -45,6 +45,11 @@ pub struct FsConfig {
     /// Bytes per second an upload is expected to reach at least (the S3 client's
     /// `--min-throughput`, which sizes its upload timeouts the same way).
     pub min_throughput: u64,
+    /// New files written sequentially stream from memory (see `stage.rs`). Off for a
+    /// supervised mount: every byte written then lives in a staging file, which outlives the
+    /// process serving the mount, so a successor finds it (docs/SEMANTICS.md, "When the
+    /// serving process dies").
+    pub stream_writes: bool,
 }
 
 impl FsConfig {
@@ -68,6 +73,7 @@ impl FsConfig {
             xattrs: true,
             close_timeout: Duration::from_secs(60),
             min_throughput: 1 << 20,
+            stream_writes: true,
         }
     }
 }

@@ -10,6 +10,14 @@
 //! process never opens `/dev/fuse` (DESIGN.md decision 11; the mounter's pod has none). This
 //! departs from "cloned fds" in decision 2 for that case only; the kernel still gives each
 //! request to exactly one reader.
+//!
+//! Failover: [`FuseServer::adopt`] serves a descriptor whose INIT a predecessor answered (the
+//! supervisor kept the connection when it died). It answers no INIT, reloads what the kernel
+//! holds from the session journal (`journal.rs`), and asks the kernel to resend what the
+//! predecessor had read and not answered (`FUSE_NOTIFY_RESEND`, Linux 6.9+). A resent request
+//! may have been carried out already: where doing it again would answer differently
+//! (`mkdir`, `symlink` find the name taken; `unlink`, `rmdir` find it gone; `rename`
+//! finds the source gone and the target there), the answer is the one the first run gave.
 
 use std::ffi::OsStr;
 use std::io;
@@ -20,10 +28,10 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, SessionUnmounter,
-    TimeOrNow, WriteFlags,
+    InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption, Notifier, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, RequestId, Session,
+    SessionACL, SessionUnmounter, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 
@@ -46,6 +54,18 @@ pub struct MountSettings {
 /// A filesystem connected to the kernel, ready to serve.
 pub struct FuseServer {
     session: Session<FuseFs>,
+    /// Adopted from a predecessor: ask the kernel to resend what it had read.
+    resend: bool,
+}
+
+/// What [`FuseServer::adopt`] found and did, for the log and metrics.
+#[derive(Debug)]
+pub struct Adoption {
+    pub nodes: usize,
+    pub file_handles: usize,
+    pub dir_handles: usize,
+    /// The INIT reply the predecessor negotiated, as journaled.
+    pub init: Option<String>,
 }
 
 impl std::fmt::Debug for FuseServer {
@@ -117,7 +137,10 @@ impl FuseServer {
         settings: &MountSettings,
     ) -> io::Result<Self> {
         let session = Session::new(FuseFs::new(fs, rt), mountpoint, &config(settings))?;
-        Ok(Self { session })
+        Ok(Self {
+            session,
+            resend: false,
+        })
     }
 
     /// Serves an already mounted `/dev/fuse` descriptor (handed over by the CSI node plugin),
@@ -135,7 +158,53 @@ impl FuseServer {
             SessionACL::Owner
         };
         let session = Session::from_fd(FuseFs::new(fs, rt), fd, acl, config_for_fd(settings))?;
-        Ok(Self { session })
+        Ok(Self {
+            session,
+            resend: false,
+        })
+    }
+
+    /// Serves a descriptor whose connection a predecessor initialised and journaled in
+    /// `session_dir` (see the module docs): no INIT; the node IDs, handles and INIT reply come
+    /// from the journal. Once [`FuseServer::run`] runs, the requests the predecessor had read
+    /// are resent by the kernel and served.
+    pub fn adopt(
+        fs: Arc<S3Fs>,
+        rt: Handle,
+        fd: OwnedFd,
+        settings: &MountSettings,
+        session_dir: &Path,
+    ) -> io::Result<(Self, Adoption)> {
+        let adopted = rt.block_on(fs.adopt(session_dir))?;
+        if let Some(init) = &adopted.init
+            && !init.contains(&format!("\"max_write\":{MAX_WRITE}"))
+        {
+            tracing::warn!(
+                init,
+                max_write = MAX_WRITE,
+                "the connection was initialised with another max_write than this version uses; writes are answered as they come"
+            );
+        }
+        let acl = if settings.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        let session =
+            Session::from_fd_initialized(FuseFs::new(fs, rt), fd, acl, config_for_fd(settings));
+        let adoption = Adoption {
+            nodes: adopted.nodes,
+            file_handles: adopted.file_handles,
+            dir_handles: adopted.dir_handles,
+            init: adopted.init,
+        };
+        Ok((
+            Self {
+                session,
+                resend: true,
+            },
+            adoption,
+        ))
     }
 
     pub fn unmounter(&mut self) -> Unmounter {
@@ -144,8 +213,39 @@ impl FuseServer {
 
     /// Serves until the filesystem is unmounted. Pending uploads are flushed on the way out.
     pub fn run(self) -> io::Result<()> {
+        if self.resend {
+            resend(&self.session.notifier());
+        }
         self.session.run()
     }
+}
+
+/// Asks the kernel to queue again what a dead predecessor had read and not answered. Without
+/// the notification (Linux before 6.9) those requests stay unanswered: their callers wait
+/// until they are interrupted or the mount ends.
+fn resend(notifier: &Notifier) {
+    match notifier.resend() {
+        Ok(()) => tracing::info!(
+            "asked the kernel to resend the requests the previous serving process had not answered"
+        ),
+        Err(e) => {
+            metrics::counter!("s3vol_failover_resend_unsupported_total").increment(1);
+            tracing::error!(
+                error = %e,
+                "this kernel cannot resend the requests the previous serving process had read (FUSE_NOTIFY_RESEND needs Linux 6.9 or later): the calls that were in flight do not return until interrupted"
+            );
+        }
+    }
+}
+
+/// Whether a request is one the kernel sent again after a predecessor died holding it.
+fn resent(req: &Request) -> bool {
+    let resent = RequestId::is_resend(req.unique());
+    if resent {
+        metrics::counter!("s3vol_failover_resent_requests_total").increment(1);
+        tracing::debug!(unique = req.unique().0, "serving a resent request");
+    }
+    resent
 }
 
 struct FuseFs {
@@ -181,6 +281,19 @@ impl FuseFs {
     {
         let fs = self.fs.clone();
         self.rt.spawn(async move { f(fs).await });
+    }
+}
+
+/// For a resent request that finds its work done: the node at `parent/name`, if it is of
+/// the kind the request made. The lookup counts as the one the request's reply gives.
+async fn done_before(fs: &S3Fs, parent: u64, name: &str, kind: Kind) -> Option<(u64, Attrs)> {
+    match fs.lookup(parent, name).await {
+        Ok((inode, attrs)) if attrs.kind == kind => Some((inode.ino, attrs)),
+        Ok((inode, _)) => {
+            fs.forget(inode.ino, 1);
+            None
+        }
+        Err(_) => None,
     }
 }
 
@@ -261,6 +374,13 @@ impl Filesystem for FuseFs {
         ] {
             let _ = config.add_capabilities(cap);
         }
+        // What a successor on this connection must answer by (journaled only when supervised).
+        let abi = config.kernel_abi();
+        self.fs.journal_init(&format!(
+            "{{\"abi\":\"{abi:?}\",\"kernel_capabilities\":{},\"max_write\":{MAX_WRITE},\"max_readahead\":{}}}",
+            config.capabilities().bits(),
+            1 << 20
+        ));
         Ok(())
     }
 
@@ -397,35 +517,49 @@ impl Filesystem for FuseFs {
             return reply.error(Errno::EINVAL);
         };
         let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
+        let replay = resent(req);
         self.spawn(move |fs| async move {
             match fs.mkdir(parent.0, &name, mode, uid, gid).await {
                 Ok((inode, attrs)) => {
                     reply.entry(&ttl, &file_attr(inode.ino, &attrs), Generation(0))
+                }
+                Err(e) if replay && e.errno == libc::EEXIST => {
+                    match done_before(&fs, parent.0, &name, Kind::Dir).await {
+                        Some((ino, attrs)) => {
+                            reply.entry(&ttl, &file_attr(ino, &attrs), Generation(0))
+                        }
+                        None => reply.error(errno("mkdir", &e)),
+                    }
                 }
                 Err(e) => reply.error(errno("mkdir", &e)),
             }
         });
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let Ok(name) = name_str(name) else {
             return reply.error(Errno::ENOENT);
         };
+        let replay = resent(req);
         self.spawn(move |fs| async move {
             match fs.unlink(parent.0, &name).await {
                 Ok(()) => reply.ok(),
+                // The predecessor deleted it and died before answering.
+                Err(e) if replay && e.errno == libc::ENOENT => reply.ok(),
                 Err(e) => reply.error(errno("unlink", &e)),
             }
         });
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let Ok(name) = name_str(name) else {
             return reply.error(Errno::ENOENT);
         };
+        let replay = resent(req);
         self.spawn(move |fs| async move {
             match fs.rmdir(parent.0, &name).await {
                 Ok(()) => reply.ok(),
+                Err(e) if replay && e.errno == libc::ENOENT => reply.ok(),
                 Err(e) => reply.error(errno("rmdir", &e)),
             }
         });
@@ -446,10 +580,19 @@ impl Filesystem for FuseFs {
             return reply.error(Errno::EINVAL);
         };
         let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
+        let replay = resent(req);
         self.spawn(move |fs| async move {
             match fs.symlink(parent.0, &name, &target, uid, gid).await {
                 Ok((inode, attrs)) => {
                     reply.entry(&ttl, &file_attr(inode.ino, &attrs), Generation(0))
+                }
+                Err(e) if replay && e.errno == libc::EEXIST => {
+                    match done_before(&fs, parent.0, &name, Kind::Symlink).await {
+                        Some((ino, attrs)) => {
+                            reply.entry(&ttl, &file_attr(ino, &attrs), Generation(0))
+                        }
+                        None => reply.error(errno("symlink", &e)),
+                    }
                 }
                 Err(e) => reply.error(errno("symlink", &e)),
             }
@@ -458,7 +601,7 @@ impl Filesystem for FuseFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -472,12 +615,27 @@ impl Filesystem for FuseFs {
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE)
             || flags.contains(RenameFlags::RENAME_WHITEOUT);
+        let replay = resent(req);
         self.spawn(move |fs| async move {
+            let source = if replay {
+                fs.known_child(parent.0, &name)
+            } else {
+                None
+            };
             match fs
                 .rename(parent.0, &name, newparent.0, &newname, no_replace, exchange)
                 .await
             {
                 Ok(()) => reply.ok(),
+                // The predecessor moved it and died before answering: the source is gone
+                // and the target is there.
+                Err(e)
+                    if replay
+                        && e.errno == libc::ENOENT
+                        && fs.resent_rename_done(source, newparent.0, &newname).await =>
+                {
+                    reply.ok()
+                }
                 Err(e) => reply.error(errno("rename", &e)),
             }
         });
@@ -537,7 +695,7 @@ impl Filesystem for FuseFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -550,8 +708,14 @@ impl Filesystem for FuseFs {
         let mut buf = self.write_bufs.take();
         buf.extend_from_slice(data);
         let bufs = self.write_bufs.clone();
+        let replay = resent(req);
         self.spawn(move |fs| async move {
-            match fs.write(fh.0, offset, &buf).await {
+            let written = if replay {
+                fs.write_resent(fh.0, offset, &buf).await
+            } else {
+                fs.write(fh.0, offset, &buf).await
+            };
+            match written {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno("write", &e)),
             }

@@ -17,11 +17,12 @@
 //! short mutex. Where both are taken, the table comes first.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use s3vol_s3::ETag;
 
+use crate::journal::Journal;
 use crate::meta::{Attrs, Kind};
 use crate::stage::Staged;
 
@@ -29,6 +30,9 @@ pub type InodeNo = u64;
 pub const ROOT: InodeNo = 1;
 /// Forgotten inodes kept so their names keep their numbers (a few hundred bytes each).
 pub const MAX_RETAINED: usize = 100_000;
+/// The lookup count of a node adopted from a dead predecessor's journal: the real count is
+/// not journaled (see `journal.rs`), so the node is kept until unmount.
+pub const ADOPTED_LOOKUPS: u64 = 1 << 48;
 
 /// Mutable state of an inode.
 #[derive(Debug)]
@@ -124,6 +128,9 @@ impl Table {
 #[derive(Debug)]
 pub struct Inodes {
     table: Mutex<Table>,
+    /// Where new node IDs, moves and unlinks are recorded for a successor (supervised
+    /// mounts only).
+    journal: OnceLock<Arc<Journal>>,
 }
 
 impl Inodes {
@@ -155,7 +162,61 @@ impl Inodes {
         table.inodes.insert(ROOT, root);
         Self {
             table: Mutex::new(table),
+            journal: OnceLock::new(),
         }
+    }
+
+    /// Records node IDs from now on. Set once, before the mount is served.
+    pub fn set_journal(&self, journal: Arc<Journal>) {
+        let _ = self.journal.set(journal);
+    }
+
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.get()
+    }
+
+    /// Puts back a node a dead predecessor handed the kernel (see `journal.rs`): its number,
+    /// its name under its parent (none if it was unlinked) and its derived key. Its attributes
+    /// are read again from S3 when asked (`validated` is none).
+    pub fn adopt(
+        &self,
+        ino: InodeNo,
+        parent: InodeNo,
+        name: Option<String>,
+        key: String,
+        attrs: Attrs,
+    ) {
+        let mut t = self.table();
+        if t.inodes.contains_key(&ino) {
+            return;
+        }
+        let unlinked = name.is_none();
+        let name = name.unwrap_or_default();
+        let inode = Arc::new(Inode {
+            ino,
+            kind: attrs.kind,
+            state: Mutex::new(InodeState {
+                parent,
+                name: name.clone(),
+                key,
+                attrs,
+                etag: None,
+                has_marker: false,
+                validated: None,
+                lookups: ADOPTED_LOOKUPS,
+                symlink_target: None,
+                local_only: false,
+                staged: None,
+                open_handles: 0,
+                unlinked,
+                listing_gen: 0,
+            }),
+        });
+        t.inodes.insert(ino, inode);
+        if !unlinked {
+            t.by_name.insert((parent, name), ino);
+        }
+        t.next = t.next.max(ino + 1);
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -240,6 +301,10 @@ impl Inodes {
         });
         t.inodes.insert(ino, inode.clone());
         t.by_name.insert(slot, ino);
+        if let Some(j) = self.journal.get() {
+            // Before the reply that hands the kernel this number.
+            j.node(ino, parent, inode.kind, name);
+        }
         inode
     }
 
@@ -342,6 +407,9 @@ impl Inodes {
     pub fn detach(&self, parent: InodeNo, name: &str) -> Option<Arc<Inode>> {
         let mut t = self.table();
         let ino = t.by_name.remove(&(parent, name.to_owned()))?;
+        if let Some(j) = self.journal.get() {
+            j.unlinked(ino);
+        }
         let inode = t.inodes.get(&ino).cloned();
         if t.retained.contains_key(&ino) {
             // Nothing holds it and nothing can find it any more.
@@ -389,6 +457,9 @@ impl Inodes {
         s.unlinked = false;
         drop(s);
         t.by_name.insert((parent, name.to_owned()), inode.ino);
+        if let Some(j) = self.journal.get() {
+            j.moved(inode.ino, parent, name);
+        }
     }
 
     /// Every known inode whose key starts with `prefix` (for directory renames).

@@ -11,6 +11,7 @@ mod error;
 mod fs;
 pub mod fuse;
 mod inode;
+mod journal;
 mod listing;
 mod meta;
 mod ranges;

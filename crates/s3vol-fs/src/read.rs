@@ -215,6 +215,16 @@ fn assemble(parts: &VecDeque<Part>, offset: u64, end: u64) -> Bytes {
 }
 
 impl Reader {
+    /// The size of the version read.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The version read.
+    pub fn etag(&self) -> &ETag {
+        &self.etag
+    }
+
     pub fn new(ctx: Arc<ReadCtx>, key: String, etag: ETag, size: u64) -> Self {
         Self {
             ctx,

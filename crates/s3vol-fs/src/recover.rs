@@ -344,6 +344,20 @@ async fn recover_entry(
         (Some(a), Some(b)) => a.trim_matches('"') == b.trim_matches('"'),
         _ => false,
     };
+    if !unchanged
+        && let Some(info) = &current
+        && info.size == size
+        && same_content(&data, &info.etag)
+    {
+        // A process that died between its upload and the update of this record (a serving
+        // process killed under a supervisor, typically): the object is this very file.
+        // Uploading it again later, once the name is renamed or removed, would bring it back.
+        tracing::info!(key, staging_file = %data_path.display(), "a staged file is already in S3 as it is; dropped");
+        report.dropped += 1;
+        report.dropped_bytes += size;
+        remove_all(stem);
+        return true;
+    }
     if !unchanged {
         keep(
             report,
@@ -527,6 +541,29 @@ async fn complete_stream(
     }
 }
 
+/// Whether `data` is the body of an object with this ETag: the ETag of a single PUT without
+/// KMS encryption is the MD5 of the body. Multipart ETags (`…-N`) and others never match.
+fn same_content(data: &File, etag: &ETag) -> bool {
+    use md5::{Digest, Md5};
+    use std::io::Read;
+    let etag = etag.as_str().trim_matches('"');
+    if etag.len() != 32 || etag.contains('-') {
+        return false;
+    }
+    let mut hash = Md5::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut file = data;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hash.update(&buf[..n]),
+            Err(_) => return false,
+        }
+    }
+    let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    hex == etag
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -541,6 +578,7 @@ mod tests {
         let bucket = BucketName::new("bkt").unwrap();
         store.create_bucket(&bucket).await.unwrap();
         Arc::new(StageCtx {
+            stream: true,
             store: store.clone(),
             bucket,
             cache: Arc::new(CacheDir::open(dir).unwrap()),

@@ -78,6 +78,8 @@ pub struct StageCtx {
     pub part_size: u64,
     pub memory: Arc<Memory>,
     pub disk: Arc<Disk>,
+    /// New files stream from memory; else every write goes to a staging file.
+    pub stream: bool,
     /// Buffers of [`StageCtx::stream_part_size`] bytes for streamed parts.
     pub parts: Arc<BufPool>,
     /// How long one flush may take before it gives up (keeping the data), on top of the time
@@ -231,7 +233,7 @@ impl Staged {
         let local = Entry::new(ctx.cache.new_stem());
         let size = base.as_ref().map_or(0, |b| b.size);
         Self {
-            sequential: base.is_none(),
+            sequential: base.is_none() && ctx.stream,
             ctx,
             key: key.to_owned(),
             local,
@@ -676,7 +678,7 @@ impl Staged {
             self.present.clear();
             self.written.clear();
             self.size = 0;
-            self.sequential = true;
+            self.sequential = self.ctx.stream;
             self.mark_content_dirty();
             self.ctx.disk.shrink(self.reserved);
             self.reserved = 0;
@@ -1021,7 +1023,7 @@ impl Staged {
         self.content_dirty = false;
         // An empty file may stream again: many programs open a file, dup the descriptor and
         // close the first one (a flush) before writing.
-        self.sequential = self.size == 0;
+        self.sequential = self.size == 0 && self.ctx.stream;
         self.ctx.disk.set_dirty_delta(-(self.dirty_counted as i64));
         self.dirty_counted = 0;
     }

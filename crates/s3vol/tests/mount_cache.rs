@@ -179,6 +179,9 @@ fn mount_cmd(bucket: &str, mnt: &Path, cache: &Path, extra: &[&str], log: &Path)
         .arg("--cache-dir")
         .arg(cache)
         .arg("-f")
+        // One process: the mount shows only once the start-up scan is done (a supervised
+        // `-f` mount shows at once and serves after its scan; see SEMANTICS.md).
+        .arg("--no-supervise")
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

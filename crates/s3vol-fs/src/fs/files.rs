@@ -65,6 +65,22 @@ impl S3Fs {
     ) -> u64 {
         inode.state().open_handles += 1;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        if let Some(j) = self.inodes.journal() {
+            let (size, etag) = match &reader {
+                Some(r) => (r.size(), Some(r.etag().0.clone())),
+                None => (0, None),
+            };
+            j.opened(
+                fh,
+                &crate::journal::HandleRec::File {
+                    ino: inode.ino,
+                    write: mode.write,
+                    append: mode.append,
+                    size,
+                    etag,
+                },
+            );
+        }
         let handle = FileHandle {
             inode,
             mode,
@@ -230,6 +246,18 @@ impl S3Fs {
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_inner(fh, offset, data, false).await
+    }
+
+    /// A write the kernel resent after the process that first read it died: it may have been
+    /// carried out already. An `O_APPEND` write then goes where the kernel put it (its file
+    /// size, the end of the file when it was first sent) rather than at the end as it is
+    /// now, so doing it twice writes the same bytes at the same place.
+    pub async fn write_resent(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_inner(fh, offset, data, true).await
+    }
+
+    async fn write_inner(&self, fh: u64, offset: u64, data: &[u8], resent: bool) -> FsResult<u32> {
         self.ro()?;
         let handle = self.file_handle(fh)?;
         if !handle.mode.write {
@@ -237,7 +265,7 @@ impl S3Fs {
         }
         let staged = self.staged_for_write(&handle.inode, false).await?;
         let mut st = staged.lock().await;
-        let offset = if handle.mode.append {
+        let offset = if handle.mode.append && !resent {
             st.size()
         } else {
             offset
@@ -344,6 +372,9 @@ impl S3Fs {
             Some(Handle::File(f)) => f,
             _ => return Ok(()),
         };
+        if let Some(j) = self.inodes.journal() {
+            j.closed(fh);
+        }
         {
             let mut s = handle.inode.state();
             s.open_handles = s.open_handles.saturating_sub(1);

@@ -12,6 +12,7 @@ async fn ctx_over(store: Arc<FaultStore>, dir: &std::path::Path) -> Arc<StageCtx
     let bucket = BucketName::new("bkt").unwrap();
     store.create_bucket(&bucket).await.unwrap();
     Arc::new(StageCtx {
+        stream: true,
         store,
         bucket,
         cache: Arc::new(CacheDir::open(dir).unwrap()),
@@ -121,6 +122,7 @@ async fn small_files_hold_memory_for_their_size_only() {
     store.create_bucket(&bucket).await.unwrap();
     let memory = Arc::new(Memory::new(16 << 20));
     let ctx = Arc::new(StageCtx {
+        stream: true,
         store,
         bucket,
         cache: Arc::new(CacheDir::open(dir.path()).unwrap()),

@@ -42,6 +42,7 @@ use crate::s3args::{BucketPath, S3Args, shell_quote};
 
 mod credentials;
 mod kernel;
+mod supervise;
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
@@ -129,6 +130,21 @@ pub struct MountArgs {
     /// Internal: this process is the background half of a mount.
     #[arg(long, hide = true)]
     pub daemon_child: bool,
+    /// Serve the mount in this process alone. By default (as root) a small supervising
+    /// process holds the FUSE connection and restarts the serving process within a second
+    /// if it dies (killed, out of memory, crashed), without the applications noticing.
+    #[arg(long)]
+    pub no_supervise: bool,
+    /// Internal: journal what a successor needs in this directory (supervised serving).
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub session_dir: Option<PathBuf>,
+    /// Internal: take over the connection of --fuse-fd from a dead predecessor whose journal
+    /// is in --session-dir.
+    #[arg(long, hide = true, requires = "session_dir")]
+    pub adopt: bool,
+    /// Internal: how many serving processes of this mount died before this one.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub restarts: u64,
 }
 
 fn parse_mode(s: &str) -> Result<u16, String> {
@@ -389,7 +405,29 @@ fn daemonize() -> anyhow::Result<ExitCode> {
     ))
 }
 
+/// Reads the credentials JSON as bytes, for the supervisor to hand each serving process.
+fn read_credential_bytes(fd: RawFd) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    File::from(owned_fd(fd, "--credentials-fd")?)
+        .read_to_end(&mut bytes)
+        .context("reading credentials")?;
+    Ok(bytes)
+}
+
 fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
+    if supervise::wanted(&args) {
+        let credentials = match args.credentials_fd {
+            Some(fd) => {
+                rustix::process::set_dumpable_behavior(
+                    rustix::process::DumpableBehavior::NotDumpable,
+                )
+                .context("making the process non-dumpable")?;
+                Some(read_credential_bytes(fd)?)
+            }
+            None => None,
+        };
+        return supervise::run(args, credentials);
+    }
     if args.fuse_fd.is_some() || args.credentials_fd.is_some() {
         // A serving process handed credentials or a connection: no core dumps, no ptrace by
         // same-uid processes, /proc/<pid>/mem closed to them.
@@ -494,6 +532,8 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
     config.read_only = args.read_only;
     config.listing_attrs = args.listing_attrs;
     config.xattrs = !args.no_xattr;
+    // Supervised: what is written must outlive this process (a staging file, not memory).
+    config.stream_writes = args.session_dir.is_none();
     // The filesystem creates the cache directory (0700), refuses one others can read, and
     // scans what earlier mounts left there before it is served.
 
@@ -535,12 +575,37 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
         read_only: args.read_only,
         threads: 4,
     };
-    let (server, kernel_mount) = match fuse_fd {
-        Some(fd) => (
-            FuseServer::from_fd(fs.clone(), rt.handle().clone(), fd, &settings),
-            KernelMount::HandedOver,
-        ),
-        None if rustix::process::geteuid().is_root() => {
+    let (server, kernel_mount) = match (fuse_fd, &args.session_dir) {
+        (Some(fd), Some(dir)) if args.adopt => {
+            let server = FuseServer::adopt(fs.clone(), rt.handle().clone(), fd, &settings, dir)
+                .map(|(server, a)| {
+                    metrics::counter!("s3vol_serving_process_restarts_total")
+                        .increment(args.restarts);
+                    tracing::warn!(
+                        restarts = args.restarts,
+                        nodes = a.nodes,
+                        open_files = a.file_handles,
+                        open_dirs = a.dir_handles,
+                        init = a.init.as_deref().unwrap_or("none"),
+                        journal = %dir.display(),
+                        "took over the connection of a serving process that died"
+                    );
+                    server
+                });
+            (server, KernelMount::HandedOver)
+        }
+        (Some(fd), session_dir) => {
+            if let Some(dir) = session_dir
+                && let Err(e) = fs.journal_to(dir)
+            {
+                bail!("cannot start the session journal in {}: {e}", dir.display());
+            }
+            (
+                FuseServer::from_fd(fs.clone(), rt.handle().clone(), fd, &settings),
+                KernelMount::HandedOver,
+            )
+        }
+        (None, _) if rustix::process::geteuid().is_root() => {
             let (fd, mut own) = kernel::mount(
                 &args.mountpoint,
                 &settings.fs_name,
@@ -554,7 +619,7 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
             }
             (server, KernelMount::Own(own))
         }
-        None => (
+        (None, _) => (
             FuseServer::mount(fs.clone(), rt.handle().clone(), &args.mountpoint, &settings),
             KernelMount::Fusermount,
         ),

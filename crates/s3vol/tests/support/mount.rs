@@ -81,6 +81,25 @@ impl Mounted {
         Self::on(store, bucket, prefix, extra)
     }
 
+    /// Creates a bucket and the mount's directories, without mounting yet ([`Mounted::start`]
+    /// or [`Mounted::start_supervised`] do).
+    pub async fn new_unmounted(tag: &str) -> Self {
+        let store = store().await;
+        let bucket = testing::unique_bucket(tag);
+        store.create_bucket(&bucket).await.expect("create bucket");
+        Self {
+            bucket,
+            store,
+            mnt: tempfile::Builder::new()
+                .prefix("s3vol-mnt-")
+                .tempdir()
+                .unwrap(),
+            cache: private_tempdir("s3vol-cache-"),
+            child: None,
+            prefix: String::new(),
+        }
+    }
+
     /// Mounts an existing bucket.
     pub fn on(
         store: Arc<dyn ObjectStore>,
@@ -103,7 +122,22 @@ impl Mounted {
         m
     }
 
+    /// Mounts as the tests of one serving process expect: `--no-supervise`, so the child is
+    /// the process that serves the mount (its memory, its signals, its crash). The supervised
+    /// mount (the default) is tested by `mount_failover.rs` through [`Mounted::start_supervised`].
     pub fn start(&mut self, extra: &[&str]) {
+        let mut args = vec!["--no-supervise"];
+        args.extend_from_slice(extra);
+        self.start_raw(&args);
+    }
+
+    /// Mounts with the default supervision: the child is the supervisor, which holds the
+    /// connection and runs the serving process as its own child.
+    pub fn start_supervised(&mut self, extra: &[&str]) {
+        self.start_raw(extra);
+    }
+
+    fn start_raw(&mut self, extra: &[&str]) {
         let target = format!("{}/{}", self.bucket, self.prefix);
         let mut cmd = s3vol();
         cmd.arg("mount")

@@ -1,0 +1,450 @@
+//! A mount outlives the process that serves it: the serving process of a supervised
+//! `s3vol mount` is killed with SIGKILL again and again while applications work on the
+//! mount, and they see no error, no lost byte and no stall over a few seconds.
+//!
+//! Real FUSE mounts of the real binary against the test S3 server; each test has its own
+//! bucket and mount point, and the harness unmounts and kills what it started even when a
+//! test fails. Every loop is bounded in time.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/mount.rs"]
+mod support;
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use s3vol_s3::{ListRequest, ObjectStore};
+use support::{Mounted, pattern};
+
+/// The serving process of a supervised mount: the supervisor's only child.
+fn serving_pid(supervisor: u32) -> Option<u32> {
+    let children =
+        fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is as good as gone: read its state.
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
+}
+
+/// Waits (bounded) for a serving process other than `old` to run under `supervisor`.
+fn wait_for_successor(supervisor: u32, old: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(pid) = serving_pid(supervisor)
+            && pid != old
+        {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no successor of serving process {old} within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Reads the mount's stderr as it comes (a supervised mount logs every restart; a pipe
+/// nobody reads would fill and block the serving process), keeping it for the failure message.
+fn drain_log(m: &mut Mounted) -> Arc<Mutex<String>> {
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut err = m.child.as_mut().unwrap().stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    log
+}
+
+/// Latencies of application calls, and the errors they met.
+#[derive(Default)]
+struct Record {
+    latencies: Vec<Duration>,
+    errors: Vec<String>,
+}
+
+impl Record {
+    fn timed<T>(&mut self, what: &str, f: impl FnOnce() -> std::io::Result<T>) -> Option<T> {
+        let t = Instant::now();
+        let r = f();
+        self.latencies.push(t.elapsed());
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.errors.push(format!("{what}: {e}"));
+                None
+            }
+        }
+    }
+}
+
+/// create / write / rename / unlink / mkdir / ls -l, over and over, until `stop`. Returns
+/// the names that must exist at the end (relative keys) and their content.
+fn metadata_loop(
+    root: PathBuf,
+    stop: Arc<AtomicBool>,
+    rec: Arc<Mutex<Record>>,
+) -> Vec<(String, Vec<u8>)> {
+    let mut expect = Vec::new();
+    let mut i = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let mut r = Record::default();
+        let dir = root.join(format!("d{i}"));
+        let body = pattern(1000 + (i as usize % 7) * 3000, i);
+        r.timed("mkdir", || fs::create_dir(&dir));
+        r.timed("create+write+close", || {
+            let mut f = File::create(dir.join("f"))?;
+            f.write_all(&body)
+        });
+        r.timed("rename", || fs::rename(dir.join("f"), dir.join("g")));
+        r.timed("create scratch", || {
+            fs::write(root.join(format!("scratch{i}")), b"x")
+        });
+        r.timed("unlink", || {
+            fs::remove_file(root.join(format!("scratch{i}")))
+        });
+        // ls -l: every entry's attributes.
+        r.timed("ls -l", || {
+            for e in fs::read_dir(&root)? {
+                e?.metadata()?;
+            }
+            Ok(())
+        });
+        if let Some(got) = r.timed("read back", || fs::read(dir.join("g")))
+            && got != body
+        {
+            r.errors.push(format!(
+                "d{i}/g reads back {} bytes, not what was written",
+                got.len()
+            ));
+        }
+        expect.push((format!("d{i}/g"), body));
+        let mut all = rec.lock().unwrap();
+        all.latencies.extend(r.latencies);
+        all.errors.extend(r.errors);
+        i += 1;
+    }
+    expect
+}
+
+/// Appends to one file kept open across every kill, reading back through a second handle
+/// what it wrote. Returns the whole content written.
+fn open_writer(path: PathBuf, stop: Arc<AtomicBool>, rec: Arc<Mutex<Record>>) -> Vec<u8> {
+    let mut written = Vec::new();
+    let mut r = Record::default();
+    let Some(mut f) = r.timed("open writer", || File::create(&path)) else {
+        rec.lock().unwrap().errors.extend(r.errors);
+        return written;
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let chunk = pattern(16 * 1024 + (n as usize % 5) * 1000, 1_000_000 + n);
+        if r.timed("write (open across kills)", || f.write_all(&chunk))
+            .is_some()
+        {
+            written.extend_from_slice(&chunk);
+        }
+        if n % 8 == 7 {
+            // Readers in the same mount see every byte written so far.
+            let at = written.len().saturating_sub(chunk.len());
+            let got = r.timed("pread of what was written", || {
+                let g = File::open(&path)?;
+                let mut buf = vec![0; chunk.len()];
+                g.read_exact_at(&mut buf, at as u64)?;
+                Ok(buf)
+            });
+            if got.as_deref().is_some_and(|g| g != chunk) {
+                r.errors
+                    .push(format!("bytes at {at} differ from what was written"));
+            }
+        }
+        n += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    r.timed("close of the file open across kills", || {
+        f.flush()?;
+        f.sync_all()
+    });
+    drop(f);
+    let mut all = rec.lock().unwrap();
+    all.latencies.extend(r.latencies);
+    all.errors.extend(r.errors);
+    written
+}
+
+/// Reads one object at scattered offsets through a handle opened before the first kill.
+fn open_reader(path: PathBuf, want: Vec<u8>, stop: Arc<AtomicBool>, rec: Arc<Mutex<Record>>) {
+    let mut r = Record::default();
+    let Some(mut f) = r.timed("open reader", || File::open(&path)) else {
+        rec.lock().unwrap().errors.extend(r.errors);
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut n = 0usize;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let at = (n * 7919 * 13) % (want.len() - 4096);
+        let got = r.timed("read (open across kills)", || {
+            f.seek(SeekFrom::Start(at as u64))?;
+            let mut buf = vec![0; 4096];
+            f.read_exact(&mut buf)?;
+            Ok(buf)
+        });
+        if got.as_deref().is_some_and(|g| g != &want[at..at + 4096]) {
+            r.errors.push(format!("read at {at} returned other bytes"));
+        }
+        n += 1;
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let mut all = rec.lock().unwrap();
+    all.latencies.extend(r.latencies);
+    all.errors.extend(r.errors);
+}
+
+async fn keys(store: &dyn ObjectStore, bucket: &s3vol_s3::BucketName) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut token = None;
+    loop {
+        let page = store
+            .list_objects(
+                bucket,
+                &ListRequest {
+                    continuation_token: token.clone(),
+                    ..ListRequest::default()
+                },
+            )
+            .await
+            .unwrap();
+        out.extend(page.objects.into_iter().map(|o| o.key));
+        match page.next_continuation_token {
+            Some(t) => token = Some(t),
+            None => return out,
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_kills_of_the_serving_process_cost_the_applications_nothing() {
+    let mut m = Mounted::new_unmounted("failover").await;
+    let ro = pattern(1 << 20, 77);
+    m.put("ro.bin", &ro, &[]).await;
+    m.start_supervised(&[]);
+    let log = drain_log(&mut m);
+    let supervisor = m.pid();
+    let first = wait_for_successor(supervisor, 0);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rec = Arc::new(Mutex::new(Record::default()));
+    let root = m.mnt.path().to_path_buf();
+    let meta = {
+        let (root, stop, rec) = (root.clone(), stop.clone(), rec.clone());
+        std::thread::spawn(move || metadata_loop(root, stop, rec))
+    };
+    let writer = {
+        let (p, stop, rec) = (root.join("open-writer.bin"), stop.clone(), rec.clone());
+        std::thread::spawn(move || open_writer(p, stop, rec))
+    };
+    let reader = {
+        let (p, stop, rec, want) = (root.join("ro.bin"), stop.clone(), rec.clone(), ro.clone());
+        std::thread::spawn(move || open_reader(p, want, stop, rec))
+    };
+
+    let mut pids = vec![first];
+    let mut takeovers = Vec::new();
+    let mut pid = first;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(600));
+        let killed_at = Instant::now();
+        // SAFETY: kill(2) of a process this test started (through the supervisor).
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        pid = wait_for_successor(supervisor, pid);
+        takeovers.push(killed_at.elapsed());
+        pids.push(pid);
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    stop.store(true, Ordering::Relaxed);
+    // Bounded: a call that never returns fails the test here, not by hanging it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(meta.is_finished() && writer.is_finished() && reader.is_finished()) {
+        if Instant::now() > deadline {
+            let stuck = [
+                ("metadata loop", meta.is_finished()),
+                ("writer", writer.is_finished()),
+                ("reader", reader.is_finished()),
+            ];
+            m.stop();
+            let log = log.lock().unwrap();
+            let tail = log.get(log.len().saturating_sub(20_000)..).unwrap_or(&log);
+            panic!("an application call hung after the kills: {stuck:?}; mount log:\n{tail}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let expect = meta.join().unwrap();
+    let written = writer.join().unwrap();
+    reader.join().unwrap();
+
+    let rec = std::mem::take(&mut *rec.lock().unwrap());
+    let mut lat = rec.latencies.clone();
+    lat.sort();
+    println!(
+        "{} application calls over 20 kills: p50 {:?}, p99 {:?}, p99.9 {:?}, max {:?}; successor started (kill to new pid) p50 {:?} max {:?}",
+        lat.len(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        percentile(&lat, 0.999),
+        lat.last().copied().unwrap_or_default(),
+        {
+            let mut t = takeovers.clone();
+            t.sort();
+            percentile(&t, 0.5)
+        },
+        takeovers.iter().max().copied().unwrap_or_default(),
+    );
+    assert!(
+        rec.errors.is_empty(),
+        "application errors: {:#?}",
+        rec.errors
+    );
+    assert!(
+        expect.len() >= 20,
+        "the loop made only {} rounds",
+        expect.len()
+    );
+    assert!(
+        written.len() > 100_000,
+        "the writer wrote only {} bytes",
+        written.len()
+    );
+    let worst = lat.last().copied().unwrap_or_default();
+    assert!(worst < Duration::from_secs(5), "a call stalled {worst:?}");
+
+    // The bucket holds what the applications made, and nothing they removed.
+    let got = keys(&*m.store, &m.bucket).await;
+    for (key, body) in &expect {
+        assert!(got.contains(key), "{key} missing from the bucket");
+        assert_eq!(&m.get(key).await, body, "{key} differs in the bucket");
+    }
+    let want: BTreeSet<String> = expect
+        .iter()
+        .flat_map(|(k, _)| {
+            let dir = k.trim_end_matches("/g").to_owned();
+            [k.clone(), format!("{dir}/")]
+        })
+        .chain(["ro.bin".to_owned(), "open-writer.bin".to_owned()])
+        .collect();
+    let extra: Vec<_> = got.difference(&want).collect();
+    let missing: Vec<_> = want.difference(&got).collect();
+    for key in extra.iter().chain(&missing) {
+        let log = log.lock().unwrap();
+        for line in log.lines().filter(|l| l.contains(&format!("\"{key}\""))) {
+            println!("log about {key}: {line}");
+        }
+    }
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "the bucket holds other objects than the applications left: extra {extra:?}, missing {missing:?}"
+    );
+    assert_eq!(
+        m.get("open-writer.bin").await,
+        written,
+        "the file open across the kills"
+    );
+
+    // Unmounting ends everything: the supervisor exits cleanly and no serving process stays.
+    let (status, err) = m.stop();
+    assert!(status.success(), "supervisor exited {status}: {err}");
+    for p in pids {
+        assert!(!alive(p), "serving process {p} still runs");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_to_a_supervised_mount_uploads_an_open_file_and_ends_everything() {
+    let mut m = Mounted::new_unmounted("failover-term").await;
+    m.start_supervised(&[]);
+    let supervisor = m.pid();
+    let serving = wait_for_successor(supervisor, 0);
+    let body = pattern(300_000, 5);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path("open.bin"))
+        .unwrap();
+    f.write_all(&body).unwrap();
+    // SAFETY: kill(2) of the supervisor this test started.
+    assert_eq!(unsafe { libc::kill(supervisor as i32, libc::SIGTERM) }, 0);
+    let child = m.child.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the supervisor did not exit at SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(f);
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        !alive(serving),
+        "the serving process outlived its supervisor's SIGTERM"
+    );
+    assert_eq!(
+        m.get("open.bin").await,
+        body,
+        "the open file was uploaded at SIGTERM"
+    );
+    m.child = None;
+}
+
+#[tokio::test]
+async fn killing_the_supervisor_takes_its_serving_process_along() {
+    let mut m = Mounted::new_unmounted("failover-sup").await;
+    m.start_supervised(&[]);
+    let supervisor = m.pid();
+    let serving = wait_for_successor(supervisor, 0);
+    m.child.as_mut().unwrap().kill().unwrap();
+    m.child.as_mut().unwrap().wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(serving) {
+        assert!(
+            Instant::now() < deadline,
+            "the serving process outlived its supervisor"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    m.child = None;
+}
