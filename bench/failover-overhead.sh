@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # failover-overhead.sh: what supervision costs on the paths that matter for speed — creating
-# small files and `ls -l` of a directory — measured as a supervised mount (the default: the
-# session journal, writes through staging files) against `--no-supervise` (no journal, new
-# files streamed from memory), alternating, on the same S3 server.
+# small files and `ls -l` of a directory — measured as a supervised mount (`--supervise`: the
+# session journal, writes through staging files) against the default unsupervised mount (no
+# journal, new files streamed from memory), alternating, on the same S3 server.
 #
 # Usage (as root; the S3 server of scripts/s3-server.sh in the environment):
 #   bench/failover-overhead.sh [--files N] [--runs R] [--bin PATH]
@@ -37,7 +37,7 @@ trap cleanup EXIT
 
 mount_it() { # mode bucket
     local extra=()
-    [[ $1 == unsupervised ]] && extra=(--no-supervise)
+    [[ $1 == supervised ]] && extra=(--supervise)
     local cache=$work/cache-$RANDOM; mkdir -p "$cache"; chmod 700 "$cache"
     "$bin" mount "$2" "$mnt" --endpoint-url "$S3VOL_TEST_ENDPOINT" --region us-east-1 \
         --force-path-style --cache-dir "$cache" "${extra[@]}"

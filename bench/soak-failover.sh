@@ -41,7 +41,7 @@ import os, sys, boto3
 boto3.client("s3", endpoint_url=os.environ["S3VOL_TEST_ENDPOINT"], region_name="us-east-1").create_bucket(Bucket=sys.argv[1])
 EOF
 
-"$bin" mount "$bucket" "$mnt" --endpoint-url "$S3VOL_TEST_ENDPOINT" --region us-east-1 \
+"$bin" mount "$bucket" "$mnt" --supervise --endpoint-url "$S3VOL_TEST_ENDPOINT" --region us-east-1 \
     --force-path-style --cache-dir "$cache" -f 2>"$log" &
 sup=$!
 cleanup() {

@@ -173,7 +173,7 @@ fn a_close_against_an_s3_that_never_answers_fails_within_its_bound() {
         &rt,
         &proxy,
         "hang-forever",
-        &["--max-attempts", "2", "--request-timeout", "1"],
+        &["--max-attempts", "2", "--request-timeout", "2"],
     );
     let path = m.path("f");
     // Looked up and created while S3 answers; only the upload at close meets the hang.
@@ -188,7 +188,7 @@ fn a_close_against_an_s3_that_never_answers_fails_within_its_bound() {
         Err(Some(libc::EIO)),
         "close against a hung S3: {result:?}"
     );
-    // Two attempts of 1 s (plus the size at 1 MiB/s) and a backoff, however busy the machine.
+    // Two attempts of 2 s (plus the size at 1 MiB/s) and a backoff, however busy the machine.
     assert!(took < Duration::from_secs(30), "close took {took:?}");
     proxy.set_hang(false);
 }

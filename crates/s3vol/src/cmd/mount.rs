@@ -130,9 +130,13 @@ pub struct MountArgs {
     /// Internal: this process is the background half of a mount.
     #[arg(long, hide = true)]
     pub daemon_child: bool,
-    /// Serve the mount in this process alone. By default (as root) a small supervising
-    /// process holds the FUSE connection and restarts the serving process within a second
-    /// if it dies (killed, out of memory, crashed), without the applications noticing.
+    /// Keep the mount through the death of its serving process (as root only): a small
+    /// supervising process holds the FUSE connection and restarts the serving process within
+    /// a second if it dies (killed, out of memory, crashed), without the applications
+    /// noticing. New files then go through staging files instead of streaming from memory.
+    #[arg(long, conflicts_with = "no_supervise")]
+    pub supervise: bool,
+    /// Serve the mount in this process alone (the default).
     #[arg(long)]
     pub no_supervise: bool,
     /// Internal: journal what a successor needs in this directory (supervised serving).
@@ -415,6 +419,15 @@ fn read_credential_bytes(fd: RawFd) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>
 }
 
 fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
+    if args.supervise && args.fuse_fd.is_some() {
+        bail!("--supervise makes its own mount: it cannot serve a --fuse-fd");
+    }
+    if args.supervise && !rustix::process::geteuid().is_root() {
+        bail!(
+            "--supervise needs root: the supervisor mounts with mount(2) to hold the FUSE \
+             connection itself (without it, fusermount3 holds it)"
+        );
+    }
     if supervise::wanted(&args) {
         let credentials = match args.credentials_fd {
             Some(fd) => {

@@ -122,19 +122,22 @@ impl Mounted {
         m
     }
 
-    /// Mounts as the tests of one serving process expect: `--no-supervise`, so the child is
-    /// the process that serves the mount (its memory, its signals, its crash). The supervised
-    /// mount (the default) is tested by `mount_failover.rs` through [`Mounted::start_supervised`].
+    /// Mounts as the tests of one serving process expect: unsupervised (the default, said
+    /// explicitly), so the child is the process that serves the mount (its memory, its
+    /// signals, its crash). The supervised mount is tested by `mount_failover.rs` through
+    /// [`Mounted::start_supervised`].
     pub fn start(&mut self, extra: &[&str]) {
         let mut args = vec!["--no-supervise"];
         args.extend_from_slice(extra);
         self.start_raw(&args);
     }
 
-    /// Mounts with the default supervision: the child is the supervisor, which holds the
-    /// connection and runs the serving process as its own child.
+    /// Mounts with `--supervise`: the child is the supervisor, which holds the connection and
+    /// runs the serving process as its own child.
     pub fn start_supervised(&mut self, extra: &[&str]) {
-        self.start_raw(extra);
+        let mut args = vec!["--supervise"];
+        args.extend_from_slice(extra);
+        self.start_raw(&args);
     }
 
     fn start_raw(&mut self, extra: &[&str]) {

@@ -45,7 +45,7 @@ const MAX_EARLY_DEATHS: u32 = 3;
 /// as root. Without root the mount is made by `fusermount3`, whose descriptor fuser keeps to
 /// itself, so there is nothing to hold.
 pub fn wanted(args: &MountArgs) -> bool {
-    args.fuse_fd.is_none() && !args.no_supervise && rustix::process::geteuid().is_root()
+    args.supervise && args.fuse_fd.is_none() && rustix::process::geteuid().is_root()
 }
 
 /// The arguments of the child: this command's own, without those the supervisor answers for.
@@ -66,6 +66,8 @@ fn child_args(original: &[OsString]) -> Vec<OsString> {
             _ if s.starts_with("--ready-fd=") || s.starts_with("--credentials-fd=") => {
                 continue;
             }
+            // The child serves the supervisor's descriptor; it supervises nothing.
+            "--supervise" => continue,
             _ => out.push(a.clone()),
         }
     }
@@ -403,6 +405,7 @@ mod tests {
             "b",
             "/m",
             "--daemon-child",
+            "--supervise",
             "--ready-fd",
             "3",
             "--credentials-fd=7",
