@@ -37,7 +37,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Mount a bucket or a prefix of one as a directory.
-    Mount(cmd::mount::MountArgs),
+    Mount(Box<cmd::mount::MountArgs>),
     /// Check that a bucket is reachable and what these credentials may do in it.
     Check(cmd::check::CheckArgs),
     /// Serve the CSI driver (identity, controller and node services) on a unix socket.
@@ -67,7 +67,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match cli.command {
-        Command::Mount(args) => cmd::mount::run(args),
+        Command::Mount(args) => cmd::mount::run(*args),
         Command::Check(args) => cmd::check::run(args),
         Command::Csi(args) => cmd::csi::run(args),
         Command::Mounter(args) => cmd::mounter::run(args),
