@@ -73,7 +73,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves both protocol versions on `listener` until `shutdown` completes, then lets calls in
-/// progress finish for up to [`SHUTDOWN_GRACE`].
+/// progress finish for up to `SHUTDOWN_GRACE` (10 s).
 pub async fn serve(
     driver: Arc<Driver>,
     listener: UnixListener,

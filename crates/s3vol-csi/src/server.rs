@@ -79,7 +79,7 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, ServeError> {
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves until `shutdown` completes, then lets the calls in progress finish for up to
-/// [`SHUTDOWN_GRACE`].
+/// `SHUTDOWN_GRACE` (10 s).
 pub async fn serve(
     config: DriverConfig,
     shutdown: impl Future<Output = ()> + Send,

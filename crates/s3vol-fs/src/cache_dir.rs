@@ -16,7 +16,7 @@
 //!
 //! Liveness: an instance holds an exclusive `flock` on `<instance>.lock` for its whole life (the
 //! kernel drops it when the process dies, even by SIGKILL). The start-up scan
-//! ([`crate::recover`]) touches only entries of instances whose lock it can take, so mounts
+//! (`recover.rs`) touches only entries of instances whose lock it can take, so mounts
 //! sharing a directory never scan each other's live files. The lock file is created under a
 //! temporary name and renamed once locked, so a scanner never sees it unlocked.
 //!
