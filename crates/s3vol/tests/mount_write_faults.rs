@@ -541,11 +541,12 @@ fn close_against_a_hung_server_gives_up_at_the_close_timeout_and_keeps_the_data(
         "close took {took:?} against a hung server with --close-timeout 2"
     );
     proxy.set_hang(false);
-    // The next flush sends what the bounded one kept. The parts still in flight when it gave
-    // up race the tail on the test server, which now and then answers one of them with a 500:
-    // a few flushes, as an application that retries fsync would make.
+    // The next flush sends what the bounded one kept. A part still in flight when it gave up
+    // finishes its hung attempt first (5 s), and on a busy test server a racing part is now
+    // and then answered with a 500: flushes are tried again, as an application retrying
+    // fsync would (bounded: 30 tries, a second apart).
     let mut flushed = Err(io::Error::other("no flush tried"));
-    for _ in 0..5 {
+    for _ in 0..30 {
         flushed = OpenOptions::new()
             .write(true)
             .open(m.path("big"))
@@ -555,7 +556,10 @@ fn close_against_a_hung_server_gives_up_at_the_close_timeout_and_keeps_the_data(
         }
         std::thread::sleep(Duration::from_secs(1));
     }
-    flushed.unwrap();
+    if let Err(e) = flushed {
+        let (_, stderr) = m.stop();
+        panic!("no flush succeeded once the server answered again: {e}\n{stderr}");
+    }
     let (status, stderr) = m.stop();
     assert!(
         status.success(),
