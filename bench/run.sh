@@ -4,7 +4,7 @@
 # one run. Results: $OUT/results.tsv (every measurement) and $OUT/results.md (the tables).
 #
 # Usage (as root, on Debian 12; see docs/benchmarks.md):
-#   bench/run.sh [--runs N] [--clients s3vol,mountpoint,s3fs,rclone] [--out DIR]
+#   bench/run.sh [--runs N] [--clients s3vol,mountpoint,s3fs,rclone] [--workloads W,…] [--out DIR]
 #       The full benchmark: Garage on 127.0.0.1 (bench/garage.sh), 1 GiB files, 1,000 small
 #       files, 10,000-entry directories, N runs (default 3). Builds what is missing: s3vol
 #       (release), the ceiling tool, the Mountpoint CLI (long: cmake + the AWS CRT), Garage.
@@ -53,18 +53,27 @@ die() {
 	exit 1
 }
 
-mode=full runs= clients= out=
+mode=full runs= clients= out= workloads=
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--quick) mode=quick ;;
 	--runs) runs=$2 && shift ;;
 	--clients) clients=$2 && shift ;;
+	--workloads) workloads=$2 && shift ;;
 	--out) out=$2 && shift ;;
-	-h | --help) sed -n '2,33p' "$0" >&2 && exit 0 ;;
+	-h | --help) sed -n '2,38p' "$0" >&2 && exit 0 ;;
 	*) die "unknown argument $1 (see --help)" ;;
 	esac
 	shift
 done
+WORKLOADS=(seqwrite seqread randread create cptree ls stat rename tarx find grep readers4)
+if [[ -n $workloads ]]; then
+	IFS=, read -r -a wanted <<<"$workloads"
+	for w in "${wanted[@]}"; do
+		[[ " ${WORKLOADS[*]} " == *" $w "* ]] || die "unknown workload '$w' (one of: ${WORKLOADS[*]})"
+	done
+	WORKLOADS=("${wanted[@]}")
+fi
 [[ $(id -u) -eq 0 ]] || die "run as root (FUSE mounts, apt-get, dropping the page cache)"
 
 if [[ $mode == full ]]; then
@@ -563,7 +572,6 @@ run_ceiling() { # run
 	note "ceiling run $r: $(grep -c "^$r	ceiling:" "$RESULTS") measurements"
 }
 
-WORKLOADS=(seqwrite seqread randread create cptree ls stat rename tarx find grep readers4)
 log "$mode run: ${CLIENTS[*]} on $SERVER; $runs run(s)"
 for ((r = 1; r <= runs; r++)); do
 	log "run $r of $runs"

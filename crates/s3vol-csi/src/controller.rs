@@ -610,6 +610,28 @@ async fn empty_root(
     }
 }
 
+/// Names the StorageClass parameter that was missing when a call carried no Secret and the
+/// driver has no identity of its own: the external sidecars pass a Secret only to the calls
+/// whose `csi.storage.k8s.io/<call>-secret-name` parameter is set, and a StorageClass that sets
+/// the provisioner's but not `controller-expand`'s makes every resize fail with a bare
+/// "no credentials".
+fn secret_hint(e: CsiError, secretless: bool, call: &str) -> CsiError {
+    match e {
+        CsiError::S3 {
+            context,
+            source: source @ S3Error::NoCredentials(_),
+        } if secretless => CsiError::S3 {
+            context: format!(
+                "{context} (the call carried no Secret: set csi.storage.k8s.io/{call}-secret-name \
+                 and csi.storage.k8s.io/{call}-secret-namespace in the StorageClass, or give \
+                 the controller credentials of its own)"
+            ),
+            source,
+        },
+        e => e,
+    }
+}
+
 #[tonic::async_trait]
 impl Controller for ControllerService {
     async fn create_volume(
@@ -626,7 +648,11 @@ impl Controller for ControllerService {
             .filter(|(k, v)| params::IDENTITY_KEYS.contains(&k.as_str()) && !v.trim().is_empty())
             .map(|(k, v)| (k.clone(), v.trim().to_owned()))
             .collect();
-        let mut volume = self.create(req).await?;
+        let secretless = req.secrets.is_empty();
+        let mut volume = self
+            .create(req)
+            .await
+            .map_err(|e| secret_hint(e, secretless, "provisioner"))?;
         volume.volume_context.extend(identity);
         Ok(Response::new(CreateVolumeResponse {
             volume: Some(volume),
@@ -637,7 +663,11 @@ impl Controller for ControllerService {
         &self,
         request: Request<DeleteVolumeRequest>,
     ) -> Result<Response<DeleteVolumeResponse>, Status> {
-        self.delete(request.into_inner()).await?;
+        let req = request.into_inner();
+        let secretless = req.secrets.is_empty();
+        self.delete(req)
+            .await
+            .map_err(|e| secret_hint(e, secretless, "provisioner"))?;
         Ok(Response::new(DeleteVolumeResponse {}))
     }
 
@@ -652,7 +682,13 @@ impl Controller for ControllerService {
         &self,
         request: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
-        Ok(Response::new(self.expand(request.into_inner()).await?))
+        let req = request.into_inner();
+        let secretless = req.secrets.is_empty();
+        let response = self
+            .expand(req)
+            .await
+            .map_err(|e| secret_hint(e, secretless, "controller-expand"))?;
+        Ok(Response::new(response))
     }
 
     async fn controller_get_capabilities(

@@ -630,6 +630,20 @@ async fn mode_all_is_a_complete_driver_that_keeps_the_csi_rules() {
         serde_json::from_slice::<serde_json::Value>(&chunks.concat()).unwrap()
     };
     assert_eq!(marker["capacityBytes"], 3 << 20);
+    // A resize whose StorageClass forgot the controller-expand Secret (the resizer then sends
+    // none) names the parameters to set, and records nothing.
+    let e = err(ctl
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            secrets: HashMap::new(),
+            ..expand(range(5 << 20, 0))
+        })
+        .await);
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    assert!(
+        e.message()
+            .contains("csi.storage.k8s.io/controller-expand-secret-name"),
+        "{e}"
+    );
 
     // Stage and publish on this node, with the mounter the driver started.
     let staging = h.path("staging");
