@@ -644,6 +644,20 @@ async fn mode_all_is_a_complete_driver_that_keeps_the_csi_rules() {
             .contains("csi.storage.k8s.io/controller-expand-secret-name"),
         "{e}"
     );
+    // The same for a claim whose StorageClass sets no provisioner Secret: nothing is made.
+    let secretless = unique("secretless");
+    let e = err(ctl
+        .create_volume(CreateVolumeRequest {
+            secrets: HashMap::new(),
+            ..create_req(&secretless, range(1 << 20, 0), params.clone())
+        })
+        .await);
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    assert!(
+        e.message()
+            .contains("csi.storage.k8s.io/provisioner-secret-name"),
+        "{e}"
+    );
 
     // Stage and publish on this node, with the mounter the driver started.
     let staging = h.path("staging");
