@@ -164,6 +164,20 @@ struct Stream {
     failed: Vec<PartData>,
     /// Set to `true` to make running part uploads stop retrying and report.
     stop_retrying: watch::Sender<bool>,
+    /// A CompleteMultipartUpload that a flush stopped waiting for when its time bound ran
+    /// out. S3 may still complete the upload, so whatever touches the stream next learns its
+    /// outcome first. The tail it sent is still in `filling`.
+    completing: Option<(JoinHandle<FsResult<ETag>>, Completion)>,
+    /// A completion that answered with an error that does not prove the upload open (the
+    /// answer to one that succeeded may have been lost): the next flush checks the object.
+    unsure: Option<Completion>,
+}
+
+/// A completion of a stream's upload: the parts it joins and the file's size then.
+#[derive(Clone, Debug)]
+struct Completion {
+    parts: Vec<CompletedPart>,
+    size: u64,
 }
 
 impl Stream {
@@ -618,6 +632,10 @@ impl Staged {
         if data.is_empty() {
             return Ok(());
         }
+        if self.completion_pending() {
+            // The upload may be an object already: the stream cannot take more bytes.
+            self.spill("a write after an unanswered completion").await?;
+        }
         if self.sequential && offset == self.size {
             let taken = self.stream_bytes(data, metadata).await;
             self.mark_content_dirty();
@@ -667,7 +685,8 @@ impl Staged {
             return Ok(());
         }
         if len == 0 {
-            // Nothing of the old content remains: streaming starts over.
+            // Nothing of the old content remains: streaming starts over. (An object that an
+            // unanswered completion made is replaced by the next upload.)
             self.abandon_stream().await;
             if let Some(file) = self.local.file()
                 && let Err(e) = file.set_len(0)
@@ -821,6 +840,8 @@ impl Staged {
                 done: Vec::new(),
                 failed: Vec::new(),
                 stop_retrying: watch::Sender::new(false),
+                completing: None,
+                unsure: None,
             });
             // A mount that dies from here on leaves a record of the upload to abort.
             self.last_metadata = self.stream.as_ref().map(|s| s.metadata.clone());
@@ -870,18 +891,32 @@ impl Staged {
         }
     }
 
+    /// Whether a completion of the stream's upload went unanswered and is still to be learnt.
+    fn completion_pending(&self) -> bool {
+        self.stream.as_ref().is_some_and(|s| s.completing.is_some())
+    }
+
     /// Ends streaming without keeping anything: stops the part uploads and aborts the upload.
-    async fn abandon_stream(&mut self) {
+    /// Returns whether an unanswered completion did make the object after all (the caller
+    /// decides whether it must go).
+    async fn abandon_stream(&mut self) -> bool {
         self.sequential = false;
         self.recycle_filling();
+        let mut landed = false;
         if let Some(stream) = self.stream.take() {
             stream.stop_retrying.send_replace(true);
             for p in stream.running {
                 let _ = p.await;
             }
-            self.abort_upload(stream.upload_id).await;
+            if let Some((pending, _)) = stream.completing {
+                landed = matches!(pending.await, Ok(Ok(_)));
+            }
+            if !landed {
+                self.abort_upload(stream.upload_id).await;
+            }
             self.journal_or_forget();
         }
+        landed
     }
 
     /// Moves a streaming file to a staging file. Without a multipart upload, the part buffer
@@ -1090,6 +1125,54 @@ impl Staged {
         content_type: Option<String>,
         deadline: Instant,
     ) -> FsResult<ETag> {
+        // A completion an earlier flush stopped waiting for decides first.
+        if let Some((mut pending, tried)) = self.stream.as_mut().and_then(|s| s.completing.take()) {
+            match tokio::time::timeout_at(deadline, &mut pending).await {
+                Err(_) => {
+                    if let Some(s) = self.stream.as_mut() {
+                        s.completing = Some((pending, tried));
+                    }
+                    return Err(flush_timed_out());
+                }
+                Ok(Ok(Ok(etag))) => {
+                    return self
+                        .landed(etag, tried, metadata, content_type, deadline)
+                        .await;
+                }
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(key = %self.key, error = %e, "an earlier completion of the upload failed");
+                    if let Some(s) = self.stream.as_mut() {
+                        s.unsure = Some(tried);
+                    }
+                }
+                Ok(Err(e)) => return Err(err!(libc::EIO, "upload completion task: {e}")),
+            }
+        }
+        // One that failed may have completed the upload all the same (its answer lost): then
+        // the upload is gone, and the object has the ETag its parts make.
+        if let Some(tried) = self.stream.as_mut().and_then(|s| s.unsure.take()) {
+            let expected = CompletedPart::multipart_etag(&tried.parts);
+            let head = by(
+                deadline,
+                self.ctx.store.head_object(&self.ctx.bucket, &self.key),
+            )
+            .await;
+            match (head, expected) {
+                (Ok(info), Some(expected)) if info.etag.as_str().trim_matches('"') == expected => {
+                    tracing::info!(key = %self.key, "an upload whose completion failed was completed all the same");
+                    return self
+                        .landed(info.etag, tried, metadata, content_type, deadline)
+                        .await;
+                }
+                (Err(e), _) if e.errno != libc::ENOENT => {
+                    if let Some(s) = self.stream.as_mut() {
+                        s.unsure = Some(tried);
+                    }
+                    return Err(e);
+                }
+                _ => {}
+            }
+        }
         let Some(stream) = self.stream.as_mut() else {
             return Err(err!(libc::EIO, "no upload to finish"));
         };
@@ -1180,32 +1263,145 @@ impl Staged {
             }
         }
         parts.sort_by_key(|p| p.part_number);
-        let completed = by(
-            deadline,
-            self.ctx.store.complete_multipart_upload(
-                &self.ctx.bucket,
-                &self.key,
-                &stream.upload_id,
-                &parts,
-            ),
-        )
-        .await;
-        let etag = match completed {
-            Ok(r) => {
+        let tried = Completion {
+            parts: parts.clone(),
+            size: self.size,
+        };
+        // A task, not a call dropped at the deadline: S3 may complete the upload after the
+        // flush gave up, and the file must then learn that it is an object.
+        let mut completing = tokio::spawn(complete_upload(
+            self.ctx.clone(),
+            self.key.clone(),
+            stream.upload_id.clone(),
+            parts,
+        ));
+        let outcome = match tokio::time::timeout_at(deadline, &mut completing).await {
+            Ok(Ok(outcome)) => {
+                if outcome.is_err() {
+                    stream.unsure = Some(tried);
+                }
+                outcome
+            }
+            Ok(Err(e)) => Err(err!(libc::EIO, "upload completion task: {e}")),
+            Err(_) => {
+                stream.completing = Some((completing, tried));
+                Err(flush_timed_out())
+            }
+        };
+        match outcome {
+            Ok(etag) => {
                 if let Some((bytes, _permit)) = tail {
                     self.ctx.parts.give_bytes(bytes);
                 }
-                r.etag
+                self.completed(etag, metadata, content_type, deadline).await
             }
             Err(e) => {
                 if let Some((bytes, permit)) = tail {
                     self.filling = Some((Vec::from(bytes), permit));
                 }
-                return Err(e);
+                Err(e)
             }
+        }
+    }
+
+    /// A completion that was not waited for made the object `etag` of the upload as it was
+    /// then. The file may have grown since (after a failed flush, the application wrote on):
+    /// the object then holds the first bytes, and the rest, all in memory, goes to the
+    /// staging file over it.
+    async fn landed(
+        &mut self,
+        etag: ETag,
+        tried: Completion,
+        metadata: &UserMetadata,
+        content_type: Option<String>,
+        deadline: Instant,
+    ) -> FsResult<ETag> {
+        if tried.size == self.size {
+            // The tail it sent is in the object.
+            self.recycle_filling();
+            return self.completed(etag, metadata, content_type, deadline).await;
+        }
+        if let Err(e) = self.unstream_over(etag.clone(), tried.size).await {
+            if let Some(s) = self.stream.as_mut() {
+                s.unsure = Some(tried);
+            }
+            return Err(e);
+        }
+        self.put_all(metadata, content_type, deadline).await
+    }
+
+    /// Ends a stream whose upload became the object `etag` with the file's first `prefix`
+    /// bytes: every later byte (in the part being filled and in parts not in that upload,
+    /// all in memory) goes to the staging file, over that object as the base.
+    async fn unstream_over(&mut self, etag: ETag, prefix: u64) -> FsResult<()> {
+        let part = self.ctx.stream_part_size();
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(err!(libc::EIO, "no stream to end"));
         };
-        let created_with = stream.metadata.clone();
+        stream.stop_retrying.send_replace(true);
+        for p in std::mem::take(&mut stream.running) {
+            stream.record(p.await)?;
+        }
+        let mut pieces: Vec<(u64, Bytes)> = Vec::new();
+        if let Some((buf, _)) = &self.filling {
+            pieces.push((stream.sent, Bytes::copy_from_slice(buf)));
+        }
+        for p in &stream.failed {
+            pieces.push(((p.number as u64 - 1) * part, p.bytes.clone()));
+        }
+        let mut held = RangeSet::new();
+        held.insert(0..prefix);
+        for (at, bytes) in &pieces {
+            held.insert(*at..at + bytes.len() as u64);
+        }
+        if !held.missing(0..self.size).is_empty() {
+            // Parts that went into no completed upload and are no longer in memory.
+            return Err(err!(
+                libc::EIO,
+                "s3://{}/{}: the upload was completed with the first {prefix} bytes, and bytes \
+                 written after that are neither in it nor in memory",
+                self.ctx.bucket,
+                self.key
+            ));
+        }
+        self.reserve_to(self.size).await;
+        self.need_disk(self.size - prefix)?;
+        self.file()?;
+        for (at, bytes) in &pieces {
+            let Some(file) = self.local.file() else {
+                return Err(err!(libc::EIO, "staging file not open"));
+            };
+            if let Err(e) = file.write_all_at(bytes, *at) {
+                return Err(self.io_error(e));
+            }
+        }
+        for (at, bytes) in pieces {
+            let range = at..at + bytes.len() as u64;
+            self.written.insert(range.clone());
+            self.present.insert(range);
+        }
+        self.base = Some(Base { etag, size: prefix });
         self.stream = None;
+        self.recycle_filling();
+        self.sequential = false;
+        self.journal();
+        Ok(())
+    }
+
+    /// The stream's upload is complete as the object `etag`: the stream ends, and the object's
+    /// attributes are rewritten if they are not `metadata` (the upload was created before the
+    /// final attributes were known).
+    async fn completed(
+        &mut self,
+        etag: ETag,
+        metadata: &UserMetadata,
+        content_type: Option<String>,
+        deadline: Instant,
+    ) -> FsResult<ETag> {
+        let Some(stream) = self.stream.take() else {
+            return Ok(etag);
+        };
+        let created_with = stream.metadata;
         if !same_but_times(&created_with, metadata) || content_type.is_some() {
             // The upload was created before the final attributes were known. The copy makes a
             // new version; on AWS it has a new ETag, which is the one to remember.
@@ -1392,10 +1588,53 @@ impl Staged {
             .await
     }
 
+    /// Learns the outcome of a completion of the stream's upload that went unanswered, waiting
+    /// as long as S3 takes to answer: before the file's key is deleted or given to another
+    /// file, so that the upload cannot make an object there afterwards.
+    pub async fn settle(&mut self) {
+        let Some((pending, tried)) = self.stream.as_mut().and_then(|s| s.completing.take()) else {
+            return;
+        };
+        match pending.await {
+            Ok(Ok(etag)) if tried.size == self.size => {
+                // The tail it sent is in the object; the attributes are those the upload was
+                // created with, rewritten at the next flush.
+                self.stream = None;
+                self.recycle_filling();
+                self.sequential = false;
+                self.content_landed(etag);
+                self.meta_dirty = true;
+                self.journal_or_forget();
+            }
+            Ok(Ok(etag)) => {
+                if let Err(e) = self.unstream_over(etag, tried.size).await {
+                    tracing::error!(key = %self.key, error = %e, "an upload completed late; the bytes written since are kept in memory");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(key = %self.key, error = %e, "completing the upload failed; the next flush checks whether it is open");
+                if let Some(s) = self.stream.as_mut() {
+                    s.unsure = Some(tried);
+                }
+            }
+            Err(e) => tracing::warn!(key = %self.key, error = %e, "upload completion task failed"),
+        }
+    }
+
     /// Throws the local data away (the file was unlinked). Waits for stream parts and aborts
     /// the upload so nothing appears in the bucket.
     pub async fn discard(&mut self) {
-        self.abandon_stream().await;
+        if self.abandon_stream().await {
+            // The object came from a completion that went unanswered before the unlink.
+            if let Err(e) = self
+                .ctx
+                .store
+                .delete_object(&self.ctx.bucket, &self.key)
+                .await
+            {
+                tracing::error!(key = %self.key, error = %e, "an unlinked file's upload completed late and its object cannot be deleted");
+            }
+        }
         self.content_dirty = false;
         self.meta_dirty = false;
         self.unlinked = true;
@@ -1424,6 +1663,12 @@ impl Staged {
         }
         let target = format!("s3://{}/{}", self.ctx.bucket, self.key);
         let mut in_upload = None;
+        self.settle().await;
+        if !self.content_dirty {
+            return Ok(format!(
+                "{target}: its upload was completed; only attribute changes were not written"
+            ));
+        }
         if self.sequential {
             if let Some(stream) = &mut self.stream {
                 // Running part uploads hand their bytes back instead of retrying further.
@@ -1561,6 +1806,34 @@ fn write_at(file: &File, mut data: &[u8], mut offset: u64) -> (usize, std::io::R
         }
     }
     (landed, Ok(()))
+}
+
+/// Completes a multipart upload of `parts`. When S3 answers with an error, the upload may
+/// still have been completed by an earlier attempt whose answer was lost (a retried
+/// CompleteMultipartUpload then finds no upload): the object is the upload's when its ETag is
+/// the one those parts make.
+async fn complete_upload(
+    ctx: Arc<StageCtx>,
+    key: String,
+    upload_id: UploadId,
+    parts: Vec<CompletedPart>,
+) -> FsResult<ETag> {
+    let e = match ctx
+        .store
+        .complete_multipart_upload(&ctx.bucket, &key, &upload_id, &parts)
+        .await
+    {
+        Ok(done) => return Ok(done.etag),
+        Err(e) => e,
+    };
+    if let Some(expected) = CompletedPart::multipart_etag(&parts)
+        && let Ok(info) = ctx.store.head_object(&ctx.bucket, &key).await
+        && info.etag.as_str().trim_matches('"') == expected
+    {
+        tracing::info!(%key, upload_id = %upload_id.0, error = %e, "the upload was completed although S3's answer said otherwise: the object has its parts' ETag");
+        return Ok(info.etag);
+    }
+    Err(e.into())
 }
 
 /// Uploads one streamed part, retrying with backoff while the error may pass, until the part

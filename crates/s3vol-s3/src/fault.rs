@@ -36,6 +36,14 @@ pub enum Fault {
     /// GETs answer with the whole object whatever range they ask for, as a server that
     /// ignores `Range` does (until cleared).
     IgnoreRange,
+    /// Calls of `op` reach the store and take effect, but their answer is lost and `error`
+    /// comes back instead, `times` times (`None`: until cleared): a connection that drops
+    /// after the server acted.
+    LoseAnswer {
+        op: Op,
+        error: S3Error,
+        times: Option<u64>,
+    },
 }
 
 #[derive(Debug)]
@@ -125,11 +133,37 @@ impl FaultStore {
     }
 }
 
+impl FaultStore {
+    /// What the caller of a call that reached the store gets: its `answer`, unless a
+    /// [`Fault::LoseAnswer`] rule replaces it.
+    fn answer<T>(&self, op: Op, answer: S3Result<T>) -> S3Result<T> {
+        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = rules
+            .iter()
+            .position(|r| matches!(&r.fault, Fault::LoseAnswer { op: o, .. } if *o == op))
+        else {
+            return answer;
+        };
+        let Fault::LoseAnswer { error, times, .. } = &mut rules[i].fault else {
+            return answer;
+        };
+        let error = error.clone();
+        if let Some(t) = times {
+            *t = t.saturating_sub(1);
+            if *t == 0 {
+                rules.remove(i);
+            }
+        }
+        Err(error)
+    }
+}
+
 #[async_trait]
 impl ObjectStore for FaultStore {
     async fn head_object(&self, bucket: &BucketName, key: &str) -> S3Result<ObjectInfo> {
         self.before(Op::Head).await?;
-        self.inner.head_object(bucket, key).await
+        let answer = self.inner.head_object(bucket, key).await;
+        self.answer(Op::Head, answer)
     }
 
     async fn get_object(
@@ -158,7 +192,8 @@ impl ObjectStore for FaultStore {
         options: &PutOptions,
     ) -> S3Result<PutResult> {
         self.before(Op::Put).await?;
-        self.inner.put_object(bucket, key, body, options).await
+        let answer = self.inner.put_object(bucket, key, body, options).await;
+        self.answer(Op::Put, answer)
     }
 
     async fn create_multipart_upload(
@@ -168,9 +203,11 @@ impl ObjectStore for FaultStore {
         options: &PutOptions,
     ) -> S3Result<UploadId> {
         self.before(Op::CreateMultipart).await?;
-        self.inner
+        let answer = self
+            .inner
             .create_multipart_upload(bucket, key, options)
-            .await
+            .await;
+        self.answer(Op::CreateMultipart, answer)
     }
 
     async fn upload_part(
@@ -182,9 +219,11 @@ impl ObjectStore for FaultStore {
         body: Bytes,
     ) -> S3Result<CompletedPart> {
         self.before(Op::UploadPart).await?;
-        self.inner
+        let answer = self
+            .inner
             .upload_part(bucket, key, upload_id, part_number, body)
-            .await
+            .await;
+        self.answer(Op::UploadPart, answer)
     }
 
     async fn upload_part_copy(
@@ -196,9 +235,11 @@ impl ObjectStore for FaultStore {
         source: &CopySource,
     ) -> S3Result<CompletedPart> {
         self.before(Op::UploadPartCopy).await?;
-        self.inner
+        let answer = self
+            .inner
             .upload_part_copy(bucket, key, upload_id, part_number, source)
-            .await
+            .await;
+        self.answer(Op::UploadPartCopy, answer)
     }
 
     async fn complete_multipart_upload(
@@ -209,9 +250,11 @@ impl ObjectStore for FaultStore {
         parts: &[CompletedPart],
     ) -> S3Result<PutResult> {
         self.before(Op::CompleteMultipart).await?;
-        self.inner
+        let answer = self
+            .inner
             .complete_multipart_upload(bucket, key, upload_id, parts)
-            .await
+            .await;
+        self.answer(Op::CompleteMultipart, answer)
     }
 
     async fn abort_multipart_upload(
@@ -221,9 +264,11 @@ impl ObjectStore for FaultStore {
         upload_id: &UploadId,
     ) -> S3Result<()> {
         self.before(Op::AbortMultipart).await?;
-        self.inner
+        let answer = self
+            .inner
             .abort_multipart_upload(bucket, key, upload_id)
-            .await
+            .await;
+        self.answer(Op::AbortMultipart, answer)
     }
 
     async fn copy_object(
@@ -234,12 +279,14 @@ impl ObjectStore for FaultStore {
         directive: &MetadataDirective,
     ) -> S3Result<PutResult> {
         self.before(Op::Copy).await?;
-        self.inner.copy_object(bucket, key, source, directive).await
+        let answer = self.inner.copy_object(bucket, key, source, directive).await;
+        self.answer(Op::Copy, answer)
     }
 
     async fn delete_object(&self, bucket: &BucketName, key: &str) -> S3Result<()> {
         self.before(Op::Delete).await?;
-        self.inner.delete_object(bucket, key).await
+        let answer = self.inner.delete_object(bucket, key).await;
+        self.answer(Op::Delete, answer)
     }
 
     async fn delete_objects(
@@ -248,27 +295,32 @@ impl ObjectStore for FaultStore {
         keys: &[String],
     ) -> S3Result<Vec<(String, S3Error)>> {
         self.before(Op::DeleteMany).await?;
-        self.inner.delete_objects(bucket, keys).await
+        let answer = self.inner.delete_objects(bucket, keys).await;
+        self.answer(Op::DeleteMany, answer)
     }
 
     async fn list_objects(&self, bucket: &BucketName, request: &ListRequest) -> S3Result<ListPage> {
         self.before(Op::List).await?;
-        self.inner.list_objects(bucket, request).await
+        let answer = self.inner.list_objects(bucket, request).await;
+        self.answer(Op::List, answer)
     }
 
     async fn create_bucket(&self, bucket: &BucketName) -> S3Result<()> {
         self.before(Op::CreateBucket).await?;
-        self.inner.create_bucket(bucket).await
+        let answer = self.inner.create_bucket(bucket).await;
+        self.answer(Op::CreateBucket, answer)
     }
 
     async fn head_bucket(&self, bucket: &BucketName) -> S3Result<()> {
         self.before(Op::HeadBucket).await?;
-        self.inner.head_bucket(bucket).await
+        let answer = self.inner.head_bucket(bucket).await;
+        self.answer(Op::HeadBucket, answer)
     }
 
     async fn delete_bucket(&self, bucket: &BucketName) -> S3Result<()> {
         self.before(Op::DeleteBucket).await?;
-        self.inner.delete_bucket(bucket).await
+        let answer = self.inner.delete_bucket(bucket).await;
+        self.answer(Op::DeleteBucket, answer)
     }
 }
 

@@ -240,6 +240,27 @@ pub struct CompletedPart {
     pub etag: ETag,
 }
 
+impl CompletedPart {
+    /// The ETag S3 gives the object that completing an upload of `parts` (in this order)
+    /// makes: the MD5 of the parts' MD5s, `-`, and how many parts there are; without quotes.
+    /// `None` when a part's ETag is not an MD5 (under SSE-KMS, say), so the object's ETag
+    /// cannot be known in advance.
+    pub fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {
+        use md5::{Digest, Md5};
+        let mut digests = Vec::with_capacity(parts.len() * 16);
+        for p in parts {
+            let hex = p.etag.as_str().trim_matches('"');
+            if hex.len() != 32 {
+                return None;
+            }
+            for i in (0..32).step_by(2) {
+                digests.push(u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()?);
+            }
+        }
+        Some(format!("{:x}-{}", Md5::digest(&digests), parts.len()))
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use s3vol_s3::{
-    AwsStore, BucketName, CopySource, ETag, ListRequest, MemStore, MetadataDirective, ObjectStore,
-    PutOptions, S3Config, S3Error, UserMetadata, testing,
+    AwsStore, BucketName, CompletedPart, CopySource, ETag, ListRequest, MemStore,
+    MetadataDirective, ObjectStore, PutOptions, S3Config, S3Error, UserMetadata, testing,
 };
 
 type Store = Arc<dyn ObjectStore>;
@@ -349,13 +349,20 @@ async fn multipart_upload_and_part_copy(store: Store) {
         .upload_part(&b, "big", &id, 3, Bytes::from_static(b"tail"))
         .await
         .unwrap();
+    let parts = [p1, p2, p3];
     let done = store
-        .complete_multipart_upload(&b, "big", &id, &[p1, p2, p3])
+        .complete_multipart_upload(&b, "big", &id, &parts)
         .await
         .unwrap();
     assert!(
         done.etag.as_str().ends_with("-3\""),
         "multipart ETag {done:?}"
+    );
+    // What a client whose CompleteMultipartUpload went unanswered compares the object with.
+    assert_eq!(
+        CompletedPart::multipart_etag(&parts).as_deref(),
+        Some(done.etag.as_str().trim_matches('"')),
+        "the multipart ETag can be known from the parts"
     );
     let mut expected = part1;
     expected.extend_from_slice(&source[copied]);

@@ -408,6 +408,12 @@ impl S3Fs {
             let staged = self.staged_for_write(&child, false).await?;
             staged.lock().await.make_local().await?;
         }
+        // An upload whose completion went unanswered must not make the object after the
+        // delete.
+        let staged = child.state().staged.clone();
+        if let Some(staged) = staged {
+            staged.lock().await.settle().await;
+        }
         // A file streaming its first parts has just been completed as an object: delete it too.
         if !local_only || open {
             self.store.delete_object(&self.config.bucket, &key).await?;

@@ -72,6 +72,12 @@ impl S3Fs {
                 let s = src.state();
                 (s.key.clone(), s.attrs.size, s.local_only)
             };
+            // The target's upload, if its completion went unanswered, must not make its
+            // object after the file takes its name.
+            let target = dst.as_ref().and_then(|d| d.state().staged.clone());
+            if let Some(st) = target {
+                st.lock().await.settle().await;
+            }
             if !local_only {
                 let etag = self.copy_any(&old_key, &new_key, size, None).await?;
                 self.store

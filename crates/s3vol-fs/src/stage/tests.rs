@@ -507,3 +507,120 @@ async fn a_server_that_ignores_ranges_fails_the_fill_instead_of_misplacing_bytes
     let local = st.read(0, expect.len() as u64).await.unwrap();
     assert!(local == expect, "the staging file holds no misplaced bytes");
 }
+
+#[tokio::test]
+async fn a_completion_whose_answer_was_lost_is_known_by_the_objects_etag() {
+    let dir = crate::cache_dir::private_tempdir();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let ctx = ctx_over(store.clone(), dir.path()).await;
+    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let content = data(13 * MIB, 21);
+    write_all(&mut st, &content).await;
+    // S3 completes the upload, the answer is lost: the object is there with the ETag its
+    // parts make, so the flush succeeds.
+    store.add(Fault::LoseAnswer {
+        op: Op::CompleteMultipart,
+        error: S3Error::Transient("connection reset".into()),
+        times: Some(1),
+    });
+    st.upload(&meta("33188", "1"), None).await.unwrap();
+    assert!(!st.content_dirty());
+    assert!(object(&ctx, "f").await.0 == content);
+
+    // The same, and the check fails too: the flush fails, and the next one finds the upload
+    // gone (completed) and the object made of its parts, instead of failing for ever.
+    let mut st = Staged::new_empty(ctx.clone(), "g").unwrap();
+    let content = data(13 * MIB, 22);
+    write_all(&mut st, &content).await;
+    store.add(Fault::LoseAnswer {
+        op: Op::CompleteMultipart,
+        error: S3Error::Transient("connection reset".into()),
+        times: Some(1),
+    });
+    store.add(Fault::FailOp {
+        op: Op::Head,
+        error: S3Error::Transient("down".into()),
+        times: Some(1),
+    });
+    assert!(st.upload(&meta("33188", "1"), None).await.is_err());
+    assert!(st.content_dirty(), "not known to be in S3 yet");
+    st.upload(&meta("33188", "1"), None).await.unwrap();
+    assert!(!st.content_dirty());
+    assert!(object(&ctx, "g").await.0 == content);
+
+    // The application writes on after that failed flush (more than a part): the object holds
+    // the first bytes, memory the rest, and the next flush joins them.
+    let mut st = Staged::new_empty(ctx.clone(), "h").unwrap();
+    let content = data(22 * MIB, 26);
+    write_all(&mut st, &content[..13 * MIB]).await;
+    store.add(Fault::LoseAnswer {
+        op: Op::CompleteMultipart,
+        error: S3Error::Transient("connection reset".into()),
+        times: Some(1),
+    });
+    store.add(Fault::FailOp {
+        op: Op::Head,
+        error: S3Error::Transient("down".into()),
+        times: Some(1),
+    });
+    assert!(st.upload(&meta("33188", "1"), None).await.is_err());
+    write_all(&mut st, &content[13 * MIB..]).await;
+    st.upload(&meta("33188", "1"), None).await.unwrap();
+    assert!(!st.content_dirty());
+    assert!(object(&ctx, "h").await.0 == content, "every byte, in order");
+}
+
+/// A flush that gives up while CompleteMultipartUpload is unanswered leaves it running: it
+/// may still make the object, and whatever comes next learns its outcome first.
+#[tokio::test(start_paused = true)]
+async fn a_completion_left_running_at_the_time_bound_decides_what_comes_next() {
+    let dir = crate::cache_dir::private_tempdir();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let ctx = ctx_over(store.clone(), dir.path()).await;
+    let slow_completion = || Fault::Latency {
+        op: Some(Op::CompleteMultipart),
+        delay: Duration::from_secs(100),
+    };
+
+    // The next flush waits for it, and the object it made is the file.
+    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let content = data(12 * MIB, 23);
+    write_all(&mut st, &content).await;
+    store.add(slow_completion());
+    assert_eq!(
+        st.upload(&meta("33188", "1"), None)
+            .await
+            .unwrap_err()
+            .errno,
+        libc::EIO
+    );
+    assert!(st.completion_pending());
+    store.clear();
+    st.upload(&meta("33188", "1"), None).await.unwrap();
+    assert!(object(&ctx, "f").await.0 == content);
+
+    // The application writes on after the failed flush: the write waits for the outcome,
+    // and every byte, before and after, ends in S3.
+    let mut st = Staged::new_empty(ctx.clone(), "g").unwrap();
+    let content = data(14 * MIB, 24);
+    write_all(&mut st, &content[..12 * MIB]).await;
+    store.add(slow_completion());
+    assert!(st.upload(&meta("33188", "1"), None).await.is_err());
+    store.clear();
+    write_all(&mut st, &content[12 * MIB..]).await;
+    assert!(!st.completion_pending());
+    st.upload(&meta("33188", "1"), None).await.unwrap();
+    assert!(object(&ctx, "g").await.0 == content);
+
+    // Unlinked meanwhile: the object the late completion makes is deleted.
+    let mut st = Staged::new_empty(ctx.clone(), "h").unwrap();
+    write_all(&mut st, &data(12 * MIB, 25)).await;
+    store.add(slow_completion());
+    assert!(st.upload(&meta("33188", "1"), None).await.is_err());
+    store.clear();
+    st.discard().await;
+    assert!(
+        ctx.store.head_object(&ctx.bucket, "h").await.is_err(),
+        "nothing of the unlinked file stays in the bucket"
+    );
+}
