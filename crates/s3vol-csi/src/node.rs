@@ -882,6 +882,7 @@ impl NodeService {
         };
         let health = mounts::probe(&path, PROBE_TIMEOUT).await;
         let served = self.mounter_status(&served_as).await;
+        let dead = health.is_dead();
         let (usage, condition) = match health {
             Health::Ok {
                 bytes_total,
@@ -898,11 +899,11 @@ impl NodeService {
                     message: healthy_message(served.as_ref()),
                 },
             ),
-            Health::Error(kind, msg) => (
+            Health::Error(_, msg) => (
                 vec![usage(Unit::Bytes, 0, 0)],
                 VolumeCondition {
                     abnormal: true,
-                    message: if kind == io::ErrorKind::NotConnected {
+                    message: if dead {
                         let why = served
                             .as_ref()
                             .and_then(|s| s.ended.as_deref())

@@ -342,6 +342,13 @@ async fn csi_successors_that_cannot_start_are_not_restarted_forever() {
     // Nobody holds the connection any more: the mount answers ENOTCONN rather than hanging.
     let e = std::fs::metadata(target.join("before.txt")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    // The data written before the kill was in S3 already (close-to-open).
+    let s3 = store().await;
+    let bucket = BucketName::new(v.context["bucket"].clone()).unwrap();
+    assert_eq!(
+        workload::get(&s3, &bucket, "before.txt").await,
+        b"written before the kill"
+    );
     unpublish(&mut node, &v, &target).await;
     unstage(&mut node, &v, &staging).await;
     assert!(!is_mounted(&target) && !is_mounted(&staging));
