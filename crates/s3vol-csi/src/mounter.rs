@@ -497,12 +497,15 @@ fn clear_sessions(root: &Path) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let ours = name.to_str().and_then(|n| n.split_once('-')).is_some_and(|(h, n)| {
-            h.len() == 16
-                && h.bytes().all(|b| b.is_ascii_hexdigit())
-                && !n.is_empty()
-                && n.bytes().all(|b| b.is_ascii_digit())
-        });
+        let ours = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .is_some_and(|(h, n)| {
+                h.len() == 16
+                    && h.bytes().all(|b| b.is_ascii_hexdigit())
+                    && !n.is_empty()
+                    && n.bytes().all(|b| b.is_ascii_digit())
+            });
         if ours && let Err(e) = std::fs::remove_dir_all(entry.path()) {
             tracing::warn!(dir = %entry.path().display(), error = %e, "removing an earlier mounter's session directory");
         }

@@ -599,9 +599,15 @@ mod tests {
         let none = SecretHints::default();
         let d = Defaults::default();
         let p = map(&[("mode", "bucket"), ("failover", "false")]);
-        assert!(ProvisionParams::parse(&p, &none, &d).is_ok(), "a known parameter");
+        assert!(
+            ProvisionParams::parse(&p, &none, &d).is_ok(),
+            "a known parameter"
+        );
         let p = map(&[("mode", "bucket"), ("failover", "off")]);
-        assert!(ProvisionParams::parse(&p, &none, &d).is_err(), "a bad value fails the claim");
+        assert!(
+            ProvisionParams::parse(&p, &none, &d).is_err(),
+            "a bad value fails the claim"
+        );
     }
 
     #[test]

@@ -184,7 +184,10 @@ mod tests {
         assert_eq!(mode, 0o700);
         let file = root.path().join("f");
         std::fs::write(&file, b"").unwrap();
-        assert!(private_dir(&file).is_err(), "a file is no session directory");
+        assert!(
+            private_dir(&file).is_err(),
+            "a file is no session directory"
+        );
     }
 
     #[test]

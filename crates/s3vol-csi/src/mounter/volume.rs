@@ -594,9 +594,7 @@ impl Volume {
 
 /// Credentials as the serving process reads them: one JSON line, in zeroing memory. The
 /// buffer is sized up front so that encoding does not reallocate (leaving copies behind).
-pub(super) fn identity_line(
-    c: &s3vol_s3::IdentityDocument,
-) -> io::Result<Zeroizing<Vec<u8>>> {
+pub(super) fn identity_line(c: &s3vol_s3::IdentityDocument) -> io::Result<Zeroizing<Vec<u8>>> {
     let mut body = Zeroizing::new(Vec::with_capacity(16 * 1024));
     serde_json::to_writer(&mut *body, c).map_err(io::Error::other)?;
     body.push(b'\n');

@@ -198,11 +198,21 @@ async fn csi_volume_survives_five_kills_of_its_serving_process() {
     let got: BTreeSet<String> = workload::all_keys(&s3, &bucket).await;
     for (key, body) in &expect {
         assert!(got.contains(key), "{key} missing from the bucket");
-        assert_eq!(&workload::get(&s3, &bucket, key).await, body, "{key} differs");
+        assert_eq!(
+            &workload::get(&s3, &bucket, key).await,
+            body,
+            "{key} differs"
+        );
     }
     let want = workload::expected_keys(&expect, &["ro.bin", "open-writer.bin"]);
-    assert_eq!(got, want, "the bucket holds other objects than the applications left");
-    assert_eq!(workload::get(&s3, &bucket, "open-writer.bin").await, written);
+    assert_eq!(
+        got, want,
+        "the bucket holds other objects than the applications left"
+    );
+    assert_eq!(
+        workload::get(&s3, &bucket, "open-writer.bin").await,
+        written
+    );
     assert_eq!(workload::get(&s3, &bucket, "ro.bin").await, ro);
 
     // Unstaging ends everything: no serving process stays, no session directory either.
@@ -252,7 +262,10 @@ async fn csi_failover_false_lets_a_killed_serving_process_end_the_volume() {
         cond.message
     );
     std::thread::sleep(Duration::from_millis(500));
-    assert!(serving(&staging).is_empty(), "no successor without failover");
+    assert!(
+        serving(&staging).is_empty(),
+        "no successor without failover"
+    );
     // The pod cannot write through to the node's disk.
     assert!(std::fs::write(target.join("x"), b"x").is_err());
     // Restaging replaces the dead mount; cleanup works.
@@ -325,11 +338,15 @@ async fn csi_successors_that_cannot_start_are_not_restarted_forever() {
     };
     assert!(cond.abnormal, "{}\n{}", cond.message, h.csi_log());
     assert!(
-        cond.message.contains("3 serving processes in a row died before they served"),
+        cond.message
+            .contains("3 serving processes in a row died before they served"),
         "{}",
         cond.message
     );
-    let starts = |log: &str| log.matches("starting a successor on the same connection").count();
+    let starts = |log: &str| {
+        log.matches("starting a successor on the same connection")
+            .count()
+    };
     assert_eq!(starts(&h.csi_log()), 3, "{}", h.csi_log());
     let log = h.csi_log();
     assert!(

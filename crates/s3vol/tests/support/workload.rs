@@ -172,7 +172,6 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-
 /// Every key in `bucket`, all pages.
 pub async fn all_keys(
     store: &dyn s3vol_s3::ObjectStore,
