@@ -4,7 +4,7 @@
 //!
 //! Both hold the connection's `/dev/fuse` descriptor for the mount's whole life and run the
 //! filesystem in a child that journals, in a private session directory, what a successor must
-//! know ([`crate::journal`]). When the child dies without being asked, a successor starts on
+//! know (`journal.rs`). When the child dies without being asked, a successor starts on
 //! the same descriptor with `--adopt`. The rules they share live here, so the two cannot drift:
 //!
 //! - [`connection_gone`]: an unmount (or an abort through `/sys/fs/fuse`) ends the connection,
