@@ -24,7 +24,8 @@
 # mounter runs as deployed: deploy/tests/runtime_spec.py reads the rendered manifests and the
 # CSI test csi_as_deployed_* runs the real binary under exactly that user, those groups,
 # capabilities and volumes, as PID 1 of its own PID namespace, without /dev/fuse, stages a
-# volume through it and drains it with SIGTERM. The exit status is non-zero if any part fails.
+# volume through it, kills its serving process once (a successor takes over) and drains it
+# with SIGTERM. The exit status is non-zero if any part fails.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -136,7 +136,7 @@ STORES = {
     "storageclass-bucket-per-volume.yaml": {"mode": "bucket"},
     "storageclass-prefix-per-volume.yaml": {"mode": "prefix"},
 }
-SC_PARAMS = {"mode", "bucket", "bucketPrefix", "endpoint", "region", "forcePathStyle",
+SC_PARAMS = {"mode", "bucket", "bucketPrefix", "endpoint", "region", "forcePathStyle", "failover",
              *(f"csi.storage.k8s.io/{k}-secret-{f}" for k in ("provisioner", "controller-expand", "node-stage")
                for f in ("name", "namespace"))}
 

@@ -645,7 +645,11 @@ impl Controller for ControllerService {
         let identity: Vec<(String, String)> = req
             .parameters
             .iter()
-            .filter(|(k, v)| params::IDENTITY_KEYS.contains(&k.as_str()) && !v.trim().is_empty())
+            .filter(|(k, v)| {
+                (params::IDENTITY_KEYS.contains(&k.as_str())
+                    || params::PASSED_KEYS.contains(&k.as_str()))
+                    && !v.trim().is_empty()
+            })
             .map(|(k, v)| (k.clone(), v.trim().to_owned()))
             .collect();
         let secretless = req.secrets.is_empty();

@@ -15,11 +15,14 @@
 //!
 //! [`Request::Stop`] ends a volume's serving process (NodeUnstageVolume sends it after the
 //! unmount, so a copy of the mount kept alive in some other mount namespace cannot keep the
-//! process serving), and [`Request::Prune`] lets the mounter drop the cache directories of
-//! volumes that are no longer staged.
+//! process serving; no successor follows it), and [`Request::Prune`] lets the mounter drop the
+//! cache directories of volumes that are no longer staged. [`Request::Status`] asks how a
+//! volume's serving process fares — replaced after dying, or ended and why — for
+//! NodeGetVolumeStats' volume condition.
 //!
-//! The request holds the volume's credentials, if it has any: they exist only in this message
-//! and in the pipe the mounter hands the serving process. Every type here that can hold them
+//! The request holds the volume's credentials, if it has any: they exist only in this message,
+//! in the pipe the mounter hands the serving process, and (with failover) in the mounter's
+//! zeroing memory, for a successor. Every type here that can hold them
 //! has a redacting `Debug` (via [`StaticCredentials`]'s), so logging a request is safe, and a
 //! [`MountRequest`] zeroes them when dropped; the frame buffers that carried them are zeroed by
 //! [`call`] and by whoever received them ([`Frame`] does it on drop).
@@ -142,6 +145,15 @@ pub struct MountRequest {
     /// The pod's own identity (`authenticationSource: pod`): a role assumed with its token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub web_identity: Option<WebIdentity>,
+    /// Keep the connection through the death of its serving process and start a successor
+    /// (the `failover` volume parameter; on unless it says `"false"`). A request from a node
+    /// plugin that does not know the field asks for it.
+    #[serde(default = "failover_default")]
+    pub failover: bool,
+}
+
+fn failover_default() -> bool {
+    true
 }
 
 impl MountRequest {
@@ -171,6 +183,41 @@ pub fn wipe(c: &mut StaticCredentials) {
     c.access_key_id.zeroize();
     c.secret_access_key.zeroize();
     c.session_token.zeroize();
+}
+
+/// Which volume's serving process to report on ([`Request::Status`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRequest {
+    pub volume_id: String,
+}
+
+/// What the mounter knows of a volume it serves ([`Request::Status`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    /// The serving process of the moment.
+    pub pid: u32,
+    /// Whether a successor is started when the serving process dies without being asked.
+    pub failover: bool,
+    /// How many serving processes of the volume died without being asked and were replaced.
+    pub restarts: u64,
+    /// The last replacement, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart: Option<RestartInfo>,
+    /// Set once no process serves the volume and none will be started: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
+}
+
+/// One replacement of a volume's serving process.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartInfo {
+    /// When the predecessor was found dead (Unix seconds).
+    pub at_unix: u64,
+    /// How the predecessor ended (`killed by signal 9 (SIGKILL)`, `exited with status 1`, …).
+    pub why: String,
+    /// How long the successor took to serve, in milliseconds; `None` while it starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_ms: Option<u64>,
 }
 
 /// Which serving process to end.
@@ -218,6 +265,9 @@ pub enum Request {
     /// they are written to its credentials pipe; fails when the volume is not served by this
     /// mounter with credentials of its own.
     Credentials(CredentialsUpdate),
+    /// How the volume's serving process fares: its restarts, or why it ended
+    /// ([`Reply::status`]); `ok: false` when this mounter does not know the volume.
+    Status(StatusRequest),
 }
 
 /// The mounter's answer.
@@ -233,6 +283,9 @@ pub struct Reply {
     /// For a stop: how the serving process ended (exit status and its last stderr lines).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended: Option<String>,
+    /// For a status request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<VolumeStatus>,
 }
 
 impl Reply {
@@ -242,6 +295,7 @@ impl Reply {
             error: None,
             pid,
             ended: None,
+            status: None,
         }
     }
 
@@ -251,6 +305,7 @@ impl Reply {
             error: Some(error.into()),
             pid: None,
             ended: None,
+            status: None,
         }
     }
 }
@@ -416,6 +471,17 @@ mod tests {
                 session_token: Some("TOKENSECRET".into()),
             }),
             web_identity: None,
+            failover: true,
+        }
+    }
+
+    #[test]
+    fn a_mount_request_without_the_failover_field_asks_for_failover() {
+        let mut v = serde_json::to_value(Request::Mount(Box::new(request()))).unwrap();
+        v.as_object_mut().unwrap().remove("failover");
+        match serde_json::from_value::<Request>(v).unwrap() {
+            Request::Mount(r) => assert!(r.failover),
+            other => panic!("{other:?}"),
         }
     }
 

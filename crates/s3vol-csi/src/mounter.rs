@@ -1,5 +1,6 @@
 //! `s3vol mounter`: receives mounted FUSE fds from the node plugin and runs one serving
-//! process per staged volume.
+//! process per staged volume — and, unless the volume opts out, a successor whenever that
+//! process dies without being asked.
 //!
 //! It needs no privilege: no mount(2), no `/dev/fuse` open — the node plugin did both and sends
 //! the open connection ([`crate::handoff`]). For each request it spawns
@@ -7,67 +8,89 @@
 //! ```text
 //! <exe> mount --fuse-fd 3 [--credentials-fd 4] --ready-fd 5 -f \
 //!       [--endpoint-url URL] [--region R] [--force-path-style] [--cache-dir DIR] \
+//!       [--session-dir DIR] \
 //!       [--uid N --gid N --file-mode M --dir-mode M --metadata-ttl S --cache-size B \
 //!        --memory-limit B --read-only --listing-attrs --no-xattr] -- BUCKET[/PREFIX] STAGING_PATH
 //! ```
 //!
-//! with the FUSE fd as fd 3, a pipe holding the credentials JSON and a newline as fd 4 (keys,
-//! `{"access_key_id", "secret_access_key", "session_token"?}`, or a pod's identity,
-//! `{"web_identity": {…}}`; credentials never go into argv or the environment) and a pipe as
-//! fd 5 on which the child writes `ready` once it serves. The child gets a session of its own
-//! (`setsid`), so signals to the mounter's process group do not reach it; the mounter closes
-//! its copies of the fds, so when the child exits the kernel aborts the connection (the mount
-//! answers ENOTCONN, which NodeGetVolumeStats reports). A thread per child forwards its
-//! stderr to the mounter's log (and keeps the last lines to explain a failed start) and reaps
-//! it when it exits.
+//! with the FUSE fd as fd 3, one end of a unix socket pair holding the credentials JSON and a
+//! newline as fd 4 (keys, `{"access_key_id", "secret_access_key", "session_token"?}`, or a
+//! pod's identity, `{"web_identity": {…}}`; credentials never go into argv or the environment)
+//! and a pipe as fd 5 on which the child writes `ready` once it serves. The child gets a
+//! session of its own (`setsid`), so signals to the mounter's process group do not reach it.
+//! A thread per child forwards its stderr to the mounter's log (and keeps the last lines to
+//! explain a failed start) and reaps it when it exits.
+//!
+//! **Failover** (the default; `failover: "false"` in the StorageClass parameters or volume
+//! attributes turns it off, see `docs/csi.md`): the mounter keeps the volume's FUSE descriptor
+//! for the volume's whole life, every serving process journals in the volume's session
+//! directory (`--session-dir`), and when one dies without being asked — killed, out of
+//! memory, crashed — a successor adopts the same connection within a second, with the same
+//! configuration and the newest credentials the volume was given; the applications see a
+//! stall, not an error. The rules are those of `s3vol mount --supervise` (`volume` has the
+//! details, `s3vol_fs::session` the shared parts): a stop, the mounter's shutdown or an
+//! unmount end a volume as before, and successors that keep dying before they serve are not
+//! replaced forever. Each restart is logged (volume, why, how long the successor took) and
+//! counted (`s3vol_mounter_serving_process_restarts_total`), and [`Request::Status`] reports
+//! it to the node plugin for NodeGetVolumeStats. Without failover the mounter closes its copy
+//! of the descriptor once the child has it, so when the child exits the kernel aborts the
+//! connection (the mount answers ENOTCONN, which NodeGetVolumeStats reports).
+//!
+//! **Session directories** live under `--session-dir` (default `<cache-dir>/.sessions`: the
+//! manifests give the mounter that hostPath directory, mode 0700, and nothing else on disk
+//! that outlives a container; the journal must outlive a serving process, and should
+//! outlive the mounter's container for the day a restarted mounter adopts its volumes): one
+//! private directory per connection, `<volume hash>-<n>`, removed when the volume ends. A
+//! mounter starts by removing what an earlier mounter left there: it holds none of those
+//! connections, so nobody can adopt them.
 //!
 //! Invariants and lifecycle:
 //! - **A failed start says why.** When the ready pipe closes without `ready`, the child is given
 //!   [`EXIT_WAIT`] to exit and its last stderr lines are the error; only a child that neither
-//!   says `ready` nor exits in time is killed.
+//!   says `ready` nor exits in time is killed. A first process that never served is not
+//!   replaced.
 //! - **Every served volume is known** (by volume id) until the node plugin asks to stop it
 //!   ([`Request::Stop`]): SIGTERM, then a bounded wait. A volume whose process exited cleanly
 //!   after a stop has uploaded everything, so its cache directory is removed.
 //!   [`Request::Prune`] removes the empty cache directories of volumes no longer staged.
 //! - **SIGTERM ends the mounter gracefully** (it is PID 1 of its container): no new volume is
-//!   accepted, every serving process gets SIGTERM (each uploads what it holds and exits), and
-//!   the mounter waits for them up to its shutdown timeout, which the manifests keep below the
-//!   pod's termination grace period. SIGTERM and SIGINT are blocked in every thread and taken
-//!   with `sigwait` (the way PID 1 must take them: the kernel drops a default-action signal
-//!   sent to a namespace's init); children unblock them before exec.
-//! - **Credentials can be rotated** ([`Request::Credentials`]): fd 4 is one end of a unix
-//!   socket pair, the mounter keeps the other and writes every update there as one more JSON
-//!   line; the serving process answers each update after the first with a line (`ok`, or
-//!   `error: why`) once it signs with the new credentials, so the request is `ok` only then.
-//!   Writes and the wait for that answer are bounded (a child that stops reading can never
-//!   stall the mounter). A mounter that was restarted no longer holds the channels of the
-//!   processes it adopted: an update for such a volume fails and says so (the volume gets new
-//!   credentials when it is staged again).
-//! - Credentials are zeroed once written to the child's pipe, and the process is not dumpable
-//!   (set by the `s3vol mounter` command before anything else).
+//!   accepted, every serving process gets SIGTERM (each uploads what it holds and exits, and
+//!   none is replaced), and the mounter waits for them up to its shutdown timeout, which the
+//!   manifests keep below the pod's termination grace period. SIGTERM and SIGINT are blocked
+//!   in every thread and taken with `sigwait` (`signals`); children unblock them before exec.
+//! - **Credentials can be rotated** ([`Request::Credentials`]): the mounter keeps its end of
+//!   the socket pair and writes every update there as one more JSON line; the serving process
+//!   answers each update after the first with a line (`ok`, or `error: why`) once it signs
+//!   with the new credentials, so the request is `ok` only then, and only then are they what
+//!   a successor gets. Writes and the wait for that answer are bounded (a child that stops
+//!   reading can never stall the mounter). A mounter that was restarted no longer holds the
+//!   channels of the processes it adopted: an update for such a volume fails and says so (the
+//!   volume gets new credentials when it is staged again).
+//! - Credentials are kept only in zeroing memory (with failover, for successors) and the
+//!   process is not dumpable (set by the `s3vol mounter` command before anything else).
 
-use std::collections::{HashMap, VecDeque};
-use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rustix::event::{PollFd, PollFlags};
-use rustix::pipe::PipeFlags;
 use s3vol_s3::BucketName;
-use zeroize::Zeroize;
 
 use crate::handoff::{self, MountRequest, Reply, Request, StopRequest};
 use crate::volume_id::short_hash;
 
-/// How long a child whose ready pipe closed may take to exit (and say why) before it is killed.
-pub const EXIT_WAIT: Duration = Duration::from_secs(10);
+mod signals;
+mod volume;
+
+pub use signals::block_shutdown_signals;
+use signals::wait_for_shutdown_signal;
+pub use volume::EXIT_WAIT;
+use volume::{Launch, Volume};
 
 /// Settings of the mounter.
 #[derive(Clone, Debug)]
@@ -75,6 +98,9 @@ pub struct MounterConfig {
     pub socket: PathBuf,
     /// Parent of the per-volume cache directories; `None` leaves `s3vol mount`'s default.
     pub cache_dir: Option<PathBuf>,
+    /// Parent of the per-volume session directories (failover); `None`: volumes are served
+    /// without failover.
+    pub session_dir: Option<PathBuf>,
     /// The `s3vol` binary to run (`mount …`): normally the running executable.
     pub exe: PathBuf,
     /// How long a child may take to say `ready`.
@@ -85,112 +111,14 @@ pub struct MounterConfig {
     pub shutdown_timeout: Duration,
 }
 
-/// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts later, so that
-/// [`run`] can take them with `sigwait`. Call it first thing, before any other thread exists.
-pub fn block_shutdown_signals() -> io::Result<()> {
-    let set = shutdown_set();
-    // SAFETY: pthread_sigmask with a valid, initialised set and no old-set pointer.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    Ok(())
-}
-
-fn shutdown_set() -> libc::sigset_t {
-    // SAFETY: sigemptyset initialises the set; sigaddset adds valid signal numbers to it.
-    unsafe {
-        let mut set = std::mem::zeroed::<libc::sigset_t>();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        set
-    }
-}
-
-/// Waits for SIGTERM or SIGINT (blocked beforehand by [`block_shutdown_signals`]).
-fn wait_for_shutdown_signal() -> i32 {
-    let set = shutdown_set();
-    loop {
-        let mut sig = 0;
-        // SAFETY: sigwait with a valid set and a valid out pointer.
-        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-            return sig;
-        }
-    }
-}
-
-/// How a serving process ended.
-#[derive(Clone, Debug)]
-struct Exit {
-    success: bool,
-    status: String,
-}
-
-/// One serving process, known until the node plugin stops its volume or restages it.
-#[derive(Debug)]
-struct Served {
-    volume: String,
-    pid: u32,
-    /// The last lines of its stderr.
-    tail: Mutex<VecDeque<String>>,
-    exit: Mutex<Option<Exit>>,
-    exited: Condvar,
-    /// Our end of its credentials channel, when it was given credentials.
-    credentials: Mutex<Option<UnixStream>>,
-}
-
-impl Served {
-    fn tail_text(&self) -> String {
-        let t = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        t.iter().cloned().collect::<Vec<_>>().join("\n")
-    }
-
-    /// Waits up to `timeout` for the process to exit (and its stderr to end).
-    fn wait_exit(&self, timeout: Duration) -> Option<Exit> {
-        let deadline = Instant::now() + timeout;
-        let mut exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(e) = &*exit {
-                return Some(e.clone());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            exit = self
-                .exited
-                .wait_timeout(exit, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
-    fn is_running(&self) -> bool {
-        self.exit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
-    }
-
-    fn signal(&self, sig: rustix::process::Signal) {
-        if !self.is_running() {
-            return;
-        }
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32)
-            && let Err(e) = rustix::process::kill_process(pid, sig)
-        {
-            tracing::warn!(volume = %self.volume, pid = self.pid, error = %e, "signalling the serving process");
-        }
-    }
-}
-
 /// The mounter's state: the volumes it serves.
 #[derive(Debug)]
 struct Mounter {
     config: MounterConfig,
-    served: Mutex<HashMap<String, Arc<Served>>>,
-    shutting_down: AtomicBool,
+    served: Mutex<HashMap<String, Arc<Volume>>>,
+    shutting_down: Arc<AtomicBool>,
+    /// Numbers the session directories of this mounter's connections.
+    sessions: AtomicU64,
 }
 
 /// Serves requests until SIGTERM or SIGINT, then ends every serving process (bounded by the
@@ -204,11 +132,22 @@ pub fn run(config: MounterConfig) -> io::Result<()> {
     if let Some(dir) = &config.cache_dir {
         private_dir(dir)?;
     }
-    tracing::info!(socket = %config.socket.display(), exe = %config.exe.display(), "mounter serving");
+    match &config.session_dir {
+        Some(dir) => {
+            s3vol_fs::session::private_dir(dir)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+            clear_sessions(dir);
+        }
+        None => tracing::warn!(
+            "no session directory (--session-dir or --cache-dir): volumes are served without failover, a serving process that dies takes its volume with it"
+        ),
+    }
+    tracing::info!(socket = %config.socket.display(), exe = %config.exe.display(), session_dir = ?config.session_dir, "mounter serving");
     let mounter = Arc::new(Mounter {
         config,
         served: Mutex::new(HashMap::new()),
-        shutting_down: AtomicBool::new(false),
+        shutting_down: Arc::new(AtomicBool::new(false)),
+        sessions: AtomicU64::new(0),
     });
     {
         let mounter = mounter.clone();
@@ -259,6 +198,7 @@ impl Mounter {
                 Ok(Request::Stop(req)) => self.stop(&req),
                 Ok(Request::Prune { keep }) => self.prune(&keep),
                 Ok(Request::Credentials(update)) => self.update_credentials(&update),
+                Ok(Request::Status(req)) => self.status(&req.volume_id),
             },
         };
         let body = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
@@ -274,10 +214,19 @@ impl Mounter {
             .map(|d| d.join(short_hash(volume_id)))
     }
 
-    /// SIGTERM to every serving process, then a wait for all of them, bounded.
+    fn known(&self, volume_id: &str) -> Option<Arc<Volume>> {
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume_id)
+            .cloned()
+    }
+
+    /// SIGTERM to every serving process (none is replaced), then a wait for all of them,
+    /// bounded.
     fn shutdown(&self, sig: i32) {
         self.shutting_down.store(true, Ordering::SeqCst);
-        let served: Vec<Arc<Served>> = self
+        let served: Vec<Arc<Volume>> = self
             .served
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -292,42 +241,36 @@ impl Mounter {
             "shutting down: asking every serving process to upload what it holds and exit"
         );
         for s in &served {
-            s.signal(rustix::process::Signal::TERM);
+            s.ask_to_stop();
         }
         let deadline = Instant::now() + self.config.shutdown_timeout;
         for s in &served {
             let left = deadline.saturating_duration_since(Instant::now());
-            match s.wait_exit(left) {
+            match s.wait_end(left) {
                 Some(e) if e.success => {
-                    tracing::info!(volume = %s.volume, pid = s.pid, "serving process exited")
+                    tracing::info!(volume = %s.volume, pid = s.pid(), "serving process exited")
                 }
                 Some(e) => {
-                    tracing::warn!(volume = %s.volume, pid = s.pid, status = %e.status, "serving process exited with an error; what it could not upload stays in its cache directory")
+                    tracing::warn!(volume = %s.volume, pid = s.pid(), status = %e.status, "serving process exited with an error; what it could not upload stays in its cache directory")
                 }
                 None => {
-                    tracing::error!(volume = %s.volume, pid = s.pid, "serving process still running at the end of the shutdown timeout; it ends with the mounter")
+                    tracing::error!(volume = %s.volume, pid = s.pid(), "serving process still running at the end of the shutdown timeout; it ends with the mounter")
                 }
             }
         }
         tracing::info!("mounter stopped");
     }
 
-    /// Ends the serving process of a volume (see [`Request::Stop`]).
+    /// Ends the serving process of a volume (see [`Request::Stop`]); no successor follows.
     fn stop(&self, req: &StopRequest) -> Reply {
-        let known = self
-            .served
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&req.volume_id)
-            .cloned();
-        let Some(s) = known else {
+        let Some(s) = self.known(&req.volume_id) else {
             return self.stop_unknown(req);
         };
-        s.signal(rustix::process::Signal::TERM);
-        match s.wait_exit(self.config.stop_timeout) {
+        s.ask_to_stop();
+        match s.wait_end(self.config.stop_timeout) {
             None => Reply::failed(format!(
                 "the serving process {} of volume {} is still running {} s after SIGTERM (still uploading?)",
-                s.pid,
+                s.pid(),
                 req.volume_id,
                 self.config.stop_timeout.as_secs()
             )),
@@ -352,7 +295,7 @@ impl Mounter {
                         }
                     }
                 } else {
-                    tracing::warn!(volume = %req.volume_id, pid = s.pid, status = %exit.status, "serving process ended with an error; its cache directory is kept");
+                    tracing::warn!(volume = %req.volume_id, pid = s.pid(), status = %exit.status, "serving process ended with an error; its cache directory is kept");
                 }
                 let tail = s.tail_text();
                 Reply {
@@ -361,21 +304,35 @@ impl Mounter {
                     } else {
                         format!("{}: {tail}", exit.status)
                     }),
-                    ..Reply::ok(Some(s.pid))
+                    ..Reply::ok(Some(s.pid()))
                 }
             }
         }
     }
 
+    /// How a volume's serving process fares (see [`Request::Status`]).
+    fn status(&self, volume_id: &str) -> Reply {
+        match self.known(volume_id) {
+            Some(s) => Reply {
+                status: Some(s.status()),
+                ..Reply::ok(Some(s.pid()))
+            },
+            None => Reply::failed(format!(
+                "this mounter does not serve volume {volume_id} (was it restarted since the volume was staged?)"
+            )),
+        }
+    }
+
     /// A stop for a volume this mounter did not start (it was restarted in between): signal the
-    /// recorded pid only if that process is the volume's `s3vol mount --fuse-fd … STAGING`.
+    /// recorded pid if that process is the volume's `s3vol mount --fuse-fd … STAGING`, else the
+    /// process that is (the recorded one may have been replaced by a successor since).
     fn stop_unknown(&self, req: &StopRequest) -> Reply {
-        let Some(pid) = req.pid else {
+        let recorded = req
+            .pid
+            .filter(|&pid| is_serving_process(pid, &req.staging_path));
+        let Some(pid) = recorded.or_else(|| find_serving_process(&req.staging_path)) else {
             return Reply::ok(None);
         };
-        if !is_serving_process(pid, &req.staging_path) {
-            return Reply::ok(None);
-        }
         if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
             let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
         }
@@ -443,38 +400,17 @@ impl Mounter {
         serve(self, req, fuse)
     }
 
-    /// Writes new credentials to the pipe of a volume's serving process.
+    /// Writes new credentials to the channel of a volume's serving process.
     fn update_credentials(&self, update: &handoff::CredentialsUpdate) -> Reply {
         let volume = &update.volume_id;
-        let known = self
-            .served
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(volume)
-            .cloned();
-        let Some(s) = known.filter(|s| s.is_running()) else {
+        let Some(s) = self.known(volume).filter(|s| s.is_running()) else {
             return Reply::failed(format!(
                 "no serving process of volume {volume} started by this mounter runs (was the mounter restarted since the volume was staged?); new credentials reach it when it is staged again"
             ));
         };
-        let mut pipe = s.credentials.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(w) = pipe.as_mut() else {
-            return Reply::failed(format!(
-                "volume {volume} was staged without credentials of its own (it uses the driver's identity); its credentials cannot be replaced"
-            ));
-        };
-        match write_credentials(w, &update.identity).and_then(|()| read_ack(w)) {
-            Ok(()) => {
-                tracing::info!(%volume, pid = s.pid, "passed new credentials to the serving process");
-                Reply::ok(Some(s.pid))
-            }
-            Err(e) => {
-                tracing::warn!(%volume, pid = s.pid, error = %e, "passing new credentials to the serving process");
-                Reply::failed(format!(
-                    "passing new credentials to the serving process {} of volume {volume}: {e}",
-                    s.pid
-                ))
-            }
+        match s.update_credentials(&update.identity) {
+            Ok(pid) => Reply::ok(Some(pid)),
+            Err(e) => Reply::failed(e),
         }
     }
 }
@@ -552,6 +488,39 @@ fn is_serving_process(pid: u32, staging: &Path) -> bool {
     args.contains(&&b"mount"[..]) && args.contains(&&b"--fuse-fd"[..]) && args.contains(&staging)
 }
 
+/// Removes the session directories an earlier mounter left (named `<volume hash>-<n>`; nothing
+/// else is touched): it held their connections, this one holds none of them, so nobody can
+/// adopt them.
+fn clear_sessions(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let ours = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .is_some_and(|(h, n)| {
+                h.len() == 16
+                    && h.bytes().all(|b| b.is_ascii_hexdigit())
+                    && !n.is_empty()
+                    && n.bytes().all(|b| b.is_ascii_digit())
+            });
+        if ours && let Err(e) = std::fs::remove_dir_all(entry.path()) {
+            tracing::warn!(dir = %entry.path().display(), error = %e, "removing an earlier mounter's session directory");
+        }
+    }
+}
+
+/// The `s3vol mount --fuse-fd` process serving `staging`, if one runs (looked for in `/proc`).
+fn find_serving_process(staging: &Path) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&pid| pid != std::process::id() && is_serving_process(pid, staging) && is_alive(pid))
+}
+
 /// Checks the fields that end up in argv, so none can be taken for a flag.
 fn validate(req: &MountRequest) -> Result<(), String> {
     BucketName::new(req.bucket.clone()).map_err(|e| e.to_string())?;
@@ -581,7 +550,12 @@ fn validate(req: &MountRequest) -> Result<(), String> {
 }
 
 /// The child's argv (after the program name).
-fn child_args(config: &MounterConfig, req: &MountRequest, with_credentials: bool) -> Vec<String> {
+fn child_args(
+    config: &MounterConfig,
+    req: &MountRequest,
+    with_credentials: bool,
+    session: Option<&Path>,
+) -> Vec<String> {
     let mut a: Vec<String> = vec!["mount".into(), "--fuse-fd".into(), "3".into()];
     if with_credentials {
         a.extend(["--credentials-fd".into(), "4".into()]);
@@ -602,6 +576,9 @@ fn child_args(config: &MounterConfig, req: &MountRequest, with_credentials: bool
             dir.join(short_hash(&req.volume_id)).display().to_string(),
         ]);
     }
+    if let Some(dir) = session {
+        a.extend(["--session-dir".into(), dir.display().to_string()]);
+    }
     a.extend(req.options.to_args());
     a.push("--".into());
     a.push(
@@ -621,88 +598,47 @@ fn serve(mounter: &Mounter, mut req: MountRequest, fuse: OwnedFd) -> Result<u32,
     if let Some(d) = mounter.volume_cache_dir(&volume) {
         private_dir(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
-    let pipe = || rustix::pipe::pipe_with(PipeFlags::CLOEXEC).map_err(|e| format!("pipe: {e}"));
-    let (creds, creds_w) = match req.take_identity() {
-        Some(mut c) => {
-            // Both ends close on exec; the child's copy is made by dup2 below.
-            let (r, mut w) = UnixStream::pair().map_err(|e| format!("credentials channel: {e}"))?;
-            let bounded = w
-                .set_write_timeout(Some(CREDENTIALS_WRITE_TIMEOUT))
-                .and_then(|()| w.set_read_timeout(Some(CREDENTIALS_ACK_TIMEOUT)));
-            let written = bounded.and_then(|()| write_credentials(&mut w, &c));
-            c.wipe();
-            written.map_err(|e| format!("writing the credentials channel: {e}"))?;
-            // Kept open for rotations; the child reads one JSON line per update.
-            (Some(OwnedFd::from(r)), Some(w))
+    let session = match (&config.session_dir, req.failover) {
+        (Some(root), true) => {
+            let n = mounter.sessions.fetch_add(1, Ordering::SeqCst);
+            let dir = root.join(format!("{}-{n}", short_hash(&volume)));
+            s3vol_fs::session::private_dir(&dir).map_err(|e| {
+                format!(
+                    "creating the session directory {} (set the volume parameter failover: \"false\" to serve it without one): {e}",
+                    dir.display()
+                )
+            })?;
+            Some(dir)
         }
-        None => (None, None),
+        (None, true) => {
+            tracing::warn!(%volume, "the mounter has no session directory: serving the volume without failover");
+            None
+        }
+        (_, false) => None,
     };
-    let (ready_r, ready_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
-    let args = child_args(config, &req, creds.is_some());
+    let identity = match req.take_identity() {
+        Some(mut doc) => {
+            let line = volume::identity_line(&doc);
+            doc.wipe();
+            Some(line.map_err(|e| format!("encoding the credentials: {e}"))?)
+        }
+        None => None,
+    };
+    let args = child_args(config, &req, identity.is_some(), session.as_deref());
     drop(req);
-
-    let sources = [
-        fuse.as_raw_fd(),
-        creds.as_ref().map_or(-1, |f| f.as_raw_fd()),
-        ready_w.as_raw_fd(),
-    ];
-    let mut cmd = Command::new(&config.exe);
-    cmd.args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(err_w));
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-    // (setsid, sigprocmask, fcntl, dup2) on fds that stay open in the parent until `spawn`
-    // returns; `shutdown_set` only fills a sigset_t on the stack.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The mounter blocks SIGTERM and SIGINT (it takes them with sigwait); a blocked
-            // mask survives exec, and the serving process must see its signals.
-            let set = shutdown_set();
-            if libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) != 0 {
-                return Err(io::Error::other("unblocking signals"));
-            }
-            // Move the sources out of the way first (close-on-exec copies at 10+), so that
-            // dup2 onto 3, 4, 5 cannot clobber a source that happens to live there.
-            let mut high = [-1; 3];
-            for (i, &fd) in sources.iter().enumerate() {
-                if fd >= 0 {
-                    let h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
-                    if h < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    high[i] = h;
-                }
-            }
-            for (i, &h) in high.iter().enumerate() {
-                if h >= 0 && libc::dup2(h, 3 + i as i32) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let spawned = cmd.spawn();
-    // The child has its copies; ours go now (the fuse fd above all: see the module docs).
-    drop(cmd);
-    drop(fuse);
-    drop(creds);
-    drop(ready_w);
-    let mut child = spawned.map_err(|e| format!("starting {}: {e}", config.exe.display()))?;
-    let pid = child.id();
-    tracing::info!(%volume, pid, "started serving process");
-    let served = Arc::new(Served {
-        volume: volume.clone(),
-        pid,
-        tail: Mutex::new(VecDeque::new()),
-        exit: Mutex::new(None),
-        exited: Condvar::new(),
-        credentials: Mutex::new(creds_w),
-    });
+    let launch = Launch {
+        exe: config.exe.clone(),
+        args,
+        ready_timeout: config.ready_timeout,
+        session,
+    };
+    let (served, ready) = Volume::start(
+        volume.clone(),
+        launch,
+        fuse,
+        identity,
+        mounter.shutting_down.clone(),
+    )?;
     if let Some(old) = mounter
         .served
         .lock()
@@ -710,164 +646,9 @@ fn serve(mounter: &Mounter, mut req: MountRequest, fuse: OwnedFd) -> Result<u32,
         .insert(volume.clone(), served.clone())
         && old.is_running()
     {
-        tracing::warn!(%volume, pid = old.pid, "an earlier serving process of this volume still runs");
+        tracing::warn!(%volume, pid = old.pid(), "an earlier serving process of this volume still runs");
     }
-
-    // stderr: forwarded line by line, the last lines kept to explain a failure; then the
-    // child is reaped and its exit recorded.
-    {
-        let served = served.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(std::fs::File::from(err_r)).lines() {
-                let Ok(line) = line else { break };
-                tracing::info!(volume = %served.volume, pid, "mount: {line}");
-                let mut t = served.tail.lock().unwrap_or_else(|p| p.into_inner());
-                t.push_back(line);
-                if t.len() > 20 {
-                    t.pop_front();
-                }
-            }
-            let exit = match child.wait() {
-                Ok(status) => Exit {
-                    success: status.success(),
-                    status: status.to_string(),
-                },
-                Err(e) => Exit {
-                    success: false,
-                    status: format!("cannot be waited for: {e}"),
-                },
-            };
-            if exit.success {
-                tracing::info!(volume = %served.volume, pid, "serving process exited");
-            } else {
-                tracing::warn!(volume = %served.volume, pid, status = %exit.status, "serving process exited; the volume answers ENOTCONN until it is staged again");
-            }
-            *served.exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit);
-            served.exited.notify_all();
-        });
-    }
-
-    let why = match wait_ready(&ready_r, config.ready_timeout) {
-        Ok(()) => return Ok(pid),
-        Err(why) => why,
-    };
-    // Give a child that gave up the time to exit and say why; kill one that hangs.
-    let exit = match served.wait_exit(EXIT_WAIT) {
-        Some(e) => e,
-        None => {
-            served.signal(rustix::process::Signal::KILL);
-            served.wait_exit(EXIT_WAIT).unwrap_or(Exit {
-                success: false,
-                status: "killed, still not reaped".into(),
-            })
-        }
-    };
-    let tail = served.tail_text();
-    Err(if tail.is_empty() {
-        format!("s3vol mount {why} ({})", exit.status)
-    } else {
-        format!("s3vol mount {why} ({}): {tail}", exit.status)
-    })
-}
-
-/// How long writing an update to a serving process's credentials channel may block.
-const CREDENTIALS_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a serving process may take to confirm an update.
-const CREDENTIALS_ACK_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Writes credentials as one JSON line; the encoded bytes are zeroed after. An answer left over
-/// from an earlier update that timed out is dropped first, so it cannot pass for this one's.
-fn write_credentials(w: &mut UnixStream, c: &s3vol_s3::IdentityDocument) -> io::Result<()> {
-    let mut stale = [0u8; 512];
-    while matches!(
-        rustix::net::recv(&*w, &mut stale, rustix::net::RecvFlags::DONTWAIT),
-        Ok((n, _)) if n > 0
-    ) {}
-    let mut body = serde_json::to_vec(c).map_err(io::Error::other)?;
-    body.push(b'\n');
-    let written = w.write_all(&body);
-    body.zeroize();
-    written
-}
-
-/// Reads the serving process's answer to an update: `ok`, or `error: why`.
-fn read_ack(r: &mut UnixStream) -> io::Result<()> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 1024 {
-        match io::Read::read(r, &mut byte) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the serving process closed its credentials channel",
-                ));
-            }
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) => line.push(byte[0]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the serving process did not confirm the update within {} s",
-                        CREDENTIALS_ACK_TIMEOUT.as_secs()
-                    ),
-                ));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    let line = String::from_utf8_lossy(&line);
-    match line.trim() {
-        "ok" => Ok(()),
-        other => Err(io::Error::other(format!(
-            "the serving process refused the update: {}",
-            other.strip_prefix("error: ").unwrap_or(other)
-        ))),
-    }
-}
-
-/// Waits for the line `ready` on the child's ready pipe.
-fn wait_ready(pipe: &OwnedFd, timeout: Duration) -> Result<(), &'static str> {
-    let deadline = Instant::now() + timeout;
-    let mut got = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err("did not become ready in time");
-        }
-        let mut fds = [PollFd::new(pipe, PollFlags::IN)];
-        let ts = rustix::event::Timespec {
-            tv_sec: left.as_secs() as i64,
-            tv_nsec: i64::from(left.subsec_nanos()),
-        };
-        match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(0) => continue,
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return Err("could not be watched"),
-        }
-        let mut buf = [0u8; 64];
-        match rustix::io::read(pipe, &mut buf) {
-            Ok(0) => return Err("exited before it was ready"),
-            Ok(n) => {
-                got.extend_from_slice(&buf[..n]);
-                if got.windows(5).any(|w| w == b"ready") {
-                    return Ok(());
-                }
-                if got.len() > 4096 {
-                    return Err("wrote something else than ready");
-                }
-            }
-            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
-            Err(_) => return Err("could not be read"),
-        }
-    }
+    served.await_first(ready)
 }
 
 /// Whether `path` is a socket a mounter answers on.
@@ -914,13 +695,15 @@ mod tests {
             config: MounterConfig {
                 socket: root.path().join("mounter.sock"),
                 cache_dir: Some(root.path().to_owned()),
+                session_dir: None,
                 exe: "/nonexistent/s3vol".into(),
                 ready_timeout: Duration::from_secs(1),
                 stop_timeout: Duration::from_secs(1),
                 shutdown_timeout: Duration::from_secs(1),
             },
             served: Mutex::new(HashMap::new()),
-            shutting_down: AtomicBool::new(false),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+            sessions: AtomicU64::new(0),
         };
         assert!(mounter.prune(&[]).ok);
         assert!(!clean.exists(), "clean copies are not worth a directory");
@@ -958,6 +741,7 @@ mod tests {
             staging_path: "/stage".into(),
             credentials: None,
             web_identity: None,
+            failover: true,
         }
     }
 
@@ -966,21 +750,24 @@ mod tests {
         let config = MounterConfig {
             socket: "/s".into(),
             cache_dir: Some("/cache".into()),
+            session_dir: Some("/sessions".into()),
             exe: "/bin/s3vol".into(),
             ready_timeout: Duration::from_secs(1),
             stop_timeout: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(1),
         };
-        let a = child_args(&config, &req(), true);
+        let a = child_args(&config, &req(), true, Some(Path::new("/sessions/x-0")));
         let expected = format!(
             "mount --fuse-fd 3 --credentials-fd 4 --ready-fd 5 -f --endpoint-url http://127.0.0.1:9 \
-             --region us-east-1 --force-path-style --cache-dir /cache/{} --gid 5 -- bkt/a/b /stage",
+             --region us-east-1 --force-path-style --cache-dir /cache/{} \
+             --session-dir /sessions/x-0 --gid 5 -- bkt/a/b /stage",
             short_hash("v")
         );
         assert_eq!(a.join(" "), expected);
         let mut r = req();
         r.prefix = String::new();
-        let a = child_args(&config, &r, false);
+        let a = child_args(&config, &r, false, None);
+        assert!(!a.contains(&"--session-dir".to_string()));
         assert!(!a.contains(&"--credentials-fd".to_string()));
         assert_eq!(a[a.len() - 2], "bkt");
     }

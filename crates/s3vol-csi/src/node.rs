@@ -8,7 +8,9 @@
 //!   proven with a request through the mount (`statfs` of the staging path, bounded): only an
 //!   answer makes the call succeed. On any failure the serving process is stopped, the staging
 //!   path unmounted again, and the error carries the serving process's own reason. The plugin
-//!   closes its copy of the fd: the serving process alone holds the connection, so if it dies
+//!   closes its copy of the fd. The mounter keeps one for the volume's life (unless the
+//!   volume says `failover: "false"`) and replaces a serving process that dies; when it stops
+//!   doing so (failover off, restarts exhausted), nobody holds the connection any more and
 //!   the kernel answers ENOTCONN instead of hanging.
 //! - **NodePublishVolume** bind-mounts the staging path at the target path — but only after
 //!   checking in the mount table that the staging path *is* an s3vol mount, so a pod can never
@@ -50,7 +52,10 @@
 //! mounts that are s3vol's (`fuse.s3vol` in `/proc/self/mountinfo`): anything else mounted at
 //! a path it is asked to clean is left alone and the call fails with FAILED_PRECONDITION.
 //! - **NodeGetVolumeStats** reports `statfs` of the volume and its condition: abnormal when the
-//!   mount answers an error (ENOTCONN: its serving process is gone) or nothing within 5 s.
+//!   mount answers an error (ENOTCONN: its serving process is gone, and the mounter says how
+//!   it ended) or nothing within 5 s. A volume that answers but whose serving process died
+//!   and was replaced (failover, see `mounter`) is healthy, and its condition says how many
+//!   times, when the last was, how the process ended and how long its successor took.
 //!
 //! Every call on one volume is serialised (see `locks`). Each staged volume is recorded in the
 //! state directory; on start the service adopts the records whose mounts still exist.
@@ -295,6 +300,24 @@ impl NodeService {
         }
     }
 
+    /// What the mounter says of a volume's serving process (its restarts, or why it ended),
+    /// for the volume condition. Best effort and bounded: `None` when the mounter does not
+    /// answer in time or does not know the volume (it was restarted since).
+    async fn mounter_status(&self, id: &str) -> Option<handoff::VolumeStatus> {
+        let socket = self.config.mounter_socket.clone();
+        let request = handoff::Request::Status(handoff::StatusRequest {
+            volume_id: id.to_owned(),
+        });
+        let reply = tokio::task::spawn_blocking(move || {
+            handoff::call(&socket, &request, None, Duration::from_secs(2))
+        })
+        .await;
+        match reply {
+            Ok(Ok(r)) if r.ok => r.status,
+            _ => None,
+        }
+    }
+
     /// Whether this node can serve: state adopted, `/dev/fuse` present, mounter answering.
     pub async fn ready(&self) -> bool {
         if !self.adopted.load(Ordering::SeqCst) || !Path::new("/dev/fuse").exists() {
@@ -322,6 +345,7 @@ impl NodeService {
         let cap_read_only = capability::check(cap).map_err(CsiError::InvalidArgument)?;
         let secret = VolumeSecret::parse(&req.secrets)?;
         let attrs = VolumeAttrs::parse(&req.volume_context, &secret.hints, &self.config.defaults)?;
+        let failover = params::failover(&req.volume_context)?;
         let (flags, group) = capability::mount_flags(cap);
         let mut options = params::mount_options(flags)?;
         params::apply_mount_group(&mut options, group)?;
@@ -421,7 +445,8 @@ impl NodeService {
                 .map_err(CsiError::io(format!("creating {}", staging.display())))?;
         }
 
-        self.mount_and_serve(record, credentials, None).await
+        self.mount_and_serve(record, credentials, None, failover)
+            .await
     }
 
     /// Mounts fuse.s3vol at `record.staging_path`, hands the connection (with the mount's
@@ -433,6 +458,7 @@ impl NodeService {
         mut record: StagedVolume,
         credentials: Option<s3vol_s3::StaticCredentials>,
         web_identity: Option<s3vol_s3::WebIdentity>,
+        failover: bool,
     ) -> CsiResult<()> {
         let volume_id = record.volume_id.clone();
         let volume_id = volume_id.as_str();
@@ -458,6 +484,7 @@ impl NodeService {
             staging_path: staging.clone(),
             credentials,
             web_identity,
+            failover,
         }));
         let socket = self.config.mounter_socket.clone();
         let timeout = self.config.mount_timeout;
@@ -673,6 +700,7 @@ impl NodeService {
         pod: &PodIdentity,
     ) -> CsiResult<()> {
         let attrs = VolumeAttrs::parse(context, &SecretHints::default(), &self.config.defaults)?;
+        let failover = params::failover(context)?;
         let identity = pod_web_identity(context, pod, attrs.location.endpoint.as_deref())?;
         let mount_id = pod_mount_id(volume_id, target);
         let (flags, group) = capability::mount_flags(cap);
@@ -739,7 +767,8 @@ impl NodeService {
             Err(e) => return Err(CsiError::io(format!("creating {}", target.display()))(e)),
         }
         tracing::info!(volume = %volume_id, target = %target.display(), pod = %subject_of(context), role = %pod.role_arn, "publishing as the pod");
-        self.mount_and_serve(record, None, Some(identity)).await
+        self.mount_and_serve(record, None, Some(identity), failover)
+            .await
     }
 
     /// Hands the serving process of a mount new keys or a refreshed token.
@@ -815,17 +844,19 @@ impl NodeService {
                 .map_err(CsiError::io("reading the state record"))
                 .map(|r| r.is_some())
         };
-        // A pod's own mount (authenticationSource: pod) is recorded under its own id.
-        if !known(volume_id)?
-            && !known(&pod_mount_id(
-                volume_id,
-                &mounts::normalize(Path::new(path)),
-            ))?
-        {
-            return Err(CsiError::NotFound(format!(
-                "volume {volume_id} is not staged on this node"
-            )));
-        }
+        // A pod's own mount (authenticationSource: pod) is recorded under its own id, and the
+        // mounter knows its serving process by that id.
+        let served_as = if known(volume_id)? {
+            volume_id.to_owned()
+        } else {
+            let pod_mount = pod_mount_id(volume_id, &mounts::normalize(Path::new(path)));
+            if !known(&pod_mount)? {
+                return Err(CsiError::NotFound(format!(
+                    "volume {volume_id} is not staged on this node"
+                )));
+            }
+            pod_mount
+        };
         // CSI names one error here: the volume does not exist at volume_path (NOT_FOUND). A
         // relative path is such a path, not a malformed request.
         if !Path::new(path).is_absolute() {
@@ -849,7 +880,10 @@ impl NodeService {
             used: i64::try_from(total.saturating_sub(free)).unwrap_or(i64::MAX),
             unit: unit as i32,
         };
-        let (usage, condition) = match mounts::probe(&path, PROBE_TIMEOUT).await {
+        let health = mounts::probe(&path, PROBE_TIMEOUT).await;
+        let served = self.mounter_status(&served_as).await;
+        let dead = health.is_dead();
+        let (usage, condition) = match health {
             Health::Ok {
                 bytes_total,
                 bytes_free,
@@ -862,16 +896,21 @@ impl NodeService {
                 ],
                 VolumeCondition {
                     abnormal: false,
-                    message: "the volume is mounted and its serving process answers".into(),
+                    message: healthy_message(served.as_ref()),
                 },
             ),
-            Health::Error(kind, msg) => (
+            Health::Error(_, msg) => (
                 vec![usage(Unit::Bytes, 0, 0)],
                 VolumeCondition {
                     abnormal: true,
-                    message: if kind == io::ErrorKind::NotConnected {
+                    message: if dead {
+                        let why = served
+                            .as_ref()
+                            .and_then(|s| s.ended.as_deref())
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default();
                         format!(
-                            "the serving process of this volume is gone ({msg}); restart the pod to mount it again"
+                            "the serving process of this volume is gone ({msg}){why}; restart the pod to mount it again"
                         )
                     } else {
                         format!("the volume answers an error: {msg}")
@@ -894,6 +933,55 @@ impl NodeService {
             volume_condition: Some(condition),
         })
     }
+}
+
+/// The condition of a volume that answers: with the restarts of its serving process, if any.
+fn healthy_message(served: Option<&handoff::VolumeStatus>) -> String {
+    const OK: &str = "the volume is mounted and its serving process answers";
+    let Some(s) = served.filter(|s| s.restarts > 0) else {
+        return OK.into();
+    };
+    let last = match &s.last_restart {
+        Some(r) => {
+            let took = match r.ready_ms {
+                Some(ms) => format!("its successor served after {ms} ms"),
+                None => "its successor is starting".into(),
+            };
+            format!(
+                "; the last at {} (the serving process {}; {took})",
+                utc(r.at_unix),
+                r.why
+            )
+        }
+        None => String::new(),
+    };
+    format!(
+        "{OK}; it was replaced {} time{} after dying without being asked{last}",
+        s.restarts,
+        if s.restarts == 1 { "" } else { "s" }
+    )
+}
+
+/// Unix seconds as an RFC 3339 UTC time (`2026-12-04T10:00:00Z`).
+fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// The id of one pod's mount of a volume (`authenticationSource: pod`): its state record, its
@@ -1136,6 +1224,38 @@ mod tests {
             (keys::POD_NAMESPACE.to_owned(), "apps".to_owned()),
             (keys::POD_NAME.to_owned(), "loader/7 d9".to_owned()),
         ])
+    }
+
+    #[test]
+    fn unix_times_read_as_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_798_761_599), "2026-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn a_replaced_serving_process_shows_in_the_condition() {
+        assert_eq!(
+            healthy_message(None),
+            "the volume is mounted and its serving process answers"
+        );
+        let s = handoff::VolumeStatus {
+            pid: 7,
+            failover: true,
+            restarts: 2,
+            last_restart: Some(handoff::RestartInfo {
+                at_unix: 0,
+                why: "killed by signal 9 (SIGKILL)".into(),
+                ready_ms: Some(140),
+            }),
+            ended: None,
+        };
+        assert_eq!(
+            healthy_message(Some(&s)),
+            "the volume is mounted and its serving process answers; it was replaced 2 times \
+             after dying without being asked; the last at 1970-01-01T00:00:00Z (the serving \
+             process killed by signal 9 (SIGKILL); its successor served after 140 ms)"
+        );
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //! `roleArn`, `stsEndpoint`, `tokenAudience`, `sessionDuration`) is a StorageClass parameter
 //! the controller copies into the volume context ([`IDENTITY_KEYS`]); see `docs/identity.md`.
 //!
+//! Whether a volume keeps its mount through the death of its serving process ([`failover`],
+//! `failover: "false"` turns it off) is likewise a StorageClass parameter copied into the
+//! volume context ([`PASSED_KEYS`]), or a static PV's volume attribute.
+//!
 //! Where a bucket is (bucket, endpoint, region, addressing) is decided in one order everywhere:
 //! the StorageClass parameter or volume attribute, else what the Secret says (a COSI
 //! BucketAccess Secret, [`SecretHints`]), else the driver's [`Defaults`].
@@ -52,6 +56,8 @@ pub mod keys {
     pub const TOKEN_AUDIENCE: &str = "tokenAudience";
     /// With `pod`: the lifetime, in seconds, asked for the role's credentials.
     pub const SESSION_DURATION: &str = "sessionDuration";
+    /// `"false"`: a serving process that dies takes the volume with it (no successor).
+    pub const FAILOVER: &str = "failover";
     /// What the kubelet adds to NodePublishVolume's volume context (`tokenRequests`,
     /// `podInfoOnMount`).
     pub const SA_TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
@@ -67,6 +73,18 @@ pub const IDENTITY_KEYS: &[&str] = &[
     keys::TOKEN_AUDIENCE,
     keys::SESSION_DURATION,
 ];
+
+/// StorageClass parameters the controller copies into the volume context as they are (besides
+/// [`IDENTITY_KEYS`]); NodeStageVolume reads them there.
+pub const PASSED_KEYS: &[&str] = &[keys::FAILOVER];
+
+/// Whether a volume's serving process is replaced when it dies without being asked (the
+/// `failover` parameter or attribute, `true` unless it says `"false"`). Failover makes new
+/// files go through staging files rather than stream from memory, so that their bytes
+/// survive the process; `"false"` trades that safety for the speed of small-file creates.
+pub fn failover(context: &HashMap<String, String>) -> CsiResult<bool> {
+    Ok(parse_bool(keys::FAILOVER, context.get(keys::FAILOVER))?.unwrap_or(true))
+}
 
 /// Whose credentials a volume's mounts use (`authenticationSource`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -290,13 +308,15 @@ impl ProvisionParams {
             !k.starts_with("csi.storage.k8s.io/")
                 && !KNOWN.contains(&k.as_str())
                 && !IDENTITY_KEYS.contains(&k.as_str())
+                && !PASSED_KEYS.contains(&k.as_str())
         }) {
             return Err(CsiError::invalid(format!(
                 "unknown StorageClass parameter {} (known: {})",
                 quoted(unknown),
-                [KNOWN, IDENTITY_KEYS].concat().join(", ")
+                [KNOWN, IDENTITY_KEYS, PASSED_KEYS].concat().join(", ")
             )));
         }
+        failover(params)?;
         let mode = match non_empty(params, keys::MODE).as_deref() {
             Some("bucket") => {
                 let bucket_prefix = non_empty(params, keys::BUCKET_PREFIX);
@@ -564,6 +584,30 @@ mod tests {
         kv.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn failover_is_on_unless_it_says_false() {
+        assert!(failover(&map(&[])).unwrap());
+        assert!(failover(&map(&[("failover", "")])).unwrap());
+        assert!(failover(&map(&[("failover", "TRUE")])).unwrap());
+        assert!(!failover(&map(&[("failover", "false")])).unwrap());
+        match failover(&map(&[("failover", "no")])) {
+            Err(CsiError::InvalidArgument(m)) => assert!(m.contains("failover"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let none = SecretHints::default();
+        let d = Defaults::default();
+        let p = map(&[("mode", "bucket"), ("failover", "false")]);
+        assert!(
+            ProvisionParams::parse(&p, &none, &d).is_ok(),
+            "a known parameter"
+        );
+        let p = map(&[("mode", "bucket"), ("failover", "off")]);
+        assert!(
+            ProvisionParams::parse(&p, &none, &d).is_err(),
+            "a bad value fails the claim"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod meta;
 mod ranges;
 mod read;
 mod recover;
+pub mod session;
 mod stage;
 
 pub use config::FsConfig;

@@ -34,10 +34,16 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 #[path = "support/csi_deployed.rs"]
 mod deployed;
+#[path = "support/csi_failover.rs"]
+mod failover;
 #[path = "support/csi_identity.rs"]
 mod identity;
 #[path = "support/csi_node.rs"]
 mod node_rules;
+#[path = "support/mount.rs"]
+mod support;
+#[path = "support/workload.rs"]
+mod workload;
 
 const BIN: &str = env!("CARGO_BIN_EXE_s3vol");
 const DRIVER: &str = "csi.s3vol.io";
@@ -240,7 +246,16 @@ impl Drop for Harness {
             // kills every process in that namespace.
             unsafe { libc::kill(init, libc::SIGKILL) };
         } else if !self.deployed {
-            for pid in self.serving_pids() {
+            // The mounter first, so that it starts no successor of what is killed next.
+            if let Some(mut m) = self.mounter.take() {
+                let _ = m.kill();
+                let _ = m.wait();
+            }
+            // The recorded pids, and the successors the mounter started since (their argv
+            // names a path in this test's directory).
+            let dir = self.dir.path().as_os_str().as_encoded_bytes().to_vec();
+            let successors = failover::serving_where(|a| a.starts_with(&dir));
+            for pid in self.serving_pids().into_iter().chain(successors) {
                 // SAFETY: plain kill(2) of a process this test started (via the mounter).
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
@@ -1321,17 +1336,29 @@ async fn staged_static(
     tag: &str,
     cap: VolumeCapability,
 ) -> (Volume, PathBuf, PathBuf) {
+    staged_static_with(h, tag, cap, &[]).await
+}
+
+/// [`staged_static`] with more volume attributes.
+async fn staged_static_with(
+    h: &mut Harness,
+    tag: &str,
+    cap: VolumeCapability,
+    attrs: &[(&str, &str)],
+) -> (Volume, PathBuf, PathBuf) {
     let s3 = store().await;
     let bucket = s3vol_s3::testing::unique_bucket(tag);
     s3.create_bucket(&bucket).await.unwrap();
+    let mut context = HashMap::from([
+        ("bucket".to_owned(), bucket.to_string()),
+        ("endpoint".to_owned(), s3vol_s3::testing::endpoint()),
+        ("region".to_owned(), "us-east-1".to_owned()),
+        ("forcePathStyle".to_owned(), "true".to_owned()),
+    ]);
+    context.extend(attrs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let v = Volume {
         id: format!("static-{bucket}"),
-        context: HashMap::from([
-            ("bucket".to_owned(), bucket.to_string()),
-            ("endpoint".to_owned(), s3vol_s3::testing::endpoint()),
-            ("region".to_owned(), "us-east-1".to_owned()),
-            ("forcePathStyle".to_owned(), "true".to_owned()),
-        ]),
+        context,
     };
     let staging = h.path("staging/vol");
     let target = h.path("pods/p/mount");
@@ -1404,54 +1431,6 @@ async fn csi_volume_survives_plugin_kill_and_is_adopted() {
         std::fs::read_dir(h.path("state")).unwrap().next().is_none(),
         "state record left"
     );
-    h.mounts.clear();
-}
-
-#[tokio::test]
-async fn csi_stats_report_a_dead_serving_process() {
-    let mut h = Harness::start();
-    let (v, staging, target) = staged_static(
-        &mut h,
-        "csi-dead",
-        mount_cap(Mode::SingleNodeWriter, &[], ""),
-    )
-    .await;
-    let mut node = h.node().await;
-    for pid in h.serving_pids() {
-        // SAFETY: kill(2) of the serving process this test started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    let start = Instant::now();
-    let cond = loop {
-        let c = stats(&mut node, &v, &target)
-            .await
-            .volume_condition
-            .unwrap();
-        if c.abnormal || start.elapsed() > Duration::from_secs(20) {
-            break c;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(cond.abnormal, "{}", cond.message);
-    // The pod cannot write through to the node's disk.
-    assert!(std::fs::write(target.join("x"), b"x").is_err());
-    // Restaging replaces the dead mount; cleanup works.
-    stage(
-        &h,
-        &mut node,
-        &v,
-        &staging,
-        mount_cap(Mode::SingleNodeWriter, &[], ""),
-    )
-    .await;
-    let cond = stats(&mut node, &v, &staging)
-        .await
-        .volume_condition
-        .unwrap();
-    assert!(!cond.abnormal, "{}", cond.message);
-    unpublish(&mut node, &v, &target).await;
-    unstage(&mut node, &v, &staging).await;
-    assert!(!is_mounted(&target) && !is_mounted(&staging));
     h.mounts.clear();
 }
 

@@ -10,18 +10,17 @@
 
 #[path = "support/mount.rs"]
 mod support;
+#[path = "support/workload.rs"]
+mod workload;
 
-use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use s3vol_s3::{ListRequest, ObjectStore};
 use support::{Mounted, pattern};
+use workload::{Record, metadata_loop, open_reader, open_writer, percentile};
 
 /// The serving process of a supervised mount: the supervisor's only child.
 fn serving_pid(supervisor: u32) -> Option<u32> {
@@ -76,181 +75,6 @@ fn drain_log(m: &mut Mounted) -> Arc<Mutex<String>> {
         }
     });
     log
-}
-
-/// Latencies of application calls, and the errors they met.
-#[derive(Default)]
-struct Record {
-    latencies: Vec<Duration>,
-    errors: Vec<String>,
-}
-
-impl Record {
-    fn timed<T>(&mut self, what: &str, f: impl FnOnce() -> std::io::Result<T>) -> Option<T> {
-        let t = Instant::now();
-        let r = f();
-        self.latencies.push(t.elapsed());
-        match r {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.errors.push(format!("{what}: {e}"));
-                None
-            }
-        }
-    }
-}
-
-/// create / write / rename / unlink / mkdir / ls -l, over and over, until `stop`. Returns
-/// the names that must exist at the end (relative keys) and their content.
-fn metadata_loop(
-    root: PathBuf,
-    stop: Arc<AtomicBool>,
-    rec: Arc<Mutex<Record>>,
-) -> Vec<(String, Vec<u8>)> {
-    let mut expect = Vec::new();
-    let mut i = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-        let mut r = Record::default();
-        let dir = root.join(format!("d{i}"));
-        let body = pattern(1000 + (i as usize % 7) * 3000, i);
-        r.timed("mkdir", || fs::create_dir(&dir));
-        r.timed("create+write+close", || {
-            let mut f = File::create(dir.join("f"))?;
-            f.write_all(&body)
-        });
-        r.timed("rename", || fs::rename(dir.join("f"), dir.join("g")));
-        r.timed("create scratch", || {
-            fs::write(root.join(format!("scratch{i}")), b"x")
-        });
-        r.timed("unlink", || {
-            fs::remove_file(root.join(format!("scratch{i}")))
-        });
-        // ls -l: every entry's attributes.
-        r.timed("ls -l", || {
-            for e in fs::read_dir(&root)? {
-                e?.metadata()?;
-            }
-            Ok(())
-        });
-        if let Some(got) = r.timed("read back", || fs::read(dir.join("g")))
-            && got != body
-        {
-            r.errors.push(format!(
-                "d{i}/g reads back {} bytes, not what was written",
-                got.len()
-            ));
-        }
-        expect.push((format!("d{i}/g"), body));
-        let mut all = rec.lock().unwrap();
-        all.latencies.extend(r.latencies);
-        all.errors.extend(r.errors);
-        i += 1;
-    }
-    expect
-}
-
-/// Appends to one file kept open across every kill, reading back through a second handle
-/// what it wrote. Returns the whole content written.
-fn open_writer(path: PathBuf, stop: Arc<AtomicBool>, rec: Arc<Mutex<Record>>) -> Vec<u8> {
-    let mut written = Vec::new();
-    let mut r = Record::default();
-    let Some(mut f) = r.timed("open writer", || File::create(&path)) else {
-        rec.lock().unwrap().errors.extend(r.errors);
-        return written;
-    };
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-        let chunk = pattern(16 * 1024 + (n as usize % 5) * 1000, 1_000_000 + n);
-        if r.timed("write (open across kills)", || f.write_all(&chunk))
-            .is_some()
-        {
-            written.extend_from_slice(&chunk);
-        }
-        if n % 8 == 7 {
-            // Readers in the same mount see every byte written so far.
-            let at = written.len().saturating_sub(chunk.len());
-            let got = r.timed("pread of what was written", || {
-                let g = File::open(&path)?;
-                let mut buf = vec![0; chunk.len()];
-                g.read_exact_at(&mut buf, at as u64)?;
-                Ok(buf)
-            });
-            if got.as_deref().is_some_and(|g| g != chunk) {
-                r.errors
-                    .push(format!("bytes at {at} differ from what was written"));
-            }
-        }
-        n += 1;
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    r.timed("close of the file open across kills", || {
-        f.flush()?;
-        f.sync_all()
-    });
-    drop(f);
-    let mut all = rec.lock().unwrap();
-    all.latencies.extend(r.latencies);
-    all.errors.extend(r.errors);
-    written
-}
-
-/// Reads one object at scattered offsets through a handle opened before the first kill.
-fn open_reader(path: PathBuf, want: Vec<u8>, stop: Arc<AtomicBool>, rec: Arc<Mutex<Record>>) {
-    let mut r = Record::default();
-    let Some(mut f) = r.timed("open reader", || File::open(&path)) else {
-        rec.lock().unwrap().errors.extend(r.errors);
-        return;
-    };
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut n = 0usize;
-    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-        let at = (n * 7919 * 13) % (want.len() - 4096);
-        let got = r.timed("read (open across kills)", || {
-            f.seek(SeekFrom::Start(at as u64))?;
-            let mut buf = vec![0; 4096];
-            f.read_exact(&mut buf)?;
-            Ok(buf)
-        });
-        if got.as_deref().is_some_and(|g| g != &want[at..at + 4096]) {
-            r.errors.push(format!("read at {at} returned other bytes"));
-        }
-        n += 1;
-        std::thread::sleep(Duration::from_millis(3));
-    }
-    let mut all = rec.lock().unwrap();
-    all.latencies.extend(r.latencies);
-    all.errors.extend(r.errors);
-}
-
-async fn keys(store: &dyn ObjectStore, bucket: &s3vol_s3::BucketName) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut token = None;
-    loop {
-        let page = store
-            .list_objects(
-                bucket,
-                &ListRequest {
-                    continuation_token: token.clone(),
-                    ..ListRequest::default()
-                },
-            )
-            .await
-            .unwrap();
-        out.extend(page.objects.into_iter().map(|o| o.key));
-        match page.next_continuation_token {
-            Some(t) => token = Some(t),
-            None => return out,
-        }
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -349,19 +173,12 @@ async fn twenty_kills_of_the_serving_process_cost_the_applications_nothing() {
     assert!(worst < Duration::from_secs(5), "a call stalled {worst:?}");
 
     // The bucket holds what the applications made, and nothing they removed.
-    let got = keys(&*m.store, &m.bucket).await;
+    let got = workload::all_keys(&*m.store, &m.bucket).await;
     for (key, body) in &expect {
         assert!(got.contains(key), "{key} missing from the bucket");
         assert_eq!(&m.get(key).await, body, "{key} differs in the bucket");
     }
-    let want: BTreeSet<String> = expect
-        .iter()
-        .flat_map(|(k, _)| {
-            let dir = k.trim_end_matches("/g").to_owned();
-            [k.clone(), format!("{dir}/")]
-        })
-        .chain(["ro.bin".to_owned(), "open-writer.bin".to_owned()])
-        .collect();
+    let want = workload::expected_keys(&expect, &["ro.bin", "open-writer.bin"]);
     let extra: Vec<_> = got.difference(&want).collect();
     let missing: Vec<_> = want.difference(&got).collect();
     for key in extra.iter().chain(&missing) {

@@ -21,6 +21,11 @@ pub struct MounterArgs {
     /// Cache directory shared by the volumes it serves (one subdirectory each).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Where serving processes journal what a successor needs to take over their volume
+    /// (one private subdirectory per volume; cleared at start) [default: CACHE_DIR/.sessions].
+    /// Without it and without --cache-dir, volumes are served without failover.
+    #[arg(long, value_name = "DIR")]
+    pub session_dir: Option<PathBuf>,
     /// Seconds a volume's serving process may take to start serving.
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     pub ready_timeout: u64,
@@ -62,9 +67,13 @@ pub fn run(args: MounterArgs) -> anyhow::Result<ExitCode> {
         Some(exe) => exe,
         None => std::env::current_exe().context("finding the s3vol binary")?,
     };
+    let session_dir = args
+        .session_dir
+        .or_else(|| args.cache_dir.as_ref().map(|d| d.join(".sessions")));
     s3vol_csi::mounter::run(MounterConfig {
         socket: args.socket.clone(),
         cache_dir: args.cache_dir,
+        session_dir,
         exe,
         ready_timeout: Duration::from_secs(args.ready_timeout.max(1)),
         stop_timeout: Duration::from_secs(args.stop_timeout.max(1)),

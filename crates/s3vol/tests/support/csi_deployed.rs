@@ -329,6 +329,7 @@ fn assert_runs_as(pid: i32, c: &serde_json::Value, what: &str) {
 
 #[tokio::test]
 async fn csi_as_deployed_mounter_serves_without_dev_fuse_as_pid_1_and_drains_on_sigterm() {
+    use crate::workload::get as failover_get;
     let spec = match deployed_spec() {
         Ok(s) => s,
         Err(why) => {
@@ -396,6 +397,59 @@ async fn csi_as_deployed_mounter_serves_without_dev_fuse_as_pid_1_and_drains_on_
         "the serving process holds only the descriptor it was handed"
     );
 
+    // The serving process is killed: the mounter, as shipped, keeps the connection and its
+    // successor takes the volume over (the session journal under the cache directory, the
+    // one host directory the mounter may write). A file open across the kill carries on.
+    let fuse_fds_of = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l == Path::new("/dev/fuse"))
+            .count()
+    };
+    assert_eq!(
+        fuse_fds_of(init),
+        1,
+        "the mounter keeps the volume's connection"
+    );
+    let mut open = std::fs::File::create(target.join("across.txt")).unwrap();
+    open.write_all(b"before the kill, ").unwrap();
+    // SAFETY: kill(2) of the serving process this test's mounter started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let start = Instant::now();
+    let successor = loop {
+        if let [p] = children(init)[..]
+            && p != pid
+        {
+            break p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no successor within 10 s\n{}",
+            h.csi_log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    open.write_all(b"after it").unwrap();
+    open.sync_all().unwrap();
+    drop(open);
+    assert_eq!(
+        std::fs::read(target.join("hello.txt")).unwrap(),
+        b"served without /dev/fuse"
+    );
+    assert_runs_as(successor, &main, "the successor");
+    assert_eq!(fuse_fds_of(successor), 1);
+    let mut node = h.node().await;
+    let cond = stats(&mut node, &v, &target)
+        .await
+        .volume_condition
+        .unwrap();
+    assert!(
+        !cond.abnormal && cond.message.contains("replaced 1 time "),
+        "{}",
+        cond.message
+    );
+
     // The pod is deleted: SIGTERM to PID 1 from outside, as the container runtime sends it.
     let bucket = BucketName::new(v.context["bucket"].clone()).unwrap();
     let mut f = std::fs::File::create(target.join("pending.txt")).unwrap();
@@ -420,9 +474,12 @@ async fn csi_as_deployed_mounter_serves_without_dev_fuse_as_pid_1_and_drains_on_
     let s3 = store().await;
     let mut got = keys(&s3, &bucket, "").await;
     got.sort();
-    assert_eq!(got, ["hello.txt", "pending.txt"]);
+    assert_eq!(got, ["across.txt", "hello.txt", "pending.txt"]);
+    assert_eq!(
+        failover_get(&s3, &bucket, "across.txt").await,
+        b"before the kill, after it"
+    );
     drop(f);
-    let mut node = h.node().await;
     unpublish(&mut node, &v, &target).await;
     unstage(&mut node, &v, &staging).await;
     assert!(!is_mounted(&target) && !is_mounted(&staging));

@@ -122,13 +122,15 @@ async fn csi_node_touches_only_kubelet_paths_and_only_its_own_mounts() {
     h.mounts.clear();
 }
 
-/// A volume whose serving process died: every cleanup call succeeds and leaves nothing; a
-/// path holding the dead mount is cleaned before the volume is mounted there again.
+/// A volume whose serving process died (and, without failover, took the volume with it):
+/// every cleanup call succeeds and leaves nothing; a path holding the dead mount is cleaned
+/// before the volume is mounted there again.
 #[tokio::test]
 async fn csi_dead_mounts_never_wedge_the_node() {
     let mut h = Harness::start();
     let cap = mount_cap(Mode::SingleNodeWriter, &[], "");
-    let (v, staging, target) = staged_static(&mut h, "csi-wedge", cap.clone()).await;
+    let (v, staging, target) =
+        staged_static_with(&mut h, "csi-wedge", cap.clone(), &[("failover", "false")]).await;
     let mut node = h.node().await;
     let pid = the_serving_pid(&h);
     // SAFETY: kill(2) of the serving process this test started.
@@ -325,11 +327,13 @@ async fn csi_mounter_sigterm_uploads_pending_data_and_ends_serving_processes() {
 async fn csi_cache_directories_of_gone_volumes_are_removed() {
     let mut h = Harness::start();
     let cache = h.path("cache");
+    // Volumes' cache directories; the mounter's own (`.sessions`) start with a dot.
     let dirs = |p: &Path| -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(p)
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
                     .collect()
             })
             .unwrap_or_default();
@@ -372,10 +376,12 @@ async fn csi_cache_directories_of_gone_volumes_are_removed() {
 #[tokio::test]
 async fn csi_dead_staging_mounts_are_unmounted_without_a_call() {
     let mut h = Harness::start();
-    let (v, staging, target) = staged_static(
+    // Without failover: the serving process's death is the mount's.
+    let (v, staging, target) = staged_static_with(
         &mut h,
         "csi-sweep",
         mount_cap(Mode::SingleNodeWriter, &[], ""),
+        &[("failover", "false")],
     )
     .await;
     let pid = the_serving_pid(&h);

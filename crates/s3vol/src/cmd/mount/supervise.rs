@@ -22,24 +22,29 @@
 //! A child that dies before it reports ready [`MAX_EARLY_DEATHS`] times in a row is not
 //! restarted again (a configuration or S3 problem a restart cannot fix): the mount is taken
 //! away and the last child's exit status is returned.
+//!
+//! The rules of restarting (when the connection has ended, the bound, how a child gets its
+//! descriptors) are `s3vol_fs::session`'s, shared with the CSI mounter, which does the same
+//! for every volume it serves.
 
 use std::ffi::OsString;
 use std::io::Write;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::AsyncReadExt;
 
 use anyhow::Context;
+use s3vol_fs::session::{RestartBound, connection_gone, describe, place_fds};
 use zeroize::Zeroizing;
 
 use super::kernel::{self, OwnMount};
 use super::{MountArgs, detach_stdio};
 
-/// Children that die before reporting ready, in a row, before the supervisor gives up.
-const MAX_EARLY_DEATHS: u32 = 3;
+#[cfg(doc)]
+use s3vol_fs::session::MAX_EARLY_DEATHS;
 
 /// Whether `s3vol mount` runs under a supervisor: by default when it makes the mount itself
 /// as root. Without root the mount is made by `fusermount3`, whose descriptor fuser keeps to
@@ -79,10 +84,7 @@ fn child_args(original: &[OsString]) -> Vec<OsString> {
 fn session_dir() -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let base = PathBuf::from("/run/s3vol/sessions");
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&base)
+    s3vol_fs::session::private_dir(&base)
         .with_context(|| format!("creating {}", base.display()))?;
     let mut id = [0u8; 8];
     // SAFETY: the buffer is valid for its length.
@@ -117,21 +119,6 @@ fn sweep(base: &Path) {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
-    }
-}
-
-/// Whether the FUSE connection behind `fd` has ended (unmounted or aborted): the kernel then
-/// reports `POLLERR` on the descriptor.
-fn connection_gone(fd: &OwnedFd) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no wait.
-    match unsafe { libc::poll(&mut p, 1, 0) } {
-        n if n < 0 => true,
-        _ => p.revents & (libc::POLLERR | libc::POLLHUP) != 0,
     }
 }
 
@@ -179,7 +166,8 @@ fn spawn(
     let ready_raw = ready_w.as_raw_fd();
     let creds_raw = creds.as_ref().map(|(r, _, _)| r.as_raw_fd());
     let parent = rustix::process::getpid().as_raw_nonzero().get();
-    // SAFETY: only async-signal-safe calls between fork and exec (prctl, getppid, dup2, kill).
+    // SAFETY: only async-signal-safe calls between fork and exec (prctl, getppid, fcntl,
+    // dup2, _exit); `place_fds` runs there, where it belongs.
     unsafe {
         cmd.pre_exec(move || {
             // Die with the supervisor: nobody would restart or unmount for us.
@@ -189,24 +177,7 @@ fn spawn(
             if libc::getppid() != parent {
                 libc::_exit(1);
             }
-            // Sources first out of the way (close-on-exec copies at 10 and up), so that dup2
-            // onto 3, 4, 5 clobbers none of them; dup2 clears close-on-exec on the copy.
-            let sources = [fuse_raw, ready_raw, creds_raw.unwrap_or(-1)];
-            let mut high = [-1; 3];
-            for (i, &fd) in sources.iter().enumerate() {
-                if fd >= 0 {
-                    high[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
-                    if high[i] < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-            }
-            for (i, &h) in high.iter().enumerate() {
-                if h >= 0 && libc::dup2(h, 3 + i as i32) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
+            place_fds(&[fuse_raw, ready_raw, creds_raw.unwrap_or(-1)])
         });
     }
     let child = cmd.spawn().context("starting the serving process")?;
@@ -221,15 +192,6 @@ fn spawn(
         child,
         ready: tokio::fs::File::from_std(std::fs::File::from(ready_r)),
     })
-}
-
-fn describe(status: &std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (_, Some(sig)) => format!("killed by signal {sig}"),
-        (Some(code), _) => format!("exited with status {code}"),
-        _ => status.to_string(),
-    }
 }
 
 fn exit_code(status: &std::process::ExitStatus) -> ExitCode {
@@ -272,7 +234,7 @@ pub fn run(args: MountArgs, credentials: Option<Zeroizing<Vec<u8>>>) -> anyhow::
         credentials.as_ref(),
     ));
     // The mount goes with the supervisor, unless an unmount took it already.
-    if !connection_gone(&fuse) || result.is_err() {
+    if !connection_gone(fuse.as_fd()) || result.is_err() {
         finish(&mut own, &args.mountpoint);
     }
     drop(fuse);
@@ -309,7 +271,7 @@ async fn supervise(
         .transpose()?;
     let mut ready_out = ready_fd.map(std::fs::File::from);
     let mut restarts: u64 = 0;
-    let mut early_deaths = 0;
+    let mut bound = RestartBound::default();
     loop {
         let adopt = restarts > 0;
         let started = Instant::now();
@@ -330,7 +292,7 @@ async fn supervise(
                     }
                     if ready_buf.starts_with(b"ready") {
                         ready_seen = true;
-                        early_deaths = 0;
+                        bound.ready();
                         if adopt {
                             tracing::info!(pid, restarts, stall_ms = started.elapsed().as_millis() as u64, "the new serving process took over the mount");
                         } else if let Some(mut out) = ready_out.take() {
@@ -354,7 +316,7 @@ async fn supervise(
         if stopping {
             return Ok(exit_code(&status));
         }
-        if connection_gone(fuse) {
+        if connection_gone(fuse.as_fd()) {
             // Unmounted (or aborted through /sys/fs/fuse): the child's end is the mount's.
             return Ok(exit_code(&status));
         }
@@ -363,11 +325,10 @@ async fn supervise(
                 // The first serving process could not start: it said why on stderr.
                 return Ok(exit_code(&status));
             }
-            early_deaths += 1;
-            if early_deaths >= MAX_EARLY_DEATHS {
+            if bound.died_before_ready() {
                 tracing::error!(
                     why = describe(&status),
-                    early_deaths,
+                    early_deaths = bound.early_deaths(),
                     "the serving process keeps dying before it is ready; not restarting it again, the mount is taken away"
                 );
                 return Ok(ExitCode::from(1));

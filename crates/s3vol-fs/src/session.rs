@@ -1,0 +1,210 @@
+//! What a process that keeps a FUSE connection across the deaths of its serving processes
+//! needs, shared by the two that do: `s3vol mount --supervise` (one mount made by hand) and
+//! `s3vol mounter` (every volume of the CSI driver).
+//!
+//! Both hold the connection's `/dev/fuse` descriptor for the mount's whole life and run the
+//! filesystem in a child that journals, in a private session directory, what a successor must
+//! know (`journal.rs`). When the child dies without being asked, a successor starts on
+//! the same descriptor with `--adopt`. The rules they share live here, so the two cannot drift:
+//!
+//! - [`connection_gone`]: an unmount (or an abort through `/sys/fs/fuse`) ends the connection,
+//!   and with it any reason to restart;
+//! - [`RestartBound`]: a child that dies before it reports ready [`MAX_EARLY_DEATHS`] times in
+//!   a row has a problem a restart cannot fix (configuration, credentials, S3 unreachable);
+//! - [`place_fds`]: how a child gets its descriptors at fixed numbers between fork and exec;
+//! - [`private_dir`]: a session directory is the owner's alone (0700), since the journal names
+//!   every file an application holds open.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::ExitStatus;
+
+/// Children that die before reporting ready, in a row, before nobody restarts them again.
+pub const MAX_EARLY_DEATHS: u32 = 3;
+
+/// Counts the children that died before they served, in a row.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RestartBound {
+    early_deaths: u32,
+}
+
+impl RestartBound {
+    /// A child reported ready: the count starts again.
+    pub fn ready(&mut self) {
+        self.early_deaths = 0;
+    }
+
+    /// A child died before it reported ready; `true` once that happened
+    /// [`MAX_EARLY_DEATHS`] times in a row (do not restart it again).
+    pub fn died_before_ready(&mut self) -> bool {
+        self.early_deaths += 1;
+        self.early_deaths >= MAX_EARLY_DEATHS
+    }
+
+    /// How many children in a row died before they served.
+    pub fn early_deaths(&self) -> u32 {
+        self.early_deaths
+    }
+}
+
+/// Whether the FUSE connection behind `fd` has ended (unmounted or aborted): the kernel then
+/// reports `POLLERR` on the descriptor.
+pub fn connection_gone(fd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    match unsafe { libc::poll(&mut p, 1, 0) } {
+        n if n < 0 => true,
+        _ => p.revents & (libc::POLLERR | libc::POLLHUP) != 0,
+    }
+}
+
+/// How a child ended, in words for logs and volume conditions.
+pub fn describe(status: &ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (_, Some(sig)) => format!("killed by signal {sig} ({})", signal_name(sig)),
+        (Some(code), _) => format!("exited with status {code}"),
+        _ => status.to_string(),
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGHUP => "SIGHUP",
+        _ => "signal",
+    }
+}
+
+/// Makes `sources[i]` descriptor `3 + i` of the calling process, without close-on-exec; a
+/// negative source leaves its number alone. The sources are first copied out of the way
+/// (close-on-exec copies at 10 and up), so that `dup2` onto 3, 4, 5 … clobbers none of them.
+///
+/// # Safety
+///
+/// Only between `fork` and `exec` (a `pre_exec` closure): it overwrites descriptors 3 and up,
+/// which in any other place belong to someone else. It makes only async-signal-safe calls.
+pub unsafe fn place_fds(sources: &[RawFd]) -> io::Result<()> {
+    const MAX: usize = 8;
+    if sources.len() > MAX {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut high = [-1; MAX];
+    for (i, &fd) in sources.iter().enumerate() {
+        if fd >= 0 {
+            // SAFETY: fcntl on a descriptor number; failure is reported.
+            high[i] = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+            if high[i] < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    for (i, &h) in high.iter().take(sources.len()).enumerate() {
+        // SAFETY: dup2 between descriptor numbers; the caller owns every number here.
+        if h >= 0 && unsafe { libc::dup2(h, 3 + i as i32) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Creates `dir` (and missing parents) mode 0700 whatever the umask, and refuses a `dir`
+/// that exists but belongs to another user (someone prepared it to read the journal).
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a directory of uid {me} (owner {})",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.permissions().mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_early_deaths_in_a_row_end_the_restarts_and_a_ready_child_resets_the_count() {
+        let mut b = RestartBound::default();
+        assert!(!b.died_before_ready());
+        assert!(!b.died_before_ready());
+        b.ready();
+        assert_eq!(b.early_deaths(), 0);
+        assert!(!b.died_before_ready());
+        assert!(!b.died_before_ready());
+        assert!(b.died_before_ready(), "the third in a row gives up");
+    }
+
+    #[test]
+    fn statuses_in_words() {
+        let killed = ExitStatus::from_raw(libc::SIGKILL);
+        assert_eq!(describe(&killed), "killed by signal 9 (SIGKILL)");
+        let exited = ExitStatus::from_raw(3 << 8);
+        assert_eq!(describe(&exited), "exited with status 3");
+    }
+
+    #[test]
+    fn a_session_directory_is_private_even_under_a_wide_umask() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/b");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&dir).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let file = root.path().join("f");
+        std::fs::write(&file, b"").unwrap();
+        assert!(
+            private_dir(&file).is_err(),
+            "a file is no session directory"
+        );
+    }
+
+    #[test]
+    fn an_unmounted_connection_looks_gone_and_a_live_descriptor_does_not() {
+        // A pipe's read end with its writer closed reports POLLHUP, as an ended connection
+        // reports POLLERR; with the writer open it reports nothing.
+        let mut fds = [0; 2];
+        // SAFETY: pipe with a valid array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors were just made and are owned here.
+        let (r, w) = unsafe {
+            use std::os::fd::{FromRawFd, OwnedFd};
+            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        };
+        use std::os::fd::AsFd;
+        assert!(!connection_gone(r.as_fd()));
+        drop(w);
+        assert!(connection_gone(r.as_fd()));
+    }
+}

@@ -1,0 +1,373 @@
+//! A staged volume outlives its serving process (a submodule of the `csi` tests, using its
+//! harness): the mounter keeps the FUSE connection and starts a successor when the serving
+//! process dies without being asked — unless the volume says `failover: "false"`, and not
+//! forever when successors cannot start.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::support::pattern;
+use crate::workload::{self, Record};
+
+/// Whether `pid` runs (a zombie does not: it only waits to be reaped).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// The live serving processes (`s3vol mount --fuse-fd …`) whose argv names `path`.
+pub(super) fn serving(path: &Path) -> Vec<i32> {
+    serving_where(|arg| arg == path.as_os_str().as_encoded_bytes())
+}
+
+/// The live serving processes with an argument that `matches`.
+pub(super) fn serving_where(matches: impl Fn(&[u8]) -> bool) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+            args.contains(&&b"--fuse-fd"[..]) && args.iter().any(|a| matches(a)) && alive(pid)
+        })
+        .collect()
+}
+
+/// Waits (bounded) for one serving process of `staging` other than `old`.
+fn wait_serving(h: &Harness, staging: &Path, old: Option<i32>) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = serving(staging);
+        if let [pid] = now[..]
+            && Some(pid) != old
+        {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no serving process of {} other than {old:?} within 10 s (now {now:?})\n{}",
+            staging.display(),
+            h.csi_log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn kill9(pid: i32) {
+    // SAFETY: kill(2) of a serving process this test's mounter started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+}
+
+/// The `ready_ms=N` of each "took over" line of the mounter's log.
+fn takeover_times(log: &str) -> Vec<Duration> {
+    log.lines()
+        .filter(|l| l.contains("the successor took over"))
+        .filter_map(|l| {
+            let rest = &l[l.find("ready_ms=")? + "ready_ms=".len()..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok().map(Duration::from_millis)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csi_volume_survives_five_kills_of_its_serving_process() {
+    let mut h = Harness::start();
+    let (v, staging, target) = staged_static_with(
+        &mut h,
+        "csi-failover",
+        mount_cap(Mode::SingleNodeWriter, &[], ""),
+        &[],
+    )
+    .await;
+    let ro = pattern(1 << 20, 77);
+    std::fs::write(target.join("ro.bin"), &ro).unwrap();
+    let first = wait_serving(&h, &staging, None);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rec = Arc::new(Mutex::new(Record::default()));
+    let meta = {
+        let (root, stop, rec) = (target.clone(), stop.clone(), rec.clone());
+        std::thread::spawn(move || workload::metadata_loop(root, stop, rec))
+    };
+    let writer = {
+        let (p, stop, rec) = (target.join("open-writer.bin"), stop.clone(), rec.clone());
+        std::thread::spawn(move || workload::open_writer(p, stop, rec))
+    };
+    let reader = {
+        let (p, stop, rec, want) = (target.join("ro.bin"), stop.clone(), rec.clone(), ro.clone());
+        std::thread::spawn(move || workload::open_reader(p, want, stop, rec))
+    };
+
+    let mut pids = vec![first];
+    let mut successor_seen = Vec::new();
+    let mut pid = first;
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(800));
+        let killed_at = Instant::now();
+        kill9(pid);
+        pid = wait_serving(&h, &staging, Some(pid));
+        successor_seen.push(killed_at.elapsed());
+        pids.push(pid);
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    stop.store(true, Ordering::Relaxed);
+    // Bounded: a call that never returns fails the test here, not by hanging it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(meta.is_finished() && writer.is_finished() && reader.is_finished()) {
+        assert!(
+            Instant::now() < deadline,
+            "an application call hung after the kills: metadata loop done {}, writer done {}, reader done {}\n{}",
+            meta.is_finished(),
+            writer.is_finished(),
+            reader.is_finished(),
+            h.csi_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let expect = meta.join().unwrap();
+    let written = writer.join().unwrap();
+    reader.join().unwrap();
+
+    let rec = std::mem::take(&mut *rec.lock().unwrap());
+    let mut lat = rec.latencies.clone();
+    lat.sort();
+    let mut took = takeover_times(&h.csi_log());
+    took.sort();
+    successor_seen.sort();
+    println!(
+        "{} application calls over 5 kills: p50 {:?}, p99 {:?}, p99.9 {:?}, max {:?}; \
+         successor serving (mounter's ready_ms) {:?}; kill to successor pid seen {:?}",
+        lat.len(),
+        workload::percentile(&lat, 0.5),
+        workload::percentile(&lat, 0.99),
+        workload::percentile(&lat, 0.999),
+        lat.last().copied().unwrap_or_default(),
+        took,
+        successor_seen,
+    );
+    assert!(
+        rec.errors.is_empty(),
+        "application errors: {:#?}\n{}",
+        rec.errors,
+        h.csi_log()
+    );
+    assert!(
+        expect.len() >= 5,
+        "the loop made only {} rounds",
+        expect.len()
+    );
+    assert!(
+        written.len() > 50_000,
+        "the writer wrote only {} bytes",
+        written.len()
+    );
+    assert_eq!(took.len(), 5, "one takeover logged per kill");
+    let worst = lat.last().copied().unwrap_or_default();
+    assert!(worst < Duration::from_secs(5), "a call stalled {worst:?}");
+
+    // Healthy again, and the condition tells what happened.
+    let mut node = h.node().await;
+    let cond = stats(&mut node, &v, &target)
+        .await
+        .volume_condition
+        .unwrap();
+    assert!(!cond.abnormal, "{}", cond.message);
+    assert!(
+        cond.message.contains("replaced 5 times")
+            && cond.message.contains("killed by signal 9 (SIGKILL)")
+            && cond.message.contains("its successor served after"),
+        "{}",
+        cond.message
+    );
+
+    // The bucket holds what the applications made, and nothing they removed.
+    let s3 = store().await;
+    let bucket = BucketName::new(v.context["bucket"].clone()).unwrap();
+    let got: BTreeSet<String> = workload::all_keys(&s3, &bucket).await;
+    for (key, body) in &expect {
+        assert!(got.contains(key), "{key} missing from the bucket");
+        assert_eq!(
+            &workload::get(&s3, &bucket, key).await,
+            body,
+            "{key} differs"
+        );
+    }
+    let want = workload::expected_keys(&expect, &["ro.bin", "open-writer.bin"]);
+    assert_eq!(
+        got, want,
+        "the bucket holds other objects than the applications left"
+    );
+    assert_eq!(
+        workload::get(&s3, &bucket, "open-writer.bin").await,
+        written
+    );
+    assert_eq!(workload::get(&s3, &bucket, "ro.bin").await, ro);
+
+    // Unstaging ends everything: no serving process stays, no session directory either.
+    unpublish(&mut node, &v, &target).await;
+    unstage(&mut node, &v, &staging).await;
+    assert!(!is_mounted(&target) && !is_mounted(&staging));
+    for p in pids {
+        assert!(!alive(p), "serving process {p} still runs");
+    }
+    assert!(serving(&staging).is_empty(), "{:?}", serving(&staging));
+    let sessions: Vec<_> = std::fs::read_dir(h.path("cache/.sessions"))
+        .unwrap()
+        .collect();
+    assert!(sessions.is_empty(), "{sessions:?}");
+    h.mounts.clear();
+}
+
+#[tokio::test]
+async fn csi_failover_false_lets_a_killed_serving_process_end_the_volume() {
+    let mut h = Harness::start();
+    let (v, staging, target) = staged_static_with(
+        &mut h,
+        "csi-dead",
+        mount_cap(Mode::SingleNodeWriter, &[], ""),
+        &[("failover", "false")],
+    )
+    .await;
+    let mut node = h.node().await;
+    let pid = wait_serving(&h, &staging, None);
+    kill9(pid);
+    let start = Instant::now();
+    let cond = loop {
+        let c = stats(&mut node, &v, &target)
+            .await
+            .volume_condition
+            .unwrap();
+        if c.abnormal || start.elapsed() > Duration::from_secs(20) {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(cond.abnormal, "{}", cond.message);
+    assert!(
+        cond.message.contains("killed by signal 9 (SIGKILL)")
+            && cond.message.contains("failover is off"),
+        "{}",
+        cond.message
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        serving(&staging).is_empty(),
+        "no successor without failover"
+    );
+    // The pod cannot write through to the node's disk.
+    assert!(std::fs::write(target.join("x"), b"x").is_err());
+    // Restaging replaces the dead mount; cleanup works.
+    stage(
+        &h,
+        &mut node,
+        &v,
+        &staging,
+        mount_cap(Mode::SingleNodeWriter, &[], ""),
+    )
+    .await;
+    let cond = stats(&mut node, &v, &staging)
+        .await
+        .volume_condition
+        .unwrap();
+    assert!(!cond.abnormal, "{}", cond.message);
+    unpublish(&mut node, &v, &target).await;
+    unstage(&mut node, &v, &staging).await;
+    assert!(!is_mounted(&target) && !is_mounted(&staging));
+    assert!(serving(&staging).is_empty());
+    h.mounts.clear();
+}
+
+/// `s3vol mount`, except that a successor (`--adopt`) fails at once, as one would whose
+/// configuration or bucket went bad after the volume was staged.
+fn program_whose_successors_fail(dir: &Path) -> PathBuf {
+    let p = dir.join("mount-no-successor.sh");
+    std::fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\n\
+             for a in \"$@\"; do\n\
+               if [ \"$a\" = --adopt ]; then echo 'test: this successor cannot start' >&2; exit 3; fi\n\
+             done\n\
+             exec {bin} \"$@\"\n",
+            bin = BIN
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+#[tokio::test]
+async fn csi_successors_that_cannot_start_are_not_restarted_forever() {
+    let scratch = tempfile::tempdir().unwrap();
+    let exe = program_whose_successors_fail(scratch.path());
+    let mut h = Harness::start_with_exe(Some(exe));
+    let (v, staging, target) = staged_static_with(
+        &mut h,
+        "csi-bound",
+        mount_cap(Mode::SingleNodeWriter, &[], ""),
+        &[],
+    )
+    .await;
+    std::fs::write(target.join("before.txt"), b"written before the kill").unwrap();
+    let mut node = h.node().await;
+    let pid = wait_serving(&h, &staging, None);
+    kill9(pid);
+    let start = Instant::now();
+    let cond = loop {
+        let c = stats(&mut node, &v, &target)
+            .await
+            .volume_condition
+            .unwrap();
+        if c.abnormal || start.elapsed() > Duration::from_secs(30) {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(cond.abnormal, "{}\n{}", cond.message, h.csi_log());
+    assert!(
+        cond.message
+            .contains("3 serving processes in a row died before they served"),
+        "{}",
+        cond.message
+    );
+    let starts = |log: &str| {
+        log.matches("starting a successor on the same connection")
+            .count()
+    };
+    assert_eq!(starts(&h.csi_log()), 3, "{}", h.csi_log());
+    let log = h.csi_log();
+    assert!(
+        log.contains("test: this successor cannot start"),
+        "the successors' own words are logged"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(starts(&h.csi_log()), 3, "no successor after the bound");
+    assert!(serving(&staging).is_empty());
+    // Nobody holds the connection any more: the mount answers ENOTCONN rather than hanging.
+    let e = std::fs::metadata(target.join("before.txt")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    // The data written before the kill was in S3 already (close-to-open).
+    let s3 = store().await;
+    let bucket = BucketName::new(v.context["bucket"].clone()).unwrap();
+    assert_eq!(
+        workload::get(&s3, &bucket, "before.txt").await,
+        b"written before the kill"
+    );
+    unpublish(&mut node, &v, &target).await;
+    unstage(&mut node, &v, &staging).await;
+    assert!(!is_mounted(&target) && !is_mounted(&staging));
+    h.mounts.clear();
+}
