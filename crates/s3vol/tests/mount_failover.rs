@@ -22,11 +22,15 @@ use std::time::{Duration, Instant};
 use support::{Mounted, pattern};
 use workload::{Record, metadata_loop, open_reader, open_writer, percentile};
 
-/// The serving process of a supervised mount: the supervisor's only child.
+/// The serving process of a supervised mount: the supervisor's only child. `children` lists
+/// the children each thread started, so every thread of the supervisor is read (a successor
+/// is started by whichever thread saw its predecessor die).
 fn serving_pid(supervisor: u32) -> Option<u32> {
-    let children =
-        fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children")).ok()?;
-    children.split_whitespace().next()?.parse().ok()
+    let tasks = fs::read_dir(format!("/proc/{supervisor}/task")).ok()?;
+    tasks.flatten().find_map(|t| {
+        let children = fs::read_to_string(t.path().join("children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    })
 }
 
 fn alive(pid: u32) -> bool {
@@ -53,6 +57,30 @@ fn wait_for_successor(supervisor: u32, old: u32) -> u32 {
             Instant::now() < deadline,
             "no successor of serving process {old} within 10 s"
         );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits (bounded) until `n` successors have logged taking the mount over (a warning each
+/// logs as it adopts the connection, just before it answers requests).
+fn wait_for_takeovers(log: &Mutex<String>, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = log.lock().unwrap();
+        if text
+            .matches("took over the connection of a serving process that died")
+            .count()
+            >= n
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "successor {n} did not take the mount over within 30 s; mount log:\n{}",
+            text.get(text.len().saturating_sub(20_000)..)
+                .unwrap_or(&text)
+        );
+        drop(text);
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -114,6 +142,10 @@ async fn twenty_kills_of_the_serving_process_cost_the_applications_nothing() {
         pid = wait_for_successor(supervisor, pid);
         takeovers.push(killed_at.elapsed());
         pids.push(pid);
+        // The next kill is of a process that serves: one killed before it is ready counts
+        // as a start that failed, and the supervisor stops restarting after three in a row
+        // (a loaded machine can take longer than the pause to start a debug build).
+        wait_for_takeovers(&log, pids.len() - 1);
     }
     std::thread::sleep(Duration::from_millis(600));
     stop.store(true, Ordering::Relaxed);
