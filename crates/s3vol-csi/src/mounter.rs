@@ -69,10 +69,10 @@
 //! - Credentials are kept only in zeroing memory (with failover, for successors) and the
 //!   process is not dumpable (set by the `s3vol mounter` command before anything else).
 
+use s3vol_fs::session::private_dir;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -134,7 +134,7 @@ pub fn run(config: MounterConfig) -> io::Result<()> {
     }
     match &config.session_dir {
         Some(dir) => {
-            s3vol_fs::session::private_dir(dir)
+            private_dir(dir)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
             clear_sessions(dir);
         }
@@ -415,16 +415,6 @@ impl Mounter {
     }
 }
 
-/// Creates `dir` (and missing parents) mode 0700 whatever the umask; an existing `dir` is
-/// made 0700 too (it holds other volumes' data).
-fn private_dir(dir: &Path) -> io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
 /// Removes one volume's cache directory if nothing in it is needed (see [`Mounter::prune`]).
 /// The directory is first renamed aside and checked again there, so a serving process that
 /// opened it meanwhile keeps it (it is renamed back) and one starting later gets a new one.
@@ -602,7 +592,7 @@ fn serve(mounter: &Mounter, mut req: MountRequest, fuse: OwnedFd) -> Result<u32,
         (Some(root), true) => {
             let n = mounter.sessions.fetch_add(1, Ordering::SeqCst);
             let dir = root.join(format!("{}-{n}", short_hash(&volume)));
-            s3vol_fs::session::private_dir(&dir).map_err(|e| {
+            private_dir(&dir).map_err(|e| {
                 format!(
                     "creating the session directory {} (set the volume parameter failover: \"false\" to serve it without one): {e}",
                     dir.display()

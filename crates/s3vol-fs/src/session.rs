@@ -122,8 +122,10 @@ pub unsafe fn place_fds(sources: &[RawFd]) -> io::Result<()> {
     Ok(())
 }
 
-/// Creates `dir` (and missing parents) mode 0700 whatever the umask, and refuses a `dir`
-/// that exists but belongs to another user (someone prepared it to read the journal).
+/// Creates `dir` (and missing parents) mode 0700 whatever the umask, makes an existing one
+/// 0700, and refuses a `dir` that exists but is not a directory of this user (someone
+/// prepared it to read what it will hold: a session journal names every file open, a cache
+/// directory holds volumes' data). For session and cache directories alike.
 pub fn private_dir(dir: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)

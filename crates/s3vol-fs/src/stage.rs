@@ -1151,20 +1151,19 @@ impl Staged {
         // One that failed may have completed the upload all the same (its answer lost): then
         // the upload is gone, and the object has the ETag its parts make.
         if let Some(tried) = self.stream.as_mut().and_then(|s| s.unsure.take()) {
-            let expected = CompletedPart::multipart_etag(&tried.parts);
             let head = by(
                 deadline,
                 self.ctx.store.head_object(&self.ctx.bucket, &self.key),
             )
             .await;
-            match (head, expected) {
-                (Ok(info), Some(expected)) if info.etag.as_str().trim_matches('"') == expected => {
+            match head {
+                Ok(info) if made_by(&info.etag, &tried.parts) => {
                     tracing::info!(key = %self.key, "an upload whose completion failed was completed all the same");
                     return self
                         .landed(info.etag, tried, metadata, content_type, deadline)
                         .await;
                 }
-                (Err(e), _) if e.errno != libc::ENOENT => {
+                Err(e) if e.errno != libc::ENOENT => {
                     if let Some(s) = self.stream.as_mut() {
                         s.unsure = Some(tried);
                     }
@@ -1808,6 +1807,12 @@ fn write_at(file: &File, mut data: &[u8], mut offset: u64) -> (usize, std::io::R
     (landed, Ok(()))
 }
 
+/// Whether an object with `etag` is what completing a multipart upload of `parts` made (S3
+/// and compatible stores give it the MD5 of the parts' MD5s and `-N`).
+fn made_by(etag: &ETag, parts: &[CompletedPart]) -> bool {
+    CompletedPart::multipart_etag(parts).is_some_and(|e| etag.as_str().trim_matches('"') == e)
+}
+
 /// Completes a multipart upload of `parts`. When S3 answers with an error, the upload may
 /// still have been completed by an earlier attempt whose answer was lost (a retried
 /// CompleteMultipartUpload then finds no upload): the object is the upload's when its ETag is
@@ -1826,9 +1831,8 @@ async fn complete_upload(
         Ok(done) => return Ok(done.etag),
         Err(e) => e,
     };
-    if let Some(expected) = CompletedPart::multipart_etag(&parts)
-        && let Ok(info) = ctx.store.head_object(&ctx.bucket, &key).await
-        && info.etag.as_str().trim_matches('"') == expected
+    if let Ok(info) = ctx.store.head_object(&ctx.bucket, &key).await
+        && made_by(&info.etag, &parts)
     {
         tracing::info!(%key, upload_id = %upload_id.0, error = %e, "the upload was completed although S3's answer said otherwise: the object has its parts' ETag");
         return Ok(info.etag);

@@ -61,30 +61,6 @@ fn wait_for_successor(supervisor: u32, old: u32) -> u32 {
     }
 }
 
-/// Waits (bounded) until `n` successors have logged taking the mount over (a warning each
-/// logs as it adopts the connection, just before it answers requests).
-fn wait_for_takeovers(log: &Mutex<String>, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = log.lock().unwrap();
-        if text
-            .matches("took over the connection of a serving process that died")
-            .count()
-            >= n
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "successor {n} did not take the mount over within 30 s; mount log:\n{}",
-            text.get(text.len().saturating_sub(20_000)..)
-                .unwrap_or(&text)
-        );
-        drop(text);
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Reads the mount's stderr as it comes (a supervised mount logs every restart; a pipe
 /// nobody reads would fill and block the serving process), keeping it for the failure message.
 fn drain_log(m: &mut Mounted) -> Arc<Mutex<String>> {
@@ -142,10 +118,11 @@ async fn twenty_kills_of_the_serving_process_cost_the_applications_nothing() {
         pid = wait_for_successor(supervisor, pid);
         takeovers.push(killed_at.elapsed());
         pids.push(pid);
-        // The next kill is of a process that serves: one killed before it is ready counts
-        // as a start that failed, and the supervisor stops restarting after three in a row
-        // (a loaded machine can take longer than the pause to start a debug build).
-        wait_for_takeovers(&log, pids.len() - 1);
+        workload::wait_for_takeovers(
+            || log.lock().unwrap().clone(),
+            "took over the connection of a serving process that died",
+            pids.len() - 1,
+        );
     }
     std::thread::sleep(Duration::from_millis(600));
     stop.store(true, Ordering::Relaxed);

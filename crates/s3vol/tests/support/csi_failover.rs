@@ -64,26 +64,6 @@ fn wait_serving(h: &Harness, staging: &Path, old: Option<i32>) -> i32 {
     }
 }
 
-/// Waits (bounded) until the mounter has logged `n` successors taking the volume over.
-fn wait_for_takeovers(h: &Harness, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = h.csi_log();
-        if log
-            .matches("the successor took over the volume's connection")
-            .count()
-            >= n
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "successor {n} did not take the volume over within 30 s\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn kill9(pid: i32) {
     // SAFETY: kill(2) of a serving process this test's mounter started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
@@ -140,10 +120,11 @@ async fn csi_volume_survives_five_kills_of_its_serving_process() {
         pid = wait_serving(&h, &staging, Some(pid));
         successor_seen.push(killed_at.elapsed());
         pids.push(pid);
-        // The next kill is of a process that serves: one killed before it is ready counts
-        // as a start that failed, and the mounter stops replacing after three in a row (a
-        // loaded machine can take longer than the pause to start a debug build).
-        wait_for_takeovers(&h, pids.len() - 1);
+        workload::wait_for_takeovers(
+            || h.csi_log(),
+            "the successor took over the volume's connection",
+            pids.len() - 1,
+        );
     }
     std::thread::sleep(Duration::from_millis(800));
     stop.store(true, Ordering::Relaxed);

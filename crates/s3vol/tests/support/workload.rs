@@ -224,3 +224,25 @@ pub async fn get(
     let chunks: Vec<bytes::Bytes> = got.body.try_collect().await.unwrap();
     chunks.concat()
 }
+
+/// Waits (bounded, 30 s) until `log()` holds `line` at least `n` times: the line each
+/// successor logs as it takes a connection over. A failover test kills only a process that
+/// serves: one killed before it is ready counts as a start that failed, and after three in a
+/// row its supervisor rightly stops replacing it (a loaded machine can take longer than the
+/// pause between kills to start a debug build).
+pub fn wait_for_takeovers(log: impl Fn() -> String, line: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = log();
+        if text.matches(line).count() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "successor {n} did not take over within 30 s; log:\n{}",
+            text.get(text.len().saturating_sub(20_000)..)
+                .unwrap_or(&text)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
