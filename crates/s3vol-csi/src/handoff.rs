@@ -150,6 +150,11 @@ pub struct MountRequest {
     /// plugin that does not know the field asks for it.
     #[serde(default = "failover_default")]
     pub failover: bool,
+    /// Set when the node plugin hands back a connection it kept while the mounter that served
+    /// it went away (killed, or replaced by an upgrade): the serving process adopts it with the
+    /// journal its predecessor left in this session directory instead of starting afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopt: Option<PathBuf>,
 }
 
 fn failover_default() -> bool {
@@ -268,10 +273,27 @@ pub enum Request {
     /// How the volume's serving process fares: its restarts, or why it ended
     /// ([`Reply::status`]); `ok: false` when this mounter does not know the volume.
     Status(StatusRequest),
+    /// Every volume this mounter knows ([`Reply::volumes`]) and who it is
+    /// ([`Reply::instance`]): what the node plugin watches to hand its connections to a new
+    /// mounter, and to let go of those whose volume ended.
+    Volumes,
+    /// Hand the volume's connection back (the reply carries the FUSE fd, with
+    /// [`Reply::request`] and [`Reply::session_dir`]): a node plugin that was restarted takes
+    /// up again the copies it keeps for the day the mounter goes away. `ok: false` when the
+    /// mounter holds no connection of that volume.
+    Reclaim(StatusRequest),
+}
+
+/// One volume of a [`Request::Volumes`] answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownVolume {
+    pub volume_id: String,
+    /// No process serves it and none will be started.
+    pub ended: bool,
 }
 
 /// The mounter's answer.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
     pub ok: bool,
     /// Why it failed (the serving process's own words when it said any).
@@ -286,16 +308,27 @@ pub struct Reply {
     /// For a status request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<VolumeStatus>,
+    /// For a mount with failover, and a reclaim: the volume's session directory (what a
+    /// successor started by another mounter adopts, see [`MountRequest::adopt`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_dir: Option<PathBuf>,
+    /// For a ping and a volume list: this mounter process, distinct for every start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// For a volume list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Vec<KnownVolume>>,
+    /// For a reclaim: the volume's configuration and newest credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<Box<MountRequest>>,
 }
 
 impl Reply {
     pub fn ok(pid: Option<u32>) -> Self {
         Reply {
             ok: true,
-            error: None,
             pid,
-            ended: None,
-            status: None,
+            ..Reply::default()
         }
     }
 
@@ -303,9 +336,7 @@ impl Reply {
         Reply {
             ok: false,
             error: Some(error.into()),
-            pid: None,
-            ended: None,
-            status: None,
+            ..Reply::default()
         }
     }
 }
@@ -432,14 +463,25 @@ pub fn call(
     fd: Option<BorrowedFd<'_>>,
     timeout: Duration,
 ) -> io::Result<Reply> {
+    call_for_fd(socket, request, fd, timeout).map(|(reply, _)| reply)
+}
+
+/// [`call`], also returning the fd that came with the reply ([`Request::Reclaim`]).
+pub fn call_for_fd(
+    socket: &Path,
+    request: &Request,
+    fd: Option<BorrowedFd<'_>>,
+    timeout: Duration,
+) -> io::Result<(Reply, Option<OwnedFd>)> {
     let stream = UnixStream::connect(socket)?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     stream.set_read_timeout(Some(timeout))?;
     let body = Frame(serde_json::to_vec(request).map_err(|e| invalid(e.to_string()))?);
     send_frame(&stream, &body.0, fd)?;
     drop(body);
-    let (reply, _) = recv_frame(&stream)?;
-    serde_json::from_slice(&reply.0).map_err(|e| invalid(format!("bad reply: {e}")))
+    let (reply, fd) = recv_frame(&stream)?;
+    let reply = serde_json::from_slice(&reply.0).map_err(|e| invalid(format!("bad reply: {e}")))?;
+    Ok((reply, fd))
 }
 
 #[cfg(test)]
@@ -472,6 +514,7 @@ mod tests {
             }),
             web_identity: None,
             failover: true,
+            adopt: None,
         }
     }
 

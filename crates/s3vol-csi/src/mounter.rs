@@ -38,11 +38,22 @@
 //!
 //! **Session directories** live under `--session-dir` (default `<cache-dir>/.sessions`: the
 //! manifests give the mounter that hostPath directory, mode 0700, and nothing else on disk
-//! that outlives a container; the journal must outlive a serving process, and should
-//! outlive the mounter's container for the day a restarted mounter adopts its volumes): one
-//! private directory per connection, `<volume hash>-<n>`, removed when the volume ends. A
-//! mounter starts by removing what an earlier mounter left there: it holds none of those
-//! connections, so nobody can adopt them.
+//! that outlives a container; the journal must outlive a serving process, and the mounter's
+//! container too): one private directory per connection, `<volume hash>-<n>`, removed when
+//! the volume ends. A mounter numbers its own above every number it finds there.
+//!
+//! **The mounter's own end.** The node plugin keeps a copy of every failover volume's
+//! connection too (see `node`), so when the mounter goes — killed with its container, or
+//! replaced by an upgrade (SIGTERM: every serving process uploads what it holds and exits,
+//! and the session directories stay) — the mounts stall instead of failing, and the node
+//! plugin hands each connection to the next mounter with [`MountRequest::adopt`] naming its
+//! session directory. That mounter first ends any serving process of the volume an earlier
+//! mounter left running (SIGTERM, then SIGKILL after the stop timeout: two processes must
+//! never serve one connection), then starts one with `--adopt`, exactly as for a successor.
+//! [`Request::Volumes`] (who this mounter is, which volumes it knows and which ended) is what
+//! the node plugin watches; [`Request::Reclaim`] gives a restarted node plugin its copies back.
+//! [`Request::Prune`] removes the session directories of earlier mounters that no volume
+//! took up.
 //!
 //! Invariants and lifecycle:
 //! - **A failed start says why.** When the ready pipe closes without `ready`, the child is given
@@ -119,6 +130,11 @@ struct Mounter {
     shutting_down: Arc<AtomicBool>,
     /// Numbers the session directories of this mounter's connections.
     sessions: AtomicU64,
+    /// The first number of this mounter's session directories: those below are earlier
+    /// mounters'.
+    first_session: u64,
+    /// This process, distinct for every start ([`Reply::instance`]).
+    instance: String,
 }
 
 /// Serves requests until SIGTERM or SIGINT, then ends every serving process (bounded by the
@@ -136,18 +152,23 @@ pub fn run(config: MounterConfig) -> io::Result<()> {
         Some(dir) => {
             private_dir(dir)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
-            clear_sessions(dir);
         }
         None => tracing::warn!(
             "no session directory (--session-dir or --cache-dir): volumes are served without failover, a serving process that dies takes its volume with it"
         ),
     }
     tracing::info!(socket = %config.socket.display(), exe = %config.exe.display(), session_dir = ?config.session_dir, "mounter serving");
+    let first_session = config.session_dir.as_deref().map_or(0, next_session_number);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let mounter = Arc::new(Mounter {
         config,
         served: Mutex::new(HashMap::new()),
         shutting_down: Arc::new(AtomicBool::new(false)),
-        sessions: AtomicU64::new(0),
+        sessions: AtomicU64::new(first_session),
+        first_session,
+        instance: format!("{}-{}", std::process::id(), started.as_nanos()),
     });
     {
         let mounter = mounter.clone();
@@ -178,7 +199,10 @@ impl Mounter {
             }
             Ok((body, fd)) => match serde_json::from_slice::<Request>(&body.0) {
                 Err(e) => Reply::failed(format!("malformed request: {e}")),
-                Ok(Request::Ping) => Reply::ok(None),
+                Ok(Request::Ping) => Reply {
+                    instance: Some(self.instance.clone()),
+                    ..Reply::ok(None)
+                },
                 Ok(Request::Mount(req)) => match fd {
                     None => Reply::failed("a mount request must carry the FUSE fd"),
                     Some(_) if self.shutting_down.load(Ordering::SeqCst) => {
@@ -186,8 +210,16 @@ impl Mounter {
                     }
                     Some(fd) => {
                         let volume = req.volume_id.clone();
+                        let adopting = req.adopt.is_some();
                         match self.serve(*req, fd) {
-                            Ok(pid) => Reply::ok(Some(pid)),
+                            Ok((pid, session_dir)) => Reply {
+                                session_dir,
+                                ..Reply::ok(Some(pid))
+                            },
+                            Err(e) if adopting => {
+                                tracing::warn!(%volume, error = %e, "cannot take up the connection an earlier mounter served");
+                                Reply::failed(e)
+                            }
                             Err(e) => {
                                 tracing::warn!(%volume, error = %e, "volume failed to start");
                                 Reply::failed(e)
@@ -195,6 +227,21 @@ impl Mounter {
                         }
                     }
                 },
+                Ok(Request::Volumes) => self.volumes(),
+                Ok(Request::Reclaim(req)) => {
+                    let (reply, fd) = self.reclaim(&req.volume_id);
+                    let body =
+                        serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+                    let body = handoff::Frame(body);
+                    if let Err(e) = handoff::send_frame(
+                        &stream,
+                        &body.0,
+                        fd.as_ref().map(std::os::fd::AsFd::as_fd),
+                    ) {
+                        tracing::warn!(error = %e, "sending a reply");
+                    }
+                    return;
+                }
                 Ok(Request::Stop(req)) => self.stop(&req),
                 Ok(Request::Prune { keep }) => self.prune(&keep),
                 Ok(Request::Credentials(update)) => self.update_credentials(&update),
@@ -355,6 +402,7 @@ impl Mounter {
     /// Data not in S3 is kept and reported with its keys, as is anything the journal does not
     /// explain.
     fn prune(&self, keep: &[String]) -> Reply {
+        self.prune_sessions();
         let Some(root) = &self.config.cache_dir else {
             return Reply::ok(None);
         };
@@ -395,9 +443,54 @@ impl Mounter {
         Reply::ok(None)
     }
 
-    /// Starts the serving process for one volume and waits until it serves; returns its pid.
-    fn serve(&self, req: MountRequest, fuse: OwnedFd) -> Result<u32, String> {
+    /// Starts the serving process for one volume and waits until it serves; returns its pid
+    /// and, with failover, its session directory.
+    fn serve(&self, req: MountRequest, fuse: OwnedFd) -> Result<(u32, Option<PathBuf>), String> {
         serve(self, req, fuse)
+    }
+
+    /// Every volume this mounter knows, and whether it ended.
+    fn volumes(&self) -> Reply {
+        let volumes = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, v)| handoff::KnownVolume {
+                volume_id: id.clone(),
+                ended: !v.is_running(),
+            })
+            .collect();
+        Reply {
+            instance: Some(self.instance.clone()),
+            volumes: Some(volumes),
+            ..Reply::ok(None)
+        }
+    }
+
+    /// A copy of a volume's connection, its configuration and newest credentials, for a node
+    /// plugin that was restarted (see [`Request::Reclaim`]).
+    fn reclaim(&self, volume_id: &str) -> (Reply, Option<OwnedFd>) {
+        let held = self
+            .known(volume_id)
+            .filter(|v| v.is_running())
+            .and_then(|v| v.reclaim());
+        match held {
+            Some((fd, request, session_dir)) => (
+                Reply {
+                    request: Some(Box::new(request)),
+                    session_dir: Some(session_dir),
+                    ..Reply::ok(None)
+                },
+                Some(fd),
+            ),
+            None => (
+                Reply::failed(format!(
+                    "this mounter holds no connection of volume {volume_id}"
+                )),
+                None,
+            ),
+        }
     }
 
     /// Writes new credentials to the channel of a volume's serving process.
@@ -478,26 +571,55 @@ fn is_serving_process(pid: u32, staging: &Path) -> bool {
     args.contains(&&b"mount"[..]) && args.contains(&&b"--fuse-fd"[..]) && args.contains(&staging)
 }
 
-/// Removes the session directories an earlier mounter left (named `<volume hash>-<n>`; nothing
-/// else is touched): it held their connections, this one holds none of them, so nobody can
-/// adopt them.
-fn clear_sessions(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let ours = name
-            .to_str()
-            .and_then(|n| n.split_once('-'))
-            .is_some_and(|(h, n)| {
-                h.len() == 16
-                    && h.bytes().all(|b| b.is_ascii_hexdigit())
-                    && !n.is_empty()
-                    && n.bytes().all(|b| b.is_ascii_digit())
-            });
-        if ours && let Err(e) = std::fs::remove_dir_all(entry.path()) {
-            tracing::warn!(dir = %entry.path().display(), error = %e, "removing an earlier mounter's session directory");
+/// The volume hash and number of a session directory's name (`<volume hash>-<n>`), if it is one.
+fn session_name(name: &std::ffi::OsStr) -> Option<(&str, u64)> {
+    let (h, n) = name.to_str()?.split_once('-')?;
+    let ok = h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit());
+    ok.then_some(())?;
+    Some((h, n.parse().ok()?))
+}
+
+/// One above the highest number of the session directories in `root` (0 when none).
+fn next_session_number(root: &Path) -> u64 {
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| session_name(&e.file_name()).map(|(_, n)| n + 1))
+        .max()
+        .unwrap_or(0)
+}
+
+impl Mounter {
+    /// Removes the session directories earlier mounters left that no volume of this one took
+    /// up (nothing else there is touched): their connections are gone, or were handed to this
+    /// mounter under their directory's name and are in use.
+    fn prune_sessions(&self) {
+        let Some(root) = &self.config.session_dir else {
+            return;
+        };
+        let in_use: Vec<PathBuf> = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|v| v.is_running())
+            .filter_map(|v| v.session().map(Path::to_owned))
+            .collect();
+        for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            let earlier =
+                session_name(&entry.file_name()).is_some_and(|(_, n)| n < self.first_session);
+            if !earlier || in_use.contains(&entry.path()) {
+                continue;
+            }
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(dir = %entry.path().display(), "removed a session directory no volume took up")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %entry.path().display(), error = %e, "removing an earlier mounter's session directory")
+                }
+            }
         }
     }
 }
@@ -580,15 +702,31 @@ fn child_args(
     a
 }
 
-/// Starts the serving process for one volume and waits until it serves; returns its pid.
-fn serve(mounter: &Mounter, mut req: MountRequest, fuse: OwnedFd) -> Result<u32, String> {
+/// Starts the serving process for one volume and waits until it serves; returns its pid and,
+/// with failover, its session directory.
+fn serve(
+    mounter: &Mounter,
+    mut req: MountRequest,
+    fuse: OwnedFd,
+) -> Result<(u32, Option<PathBuf>), String> {
     let config = &mounter.config;
     validate(&req)?;
     let volume = req.volume_id.clone();
     if let Some(d) = mounter.volume_cache_dir(&volume) {
         private_dir(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
+    if let Some(dir) = req.adopt.clone() {
+        if let Some(v) = mounter.known(&volume).filter(|v| v.is_running()) {
+            // Handed in twice: this mounter serves it already (the fd handed in goes).
+            return Ok((v.pid(), v.session().map(Path::to_owned)));
+        }
+        check_adoptable(config, &volume, &dir)?;
+        // Two processes must never serve one connection.
+        end_earlier_serving_process(&req.staging_path, config.stop_timeout)?;
+        tracing::info!(%volume, session = %dir.display(), "taking up a connection an earlier mounter served");
+    }
     let session = match (&config.session_dir, req.failover) {
+        _ if req.adopt.is_some() => req.adopt.clone(),
         (Some(root), true) => {
             let n = mounter.sessions.fetch_add(1, Ordering::SeqCst);
             let dir = root.join(format!("{}-{n}", short_hash(&volume)));
@@ -615,20 +753,14 @@ fn serve(mounter: &Mounter, mut req: MountRequest, fuse: OwnedFd) -> Result<u32,
         None => None,
     };
     let args = child_args(config, &req, identity.is_some(), session.as_deref());
-    drop(req);
     let launch = Launch {
         exe: config.exe.clone(),
         args,
         ready_timeout: config.ready_timeout,
-        session,
+        session: session.clone(),
     };
-    let (served, ready) = Volume::start(
-        volume.clone(),
-        launch,
-        fuse,
-        identity,
-        mounter.shutting_down.clone(),
-    )?;
+    let (served, ready) =
+        Volume::start(req, launch, fuse, identity, mounter.shutting_down.clone())?;
     if let Some(old) = mounter
         .served
         .lock()
@@ -638,7 +770,69 @@ fn serve(mounter: &Mounter, mut req: MountRequest, fuse: OwnedFd) -> Result<u32,
     {
         tracing::warn!(%volume, pid = old.pid(), "an earlier serving process of this volume still runs");
     }
-    served.await_first(ready)
+    served.await_first(ready).map(|pid| (pid, session))
+}
+
+/// Whether `dir` can hold the journal of a connection of `volume` an earlier mounter served:
+/// a session directory of this mounter's root, named for the volume, still there.
+fn check_adoptable(config: &MounterConfig, volume: &str, dir: &Path) -> Result<(), String> {
+    let Some(root) = &config.session_dir else {
+        return Err(
+            "this mounter has no session directory (--session-dir or --cache-dir), so it cannot take up a connection".into(),
+        );
+    };
+    let named = dir.parent() == Some(root.as_path())
+        && dir
+            .file_name()
+            .and_then(session_name)
+            .is_some_and(|(h, _)| h == short_hash(volume));
+    if !named {
+        return Err(format!(
+            "{} is not a session directory of volume {volume} under {}",
+            dir.display(),
+            root.display()
+        ));
+    }
+    if !dir.is_dir() {
+        return Err(format!(
+            "the session directory {} is gone, and with it what a successor must know of the connection",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Ends the serving process an earlier mounter left on a connection this one takes up (only
+/// that mounter died): SIGTERM — it uploads what it holds and exits, leaving its journal —
+/// then SIGKILL once `wait` has passed.
+fn end_earlier_serving_process(staging: &Path, wait: Duration) -> Result<(), String> {
+    let Some(pid) = find_serving_process(staging) else {
+        return Ok(());
+    };
+    tracing::warn!(pid, staging = %staging.display(), "an earlier mounter's serving process still runs on this connection; ending it before a successor takes over");
+    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
+        return Ok(());
+    };
+    let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+    let deadline = Instant::now() + wait;
+    while is_alive(pid) {
+        if Instant::now() >= deadline {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            let killed = Instant::now() + Duration::from_secs(5);
+            while is_alive(pid) {
+                if Instant::now() >= killed {
+                    return Err(format!(
+                        "the earlier serving process {pid} of {} does not end",
+                        staging.display()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 /// Whether `path` is a socket a mounter answers on.
@@ -694,6 +888,8 @@ mod tests {
             served: Mutex::new(HashMap::new()),
             shutting_down: Arc::new(AtomicBool::new(false)),
             sessions: AtomicU64::new(0),
+            first_session: 0,
+            instance: "test".into(),
         };
         assert!(mounter.prune(&[]).ok);
         assert!(!clean.exists(), "clean copies are not worth a directory");
@@ -732,6 +928,7 @@ mod tests {
             credentials: None,
             web_identity: None,
             failover: true,
+            adopt: None,
         }
     }
 

@@ -7,11 +7,12 @@
 //!   ([`crate::handoff`]) and waits until the serving process says it serves. "Serves" is then
 //!   proven with a request through the mount (`statfs` of the staging path, bounded): only an
 //!   answer makes the call succeed. On any failure the serving process is stopped, the staging
-//!   path unmounted again, and the error carries the serving process's own reason. The plugin
-//!   closes its copy of the fd. The mounter keeps one for the volume's life (unless the
-//!   volume says `failover: "false"`) and replaces a serving process that dies; when it stops
-//!   doing so (failover off, restarts exhausted), nobody holds the connection any more and
-//!   the kernel answers ENOTCONN instead of hanging.
+//!   path unmounted again, and the error carries the serving process's own reason. Unless the
+//!   volume says `failover: "false"`, the mounter keeps a copy of the fd for the volume's
+//!   life and replaces a serving process that dies, and the plugin keeps one too and hands it
+//!   to the next mounter when the mounter itself goes (`keeper`); when the volume's serving
+//!   process ends for good (failover off, restarts exhausted), both let go, and the kernel
+//!   answers ENOTCONN instead of hanging.
 //! - **NodePublishVolume** bind-mounts the staging path at the target path — but only after
 //!   checking in the mount table that the staging path *is* an s3vol mount, so a pod can never
 //!   be handed a plain directory of the node's disk — then remounts the bind `nosuid,nodev` and
@@ -88,6 +89,8 @@ use crate::proto::{
 use crate::secret::{SecretHints, VolumeSecret};
 use crate::state::{StagedVolume, StateDir};
 
+mod keeper;
+
 /// How long `statfs` of a volume may take before it counts as not answering.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -116,6 +119,8 @@ pub struct NodeService {
     state: StateDir,
     locks: KeyLocks,
     adopted: AtomicBool,
+    /// Copies of the failover volumes' connections, for the mounter's own end.
+    kept: keeper::Keeper,
 }
 
 fn required<'a>(value: &'a str, name: &str) -> CsiResult<&'a str> {
@@ -152,6 +157,7 @@ impl NodeService {
             state,
             locks: KeyLocks::default(),
             adopted: AtomicBool::new(false),
+            kept: keeper::Keeper::default(),
         });
         svc.adopt()?;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -162,6 +168,15 @@ impl NodeService {
                     svc.sweep().await;
                     drop(svc);
                     tokio::time::sleep(SWEEP_INTERVAL).await;
+                }
+            });
+            let weak = Arc::downgrade(&svc);
+            rt.spawn(async move {
+                loop {
+                    let Some(svc) = weak.upgrade() else { return };
+                    svc.tend_connections().await;
+                    drop(svc);
+                    tokio::time::sleep(keeper::TEND_INTERVAL).await;
                 }
             });
         }
@@ -277,6 +292,8 @@ impl NodeService {
         let reply =
             tokio::task::spawn_blocking(move || handoff::call(&socket, &request, None, timeout))
                 .await;
+        // The volume ends here whatever the mounter says: no copy of its connection is kept.
+        self.kept.release(volume_id);
         match reply {
             Ok(Ok(r)) if r.ok => Ok(r.ended),
             Ok(Ok(r)) => Err(CsiError::Unavailable(r.error.unwrap_or_else(|| {
@@ -473,7 +490,7 @@ impl NodeService {
         mounts::mount_fuse(&fd, &staging, &source, options.read_only).map_err(CsiError::io(
             format!("mounting fuse.s3vol at {}", staging.display()),
         ))?;
-        let request = handoff::Request::Mount(Box::new(MountRequest {
+        let request = MountRequest {
             volume_id: volume_id.to_owned(),
             bucket: record.bucket.clone(),
             prefix: record.prefix.clone(),
@@ -485,7 +502,11 @@ impl NodeService {
             credentials,
             web_identity,
             failover,
-        }));
+            adopt: None,
+        };
+        // With failover a copy is kept (with its credentials) for the next mounter.
+        let keep = failover.then(|| request.clone());
+        let request = handoff::Request::Mount(Box::new(request));
         let socket = self.config.mounter_socket.clone();
         let timeout = self.config.mount_timeout;
         let outcome = tokio::task::spawn_blocking(move || {
@@ -495,11 +516,13 @@ impl NodeService {
                 Some(std::os::fd::AsFd::as_fd(&fd)),
                 timeout,
             );
-            // Our copy of the connection goes now: from here on only the serving process holds it.
-            drop(fd);
-            reply
+            (reply, fd)
         })
         .await;
+        let (outcome, fd) = match outcome {
+            Ok((reply, fd)) => (Ok(reply), Some(fd)),
+            Err(e) => (Err(e), None),
+        };
         let failure = match outcome {
             Ok(Ok(reply)) if reply.ok => {
                 record.pid = reply.pid;
@@ -507,6 +530,13 @@ impl NodeService {
                     Err(e) => e,
                     Ok(()) => match self.state.save(&record) {
                         Ok(()) => {
+                            match (fd, keep, reply.session_dir) {
+                                (Some(fd), Some(request), Some(dir)) => {
+                                    self.kept.keep(fd, request, dir)
+                                }
+                                // Without failover only the serving process holds it.
+                                (fd, ..) => drop(fd),
+                            }
                             tracing::info!(volume = %volume_id, staging = %staging.display(), source = %source, pid = ?reply.pid, "staged");
                             return Ok(());
                         }
@@ -775,17 +805,21 @@ impl NodeService {
     async fn pass_identity(
         &self,
         volume_id: &str,
-        identity: s3vol_s3::IdentityDocument,
+        mut identity: s3vol_s3::IdentityDocument,
     ) -> CsiResult<()> {
         let socket = self.config.mounter_socket.clone();
         let request = handoff::Request::Credentials(handoff::CredentialsUpdate {
             volume_id: volume_id.to_owned(),
-            identity,
+            identity: identity.clone(),
         });
         let reply = tokio::task::spawn_blocking(move || {
             handoff::call(&socket, &request, None, Duration::from_secs(30))
         })
         .await;
+        if matches!(&reply, Ok(Ok(r)) if r.ok) {
+            self.kept.update_identity(volume_id, &identity);
+        }
+        identity.wipe();
         let labels = [("volume", volume_id.to_owned())];
         let failure = match reply {
             Ok(Ok(r)) if r.ok => {

@@ -123,7 +123,17 @@ impl Harness {
     }
 
     fn start_mounter(&mut self) {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = self.mounter_command(Command::new(BIN));
+        self.mounter = Some(cmd.spawn().unwrap());
+        let sock = self.path("mounter.sock");
+        wait_for("the mounter socket", Duration::from_secs(20), || {
+            sock.exists()
+        });
+    }
+
+    /// `cmd` (`s3vol`, or a program that runs it) with the arguments and environment of the
+    /// mounter.
+    fn mounter_command(&self, mut cmd: Command) -> Command {
         cmd.args(["mounter", "--socket"])
             .arg(self.path("mounter.sock"))
             .arg("--cache-dir")
@@ -140,11 +150,7 @@ impl Harness {
             cmd.arg("--exe").arg(exe);
         }
         with_umask_000(&mut cmd);
-        self.mounter = Some(cmd.spawn().unwrap());
-        let sock = self.path("mounter.sock");
-        wait_for("the mounter socket", Duration::from_secs(20), || {
-            sock.exists()
-        });
+        cmd
     }
 
     fn start_csi(&mut self) {

@@ -46,7 +46,7 @@ use s3vol_fs::session::{RestartBound, connection_gone, describe, place_fds};
 use zeroize::Zeroizing;
 
 use super::signals::shutdown_set;
-use crate::handoff::{RestartInfo, VolumeStatus};
+use crate::handoff::{MountRequest, RestartInfo, VolumeStatus};
 
 /// How long a child whose ready pipe closed may take to exit (and say why) before it is killed.
 pub const EXIT_WAIT: Duration = Duration::from_secs(10);
@@ -99,6 +99,8 @@ struct Life {
     restarts: u64,
     last_restart: Option<RestartInfo>,
     bound: RestartBound,
+    /// The connection was served by an earlier mounter: its first process here is a successor.
+    adopted: bool,
 }
 
 /// The credentials channel of the serving process of the moment, and what a successor gets.
@@ -125,6 +127,9 @@ impl std::fmt::Debug for Credentials {
 pub(super) struct Volume {
     pub volume: String,
     launch: Launch,
+    /// The volume's configuration, without credentials (those are in `credentials`): what a
+    /// node plugin that reclaims the connection gets back.
+    request: MountRequest,
     /// With failover, the volume's connection until the volume ends.
     held: Mutex<Option<OwnedFd>>,
     /// The mounter is shutting down: no successor is started.
@@ -147,15 +152,17 @@ impl Volume {
     /// (`launch.session`) the connection is kept here; without, the serving process alone
     /// holds it once this returns. Then wait for it with [`Volume::await_first`].
     pub(super) fn start(
-        volume: String,
+        request: MountRequest,
         launch: Launch,
         fuse: OwnedFd,
         identity: Option<Zeroizing<Vec<u8>>>,
         shutting_down: Arc<AtomicBool>,
     ) -> Result<(Arc<Self>, OwnedFd), String> {
         let failover = launch.session.is_some();
+        let adopted = request.adopt.is_some() && failover;
         let v = Arc::new(Volume {
-            volume,
+            volume: request.volume_id.clone(),
+            request,
             launch,
             held: Mutex::new(None),
             shutting_down,
@@ -169,6 +176,7 @@ impl Volume {
                 restarts: 0,
                 last_restart: None,
                 bound: RestartBound::default(),
+                adopted,
             }),
             changed: Condvar::new(),
             tail: Mutex::new(VecDeque::new()),
@@ -178,13 +186,23 @@ impl Volume {
         let started = if failover {
             let mut held = lock(&v.held);
             let fd = held.insert(fuse);
-            let started = v.spawn(fd.as_fd(), 0, identity.as_deref().map(Vec::as_slice));
+            let started = v.spawn(
+                fd.as_fd(),
+                adopted,
+                0,
+                identity.as_deref().map(Vec::as_slice),
+            );
             if started.is_err() {
                 drop(held.take());
             }
             started
         } else {
-            let started = v.spawn(fuse.as_fd(), 0, identity.as_deref().map(Vec::as_slice));
+            let started = v.spawn(
+                fuse.as_fd(),
+                false,
+                0,
+                identity.as_deref().map(Vec::as_slice),
+            );
             // Ours goes now: the serving process alone holds the connection (see above).
             drop(fuse);
             started
@@ -193,7 +211,9 @@ impl Volume {
             Ok(s) => s,
             Err(e) => {
                 drop(life);
-                v.remove_session();
+                if !adopted {
+                    v.remove_session();
+                }
                 return Err(e);
             }
         };
@@ -203,13 +223,18 @@ impl Volume {
             lock(&v.credentials).newest = identity;
         }
         drop(life);
-        tracing::info!(volume = %v.volume, pid = started.pid, failover, "started serving process");
+        tracing::info!(volume = %v.volume, pid = started.pid, failover, adopted, "started serving process");
         Ok((v.clone(), started.ready))
     }
 
     /// Waits until the first serving process serves and returns its pid; or, if it does not,
     /// gives it [`EXIT_WAIT`] to exit (killing it after that) and returns why, in its own words.
-    pub(super) fn await_first(&self, ready: OwnedFd) -> Result<u32, String> {
+    pub(super) fn await_first(self: &Arc<Self>, ready: OwnedFd) -> Result<u32, String> {
+        if lock(&self.life).adopted {
+            // A successor: if it does not serve, the restart rules decide what follows.
+            let pid = self.pid();
+            return self.clone().await_successor(pid, ready).map(|()| pid);
+        }
         let why = match wait_ready(&ready, self.launch.ready_timeout) {
             Ok(()) => {
                 let mut life = lock(&self.life);
@@ -244,6 +269,7 @@ impl Volume {
     fn spawn(
         self: &Arc<Self>,
         fuse: BorrowedFd<'_>,
+        adopt: bool,
         restarts: u64,
         identity: Option<&[u8]>,
     ) -> Result<Started, String> {
@@ -264,7 +290,7 @@ impl Volume {
         let (ready_r, ready_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
         let mut args = self.launch.args.clone();
-        if restarts > 0 {
+        if adopt {
             // Flags go anywhere between `mount` and the `--` that ends them.
             args.splice(
                 1..1,
@@ -359,7 +385,7 @@ impl Volume {
             _ if asked => Err(None),
             None => Err(Some("failover is off for this volume".into())),
             Some(fd) if connection_gone(fd.as_fd()) => Err(None),
-            Some(_) if !life.ready && life.restarts == 0 => Err(Some(
+            Some(_) if !life.ready && life.restarts == 0 && !life.adopted => Err(Some(
                 "the first serving process never served; nothing to take over".into(),
             )),
             Some(_) if !life.ready && life.bound.died_before_ready() => Err(Some(format!(
@@ -392,7 +418,7 @@ impl Volume {
             "the serving process died without being asked; starting a successor on the same connection"
         );
         let identity = lock(&self.credentials).newest.clone();
-        match self.spawn(fd, restarts, identity.as_deref().map(Vec::as_slice)) {
+        match self.spawn(fd, true, restarts, identity.as_deref().map(Vec::as_slice)) {
             Ok(started) => {
                 drop(held);
                 life.pid = started.pid;
@@ -417,11 +443,11 @@ impl Volume {
     }
 
     /// Waits for a successor to serve; logs how long the volume went without a server.
-    fn await_successor(self: Arc<Self>, pid: u32, ready: OwnedFd) {
+    fn await_successor(self: Arc<Self>, pid: u32, ready: OwnedFd) -> Result<(), String> {
         let outcome = wait_ready(&ready, self.launch.ready_timeout);
         let mut life = lock(&self.life);
         if life.pid != pid || life.ended.is_some() {
-            return;
+            return Err(format!("the serving process {pid} ended before it served"));
         }
         match outcome {
             Ok(()) => {
@@ -436,9 +462,11 @@ impl Volume {
                     volume = %self.volume,
                     pid,
                     restarts = life.restarts,
+                    adopted = life.adopted,
                     ready_ms = ms,
                     "the successor took over the volume's connection"
                 );
+                Ok(())
             }
             // Its end (and the restart bound) is `process_ended`'s.
             Err(why) => {
@@ -446,6 +474,7 @@ impl Volume {
                 if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
                     let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
                 }
+                Err(format!("the successor {why}"))
             }
         }
     }
@@ -454,8 +483,16 @@ impl Volume {
     /// connection goes at once (the kernel aborts it once no process holds it, so the mount
     /// answers ENOTCONN rather than hanging), and so does the session directory.
     fn end(&self, life: &mut Life, pid: u32, exit: Exit, reason: Option<String>) {
-        drop(lock(&self.held).take());
-        self.remove_session();
+        let gone = lock(&self.held)
+            .take()
+            .is_none_or(|fd| connection_gone(fd.as_fd()));
+        if self.shutting_down.load(Ordering::SeqCst) && !gone {
+            // The node plugin may hold the connection too, and hand it to the next mounter,
+            // whose successor needs the journal (it prunes it if nobody does).
+            tracing::info!(volume = %self.volume, "the session directory stays for the next mounter");
+        } else {
+            self.remove_session();
+        }
         match (&reason, exit.success) {
             (None, true) => {
                 tracing::info!(volume = %self.volume, pid, "serving process exited")
@@ -486,6 +523,33 @@ impl Volume {
 
     pub(super) fn pid(&self) -> u32 {
         lock(&self.life).pid
+    }
+
+    /// The volume's session directory (with failover).
+    pub(super) fn session(&self) -> Option<&std::path::Path> {
+        self.launch.session.as_deref()
+    }
+
+    /// A copy of the connection, the configuration and the newest credentials, for a node
+    /// plugin that was restarted; `None` without failover or once the volume ended.
+    pub(super) fn reclaim(&self) -> Option<(OwnedFd, MountRequest, PathBuf)> {
+        let session = self.launch.session.clone()?;
+        let fd = lock(&self.held).as_ref()?.try_clone().ok()?;
+        let mut request = self.request.clone();
+        request.adopt = None;
+        if let Some(line) = &lock(&self.credentials).newest {
+            match serde_json::from_slice::<s3vol_s3::IdentityDocument>(line) {
+                Ok(s3vol_s3::IdentityDocument::Keys(k)) => request.credentials = Some(k),
+                Ok(s3vol_s3::IdentityDocument::WebIdentity { web_identity }) => {
+                    request.web_identity = Some(web_identity)
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.volume, error = %e, "reading the credentials kept for successors");
+                    return None;
+                }
+            }
+        }
+        Some((fd, request, session))
     }
 
     pub(super) fn tail_text(&self) -> String {

@@ -479,9 +479,18 @@ async fn csi_as_deployed_mounter_serves_without_dev_fuse_as_pid_1_and_drains_on_
         failover_get(&s3, &bucket, "across.txt").await,
         b"before the kill, after it"
     );
-    drop(f);
+    // The volume waits for the next mounter (the node plugin keeps its connection, and the
+    // journal stays): nothing answers until one comes, so the open file's close would wait.
+    assert!(
+        h.csi_log()
+            .contains("the session directory stays for the next mounter"),
+        "{}",
+        h.csi_log()
+    );
+    // Unstaging lets go of the connection: the kernel aborts it, and the close returns.
     unpublish(&mut node, &v, &target).await;
     unstage(&mut node, &v, &staging).await;
+    drop(f);
     assert!(!is_mounted(&target) && !is_mounted(&staging));
     h.mounts.clear();
 }

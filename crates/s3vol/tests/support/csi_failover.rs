@@ -81,6 +81,145 @@ fn takeover_times(log: &str) -> Vec<Duration> {
         .collect()
 }
 
+/// An application load on a mounted volume through the events of a test: a loop of create /
+/// rename / unlink / mkdir / ls, a writer that keeps one file open, and a reader of a file
+/// written before.
+struct Load {
+    stop: Arc<AtomicBool>,
+    rec: Arc<Mutex<Record>>,
+    meta: std::thread::JoinHandle<Vec<(String, Vec<u8>)>>,
+    writer: std::thread::JoinHandle<Vec<u8>>,
+    reader: std::thread::JoinHandle<()>,
+    ro: Vec<u8>,
+}
+
+/// What the load did.
+struct Done {
+    expect: Vec<(String, Vec<u8>)>,
+    written: Vec<u8>,
+    ro: Vec<u8>,
+}
+
+impl Load {
+    fn start(target: &Path) -> Self {
+        let ro = pattern(1 << 20, 77);
+        std::fs::write(target.join("ro.bin"), &ro).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let rec = Arc::new(Mutex::new(Record::default()));
+        let meta = {
+            let (root, stop, rec) = (target.to_owned(), stop.clone(), rec.clone());
+            std::thread::spawn(move || workload::metadata_loop(root, stop, rec))
+        };
+        let writer = {
+            let (p, stop, rec) = (target.join("open-writer.bin"), stop.clone(), rec.clone());
+            std::thread::spawn(move || workload::open_writer(p, stop, rec))
+        };
+        let reader = {
+            let (p, stop, rec, want) =
+                (target.join("ro.bin"), stop.clone(), rec.clone(), ro.clone());
+            std::thread::spawn(move || workload::open_reader(p, want, stop, rec))
+        };
+        Load {
+            stop,
+            rec,
+            meta,
+            writer,
+            reader,
+            ro,
+        }
+    }
+
+    /// Stops the load (bounded: a call that never returns fails the test here, not by hanging
+    /// it), prints the latencies, and asserts no call failed or stalled 5 s.
+    fn finish(self, h: &Harness) -> Done {
+        self.stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(self.meta.is_finished() && self.writer.is_finished() && self.reader.is_finished()) {
+            assert!(
+                Instant::now() < deadline,
+                "an application call hung: metadata loop done {}, writer done {}, reader done {}\n{}",
+                self.meta.is_finished(),
+                self.writer.is_finished(),
+                self.reader.is_finished(),
+                h.csi_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let expect = self.meta.join().unwrap();
+        let written = self.writer.join().unwrap();
+        self.reader.join().unwrap();
+        let rec = std::mem::take(&mut *self.rec.lock().unwrap());
+        let mut lat = rec.latencies.clone();
+        lat.sort();
+        println!(
+            "{} application calls: p50 {:?}, p99 {:?}, p99.9 {:?}, max {:?}",
+            lat.len(),
+            workload::percentile(&lat, 0.5),
+            workload::percentile(&lat, 0.99),
+            workload::percentile(&lat, 0.999),
+            lat.last().copied().unwrap_or_default(),
+        );
+        assert!(
+            rec.errors.is_empty(),
+            "application errors: {:#?}\n{}",
+            rec.errors,
+            h.csi_log()
+        );
+        assert!(
+            expect.len() >= 5,
+            "the loop made only {} rounds",
+            expect.len()
+        );
+        assert!(
+            written.len() > 50_000,
+            "the writer wrote only {} bytes",
+            written.len()
+        );
+        let worst = lat.last().copied().unwrap_or_default();
+        assert!(worst < Duration::from_secs(5), "a call stalled {worst:?}");
+        Done {
+            expect,
+            written,
+            ro: self.ro,
+        }
+    }
+}
+
+impl Done {
+    fn report(&self, what: &str) {
+        println!(
+            "through {what}: {} rounds, {} bytes through the open writer",
+            self.expect.len(),
+            self.written.len()
+        );
+    }
+
+    /// The bucket holds what the applications made, and nothing they removed.
+    async fn check_bucket(&self, v: &Volume) {
+        let s3 = store().await;
+        let bucket = BucketName::new(v.context["bucket"].clone()).unwrap();
+        let got: BTreeSet<String> = workload::all_keys(&s3, &bucket).await;
+        for (key, body) in &self.expect {
+            assert!(got.contains(key), "{key} missing from the bucket");
+            assert_eq!(
+                &workload::get(&s3, &bucket, key).await,
+                body,
+                "{key} differs"
+            );
+        }
+        let want = workload::expected_keys(&self.expect, &["ro.bin", "open-writer.bin"]);
+        assert_eq!(
+            got, want,
+            "the bucket holds other objects than the applications left"
+        );
+        assert_eq!(
+            workload::get(&s3, &bucket, "open-writer.bin").await,
+            self.written
+        );
+        assert_eq!(workload::get(&s3, &bucket, "ro.bin").await, self.ro);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn csi_volume_survives_five_kills_of_its_serving_process() {
     let mut h = Harness::start();
@@ -91,24 +230,8 @@ async fn csi_volume_survives_five_kills_of_its_serving_process() {
         &[],
     )
     .await;
-    let ro = pattern(1 << 20, 77);
-    std::fs::write(target.join("ro.bin"), &ro).unwrap();
     let first = wait_serving(&h, &staging, None);
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let rec = Arc::new(Mutex::new(Record::default()));
-    let meta = {
-        let (root, stop, rec) = (target.clone(), stop.clone(), rec.clone());
-        std::thread::spawn(move || workload::metadata_loop(root, stop, rec))
-    };
-    let writer = {
-        let (p, stop, rec) = (target.join("open-writer.bin"), stop.clone(), rec.clone());
-        std::thread::spawn(move || workload::open_writer(p, stop, rec))
-    };
-    let reader = {
-        let (p, stop, rec, want) = (target.join("ro.bin"), stop.clone(), rec.clone(), ro.clone());
-        std::thread::spawn(move || workload::open_reader(p, want, stop, rec))
-    };
+    let load = Load::start(&target);
 
     let mut pids = vec![first];
     let mut successor_seen = Vec::new();
@@ -127,60 +250,15 @@ async fn csi_volume_survives_five_kills_of_its_serving_process() {
         );
     }
     std::thread::sleep(Duration::from_millis(800));
-    stop.store(true, Ordering::Relaxed);
-    // Bounded: a call that never returns fails the test here, not by hanging it.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(meta.is_finished() && writer.is_finished() && reader.is_finished()) {
-        assert!(
-            Instant::now() < deadline,
-            "an application call hung after the kills: metadata loop done {}, writer done {}, reader done {}\n{}",
-            meta.is_finished(),
-            writer.is_finished(),
-            reader.is_finished(),
-            h.csi_log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let expect = meta.join().unwrap();
-    let written = writer.join().unwrap();
-    reader.join().unwrap();
-
-    let rec = std::mem::take(&mut *rec.lock().unwrap());
-    let mut lat = rec.latencies.clone();
-    lat.sort();
+    let done = load.finish(&h);
     let mut took = takeover_times(&h.csi_log());
     took.sort();
     successor_seen.sort();
+    done.report("5 kills");
     println!(
-        "{} application calls over 5 kills: p50 {:?}, p99 {:?}, p99.9 {:?}, max {:?}; \
-         successor serving (mounter's ready_ms) {:?}; kill to successor pid seen {:?}",
-        lat.len(),
-        workload::percentile(&lat, 0.5),
-        workload::percentile(&lat, 0.99),
-        workload::percentile(&lat, 0.999),
-        lat.last().copied().unwrap_or_default(),
-        took,
-        successor_seen,
-    );
-    assert!(
-        rec.errors.is_empty(),
-        "application errors: {:#?}\n{}",
-        rec.errors,
-        h.csi_log()
-    );
-    assert!(
-        expect.len() >= 5,
-        "the loop made only {} rounds",
-        expect.len()
-    );
-    assert!(
-        written.len() > 50_000,
-        "the writer wrote only {} bytes",
-        written.len()
+        "successor serving (mounter's ready_ms) {took:?}; kill to successor pid seen {successor_seen:?}"
     );
     assert_eq!(took.len(), 5, "one takeover logged per kill");
-    let worst = lat.last().copied().unwrap_or_default();
-    assert!(worst < Duration::from_secs(5), "a call stalled {worst:?}");
 
     // Healthy again, and the condition tells what happened.
     let mut node = h.node().await;
@@ -196,29 +274,7 @@ async fn csi_volume_survives_five_kills_of_its_serving_process() {
         "{}",
         cond.message
     );
-
-    // The bucket holds what the applications made, and nothing they removed.
-    let s3 = store().await;
-    let bucket = BucketName::new(v.context["bucket"].clone()).unwrap();
-    let got: BTreeSet<String> = workload::all_keys(&s3, &bucket).await;
-    for (key, body) in &expect {
-        assert!(got.contains(key), "{key} missing from the bucket");
-        assert_eq!(
-            &workload::get(&s3, &bucket, key).await,
-            body,
-            "{key} differs"
-        );
-    }
-    let want = workload::expected_keys(&expect, &["ro.bin", "open-writer.bin"]);
-    assert_eq!(
-        got, want,
-        "the bucket holds other objects than the applications left"
-    );
-    assert_eq!(
-        workload::get(&s3, &bucket, "open-writer.bin").await,
-        written
-    );
-    assert_eq!(workload::get(&s3, &bucket, "ro.bin").await, ro);
+    done.check_bucket(&v).await;
 
     // Unstaging ends everything: no serving process stays, no session directory either.
     unpublish(&mut node, &v, &target).await;
@@ -377,5 +433,146 @@ async fn csi_successors_that_cannot_start_are_not_restarted_forever() {
     unpublish(&mut node, &v, &target).await;
     unstage(&mut node, &v, &staging).await;
     assert!(!is_mounted(&target) && !is_mounted(&staging));
+    h.mounts.clear();
+}
+
+/// How the mounter goes in [`csi_volume_survives_the_mounters_end_and_the_plugins_restart`].
+#[derive(Clone, Copy, Debug)]
+enum MounterEnd {
+    /// `kill -9` of the mounter and its serving processes, as when its container dies.
+    ContainerKilled,
+    /// `kill -9` of the mounter alone: its serving process runs on.
+    MounterKilled,
+    /// SIGTERM, as an upgrade of its DaemonSet sends.
+    Upgrade,
+}
+
+/// A mounter started ahead, waiting for a line on its stdin before it runs. A process that
+/// holds files of a stalled mount open cannot start one itself: exec closes the inherited
+/// descriptors of those files, and FUSE answers their flush only once a mounter serves.
+struct SpareMounter(Child);
+
+impl Harness {
+    fn spare_mounter(&self) -> SpareMounter {
+        let mut sh = Command::new("sh");
+        sh.args(["-c", "read go && exec \"$0\" \"$@\"", BIN]);
+        let mut cmd = self.mounter_command(sh);
+        cmd.stdin(Stdio::piped());
+        SpareMounter(cmd.spawn().unwrap())
+    }
+
+    /// Ends the mounter `how`, then starts `next`.
+    fn replace_mounter(&mut self, how: MounterEnd, staging: &Path, next: SpareMounter) {
+        let mut m = self.mounter.take().unwrap();
+        let pid = m.id() as i32;
+        match how {
+            MounterEnd::ContainerKilled | MounterEnd::MounterKilled => {
+                m.kill().unwrap();
+                m.wait().unwrap();
+                if matches!(how, MounterEnd::ContainerKilled) {
+                    for p in serving(staging) {
+                        kill9(p);
+                    }
+                }
+            }
+            MounterEnd::Upgrade => {
+                // SAFETY: kill(2) of the mounter this test started.
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while m.try_wait().unwrap().is_none() {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the mounter did not end after SIGTERM"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let sock = self.path("mounter.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut next = next.0;
+        next.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        self.mounter = Some(next);
+        wait_for("the next mounter's socket", Duration::from_secs(20), || {
+            sock.exists()
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
+    let mut h = Harness::start();
+    let (v, staging, target) = staged_static_with(
+        &mut h,
+        "csi-mounter-end",
+        mount_cap(Mode::SingleNodeWriter, &[], ""),
+        &[],
+    )
+    .await;
+    let mut pid = wait_serving(&h, &staging, None);
+    let mut pids = vec![pid];
+    let mut spares: Vec<SpareMounter> = (0..4).map(|_| h.spare_mounter()).collect();
+    let load = Load::start(&target);
+    let handed = "handed the volume's connection to a new mounter";
+    let events = [
+        MounterEnd::ContainerKilled,
+        MounterEnd::MounterKilled,
+        MounterEnd::Upgrade,
+        MounterEnd::ContainerKilled,
+    ];
+    let mut stalls = Vec::new();
+    for (i, how) in events.into_iter().enumerate() {
+        std::thread::sleep(Duration::from_millis(800));
+        if i == 3 {
+            // The node plugin's own restart: it takes its copy up again from the mounter, so
+            // the next end of the mounter is survived too.
+            h.kill_csi();
+            h.start_csi();
+            workload::wait_for_takeovers(
+                || h.csi_log(),
+                "took up again a copy of the volume's connection from the mounter",
+                1,
+            );
+        }
+        let at = Instant::now();
+        h.replace_mounter(how, &staging, spares.pop().unwrap());
+        pid = wait_serving(&h, &staging, Some(pid));
+        pids.push(pid);
+        workload::wait_for_takeovers(|| h.csi_log(), handed, i + 1);
+        stalls.push(at.elapsed());
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let done = load.finish(&h);
+    done.report("the mounter's ends");
+    println!("mounter end to successor serving: {stalls:?}");
+    let log = h.csi_log();
+    assert!(
+        log.contains("an earlier mounter's serving process still runs"),
+        "the orphaned serving process was ended first\n{log}"
+    );
+    // Two processes never served the connection at once.
+    assert_eq!(serving(&staging).len(), 1, "{:?}", serving(&staging));
+
+    let mut node = h.node().await;
+    let cond = stats(&mut node, &v, &target)
+        .await
+        .volume_condition
+        .unwrap();
+    assert!(!cond.abnormal, "{}", cond.message);
+    done.check_bucket(&v).await;
+
+    // Unstaging ends everything: no serving process, no copy of the connection (the mounts
+    // are gone), no session directory.
+    unpublish(&mut node, &v, &target).await;
+    unstage(&mut node, &v, &staging).await;
+    assert!(!is_mounted(&target) && !is_mounted(&staging));
+    for p in pids {
+        assert!(!alive(p), "serving process {p} still runs");
+    }
+    assert!(serving(&staging).is_empty(), "{:?}", serving(&staging));
+    let sessions: Vec<_> = std::fs::read_dir(h.path("cache/.sessions"))
+        .unwrap()
+        .collect();
+    assert!(sessions.is_empty(), "{sessions:?}");
     h.mounts.clear();
 }

@@ -1,0 +1,342 @@
+//! The node plugin's copies of the failover volumes' connections, and what it does with them
+//! when the mounter goes away.
+//!
+//! A FUSE connection lives as long as any process holds its `/dev/fuse` descriptor. The
+//! mounter holds one for each failover volume and replaces a serving process that dies; this
+//! is for the mounter's own end — killed (with its container: its serving processes go with
+//! it), out of memory, or replaced by an upgrade of its DaemonSet. The node plugin keeps a
+//! second copy of each connection, with the volume's configuration and newest credentials
+//! (the keys or token it was staged, or last republished, with) and the session directory the
+//! mounter named, so the mounts only stall while no mounter serves them: the kernel queues
+//! their requests, and the requests a dying serving process had read are sent again to its
+//! successor (`FUSE_NOTIFY_RESEND`).
+//!
+//! [`NodeService::tend_connections`] runs every [`TEND_INTERVAL`]: it asks the mounter which
+//! volumes it knows ([`handoff::Request::Volumes`]) and
+//! - hands every kept connection the mounter does not know to it with
+//!   [`MountRequest::adopt`] (a new mounter, or one restarted): its serving process adopts the
+//!   connection from the journal in the session directory, as a successor does;
+//! - lets go of the copies of volumes whose serving process ended for good (failover off,
+//!   restarts exhausted), so their mounts answer ENOTCONN instead of hanging;
+//! - after a restart of the node plugin, takes its copies up again from the mounter
+//!   ([`handoff::Request::Reclaim`]): the mounter's copies kept the volumes alive meanwhile.
+//!
+//! A connection the mounter refuses [`MAX_HANDOVER_FAILURES`] times in a row (its session
+//! directory gone, say) is let go of, with the reason in the log; its mount then answers
+//! ENOTCONN and the sweep unmounts it so the kubelet can stage the volume again. A copy is
+//! also let go of when its volume is unstaged or unpublished ([`Keeper::release`]).
+//!
+//! What is not covered: the node plugin and the mounter dying together (nobody holds the
+//! connections any more), and a kubelet that delays the restart of a crashed mounter container
+//! (its crash-loop back-off): the mounts stall until a mounter answers again.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::NodeService;
+use crate::handoff::{self, MountRequest};
+
+/// How often the mounter is asked which volumes it knows.
+pub(super) const TEND_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Refusals in a row after which a kept connection is let go of.
+pub(super) const MAX_HANDOVER_FAILURES: u32 = 3;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One kept connection.
+struct Kept {
+    fd: OwnedFd,
+    /// Credentials included; `adopt` unset.
+    request: MountRequest,
+    session_dir: PathBuf,
+    failures: u32,
+}
+
+#[derive(Default)]
+struct Inner {
+    kept: HashMap<String, Kept>,
+    /// The mounter process last seen answering.
+    instance: Option<String>,
+    /// Since when the mounter does not answer, while connections are kept.
+    silent_since: Option<Instant>,
+    /// Volumes whose connection was asked back from the mounter of `instance`.
+    reclaimed_from: HashSet<String>,
+}
+
+/// The kept connections (see the module docs).
+#[derive(Default)]
+pub(super) struct Keeper {
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Keeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = lock(&self.inner);
+        f.debug_struct("Keeper")
+            .field("kept", &inner.kept.keys().collect::<Vec<_>>())
+            .field("instance", &inner.instance)
+            .finish()
+    }
+}
+
+impl Keeper {
+    /// Keeps a copy of the connection of `request.volume_id`.
+    pub(super) fn keep(&self, fd: OwnedFd, mut request: MountRequest, session_dir: PathBuf) {
+        request.adopt = None;
+        let id = request.volume_id.clone();
+        tracing::debug!(volume = %id, session = %session_dir.display(), "keeping a copy of the volume's connection");
+        lock(&self.inner).kept.insert(
+            id,
+            Kept {
+                fd,
+                request,
+                session_dir,
+                failures: 0,
+            },
+        );
+    }
+
+    /// Lets go of the copy of a volume's connection (unstaged, unpublished, or its mount
+    /// replaced); `true` if there was one.
+    pub(super) fn release(&self, volume_id: &str) -> bool {
+        lock(&self.inner).kept.remove(volume_id).is_some()
+    }
+
+    /// Whether a copy of the volume's connection is kept.
+    pub(super) fn holds(&self, volume_id: &str) -> bool {
+        lock(&self.inner).kept.contains_key(volume_id)
+    }
+
+    /// New credentials the volume's serving process took: the next mounter's gets them too.
+    pub(super) fn update_identity(&self, volume_id: &str, identity: &s3vol_s3::IdentityDocument) {
+        if let Some(k) = lock(&self.inner).kept.get_mut(volume_id) {
+            // The old ones are zeroed, not just dropped.
+            if let Some(c) = &mut k.request.credentials {
+                handoff::wipe(c);
+            }
+            if let Some(w) = &mut k.request.web_identity {
+                w.wipe();
+            }
+            match identity.clone() {
+                s3vol_s3::IdentityDocument::Keys(c) => k.request.credentials = Some(c),
+                s3vol_s3::IdentityDocument::WebIdentity { web_identity } => {
+                    k.request.web_identity = Some(web_identity)
+                }
+            }
+        }
+    }
+
+    /// The mount request that hands the kept connection of `volume_id` to a mounter, and a
+    /// copy of the connection to send with it.
+    fn handover(&self, volume_id: &str) -> Option<(handoff::Request, OwnedFd)> {
+        let inner = lock(&self.inner);
+        let k = inner.kept.get(volume_id)?;
+        let fd = k.fd.try_clone().ok()?;
+        let mut request = k.request.clone();
+        request.adopt = Some(k.session_dir.clone());
+        Some((handoff::Request::Mount(Box::new(request)), fd))
+    }
+
+    /// A handover failed; `true` once that happened [`MAX_HANDOVER_FAILURES`] times in a row
+    /// (the copy is then let go of).
+    fn handover_failed(&self, volume_id: &str) -> bool {
+        let mut inner = lock(&self.inner);
+        let Some(k) = inner.kept.get_mut(volume_id) else {
+            return false;
+        };
+        k.failures += 1;
+        if k.failures >= MAX_HANDOVER_FAILURES {
+            inner.kept.remove(volume_id);
+            return true;
+        }
+        false
+    }
+
+    fn handover_done(&self, volume_id: &str, session_dir: Option<PathBuf>) {
+        if let Some(k) = lock(&self.inner).kept.get_mut(volume_id) {
+            k.failures = 0;
+            if let Some(dir) = session_dir {
+                k.session_dir = dir;
+            }
+        }
+    }
+
+    fn ids(&self) -> Vec<String> {
+        lock(&self.inner).kept.keys().cloned().collect()
+    }
+}
+
+/// The lock key of a state record's id: a pod's own mount (`VOLUME#pod-…`) is serialised with
+/// the calls on its volume.
+fn lock_key(id: &str) -> &str {
+    id.split_once("#pod-").map_or(id, |(v, _)| v)
+}
+
+impl NodeService {
+    /// One look at the mounter (see the module docs).
+    pub(super) async fn tend_connections(&self) {
+        let socket = self.config.mounter_socket.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            handoff::call(
+                &socket,
+                &handoff::Request::Volumes,
+                None,
+                Duration::from_secs(2),
+            )
+        })
+        .await;
+        let reply = match answer {
+            Ok(Ok(r)) if r.ok => r,
+            // A mounter that does not know the request keeps no connection we could give it.
+            Ok(Ok(_)) => return,
+            Ok(Err(_)) | Err(_) => {
+                let mut inner = lock(&self.kept.inner);
+                if !inner.kept.is_empty() && inner.silent_since.is_none() {
+                    inner.silent_since = Some(Instant::now());
+                    tracing::warn!(
+                        volumes = inner.kept.len(),
+                        socket = %self.config.mounter_socket.display(),
+                        "the mounter does not answer; its volumes stall (nothing fails) until a mounter answers and takes them up"
+                    );
+                }
+                return;
+            }
+        };
+        let known: HashMap<String, bool> = reply
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| (v.volume_id, v.ended))
+            .collect();
+        let silent_for = {
+            let mut inner = lock(&self.kept.inner);
+            if inner.instance != reply.instance {
+                inner.instance = reply.instance.clone();
+                inner.reclaimed_from.clear();
+            }
+            inner.silent_since.take().map(|t| t.elapsed())
+        };
+        let mut handed = 0;
+        for id in self.kept.ids() {
+            match known.get(&id) {
+                Some(false) => {}
+                Some(true) => {
+                    if self.kept.release(&id) {
+                        tracing::warn!(volume = %id, "the volume's serving process ended for good at the mounter; letting go of the node plugin's copy of its connection, so its mount answers ENOTCONN");
+                    }
+                }
+                None => {
+                    let _guard = self.locks.lock(lock_key(&id)).await;
+                    if self.hand_over(&id, silent_for).await {
+                        handed += 1;
+                    }
+                }
+            }
+        }
+        if handed > 0 {
+            // What earlier mounters left and nobody took up goes.
+            self.prune_cache_dirs();
+        }
+        self.reclaim_connections(&known).await;
+    }
+
+    /// Hands the kept connection of `id` to the mounter; `true` if it took it up.
+    async fn hand_over(&self, id: &str, silent_for: Option<Duration>) -> bool {
+        let Some((request, fd)) = self.kept.handover(id) else {
+            return false;
+        };
+        let socket = self.config.mounter_socket.clone();
+        // The mounter may first have to end an earlier mounter's serving process, which
+        // uploads what it holds (bounded by its stop timeout).
+        let timeout = self.config.mount_timeout + Duration::from_secs(60);
+        let started = Instant::now();
+        let answer = tokio::task::spawn_blocking(move || {
+            handoff::call(&socket, &request, Some(fd.as_fd()), timeout)
+        })
+        .await;
+        let failure = match answer {
+            Ok(Ok(r)) if r.ok => {
+                self.kept.handover_done(id, r.session_dir);
+                if let Ok(Some(mut record)) = self.state.load(id) {
+                    record.pid = r.pid;
+                    if let Err(e) = self.state.save(&record) {
+                        tracing::warn!(volume = %id, error = %e, "recording the new serving process");
+                    }
+                }
+                metrics::counter!("s3vol_node_connection_handovers_total").increment(1);
+                tracing::warn!(
+                    volume = %id,
+                    pid = ?r.pid,
+                    took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    mounter_silent_ms = silent_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    "handed the volume's connection to a new mounter; its serving process took it over"
+                );
+                return true;
+            }
+            Ok(Ok(r)) => r.error.unwrap_or_else(|| "no reason given".into()),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        if self.kept.handover_failed(id) {
+            tracing::error!(volume = %id, error = %failure, "the mounter refused the volume's connection {MAX_HANDOVER_FAILURES} times; letting go of it, so its mount answers ENOTCONN (the kubelet stages it again)");
+        } else {
+            tracing::warn!(volume = %id, error = %failure, "handing the volume's connection to the mounter failed; trying again");
+        }
+        false
+    }
+
+    /// Takes up again, from the mounter, the connections of staged volumes this node plugin
+    /// holds no copy of (it was restarted): once per volume and mounter.
+    async fn reclaim_connections(&self, known: &HashMap<String, bool>) {
+        let Ok(records) = self.state.load_all() else {
+            return;
+        };
+        for id in records.into_keys() {
+            if known.get(&id) != Some(&false) || self.kept.holds(&id) {
+                continue;
+            }
+            if !lock(&self.kept.inner).reclaimed_from.insert(id.clone()) {
+                continue;
+            }
+            let socket = self.config.mounter_socket.clone();
+            let request = handoff::Request::Reclaim(handoff::StatusRequest {
+                volume_id: id.clone(),
+            });
+            let answer = tokio::task::spawn_blocking(move || {
+                handoff::call_for_fd(&socket, &request, None, Duration::from_secs(5))
+            })
+            .await;
+            match answer {
+                Ok(Ok((r, Some(fd)))) if r.ok => {
+                    let (Some(request), Some(dir)) = (r.request, r.session_dir) else {
+                        continue;
+                    };
+                    let _guard = self.locks.lock(lock_key(&id)).await;
+                    if matches!(self.state.load(&id), Ok(Some(_))) {
+                        self.kept.keep(fd, *request, dir);
+                        tracing::info!(volume = %id, "took up again a copy of the volume's connection from the mounter");
+                    }
+                }
+                // Failover is off for it, or the mounter is older: nothing to keep.
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pods_mount_is_serialised_with_its_volume() {
+        assert_eq!(lock_key("vol-1#pod-0123456789abcdef"), "vol-1");
+        assert_eq!(lock_key("bucket:b/p"), "bucket:b/p");
+    }
+}
