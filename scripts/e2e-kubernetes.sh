@@ -628,11 +628,6 @@ loop_check() { # LABEL COMPONENT
     wait_ready s3vol "app.kubernetes.io/component=$2" 180 || true
     if pod_done "$name" 300; then
         record "$1" PASS "$(podlog "$name" | tail -n1)"
-    elif [[ $2 == mounter ]]; then
-        # The mounter's volumes end with it (their serving processes upload what they hold and
-        # exit; docs/csi.md, "When a serving process dies"): recorded, not counted, until the
-        # mounter hands its volumes over to its successor.
-        record "$1" KNOWN "$(podlog "$name" | grep -c 'write error') write errors: the mounter does not hand volumes over yet"
     else
         record "$1" FAIL "$(podlog "$name" | grep -c 'write error') write errors; $(podlog "$name" | tail -n1)"
     fi

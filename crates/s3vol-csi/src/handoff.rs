@@ -529,6 +529,32 @@ mod tests {
     }
 
     #[test]
+    fn a_reclaim_reply_carries_the_connection_and_the_volume() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (pr, pw) = rustix::pipe::pipe().unwrap();
+        let mut req = request();
+        req.adopt = Some("/sessions/x-1".into());
+        let reply = Reply {
+            request: Some(Box::new(req.clone())),
+            session_dir: Some("/sessions/x-1".into()),
+            instance: Some("7-1".into()),
+            ..Reply::ok(None)
+        };
+        let body = serde_json::to_vec(&reply).unwrap();
+        send_frame(&a, &body, Some(pw.as_fd())).unwrap();
+        let (got, fd) = recv_frame(&b).unwrap();
+        let got: Reply = serde_json::from_slice(&got.0).unwrap();
+        assert_eq!(got, reply);
+        assert_eq!(got.request.unwrap().credentials, req.credentials);
+        rustix::io::write(fd.expect("fd"), b"k").unwrap();
+        let mut buf = [0u8; 1];
+        rustix::io::read(&pr, &mut buf).unwrap();
+        // An older mounter's reply, without the new fields, still reads.
+        let old: Reply = serde_json::from_str(r#"{"ok":true,"pid":5}"#).unwrap();
+        assert_eq!(old, Reply::ok(Some(5)));
+    }
+
+    #[test]
     fn debug_output_redacts_secrets() {
         let s = format!("{:?}", Request::Mount(Box::new(request())));
         assert!(

@@ -449,8 +449,13 @@ impl Mounter {
         serve(self, req, fuse)
     }
 
-    /// Every volume this mounter knows, and whether it ended.
+    /// Every volume this mounter knows, and whether it ended. Refused while shutting down:
+    /// the volumes that end then wait for the next mounter, and must not be reported as
+    /// ended for good.
     fn volumes(&self) -> Reply {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Reply::failed("the mounter is shutting down");
+        }
         let volumes = self
             .served
             .lock()
@@ -957,6 +962,88 @@ mod tests {
         assert!(!a.contains(&"--session-dir".to_string()));
         assert!(!a.contains(&"--credentials-fd".to_string()));
         assert_eq!(a[a.len() - 2], "bkt");
+    }
+
+    fn config(root: &Path) -> MounterConfig {
+        MounterConfig {
+            socket: root.join("mounter.sock"),
+            cache_dir: Some(root.to_owned()),
+            session_dir: Some(root.join(".sessions")),
+            exe: "/nonexistent/s3vol".into(),
+            ready_timeout: Duration::from_secs(1),
+            stop_timeout: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn a_mounter_numbers_its_sessions_above_earlier_ones_and_prunes_those_nobody_took_up() {
+        let root = tempfile::tempdir().unwrap();
+        let config = config(root.path());
+        let sessions = config.session_dir.clone().unwrap();
+        private_dir(&sessions).unwrap();
+        assert_eq!(next_session_number(&sessions), 0);
+        let h = short_hash("v");
+        for name in [
+            format!("{h}-3"),
+            format!("{h}-10"),
+            "notes".into(),
+            "x-99".into(),
+        ] {
+            std::fs::create_dir(sessions.join(name)).unwrap();
+        }
+        let first = next_session_number(&sessions);
+        assert_eq!(
+            first, 11,
+            "above the highest earlier number, whatever else is there"
+        );
+        let mounter = Mounter {
+            config,
+            served: Mutex::new(HashMap::new()),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+            sessions: AtomicU64::new(first),
+            first_session: first,
+            instance: "test".into(),
+        };
+        // One of this mounter's own, made after it started, is not an earlier one.
+        std::fs::create_dir(sessions.join(format!("{h}-11"))).unwrap();
+        mounter.prune_sessions();
+        let mut left: Vec<String> = std::fs::read_dir(&sessions)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [format!("{h}-11"), "notes".into(), "x-99".into()]);
+    }
+
+    #[test]
+    fn only_a_session_directory_of_the_volume_can_be_taken_up() {
+        let root = tempfile::tempdir().unwrap();
+        let config = config(root.path());
+        let sessions = config.session_dir.clone().unwrap();
+        let good = sessions.join(format!("{}-4", short_hash("v")));
+        private_dir(&good).unwrap();
+        assert!(check_adoptable(&config, "v", &good).is_ok());
+        let other = sessions.join(format!("{}-4", short_hash("w")));
+        private_dir(&other).unwrap();
+        let outside = root.path().join(format!("{}-5", short_hash("v")));
+        private_dir(&outside).unwrap();
+        let gone = sessions.join(format!("{}-6", short_hash("v")));
+        for (dir, why) in [
+            (&other, "not a session directory of volume v"),
+            (&outside, "not a session directory of volume v"),
+            (&gone, "is gone"),
+        ] {
+            let e = check_adoptable(&config, "v", dir).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        let mut none = config.clone();
+        none.session_dir = None;
+        assert!(
+            check_adoptable(&none, "v", &good)
+                .unwrap_err()
+                .contains("no session directory")
+        );
     }
 
     #[test]

@@ -193,7 +193,8 @@ impl NodeService {
         .await;
         let reply = match answer {
             Ok(Ok(r)) if r.ok => r,
-            // A mounter that does not know the request keeps no connection we could give it.
+            // A mounter shutting down (its volumes wait for the next one), or one that does
+            // not know the request: nothing to do yet.
             Ok(Ok(_)) => return,
             Ok(Err(_)) | Err(_) => {
                 let mut inner = lock(&self.kept.inner);
@@ -214,13 +215,14 @@ impl NodeService {
             .into_iter()
             .map(|v| (v.volume_id, v.ended))
             .collect();
-        let silent_for = {
+        let (silent_for, new_mounter) = {
             let mut inner = lock(&self.kept.inner);
-            if inner.instance != reply.instance {
+            let new_mounter = inner.instance != reply.instance;
+            if new_mounter {
                 inner.instance = reply.instance.clone();
                 inner.reclaimed_from.clear();
             }
-            inner.silent_since.take().map(|t| t.elapsed())
+            (inner.silent_since.take().map(|t| t.elapsed()), new_mounter)
         };
         let mut handed = 0;
         for id in self.kept.ids() {
@@ -243,7 +245,11 @@ impl NodeService {
             // What earlier mounters left and nobody took up goes.
             self.prune_cache_dirs();
         }
-        self.reclaim_connections(&known).await;
+        if new_mounter {
+            // This node plugin's first look at this mounter: after a restart of the plugin, the
+            // mounter holds the only copies.
+            self.reclaim_connections(&known).await;
+        }
     }
 
     /// Hands the kept connection of `id` to the mounter; `true` if it took it up.
@@ -292,7 +298,8 @@ impl NodeService {
     }
 
     /// Takes up again, from the mounter, the connections of staged volumes this node plugin
-    /// holds no copy of (it was restarted): once per volume and mounter.
+    /// holds no copy of (it was restarted): once per volume and mounter. Volumes staged by
+    /// this plugin while the mounter was the same are kept since their stage.
     async fn reclaim_connections(&self, known: &HashMap<String, bool>) {
         let Ok(records) = self.state.load_all() else {
             return;

@@ -453,9 +453,10 @@ enum MounterEnd {
 struct SpareMounter(Child);
 
 impl Harness {
-    fn spare_mounter(&self) -> SpareMounter {
+    /// A mounter of the `s3vol` at `bin`, started ahead.
+    fn spare_mounter(&self, bin: &Path) -> SpareMounter {
         let mut sh = Command::new("sh");
-        sh.args(["-c", "read go && exec \"$0\" \"$@\"", BIN]);
+        sh.args(["-c", "read go && exec \"$0\" \"$@\""]).arg(bin);
         let mut cmd = self.mounter_command(sh);
         cmd.stdin(Stdio::piped());
         SpareMounter(cmd.spawn().unwrap())
@@ -511,8 +512,6 @@ async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
     .await;
     let mut pid = wait_serving(&h, &staging, None);
     let mut pids = vec![pid];
-    let mut spares: Vec<SpareMounter> = (0..4).map(|_| h.spare_mounter()).collect();
-    let load = Load::start(&target);
     let handed = "handed the volume's connection to a new mounter";
     let events = [
         MounterEnd::ContainerKilled,
@@ -520,6 +519,19 @@ async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
         MounterEnd::Upgrade,
         MounterEnd::ContainerKilled,
     ];
+    // The upgrade brings another binary (a copy, so that its serving processes can be told
+    // apart); the mounter starts its serving processes from its own executable.
+    let upgraded = h.path("s3vol-upgraded");
+    std::fs::copy(BIN, &upgraded).unwrap();
+    let mut spares: Vec<SpareMounter> = events
+        .iter()
+        .rev()
+        .map(|how| match how {
+            MounterEnd::Upgrade => h.spare_mounter(&upgraded),
+            _ => h.spare_mounter(Path::new(BIN)),
+        })
+        .collect();
+    let load = Load::start(&target);
     let mut stalls = Vec::new();
     for (i, how) in events.into_iter().enumerate() {
         std::thread::sleep(Duration::from_millis(800));
@@ -540,6 +552,13 @@ async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
         pids.push(pid);
         workload::wait_for_takeovers(|| h.csi_log(), handed, i + 1);
         stalls.push(at.elapsed());
+        if matches!(how, MounterEnd::Upgrade) {
+            assert_eq!(
+                std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
+                upgraded,
+                "the upgraded mounter's serving process runs the new binary"
+            );
+        }
     }
     std::thread::sleep(Duration::from_millis(800));
     let done = load.finish(&h);

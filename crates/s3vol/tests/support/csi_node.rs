@@ -312,11 +312,13 @@ async fn csi_mounter_sigterm_uploads_pending_data_and_ends_serving_processes() {
         .unwrap();
     let chunks: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(got.body).await.unwrap();
     assert_eq!(chunks.concat(), b"uploaded at shutdown");
-    drop(f);
-    // The volume's mounts are dead now; the node plugin cleans them up without a mounter.
+    // The volume now waits for the next mounter (the node plugin keeps its connection), so
+    // nothing answers the open file's close yet. The node plugin cleans up without a
+    // mounter, and unstaging lets go of the connection: the close then returns.
     let mut node = h.node().await;
     unpublish(&mut node, &v, &target).await;
     unstage(&mut node, &v, &staging).await;
+    drop(f);
     assert!(!is_mounted(&target) && !is_mounted(&staging));
     h.mounts.clear();
 }
