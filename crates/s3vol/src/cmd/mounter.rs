@@ -22,7 +22,8 @@ pub struct MounterArgs {
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Where serving processes journal what a successor needs to take over their volume
-    /// (one private subdirectory per volume; cleared at start) [default: CACHE_DIR/.sessions].
+    /// (one private subdirectory per volume; kept when the mounter shuts down, for the next
+    /// mounter the node plugin hands the volume to) [default: CACHE_DIR/.sessions].
     /// Without it and without --cache-dir, volumes are served without failover.
     #[arg(long, value_name = "DIR")]
     pub session_dir: Option<PathBuf>,

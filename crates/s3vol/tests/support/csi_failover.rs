@@ -220,6 +220,30 @@ impl Done {
     }
 }
 
+/// Unstaging ends everything: the mounts, every serving process the volume had (`pids`), the
+/// copies of its connection (no process serves the staging path), its session directory.
+async fn unstage_leaves_nothing(
+    h: &mut Harness,
+    node: &mut NodeClient<Channel>,
+    v: &Volume,
+    staging: &Path,
+    target: &Path,
+    pids: &[i32],
+) {
+    unpublish(node, v, target).await;
+    unstage(node, v, staging).await;
+    assert!(!is_mounted(target) && !is_mounted(staging));
+    for &p in pids {
+        assert!(!alive(p), "serving process {p} still runs");
+    }
+    assert!(serving(staging).is_empty(), "{:?}", serving(staging));
+    let sessions: Vec<_> = std::fs::read_dir(h.path("cache/.sessions"))
+        .unwrap()
+        .collect();
+    assert!(sessions.is_empty(), "{sessions:?}");
+    h.mounts.clear();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn csi_volume_survives_five_kills_of_its_serving_process() {
     let mut h = Harness::start();
@@ -276,19 +300,7 @@ async fn csi_volume_survives_five_kills_of_its_serving_process() {
     );
     done.check_bucket(&v).await;
 
-    // Unstaging ends everything: no serving process stays, no session directory either.
-    unpublish(&mut node, &v, &target).await;
-    unstage(&mut node, &v, &staging).await;
-    assert!(!is_mounted(&target) && !is_mounted(&staging));
-    for p in pids {
-        assert!(!alive(p), "serving process {p} still runs");
-    }
-    assert!(serving(&staging).is_empty(), "{:?}", serving(&staging));
-    let sessions: Vec<_> = std::fs::read_dir(h.path("cache/.sessions"))
-        .unwrap()
-        .collect();
-    assert!(sessions.is_empty(), "{sessions:?}");
-    h.mounts.clear();
+    unstage_leaves_nothing(&mut h, &mut node, &v, &staging, &target, &pids).await;
 }
 
 #[tokio::test]
@@ -580,18 +592,5 @@ async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
     assert!(!cond.abnormal, "{}", cond.message);
     done.check_bucket(&v).await;
 
-    // Unstaging ends everything: no serving process, no copy of the connection (the mounts
-    // are gone), no session directory.
-    unpublish(&mut node, &v, &target).await;
-    unstage(&mut node, &v, &staging).await;
-    assert!(!is_mounted(&target) && !is_mounted(&staging));
-    for p in pids {
-        assert!(!alive(p), "serving process {p} still runs");
-    }
-    assert!(serving(&staging).is_empty(), "{:?}", serving(&staging));
-    let sessions: Vec<_> = std::fs::read_dir(h.path("cache/.sessions"))
-        .unwrap()
-        .collect();
-    assert!(sessions.is_empty(), "{sessions:?}");
-    h.mounts.clear();
+    unstage_leaves_nothing(&mut h, &mut node, &v, &staging, &target, &pids).await;
 }
