@@ -594,3 +594,109 @@ async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
 
     unstage_leaves_nothing(&mut h, &mut node, &v, &staging, &target, &pids).await;
 }
+
+/// A memory cgroup (v1) of its own under this test's, whose processes the kernel kills when
+/// they allocate past `limit`; removed when dropped. `None` where the memory controller is not
+/// mounted as cgroup v1 or cannot be written.
+struct MemoryCage(PathBuf);
+
+impl MemoryCage {
+    fn new(name: &str, limit: u64) -> Option<Self> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let path = own.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "memory")
+                .then(|| path.to_owned())
+        })?;
+        let dir = Path::new("/sys/fs/cgroup/memory")
+            .join(path.trim_start_matches('/'))
+            .join(name);
+        std::fs::create_dir(&dir).ok()?;
+        let cage = MemoryCage(dir);
+        std::fs::write(cage.0.join("memory.limit_in_bytes"), limit.to_string()).ok()?;
+        Some(cage)
+    }
+
+    fn put(&self, pid: i32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    /// How many processes the OOM killer killed here.
+    fn oom_kills(&self) -> u64 {
+        std::fs::read_to_string(self.0.join("memory.oom_control"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryCage {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::remove_dir(&self.0).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csi_volume_survives_oom_kills_of_its_serving_process() {
+    let mut h = Harness::start();
+    let (v, staging, target) = staged_static_with(
+        &mut h,
+        "csi-oom",
+        mount_cap(Mode::SingleNodeWriter, &[], ""),
+        &[],
+    )
+    .await;
+    let name = format!("s3vol-test-oom-{}", std::process::id());
+    // What the serving process charged before stays with its old cgroup; everything it
+    // allocates after the move counts against 1 MiB, so under load it is soon out of memory.
+    let Some(probe) = MemoryCage::new(&name, 1 << 20) else {
+        eprintln!("skipped: no writable cgroup v1 memory controller on this machine");
+        return;
+    };
+    drop(probe);
+    let mut pid = wait_serving(&h, &staging, None);
+    let mut pids = vec![pid];
+    let load = Load::start(&target);
+    for n in 1..=3 {
+        std::thread::sleep(Duration::from_millis(800));
+        let cage = MemoryCage::new(&name, 1 << 20).unwrap();
+        cage.put(pid);
+        pid = wait_serving(&h, &staging, Some(pid));
+        pids.push(pid);
+        workload::wait_for_takeovers(
+            || h.csi_log(),
+            "the successor took over the volume's connection",
+            n,
+        );
+        assert_eq!(cage.oom_kills(), 1, "the OOM killer ended it");
+        drop(cage);
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let done = load.finish(&h);
+    done.report("3 OOM kills");
+    let log = h.csi_log();
+    assert_eq!(
+        log.matches("why=killed by signal 9 (SIGKILL)").count(),
+        3,
+        "the kernel's OOM killer ended each one\n{log}"
+    );
+    let mut node = h.node().await;
+    let cond = stats(&mut node, &v, &target)
+        .await
+        .volume_condition
+        .unwrap();
+    assert!(
+        !cond.abnormal && cond.message.contains("replaced 3 times"),
+        "{}",
+        cond.message
+    );
+    done.check_bucket(&v).await;
+    unstage_leaves_nothing(&mut h, &mut node, &v, &staging, &target, &pids).await;
+}
