@@ -181,6 +181,13 @@ fn lock_key(id: &str) -> &str {
 impl NodeService {
     /// One look at the mounter (see the module docs).
     pub(super) async fn tend_connections(&self) {
+        {
+            let inner = lock(&self.kept.inner);
+            if inner.kept.is_empty() && inner.instance.is_some() {
+                // Nothing to hand over, and the copies of a restart were asked back already.
+                return;
+            }
+        }
         let socket = self.config.mounter_socket.clone();
         let answer = tokio::task::spawn_blocking(move || {
             handoff::call(
