@@ -220,6 +220,16 @@ impl Done {
     }
 }
 
+/// A volume staged and published with failover (the default), single-node writer.
+async fn staged_failover(h: &mut Harness, tag: &str) -> (Volume, PathBuf, PathBuf) {
+    staged_static_with(h, tag, mount_cap(Mode::SingleNodeWriter, &[], ""), &[]).await
+}
+
+/// The volume condition NodeGetVolumeStats reports for `target`.
+async fn condition(node: &mut NodeClient<Channel>, v: &Volume, target: &Path) -> VolumeCondition {
+    stats(node, v, target).await.volume_condition.unwrap()
+}
+
 /// Unstaging ends everything: the mounts, every serving process the volume had (`pids`), the
 /// copies of its connection (no process serves the staging path), its session directory.
 async fn unstage_leaves_nothing(
@@ -247,13 +257,7 @@ async fn unstage_leaves_nothing(
 #[tokio::test(flavor = "multi_thread")]
 async fn csi_volume_survives_five_kills_of_its_serving_process() {
     let mut h = Harness::start();
-    let (v, staging, target) = staged_static_with(
-        &mut h,
-        "csi-failover",
-        mount_cap(Mode::SingleNodeWriter, &[], ""),
-        &[],
-    )
-    .await;
+    let (v, staging, target) = staged_failover(&mut h, "csi-failover").await;
     let first = wait_serving(&h, &staging, None);
     let load = Load::start(&target);
 
@@ -286,10 +290,7 @@ async fn csi_volume_survives_five_kills_of_its_serving_process() {
 
     // Healthy again, and the condition tells what happened.
     let mut node = h.node().await;
-    let cond = stats(&mut node, &v, &target)
-        .await
-        .volume_condition
-        .unwrap();
+    let cond = condition(&mut node, &v, &target).await;
     assert!(!cond.abnormal, "{}", cond.message);
     assert!(
         cond.message.contains("replaced 5 times")
@@ -318,10 +319,7 @@ async fn csi_failover_false_lets_a_killed_serving_process_end_the_volume() {
     kill9(pid);
     let start = Instant::now();
     let cond = loop {
-        let c = stats(&mut node, &v, &target)
-            .await
-            .volume_condition
-            .unwrap();
+        let c = condition(&mut node, &v, &target).await;
         // The mount answers ENOTCONN at once; the mounter's reason follows once it has
         // reaped the process.
         let explained = c.abnormal && c.message.contains("failover is off");
@@ -390,23 +388,14 @@ async fn csi_successors_that_cannot_start_are_not_restarted_forever() {
     let scratch = tempfile::tempdir().unwrap();
     let exe = program_whose_successors_fail(scratch.path());
     let mut h = Harness::start_with_exe(Some(exe));
-    let (v, staging, target) = staged_static_with(
-        &mut h,
-        "csi-bound",
-        mount_cap(Mode::SingleNodeWriter, &[], ""),
-        &[],
-    )
-    .await;
+    let (v, staging, target) = staged_failover(&mut h, "csi-bound").await;
     std::fs::write(target.join("before.txt"), b"written before the kill").unwrap();
     let mut node = h.node().await;
     let pid = wait_serving(&h, &staging, None);
     kill9(pid);
     let start = Instant::now();
     let cond = loop {
-        let c = stats(&mut node, &v, &target)
-            .await
-            .volume_condition
-            .unwrap();
+        let c = condition(&mut node, &v, &target).await;
         if c.abnormal || start.elapsed() > Duration::from_secs(30) {
             break c;
         }
@@ -515,13 +504,7 @@ impl Harness {
 #[tokio::test(flavor = "multi_thread")]
 async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
     let mut h = Harness::start();
-    let (v, staging, target) = staged_static_with(
-        &mut h,
-        "csi-mounter-end",
-        mount_cap(Mode::SingleNodeWriter, &[], ""),
-        &[],
-    )
-    .await;
+    let (v, staging, target) = staged_failover(&mut h, "csi-mounter-end").await;
     let mut pid = wait_serving(&h, &staging, None);
     let mut pids = vec![pid];
     let handed = "handed the volume's connection to a new mounter";
@@ -585,10 +568,7 @@ async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
     assert_eq!(serving(&staging).len(), 1, "{:?}", serving(&staging));
 
     let mut node = h.node().await;
-    let cond = stats(&mut node, &v, &target)
-        .await
-        .volume_condition
-        .unwrap();
+    let cond = condition(&mut node, &v, &target).await;
     assert!(!cond.abnormal, "{}", cond.message);
     done.check_bucket(&v).await;
 
@@ -646,13 +626,7 @@ impl Drop for MemoryCage {
 #[tokio::test(flavor = "multi_thread")]
 async fn csi_volume_survives_oom_kills_of_its_serving_process() {
     let mut h = Harness::start();
-    let (v, staging, target) = staged_static_with(
-        &mut h,
-        "csi-oom",
-        mount_cap(Mode::SingleNodeWriter, &[], ""),
-        &[],
-    )
-    .await;
+    let (v, staging, target) = staged_failover(&mut h, "csi-oom").await;
     let name = format!("s3vol-test-oom-{}", std::process::id());
     // What the serving process charged before stays with its old cgroup; everything it
     // allocates after the move counts against 1 MiB, so under load it is soon out of memory.
@@ -688,10 +662,7 @@ async fn csi_volume_survives_oom_kills_of_its_serving_process() {
         "the kernel's OOM killer ended each one\n{log}"
     );
     let mut node = h.node().await;
-    let cond = stats(&mut node, &v, &target)
-        .await
-        .volume_condition
-        .unwrap();
+    let cond = condition(&mut node, &v, &target).await;
     assert!(
         !cond.abnormal && cond.message.contains("replaced 3 times"),
         "{}",
