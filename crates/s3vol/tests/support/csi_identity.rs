@@ -711,10 +711,18 @@ async fn csi_pod_token_that_expires_gives_eacces_and_a_refreshed_one_works_witho
         "renewals with the valid token worked ({n} writes, the last {:?} after the publish)",
         last_ok.duration_since(published)
     );
+    // The store may call the credentials expired up to a second before this node's clock
+    // does (EACCES above); the provider says why at the first request after that second.
+    let refused = "STS refused the pod's token";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !h.csi_log().contains(refused) && Instant::now() < deadline {
+        let _ = write_durably(&target.join("after-expiry"), b"x");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let log = h.csi_log();
     let line = log
         .lines()
-        .find(|l| l.contains("STS refused the pod's token"))
+        .find(|l| l.contains(refused))
         .unwrap_or_else(|| panic!("no log line says why:\n{log}"));
     assert!(
         line.contains("apps/expiring") && line.contains(&role.arn),
