@@ -30,6 +30,7 @@ use s3vol_s3::{
     PutOptions, S3Error,
 };
 
+use crate::attr_cache::{AttrCache, DirAttrs, Version};
 use crate::budget::{BufPool, Disk, Memory};
 use crate::cache_dir::CacheDir;
 use crate::config::FsConfig;
@@ -103,6 +104,11 @@ struct DirStream {
     complete: Option<Vec<Listed>>,
     /// The next page, being listed already.
     next_page: Option<PrefetchedPage>,
+    /// What the attribute cache held for this directory when the listing started (loaded
+    /// with the first page), and what it should hold once the listing is complete: the
+    /// entries still valid and what this listing's HEADs read. `None` without a cache.
+    saved: Option<Arc<DirAttrs>>,
+    learned: Option<DirAttrs>,
 }
 
 /// A LIST request running on its own; cancelled when the stream is dropped.
@@ -141,6 +147,24 @@ impl DirStream {
             started: Instant::now(),
             complete: Some(Vec::new()),
             next_page: None,
+            saved: None,
+            learned: None,
+        }
+    }
+}
+
+/// What a listing found for one name: its inode (none if it went meanwhile), and the version
+/// and time of the HEAD that read its attributes, if one did.
+struct Resolved {
+    inode: Option<Arc<Inode>>,
+    headed: Option<(Version, SystemTime, Attrs)>,
+}
+
+impl Resolved {
+    fn found(inode: Option<Arc<Inode>>) -> Self {
+        Self {
+            inode,
+            headed: None,
         }
     }
 }
@@ -196,6 +220,8 @@ pub struct S3Fs {
     stage: Arc<StageCtx>,
     read: Arc<ReadCtx>,
     mount_time: SystemTime,
+    /// The node-local attribute cache (`attr_cache.rs`), unless turned off.
+    attr_cache: Option<Arc<AttrCache>>,
 }
 
 /// Whether S3 key segment `name` can be shown as a file name.
@@ -266,7 +292,17 @@ impl S3Fs {
         });
         let now = SystemTime::now();
         let root_attrs = Attrs::defaults(Kind::Dir, &config, 0, now);
+        let attr_cache = config.attr_cache_dir.as_ref().and_then(|dir| {
+            match AttrCache::open(dir, config.store_scope.clone(), config.attr_cache_size) {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "the attribute cache cannot be used: every listing HEADs its files");
+                    None
+                }
+            }
+        });
         Ok(Self {
+            attr_cache,
             inodes: Inodes::new(config.prefix.clone(), root_attrs),
             config,
             store,
@@ -932,6 +968,14 @@ impl S3Fs {
                 let listing = Listing::new(d.started, entries);
                 self.listings.insert(&dir, d.generation, listing);
             }
+            if let (Some(learned), Some(cache)) = (d.learned.take(), &self.attr_cache) {
+                let saved = d.saved.take().unwrap_or_default();
+                if learned.same_as(&saved) {
+                    return Ok(());
+                }
+                let (cache, prefix) = (cache.clone(), d.prefix.clone());
+                tokio::task::spawn_blocking(move || cache.store(&prefix, &learned));
+            }
             return Ok(());
         }
         let page = match d.next_page.take() {
@@ -984,23 +1028,50 @@ impl S3Fs {
             }
         }
         candidates.retain(|(name, _, _)| !d.seen.contains(name));
-        // Attributes: from the cache when fresh, else HEAD, many at once (or, with
-        // `listing_attrs`, from the page itself).
+        if d.saved.is_none()
+            && !self.config.listing_attrs
+            && let Some(cache) = &self.attr_cache
+        {
+            // The first page of a listing from S3: what the node's attribute cache holds.
+            let (cache, prefix) = (cache.clone(), d.prefix.clone());
+            let saved = tokio::task::spawn_blocking(move || cache.load(&prefix))
+                .await
+                .unwrap_or_default();
+            d.saved = Some(Arc::new(saved));
+            d.learned = Some(DirAttrs::default());
+        }
+        // Attributes: from memory when fresh, else from the attribute cache when it holds the
+        // version listed, else HEAD, many at once (or, with `listing_attrs`, from the page
+        // itself).
         let parent = d.ino;
         let prefix = d.prefix.clone();
-        let resolved: Vec<FsResult<Option<Arc<Inode>>>> = futures::stream::iter(candidates)
-            .map(|(name, kind, entry)| {
-                let prefix = prefix.clone();
-                async move {
-                    self.resolve_listed(parent, &prefix, name, kind, entry)
-                        .await
+        let saved = d.saved.clone();
+        let resolved: Vec<(Option<Version>, String, FsResult<Resolved>)> =
+            futures::stream::iter(candidates)
+                .map(|(name, kind, entry)| {
+                    let prefix = prefix.clone();
+                    let saved = saved.as_deref();
+                    async move {
+                        let listed = entry.as_ref().map(Version::listed);
+                        let r = self
+                            .resolve_listed(parent, &prefix, name.clone(), kind, entry, saved)
+                            .await;
+                        (listed, name, r)
+                    }
+                })
+                .buffered(self.config.list_concurrency.max(1))
+                .collect()
+                .await;
+        for (listed, name, r) in resolved {
+            let r = r?;
+            if let Some(learned) = &mut d.learned {
+                match (r.headed, &listed, &d.saved) {
+                    (Some((version, at, attrs)), _, _) => learned.put(&name, &version, at, &attrs),
+                    (None, Some(listed), Some(saved)) => learned.carry(saved, &name, listed),
+                    _ => {}
                 }
-            })
-            .buffered(self.config.list_concurrency.max(1))
-            .collect()
-            .await;
-        for r in resolved {
-            let Some(inode) = r? else { continue };
+            }
+            let Some(inode) = r.inode else { continue };
             let name = inode.state().name.clone();
             self.push_listed(d, name, inode);
         }
@@ -1024,7 +1095,8 @@ impl S3Fs {
         name: String,
         kind: Kind,
         entry: Option<s3vol_s3::ListEntry>,
-    ) -> FsResult<Option<Arc<Inode>>> {
+        saved: Option<&DirAttrs>,
+    ) -> FsResult<Resolved> {
         let known = self.inodes.child(parent, &name);
         if let Some(child) = &known {
             let s = child.state();
@@ -1039,11 +1111,30 @@ impl S3Fs {
                 && (s.local_only || s.staged.is_some() || same_version && self.fresh(s.validated))
             {
                 drop(s);
-                return Ok(known);
+                return Ok(Resolved::found(known));
             }
         }
         if self.config.listing_attrs {
-            return Ok(Some(self.listed_as_is(parent, prefix, &name, entry, known)));
+            return Ok(Resolved::found(Some(
+                self.listed_as_is(parent, prefix, &name, entry, known),
+            )));
+        }
+        if let (Some(saved), Some(entry)) = (saved, &entry)
+            && let Some(mut attrs) = saved.get(&name, &Version::listed(entry))
+        {
+            // The version listed is the one the cache read: no HEAD.
+            attrs.size = entry.size;
+            let inode = if attrs.kind == Kind::Dir {
+                let key = format!("{prefix}{name}/");
+                self.inodes
+                    .upsert(parent, &name, key, attrs, None, false, false, false)
+            } else {
+                let key = format!("{prefix}{name}");
+                let etag = Some(entry.etag.clone());
+                self.inodes
+                    .upsert(parent, &name, key, attrs, etag, false, false, false)
+            };
+            return Ok(Resolved::found(Some(inode)));
         }
         let b = &self.config.bucket;
         match kind {
@@ -1066,29 +1157,33 @@ impl S3Fs {
                     ),
                     Err(e) => return Err(e.into()),
                 };
-                Ok(Some(self.inodes.upsert(
+                Ok(Resolved::found(Some(self.inodes.upsert(
                     parent, &name, key, attrs, None, marker, false, false,
-                )))
+                ))))
             }
             Kind::File | Kind::Symlink => {
                 let key = format!("{prefix}{name}");
+                let at = SystemTime::now();
                 let info = match self.store.head_object(b, &key).await {
                     Ok(info) => info,
                     // Deleted between the listing and now.
-                    Err(e) if not_found(&e) => return Ok(None),
+                    Err(e) if not_found(&e) => return Ok(Resolved::found(None)),
                     Err(e) => return Err(e.into()),
                 };
                 let (attrs, etag, _) = self.file_attrs(&info);
-                if attrs.kind == Kind::Dir {
+                let headed = Some((Version::headed(&info), at, attrs.clone()));
+                let inode = if attrs.kind == Kind::Dir {
                     let key = format!("{key}/");
-                    return Ok(Some(
-                        self.inodes
-                            .upsert(parent, &name, key, attrs, None, false, false, false),
-                    ));
-                }
-                Ok(Some(self.inodes.upsert(
-                    parent, &name, key, attrs, etag, false, false, false,
-                )))
+                    self.inodes
+                        .upsert(parent, &name, key, attrs, None, false, false, false)
+                } else {
+                    self.inodes
+                        .upsert(parent, &name, key, attrs, etag, false, false, false)
+                };
+                Ok(Resolved {
+                    inode: Some(inode),
+                    headed,
+                })
             }
         }
     }

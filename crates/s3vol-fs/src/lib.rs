@@ -4,6 +4,7 @@
 //! be tested against the in-memory store; [`fuse`] is the thin adapter that serves it to the
 //! kernel. See `docs/SEMANTICS.md` for what each POSIX operation does.
 
+mod attr_cache;
 mod budget;
 pub mod cache_dir;
 mod config;

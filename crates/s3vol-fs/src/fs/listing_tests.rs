@@ -386,3 +386,145 @@ async fn files_made_one_after_another_in_a_new_directory_cost_no_lookup_request(
         ["f1", "f2", "f3", "f4", "link", "sub"]
     );
 }
+
+/// Waits until the attribute cache under `cache` holds `n` files (they are written in the
+/// background once a listing is complete).
+async fn attr_files(cache: &std::path::Path, n: usize) {
+    let dir = cache.join("cache").join(crate::attr_cache::DEFAULT_SUBDIR);
+    for _ in 0..500 {
+        let count = std::fs::read_dir(&dir).map_or(0, |r| {
+            r.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".attrs"))
+                .count()
+        });
+        if count == n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the attribute cache does not hold {n} files");
+}
+
+async fn another_mount(store: Arc<FaultStore>, cache: &std::path::Path) -> S3Fs {
+    let config = FsConfig::new(
+        BucketName::new("bkt").unwrap(),
+        String::new(),
+        cache.join("cache"),
+    );
+    S3Fs::new(config, store).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_later_mount_lists_a_directory_the_node_listed_before_with_lists_only() {
+    let cache = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemStore::new());
+    let store = Arc::new(FaultStore::new(mem.clone()));
+    let fs = fs_with(store.clone(), cache.path(), |_| {}).await;
+    put_files(&store, "", 1500).await;
+    // Written a minute ago: a HEAD now can be trusted (see `attr_cache::SETTLE`).
+    mem.age_all(std::time::Duration::from_secs(60));
+    let before = store.calls();
+    let first = list(&fs, ROOT, true, 100).await;
+    assert_eq!(store.calls() - before, 2 + 1500, "2 LISTs and a HEAD per file");
+    attr_files(cache.path(), 1).await;
+    drop(fs);
+
+    let fs = another_mount(store.clone(), cache.path()).await;
+    let before = store.calls();
+    let again = list(&fs, ROOT, true, 100).await;
+    assert_eq!(store.calls() - before, 2, "2 LISTs, no HEAD");
+    let attrs = |g: &[Got]| {
+        let mut v: Vec<(String, Kind, Attrs)> = g
+            .iter()
+            .filter_map(|g| Some((g.name.clone(), g.kind, g.attrs.clone()?)))
+            .filter(|(n, _, _)| n != "." && n != "..")
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    assert_eq!(attrs(&again), attrs(&first), "the same attributes");
+    let f3 = again.iter().find(|g| g.name == "f3").unwrap();
+    let a = f3.attrs.as_ref().unwrap();
+    assert_eq!((a.perm, a.uid, a.gid, a.size), (0o600, 7, 8, 3));
+
+    // Another client changes three objects: an s3fs chmod (metadata-only copy replacing the
+    // mode), a new upload, and a copy of another object over one.
+    let bucket = BucketName::new("bkt").unwrap();
+    let mut chmod = s3vol_s3::UserMetadata::new();
+    chmod.insert("mode".into(), (libc::S_IFREG | 0o640).to_string());
+    chmod.insert("uid".into(), "7".into());
+    let source = |key: &str| CopySource {
+        bucket: bucket.clone(),
+        key: key.into(),
+        range: None,
+        if_match: None,
+    };
+    store
+        .copy_object(
+            &bucket,
+            "f1",
+            &source("f1"),
+            &MetadataDirective::Replace {
+                metadata: chmod,
+                content_type: None,
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .put_object(
+            &bucket,
+            "f2",
+            Bytes::from_static(b"new"),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    store
+        .copy_object(&bucket, "f3", &source("f10"), &MetadataDirective::Copy)
+        .await
+        .unwrap();
+    let fs = another_mount(store.clone(), cache.path()).await;
+    let before = store.calls();
+    let got = list(&fs, ROOT, true, 100).await;
+    assert_eq!(
+        store.calls() - before,
+        2 + 3,
+        "2 LISTs and a HEAD for each changed object"
+    );
+    let get = |name: &str| {
+        got.iter()
+            .find(|g| g.name == name)
+            .unwrap()
+            .attrs
+            .clone()
+            .unwrap()
+    };
+    assert_eq!((get("f1").perm, get("f1").gid), (0o640, fs.config.gid));
+    assert_eq!((get("f2").perm, get("f2").size), (0o644, 3));
+    assert_eq!((get("f3").perm, get("f3").size), (0o600, 10 % 7));
+    assert_eq!(get("f4").perm, 0o600);
+}
+
+#[tokio::test]
+async fn without_the_attribute_cache_every_listing_heads_its_files() {
+    let cache = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemStore::new());
+    let store = Arc::new(FaultStore::new(mem.clone()));
+    let fs = fs_with(store.clone(), cache.path(), |c| c.attr_cache_dir = None).await;
+    put_files(&store, "", 20).await;
+    mem.age_all(std::time::Duration::from_secs(60));
+    let _ = list(&fs, ROOT, true, 100).await;
+    drop(fs);
+    let mut config = FsConfig::new(
+        BucketName::new("bkt").unwrap(),
+        String::new(),
+        cache.path().join("cache"),
+    );
+    config.attr_cache_dir = None;
+    let fs = S3Fs::new(config, store.clone()).await.unwrap();
+    let before = store.calls();
+    let _ = list(&fs, ROOT, true, 100).await;
+    assert_eq!(store.calls() - before, 1 + 20);
+    assert!(!cache.path().join("cache").join("attrs").exists());
+}
