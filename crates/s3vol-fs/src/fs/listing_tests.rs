@@ -425,7 +425,11 @@ async fn a_later_mount_lists_a_directory_the_node_listed_before_with_lists_only(
     mem.age_all(std::time::Duration::from_secs(60));
     let before = store.calls();
     let first = list(&fs, ROOT, true, 100).await;
-    assert_eq!(store.calls() - before, 2 + 1500, "2 LISTs and a HEAD per file");
+    assert_eq!(
+        store.calls() - before,
+        2 + 1500,
+        "2 LISTs and a HEAD per file"
+    );
     attr_files(cache.path(), 1).await;
     drop(fs);
 
