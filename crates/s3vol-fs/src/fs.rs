@@ -38,11 +38,11 @@ use crate::error::{FsError, FsResult, err};
 use crate::inode::{Inode, InodeNo, Inodes, ROOT};
 use crate::listing::{Listed, Listing, Listings, MAX_ENTRIES as MAX_LISTED_ENTRIES};
 use crate::meta::{Attrs, Kind};
+use crate::names::{Build, DirNames, FOLDER_SUFFIX, NameIndexes, Named, valid_name};
 use crate::read::{ReadCtx, Reader};
 use crate::recover;
 use crate::stage::{Base, MAX_COPY_OBJECT, MIN_PART_SIZE, StageCtx, Staged};
 
-const FOLDER_SUFFIX: &str = "_$folder$";
 /// The longest symlink target read: `PATH_MAX` less its NUL, as Linux allows.
 pub(crate) const MAX_SYMLINK_TARGET: u64 = libc::PATH_MAX as u64 - 1;
 /// Idle part buffers kept for reuse by streamed uploads (memory: this many parts, at most).
@@ -175,6 +175,8 @@ struct Changing<'a> {
     dirs: [InodeNo; 2],
     /// The one name the operation added to `dirs[0]`, once it succeeded.
     added: Option<(String, Arc<Inode>)>,
+    /// The one name the operation removed from `dirs[0]`, once it succeeded.
+    removed: Option<String>,
 }
 
 impl Changing<'_> {
@@ -182,6 +184,12 @@ impl Changing<'_> {
     /// else: its kept listing takes the name in instead of going.
     fn added(&mut self, name: &str, inode: &Arc<Inode>) {
         self.added = Some((name.to_owned(), inode.clone()));
+    }
+
+    /// The operation succeeded by removing `name` from the first directory, and changed
+    /// nothing else: a name index of it marks the name instead of going.
+    fn removed(&mut self, name: &str) {
+        self.removed = Some(name.to_owned());
     }
 }
 
@@ -191,6 +199,12 @@ impl Drop for Changing<'_> {
             && let Some(dir) = self.fs.inodes.get(self.dirs[0])
         {
             self.fs.listings.add(&dir, &name, inode);
+            self.fs.names.name_changed(self.dirs[0], &name);
+        } else if let Some(name) = self.removed.take()
+            && let Some(dir) = self.fs.inodes.get(self.dirs[0])
+        {
+            self.fs.listings.invalidate(&dir);
+            self.fs.names.name_changed(self.dirs[0], &name);
         } else {
             self.fs.dir_changed(self.dirs[0]);
         }
@@ -222,16 +236,8 @@ pub struct S3Fs {
     mount_time: SystemTime,
     /// The node-local attribute cache (`attr_cache.rs`), unless turned off.
     attr_cache: Option<Arc<AttrCache>>,
-}
-
-/// Whether S3 key segment `name` can be shown as a file name.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && name.len() <= 255
-        && !name.contains('/')
-        && !name.contains('\0')
+    /// Directories listed after a burst of lookups (`names.rs`).
+    names: Arc<NameIndexes>,
 }
 
 fn name_ok(name: &str) -> FsResult<()> {
@@ -303,6 +309,7 @@ impl S3Fs {
         });
         Ok(Self {
             attr_cache,
+            names: Arc::new(NameIndexes::default()),
             inodes: Inodes::new(config.prefix.clone(), root_attrs),
             config,
             store,
@@ -493,6 +500,22 @@ impl S3Fs {
         {
             return Err(err!(libc::ENOENT, "{name}: not found"));
         }
+        let ttl = self.config.metadata_ttl;
+        if let Some(index) = self.names.ready(parent, ttl) {
+            match index.get(name) {
+                Err(false) => return Err(err!(libc::ENOENT, "{name}: not found (listed)")),
+                // Changed through this mount since the listing: asked the usual way.
+                Err(true) => {}
+                Ok((at, named)) => {
+                    let named = named.clone();
+                    return self
+                        .lookup_indexed(parent, &parent_key, name, &index, at, named)
+                        .await;
+                }
+            }
+        } else if let Some(build) = self.names.missed(parent, ttl) {
+            self.start_index(build, parent_key.clone());
+        }
         let key = format!("{parent_key}{name}");
         match self.probe(&key).await? {
             None => {
@@ -521,6 +544,209 @@ impl S3Fs {
 
     pub fn forget(&self, ino: InodeNo, n: u64) {
         self.inodes.forget(ino, n);
+    }
+
+    /// Lists `prefix` in the background to index its names (see `names.rs`).
+    fn start_index(&self, build: Build, prefix: String) {
+        let store = self.store.clone();
+        let bucket = self.config.bucket.clone();
+        let cache = self.attr_cache.clone();
+        let names = self.names.clone();
+        let ttl = self.config.metadata_ttl;
+        tokio::spawn(async move {
+            match crate::names::list_dir(&*store, &bucket, &prefix, cache).await {
+                Ok(listed) => names.finish(&build, listed, ttl),
+                Err(e) => {
+                    tracing::debug!(prefix, error = %e, "listing a directory to index its names");
+                    names.failed(&build);
+                }
+            }
+        });
+    }
+
+    /// A lookup in a directory with a name index (see `names.rs`): a directory costs a HEAD
+    /// of its marker, a file the attribute cache or a HEAD. When lookups go through the
+    /// directory in order, the HEAD takes the next names along, many at once.
+    async fn lookup_indexed(
+        &self,
+        parent: InodeNo,
+        parent_key: &str,
+        name: &str,
+        index: &Arc<DirNames>,
+        at: usize,
+        named: Named,
+    ) -> FsResult<(Arc<Inode>, Attrs)> {
+        let b = &self.config.bucket;
+        let (version, etag) = match named {
+            Named::Dir { folder_only } => {
+                let key = format!("{parent_key}{name}/");
+                let head = if folder_only {
+                    format!("{parent_key}{name}{FOLDER_SUFFIX}")
+                } else {
+                    key.clone()
+                };
+                let (attrs, marker) = match self.store.head_object(b, &head).await {
+                    Ok(info) => {
+                        let attrs = Attrs::decode(
+                            Kind::Dir,
+                            &info.metadata,
+                            &self.config,
+                            0,
+                            info.last_modified,
+                        );
+                        (attrs, !folder_only)
+                    }
+                    Err(e) if not_found(&e) => (
+                        Attrs::defaults(Kind::Dir, &self.config, 0, self.mount_time),
+                        false,
+                    ),
+                    Err(e) => return Err(e.into()),
+                };
+                let inode = self
+                    .inodes
+                    .upsert(parent, name, key, attrs, None, marker, false, true);
+                let attrs = self.attrs_of(&inode);
+                return Ok((inode, attrs));
+            }
+            Named::File { version, etag } => (version, etag),
+        };
+        if let Some(mut attrs) = index.saved.get(name, &version) {
+            // As current as the listing.
+            attrs.size = version.size;
+            return Ok(self.found_file(
+                parent,
+                parent_key,
+                name,
+                attrs,
+                Some(etag),
+                Some(index.taken),
+                true,
+            ));
+        }
+        let batch = self.batch_from(parent, index, at);
+        let end = batch.last().map_or(at, |(i, _)| *i);
+        let heads: Vec<_> = futures::stream::iter(batch)
+            .map(|(i, n)| async move {
+                let sent = SystemTime::now();
+                let r = self.store.head_object(b, &format!("{parent_key}{n}")).await;
+                (i, n, sent, r)
+            })
+            .buffered(self.config.list_concurrency.max(1))
+            .collect()
+            .await;
+        let mut answer = Err(err!(libc::EIO, "{name}: not looked up"));
+        let mut learned = Vec::new();
+        for (i, n, sent, r) in heads {
+            match r {
+                Ok(info) => {
+                    let (attrs, etag, _) = self.file_attrs(&info);
+                    learned.push((n.clone(), Version::headed(&info), sent, attrs.clone()));
+                    let found = self.found_file(parent, parent_key, &n, attrs, etag, None, i == at);
+                    if i == at {
+                        answer = Ok(found);
+                    }
+                }
+                Err(e) if i != at => {
+                    tracing::debug!(key = %format!("{parent_key}{n}"), error = %e, "HEAD ahead of lookups");
+                }
+                Err(e) if not_found(&e) => {
+                    // Deleted since the listing.
+                    self.set_negative(parent, name, true);
+                    answer = Err(err!(libc::ENOENT, "{parent_key}{name}: not found"));
+                }
+                Err(e) => answer = Err(e.into()),
+            }
+        }
+        let write = {
+            let mut l = index.learned.lock().unwrap_or_else(|e| e.into_inner());
+            for (n, version, sent, attrs) in &learned {
+                l.attrs.put(n, version, *sent, attrs);
+            }
+            l.pending += learned.len();
+            l.last = Some(l.last.map_or(end, |p| p.max(end)));
+            let write = l.pending > 0 && (l.pending >= 256 || end + 1 >= index.len());
+            if write {
+                l.pending = 0;
+            }
+            write
+        };
+        if write && let Some(cache) = &self.attr_cache {
+            let (cache, index, prefix) = (cache.clone(), index.clone(), parent_key.to_owned());
+            tokio::task::spawn_blocking(move || cache.store(&prefix, &index.to_store()));
+        }
+        answer
+    }
+
+    /// The names to HEAD for a lookup of the name at `at` in `index`: that one, and when the
+    /// lookups go through the directory in order, the files after it whose attributes are
+    /// not known yet (up to twice the listing concurrency).
+    fn batch_from(&self, parent: InodeNo, index: &DirNames, at: usize) -> Vec<(usize, String)> {
+        let Some((name, _)) = index.at(at) else {
+            return Vec::new();
+        };
+        let mut batch = vec![(at, name.clone())];
+        let window = 2 * self.config.list_concurrency.max(1);
+        let last = index.learned.lock().unwrap_or_else(|e| e.into_inner()).last;
+        if !last.is_some_and(|l| l < at && at <= l + window) {
+            return batch;
+        }
+        for i in at + 1..(at + window).min(index.len()) {
+            let Some((n, Named::File { version, etag })) = index.at(i) else {
+                continue;
+            };
+            if index.changed(n) || index.saved.get(n, version).is_some() {
+                continue;
+            }
+            if let Some(child) = self.inodes.child(parent, n) {
+                let s = child.state();
+                let current = s.etag.as_ref().is_some_and(|t| same_etag(t, etag));
+                if s.local_only || s.staged.is_some() || current && self.fresh(s.validated) {
+                    continue;
+                }
+            }
+            batch.push((i, n.clone()));
+        }
+        batch
+    }
+
+    /// Records a file found at `parent/name` (a directory, for an old-style s3fs directory
+    /// object), validated at `validated` (now when `None`). Without `lookup` the kernel is
+    /// not told of it: the inode is kept as a forgotten one (bounded), for the lookup to come.
+    #[allow(clippy::too_many_arguments)]
+    fn found_file(
+        &self,
+        parent: InodeNo,
+        parent_key: &str,
+        name: &str,
+        attrs: Attrs,
+        etag: Option<ETag>,
+        validated: Option<Instant>,
+        lookup: bool,
+    ) -> (Arc<Inode>, Attrs) {
+        let (key, etag) = if attrs.kind == Kind::Dir {
+            (format!("{parent_key}{name}/"), None)
+        } else {
+            (format!("{parent_key}{name}"), etag)
+        };
+        let kind = attrs.kind;
+        let inode =
+            self.inodes
+                .upsert(parent, name, key, attrs.clone(), etag, false, false, lookup);
+        if let Some(t) = validated {
+            let mut s = inode.state();
+            if s.staged.is_none() && !s.local_only {
+                s.validated = Some(t);
+            }
+        }
+        if !lookup {
+            self.inodes.forget(inode.ino, 0);
+        }
+        let attrs = if inode.kind == kind {
+            self.attrs_of(&inode)
+        } else {
+            attrs
+        };
+        (inode, attrs)
     }
 
     pub async fn getattr(&self, ino: InodeNo) -> FsResult<Attrs> {
@@ -1238,6 +1464,7 @@ impl S3Fs {
     /// A name was added to or removed from `dir` through this mount: a kept listing of it is
     /// out of date.
     fn dir_changed(&self, dir: InodeNo) {
+        self.names.drop_dir(dir);
         if let Some(inode) = self.inodes.get(dir) {
             self.listings.invalidate(&inode);
         }
@@ -1250,6 +1477,7 @@ impl S3Fs {
             fs: self,
             dirs: [a, b],
             added: None,
+            removed: None,
         }
     }
 
@@ -1333,7 +1561,7 @@ impl S3Fs {
         self.ro()?;
         let (child, _) = self.lookup(parent, name).await?;
         self.inodes.forget(child.ino, 1);
-        let _changing = self.changing(parent, child.ino);
+        let mut changing = self.changing(parent, child.ino);
         if child.kind != Kind::Dir {
             return Err(err!(libc::ENOTDIR, "{name} is not a directory"));
         }
@@ -1347,6 +1575,7 @@ impl S3Fs {
         self.store.delete_object(b, &folder).await?;
         self.inodes.detach(parent, name);
         self.set_negative(parent, name, true);
+        changing.removed(name);
         Ok(())
     }
 

@@ -15,6 +15,7 @@ mod inode;
 mod journal;
 mod listing;
 mod meta;
+mod names;
 mod ranges;
 mod read;
 mod recover;
@@ -23,5 +24,6 @@ mod stage;
 
 pub use config::FsConfig;
 pub use error::{FsError, FsResult};
-pub use fs::{DirEntry, OpenMode, S3Fs, valid_name};
+pub use fs::{DirEntry, OpenMode, S3Fs};
 pub use meta::{Attrs, Kind, format_time, parse_time};
+pub use names::valid_name;

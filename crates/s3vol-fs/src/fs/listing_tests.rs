@@ -532,3 +532,123 @@ async fn without_the_attribute_cache_every_listing_heads_its_files() {
     assert_eq!(store.calls() - before, 1 + 20);
     assert!(!cache.path().join("cache").join("attrs").exists());
 }
+
+/// Waits until `dir` of `fs` has a name index (built in the background).
+async fn indexed(fs: &S3Fs, dir: InodeNo) {
+    for _ in 0..500 {
+        if fs.names.ready(dir, fs.config.metadata_ttl).is_some() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("directory {dir} was not indexed");
+}
+
+#[tokio::test]
+async fn a_burst_of_lookups_lists_the_directory_once_then_costs_a_head_per_file_or_none() {
+    let cache = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemStore::new());
+    let store = Arc::new(FaultStore::new(mem.clone()));
+    let fs = fs_with(store.clone(), cache.path(), |_| {}).await;
+    put_files(&store, "", 300).await;
+    // A file and a directory of the same name: the directory wins.
+    put_files(&store, "f7/", 1).await;
+    mem.age_all(std::time::Duration::from_secs(60));
+    let mut names: Vec<String> = (0..300).map(|i| format!("f{i}")).collect();
+    names.sort();
+    let before = store.calls();
+    for name in &names[..crate::names::BURST as usize] {
+        fs.lookup(ROOT, name).await.unwrap();
+    }
+    assert_eq!(
+        store.calls() - before,
+        2 * u64::from(crate::names::BURST),
+        "a HEAD and a one-key LIST each"
+    );
+    indexed(&fs, ROOT).await;
+    assert_eq!(
+        store.calls() - before,
+        2 * 8 + 1,
+        "and one LIST of the directory"
+    );
+    let before = store.calls();
+    let e = fs.lookup(ROOT, "missing").await.unwrap_err();
+    assert_eq!(e.errno, libc::ENOENT);
+    assert_eq!(store.calls(), before, "not listed: no request");
+    let (f7, _) = fs.lookup(ROOT, "f7").await.unwrap();
+    assert_eq!(f7.kind, Kind::Dir, "the directory wins");
+    assert_eq!(store.calls() - before, 1, "a HEAD of its marker");
+    // The rest in order: one HEAD per file, many at once.
+    let rest: Vec<&String> = names[8..].iter().filter(|n| *n != "f7").collect();
+    let before = store.calls();
+    for name in &rest {
+        let (inode, attrs) = fs.lookup(ROOT, name).await.unwrap();
+        assert_eq!((inode.kind, attrs.perm, attrs.uid), (Kind::File, 0o600, 7));
+    }
+    assert_eq!(store.calls() - before, rest.len() as u64);
+    attr_files(cache.path(), 1).await;
+    drop(fs);
+
+    // Another mount: after its burst, the attribute cache answers for every unchanged file.
+    let fs = another_mount(store.clone(), cache.path()).await;
+    for name in &names[..8] {
+        fs.lookup(ROOT, name).await.unwrap();
+    }
+    indexed(&fs, ROOT).await;
+    let before = store.calls();
+    for name in &rest {
+        let (_, attrs) = fs.lookup(ROOT, name).await.unwrap();
+        assert_eq!((attrs.perm, attrs.uid, attrs.gid), (0o600, 7, 8));
+    }
+    assert_eq!(store.calls(), before, "no request");
+}
+
+#[tokio::test]
+async fn a_name_index_answers_within_the_ttl_and_follows_changes_made_here() {
+    let cache = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemStore::new());
+    let store = Arc::new(FaultStore::new(mem.clone()));
+    let fs = fs_with(store.clone(), cache.path(), |c| {
+        c.metadata_ttl = std::time::Duration::from_millis(800);
+    })
+    .await;
+    put_files(&store, "", 20).await;
+    for i in 0..8 {
+        fs.lookup(ROOT, &format!("f{i}")).await.unwrap();
+    }
+    indexed(&fs, ROOT).await;
+    // Another client's new object: not found while the index is younger than the TTL...
+    put_files(&store, "other-", 1).await;
+    assert_eq!(
+        fs.lookup(ROOT, "other-f0").await.unwrap_err().errno,
+        libc::ENOENT
+    );
+    // ...and names removed or made here are seen at once.
+    fs.unlink(ROOT, "f12").await.unwrap();
+    assert_eq!(
+        fs.lookup(ROOT, "f12").await.unwrap_err().errno,
+        libc::ENOENT
+    );
+    assert!(
+        fs.names.ready(ROOT, fs.config.metadata_ttl).is_some(),
+        "kept"
+    );
+    let (_, _, fh) = fs
+        .create(ROOT, "made", 0o640, 1, 1, OpenMode::default())
+        .await
+        .unwrap();
+    fs.release(fh).await.unwrap();
+    let (made, _) = fs.lookup(ROOT, "made").await.unwrap();
+    assert_eq!(made.kind, Kind::File);
+    fs.mkdir(ROOT, "newdir", 0o755, 1, 1).await.unwrap();
+    assert_eq!(fs.lookup(ROOT, "newdir").await.unwrap().0.kind, Kind::Dir);
+    // A rename drops the index.
+    fs.rename(ROOT, "f13", ROOT, "f13b", false, false)
+        .await
+        .unwrap();
+    assert!(fs.names.ready(ROOT, fs.config.metadata_ttl).is_none());
+    // Once the TTL has passed the other client's object shows.
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    let (other, _) = fs.lookup(ROOT, "other-f0").await.unwrap();
+    assert_eq!(other.kind, Kind::File);
+}
