@@ -19,6 +19,10 @@
 //! hash collision, a stranger) is ignored and replaced at the next write; nothing read here
 //! is trusted before it is checked against a listing.
 //!
+//! The directory is private (`0700`, this user's; one that is not is refused and the cache
+//! not used) and its files `0600`: an entry vouches for the mode and owner the kernel checks
+//! permissions against.
+//!
 //! Size: files past [`MAX_FILE`] are neither written nor read; when the directory grows past
 //! its budget, the files least recently read or written go first (their modification time is
 //! bumped at every use). Directories (`dir/` markers) are not cached: a listing does not
@@ -26,7 +30,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,10 +41,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use s3vol_s3::{ETag, ListEntry, ObjectInfo};
 use serde::{Deserialize, Serialize};
 
+use crate::cache_dir::ensure_private_dir;
 use crate::meta::{Attrs, Kind, Xattrs, format_time, parse_time};
 
-/// The subdirectory of `--cache-dir` used when no other directory is named.
-pub const DEFAULT_SUBDIR: &str = "attrs";
 /// The file format written by this version.
 const FORMAT: u32 = 1;
 /// How long after an object's Last-Modified its HEAD must have been made for the entry to be
@@ -150,6 +153,11 @@ pub struct DirAttrs {
 }
 
 impl DirAttrs {
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -250,12 +258,13 @@ pub struct AttrCache {
 }
 
 impl AttrCache {
-    /// Opens (creating, `0700`) the cache directory.
+    /// Opens the cache directory. One that exists must be private (this user's, `0700`):
+    /// entries vouch for modes and owners the kernel checks permissions against, so nobody
+    /// else may write them. One that does not is created (`0700`) at the first write.
     pub fn open(dir: &Path, scope: String, max_bytes: u64) -> io::Result<Self> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
+        if dir.exists() {
+            ensure_private_dir(dir).map_err(io::Error::other)?;
+        }
         Ok(Self {
             dir: dir.to_owned(),
             scope,
@@ -348,6 +357,9 @@ impl AttrCache {
         if size > MAX_FILE {
             let _ = std::fs::remove_file(path);
             return Ok(());
+        }
+        if !self.dir.exists() {
+            ensure_private_dir(&self.dir).map_err(io::Error::other)?;
         }
         let tmp = self.dir.join(format!(
             ".{}.{}-{}.tmp",
@@ -545,6 +557,26 @@ mod tests {
         // An empty set removes the file.
         cache.store("a/b/", &DirAttrs::default());
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_not_used_and_one_missing_is_made_private_when_needed() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(AttrCache::open(&shared, "s".into(), DEFAULT_MAX_BYTES).is_err());
+        let dir = tmp.path().join("a/attrs");
+        let cache = AttrCache::open(&dir, "s".into(), DEFAULT_MAX_BYTES).unwrap();
+        assert!(!dir.exists(), "nothing made before it is needed");
+        assert!(cache.load("p/").is_empty());
+        let mut d = DirAttrs::default();
+        d.put("f", &version("abc", 1_000), at(2_000), &attrs(0o600));
+        cache.store("p/", &d);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&cache.path("p/")), 0o600);
     }
 
     #[test]

@@ -43,6 +43,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+/// The subdirectory holding the node-local attribute cache by default (`attr_cache.rs`).
+pub const ATTRS_SUBDIR: &str = "attrs";
+
 /// The journal format written by this version.
 pub const RECORD_VERSION: u32 = 1;
 
@@ -272,7 +275,7 @@ pub fn leftovers(dir: &Path) -> io::Result<Leftovers> {
         let entry = entry?;
         let kind = entry.file_type()?;
         if kind.is_dir() {
-            if entry.file_name() == crate::attr_cache::DEFAULT_SUBDIR {
+            if entry.file_name() == ATTRS_SUBDIR {
                 // The attribute cache (`attr_cache.rs`): copies of what is in S3.
                 continue;
             }

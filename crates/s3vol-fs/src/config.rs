@@ -62,7 +62,7 @@ pub struct FsConfig {
 impl FsConfig {
     pub fn new(bucket: BucketName, prefix: String, cache_dir: PathBuf) -> Self {
         Self {
-            attr_cache_dir: Some(cache_dir.join(crate::attr_cache::DEFAULT_SUBDIR)),
+            attr_cache_dir: Some(cache_dir.join(crate::cache_dir::ATTRS_SUBDIR)),
             attr_cache_size: crate::attr_cache::DEFAULT_MAX_BYTES,
             store_scope: format!("|{bucket}"),
             bucket,

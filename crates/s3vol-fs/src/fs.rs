@@ -502,16 +502,14 @@ impl S3Fs {
         }
         let ttl = self.config.metadata_ttl;
         if let Some(index) = self.names.ready(parent, ttl) {
-            match index.get(name) {
-                Err(false) => return Err(err!(libc::ENOENT, "{name}: not found (listed)")),
-                // Changed through this mount since the listing: asked the usual way.
-                Err(true) => {}
-                Ok((at, named)) => {
-                    let named = named.clone();
-                    return self
-                        .lookup_indexed(parent, &parent_key, name, &index, at, named)
-                        .await;
-                }
+            // A name the listing does not show is asked as usual: another client may have
+            // made it since, and an `open` must see it (close-to-open). So is one changed
+            // through this mount since.
+            if let Ok((at, named)) = index.get(name) {
+                let named = named.clone();
+                return self
+                    .lookup_indexed(parent, &parent_key, name, &index, at, named)
+                    .await;
             }
         } else if let Some(build) = self.names.missed(parent, ttl) {
             self.start_index(build, parent_key.clone());
@@ -672,7 +670,7 @@ impl S3Fs {
         };
         if write && let Some(cache) = &self.attr_cache {
             let (cache, index, prefix) = (cache.clone(), index.clone(), parent_key.to_owned());
-            tokio::task::spawn_blocking(move || cache.store(&prefix, &index.to_store()));
+            tokio::task::spawn_blocking(move || index.store(&cache, &prefix));
         }
         answer
     }

@@ -6,10 +6,12 @@
 //! when each is looked up alone. After [`BURST`] such lookups in one directory within the
 //! metadata TTL, the directory is listed once in the background (delimiter `/`, 1,000 names a
 //! page); from then on, until the index is older than the TTL, a lookup there knows without
-//! a request whether the name is a directory (a common prefix or a `dir_$folder$` object: the
-//! directory wins over a file of the same name, as everywhere), a file (with its ETag, size
-//! and Last-Modified, so the node's attribute cache can answer for it without a request) or
-//! nothing (not found, no request).
+//! a request whether a listed name is a directory (a common prefix or a `dir_$folder$`
+//! object: the directory wins over a file of the same name, as everywhere) or a file (with
+//! its ETag, size and Last-Modified, so the node's attribute cache can answer for it without
+//! a request). A name the index does not show is looked up as without it: another client may
+//! have made it since, and an `open` must see the latest object (close-to-open), so the index
+//! gives no negative answers.
 //!
 //! Changes made through this mount while an index is kept: a name added or removed is marked
 //! in it and looked up the usual way from then on (the inode table and the negative cache
@@ -19,7 +21,8 @@
 //! Memory: an index holds its names (about 100 bytes each) and the attribute cache's entries
 //! for the directory; at most [`MAX_NAMES`] names over all directories, the oldest index
 //! dropped first, and a directory with more names is not indexed (its lookups go on as
-//! before) until the TTL has passed.
+//! before) for [`TOO_BIG_FOR`] (or the TTL, if longer). Finding that out costs its first
+//! 100 pages, once per such period.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,6 +37,8 @@ use crate::inode::InodeNo;
 pub const BURST: u32 = 8;
 /// Names kept over all indexes, and the most one directory may have to be indexed.
 pub const MAX_NAMES: usize = 100_000;
+/// How long a directory found too big to index is not listed for that again (at least).
+pub const TOO_BIG_FOR: Duration = Duration::from_secs(600);
 /// The suffix of an s3fs-style directory object (`dir_$folder$`).
 pub const FOLDER_SUFFIX: &str = "_$folder$";
 
@@ -79,6 +84,9 @@ pub struct DirNames {
     /// Names added or removed through this mount since the listing started.
     changed: Mutex<HashSet<String>>,
     pub learned: Mutex<Learned>,
+    /// Held while the attribute cache file is written, so that writes land in the order
+    /// their contents were taken.
+    write: Mutex<()>,
 }
 
 impl DirNames {
@@ -106,9 +114,15 @@ impl DirNames {
         lock(&self.changed).contains(name)
     }
 
+    /// Writes what the attribute cache should hold for the directory now (blocking).
+    pub fn store(&self, cache: &AttrCache, prefix: &str) {
+        let _writing = lock(&self.write);
+        cache.store(prefix, &self.to_store());
+    }
+
     /// What the attribute cache should hold for the directory now: the entries still valid
     /// for this listing and what its lookups learned.
-    pub fn to_store(&self) -> DirAttrs {
+    fn to_store(&self) -> DirAttrs {
         let mut out = lock(&self.learned).attrs.clone();
         for (name, named) in &self.names {
             if let Named::File { version, .. } = named {
@@ -216,7 +230,7 @@ impl NameIndexes {
             slots.insert(
                 build.dir,
                 Slot::TooBig {
-                    until: Instant::now() + ttl,
+                    until: Instant::now() + ttl.max(TOO_BIG_FOR),
                 },
             );
             return;
@@ -349,6 +363,7 @@ pub async fn list_dir(
         saved: saved.await.unwrap_or_default(),
         changed: Mutex::new(HashSet::new()),
         learned: Mutex::new(Learned::default()),
+        write: Mutex::new(()),
     }))
 }
 
@@ -367,6 +382,7 @@ mod tests {
             saved: DirAttrs::default(),
             changed: Mutex::new(HashSet::new()),
             learned: Mutex::new(Learned::default()),
+            write: Mutex::new(()),
         }
     }
 
