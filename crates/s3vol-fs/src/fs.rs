@@ -505,7 +505,7 @@ impl S3Fs {
             // A name the listing does not show is asked as usual: another client may have
             // made it since, and an `open` must see it (close-to-open). So is one changed
             // through this mount since.
-            if let Ok((at, named)) = index.get(name) {
+            if let Some((at, named)) = index.get(name) {
                 let named = named.clone();
                 return self
                     .lookup_indexed(parent, &parent_key, name, &index, at, named)

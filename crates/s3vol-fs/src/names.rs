@@ -91,15 +91,15 @@ pub struct DirNames {
 
 impl DirNames {
     /// The position and kind of `name`, if the listing has it and it did not change here.
-    /// `Err(true)`: the name changed here, look it up as usual; `Err(false)`: not there.
-    pub fn get(&self, name: &str) -> Result<(usize, &Named), bool> {
+    pub fn get(&self, name: &str) -> Option<(usize, &Named)> {
         if lock(&self.changed).contains(name) {
-            return Err(true);
+            return None;
         }
-        match self.names.binary_search_by(|(n, _)| n.as_str().cmp(name)) {
-            Ok(at) => Ok((at, &self.names[at].1)),
-            Err(_) => Err(false),
-        }
+        let at = self
+            .names
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .ok()?;
+        Some((at, &self.names[at].1))
     }
 
     pub fn at(&self, i: usize) -> Option<&(String, Named)> {
@@ -399,11 +399,11 @@ mod tests {
         idx.name_changed(7, "b");
         idx.finish(&build, Some(dir_names(&["a", "b"])), ttl);
         let n = idx.ready(7, ttl).unwrap();
-        assert!(n.get("a").is_ok());
-        assert_eq!(n.get("b").unwrap_err(), true, "changed here");
-        assert_eq!(n.get("c").unwrap_err(), false, "not there");
-        idx.name_changed(7, "c");
-        assert_eq!(n.get("c").unwrap_err(), true);
+        assert_eq!(n.get("a").unwrap().0, 0);
+        assert!(n.get("b").is_none(), "changed here");
+        assert!(n.get("c").is_none(), "not there");
+        idx.name_changed(7, "a");
+        assert!(n.get("a").is_none(), "changed here since");
         assert!(idx.ready(7, Duration::ZERO).is_none(), "older than the TTL");
         // Another change while being built: not kept.
         for _ in 0..BURST {
