@@ -501,6 +501,11 @@ impl S3Fs {
             return Err(err!(libc::ENOENT, "{name}: not found"));
         }
         let ttl = self.config.metadata_ttl;
+        if let Some((until, mut done)) = self.names.building(parent) {
+            // The directory is being listed: asking S3 for this name alongside would slow
+            // the listing down, which will answer it (briefly, see `WAIT_FOR_BUILD`).
+            let _ = tokio::time::timeout_at(until.into(), done.changed()).await;
+        }
         if let Some(index) = self.names.ready(parent, ttl) {
             // A name the listing does not show is asked as usual: another client may have
             // made it since, and an `open` must see it (close-to-open). So is one changed

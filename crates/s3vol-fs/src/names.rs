@@ -144,10 +144,13 @@ enum Slot {
         count: u32,
         since: Instant,
     },
-    /// Being listed by build number `id`; names changed here meanwhile.
+    /// Being listed by build number `id` since `started`; names changed here meanwhile;
+    /// told when it ends (kept or not).
     Building {
         id: u64,
+        started: Instant,
         changed: HashSet<String>,
+        done: tokio::sync::watch::Receiver<()>,
     },
     Ready(Arc<DirNames>),
     /// Too many names to index, until then.
@@ -163,12 +166,18 @@ pub struct NameIndexes {
     next_id: Mutex<u64>,
 }
 
-/// A listing to make: the index of `dir` under build number `id`.
+/// A listing to make: the index of `dir` under build number `id`. Dropping it tells the
+/// lookups waiting for it.
 #[derive(Debug)]
 pub struct Build {
     pub dir: InodeNo,
     pub id: u64,
+    _done: tokio::sync::watch::Sender<()>,
 }
+
+/// How long lookups in a directory being listed wait for the listing, counted from its start,
+/// rather than asking S3 name by name alongside it (which would slow it down).
+pub const WAIT_FOR_BUILD: Duration = Duration::from_millis(1_000);
 
 impl NameIndexes {
     /// The index of `dir`, if one younger than `ttl` is kept.
@@ -179,6 +188,17 @@ impl NameIndexes {
             Some(Slot::Ready(_)) => {
                 slots.remove(&dir);
                 None
+            }
+            _ => None,
+        }
+    }
+
+    /// While `dir` is being listed, and for at most [`WAIT_FOR_BUILD`] from the start of
+    /// the listing: when to stop waiting, and what tells that it ended.
+    pub fn building(&self, dir: InodeNo) -> Option<(Instant, tokio::sync::watch::Receiver<()>)> {
+        match lock(&self.slots).get(&dir) {
+            Some(Slot::Building { started, done, .. }) if started.elapsed() < WAIT_FOR_BUILD => {
+                Some((*started + WAIT_FOR_BUILD, done.clone()))
             }
             _ => None,
         }
@@ -211,11 +231,18 @@ impl NameIndexes {
         }
         let mut next = lock(&self.next_id);
         *next += 1;
+        let (tx, rx) = tokio::sync::watch::channel(());
         *slot = Slot::Building {
             id: *next,
+            started: Instant::now(),
             changed: HashSet::new(),
+            done: rx,
         };
-        Some(Build { dir, id: *next })
+        Some(Build {
+            dir,
+            id: *next,
+            _done: tx,
+        })
     }
 
     /// Keeps what build `id` listed, unless the directory changed meanwhile in a way it cannot
@@ -223,7 +250,7 @@ impl NameIndexes {
     pub fn finish(&self, build: &Build, listed: Option<DirNames>, ttl: Duration) {
         let mut slots = lock(&self.slots);
         let changed = match slots.get_mut(&build.dir) {
-            Some(Slot::Building { id, changed }) if *id == build.id => std::mem::take(changed),
+            Some(Slot::Building { id, changed, .. }) if *id == build.id => std::mem::take(changed),
             _ => return,
         };
         let Some(names) = listed else {
@@ -386,8 +413,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_burst_of_misses_starts_one_listing_and_changes_here_are_followed_or_drop_it() {
+    #[tokio::test]
+    async fn a_burst_of_misses_starts_one_listing_and_changes_here_are_followed_or_drop_it() {
         let idx = NameIndexes::default();
         let ttl = Duration::from_secs(60);
         for _ in 1..BURST {
@@ -406,12 +433,16 @@ mod tests {
         assert!(n.get("a").is_none(), "changed here since");
         assert!(idx.ready(7, Duration::ZERO).is_none(), "older than the TTL");
         // Another change while being built: not kept.
+        let mut build = None;
         for _ in 0..BURST {
-            let _ = idx.missed(8, ttl);
+            build = build.or(idx.missed(8, ttl));
         }
+        let build = build.unwrap();
+        let (_, mut done) = idx.building(8).expect("being built");
         idx.drop_dir(8);
-        let build = Build { dir: 8, id: 2 };
         idx.finish(&build, Some(dir_names(&["a"])), ttl);
+        drop(build);
+        assert!(done.changed().await.is_err(), "waiters are told");
         assert!(idx.ready(8, ttl).is_none());
         // Too big: not indexed again within the TTL.
         for _ in 0..BURST - 1 {
