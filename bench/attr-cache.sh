@@ -28,11 +28,14 @@ pid=
 cleanup() {
 	umount "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true
 	[[ -n $pid ]] && kill "$pid" 2>/dev/null
-	bash "$BENCH/garage.sh" stop
+	# garage.sh stop knows its server by the binary's path, which the link hides.
+	[[ -f $HOME_DIR/garage-run/pid ]] && kill "$(<"$HOME_DIR/garage-run/pid")" 2>/dev/null
+	sleep 1
 	rm -rf "$HOME_DIR"
 }
 trap cleanup EXIT
-eval "$(bash "$BENCH/garage.sh" start attrb)"
+env_lines=$(bash "$BENCH/garage.sh" start attrb) || exit 1
+eval "$env_lines"
 export BENCH_BUCKET=attrb
 py() { python3 "$BENCH/bench.py" "$@"; }
 py populate ls/ "$N" 4096 --dir-marker

@@ -271,3 +271,47 @@ fn changes_by_another_client_show_after_a_remount_that_uses_the_attribute_cache(
     let third = Mount::new(&bucket, &endpoint, cache.path());
     assert_eq!(third.ls(), after);
 }
+
+/// `stat(2)` of every `f..` name of the mount's root, in order, as `bench.py stat` does.
+fn stat_all(m: &Mount, n: usize) -> Vec<(u32, u32, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    (0..n)
+        .map(|i| {
+            let md = std::fs::metadata(m.mnt.path().join(format!("f{i:02}"))).unwrap();
+            (md.mode(), md.uid(), md.size())
+        })
+        .collect()
+}
+
+#[test]
+fn stat_of_many_names_on_a_fresh_mount_costs_a_head_per_file_then_none_on_a_later_one() {
+    let rt = rt();
+    let store = rt.block_on(support::store());
+    let bucket = testing::unique_bucket("attrc-stat");
+    rt.block_on(store.create_bucket(&bucket)).unwrap();
+    rt.block_on(put_files(&*store, &bucket, 60));
+    std::thread::sleep(Duration::from_millis(3_200));
+    let proxy = Proxy::start(&testing::endpoint());
+    let cache = support::private_tempdir("s3vol-cache-");
+
+    let first = Mount::new(&bucket, &proxy.url(), cache.path());
+    let shown = stat_all(&first, 60);
+    assert_eq!(shown[5], (libc::S_IFREG | 0o600, 1005, 15));
+    let (heads, lists) = heads_and_lists(&proxy, &bucket);
+    // The first 8 lookups each cost a HEAD and a one-key LIST; then one listing of the
+    // directory, and one HEAD per remaining file.
+    assert!(heads <= 60, "{heads} HEADs for 60 names");
+    assert!(lists <= 8 + 1, "{lists} LISTs");
+    wait_for_attr_file(cache.path());
+    std::thread::sleep(Duration::from_millis(300));
+    drop(first);
+
+    proxy.reset();
+    let second = Mount::new(&bucket, &proxy.url(), cache.path());
+    assert_eq!(stat_all(&second, 60), shown);
+    let (heads, _) = heads_and_lists(&proxy, &bucket);
+    assert!(
+        heads <= 8,
+        "only the lookups before the listing HEAD: {heads} HEADs"
+    );
+}
