@@ -626,48 +626,58 @@ impl S3Fs {
                 true,
             ));
         }
-        let batch = self.batch_from(parent, index, at);
-        let end = batch.last().map_or(at, |(i, _)| *i);
-        let heads: Vec<_> = futures::stream::iter(batch)
-            .map(|(i, n)| async move {
-                let sent = SystemTime::now();
-                let r = self.store.head_object(b, &format!("{parent_key}{n}")).await;
-                (i, n, sent, r)
-            })
-            .buffered(self.config.list_concurrency.max(1))
-            .collect()
-            .await;
-        let mut answer = Err(err!(libc::EIO, "{name}: not looked up"));
-        let mut learned = Vec::new();
-        for (i, n, sent, r) in heads {
-            match r {
-                Ok(info) => {
-                    let (attrs, etag, _) = self.file_attrs(&info);
-                    learned.push((n.clone(), Version::headed(&info), sent, attrs.clone()));
-                    let found = self.found_file(parent, parent_key, &n, attrs, etag, None, i == at);
-                    if i == at {
-                        answer = Ok(found);
-                    }
-                }
-                Err(e) if i != at => {
-                    tracing::debug!(key = %format!("{parent_key}{n}"), error = %e, "HEAD ahead of lookups");
-                }
-                Err(e) if not_found(&e) => {
-                    // Deleted since the listing.
-                    self.set_negative(parent, name, true);
-                    answer = Err(err!(libc::ENOENT, "{parent_key}{name}: not found"));
-                }
-                Err(e) => answer = Err(e.into()),
-            }
+        let sequential = {
+            let mut l = index.learned.lock().unwrap_or_else(|e| e.into_inner());
+            let sequential = l.last.is_some_and(|p| p < at && at <= p + 8);
+            l.last = Some(at);
+            sequential
+        };
+        if sequential {
+            self.read_ahead(parent, parent_key, index, at);
         }
+        let key = format!("{parent_key}{name}");
+        let waiting = index
+            .ahead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&at);
+        let ahead = match waiting {
+            Some(mut rx) => match rx.wait_for(Option::is_some).await {
+                Ok(v) => v.clone(),
+                // The task went (the runtime is ending): asked below.
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let (sent, validated, r) = match ahead {
+            Some((sent, headed, r)) => (sent, Some(headed), r),
+            None => (
+                SystemTime::now(),
+                None,
+                self.store.head_object(b, &key).await,
+            ),
+        };
+        let (answer, learned) = match r {
+            Ok(info) => {
+                let (attrs, etag, _) = self.file_attrs(&info);
+                let learned = (Version::headed(&info), sent, attrs.clone());
+                let found = self.found_file(parent, parent_key, name, attrs, etag, validated, true);
+                (Ok(found), Some(learned))
+            }
+            Err(e) if not_found(&e) => {
+                // Deleted since the listing.
+                self.set_negative(parent, name, true);
+                (Err(err!(libc::ENOENT, "{key}: not found")), None)
+            }
+            Err(e) => (Err(e.into()), None),
+        };
         let write = {
             let mut l = index.learned.lock().unwrap_or_else(|e| e.into_inner());
-            for (n, version, sent, attrs) in &learned {
-                l.attrs.put(n, version, *sent, attrs);
+            if let Some((version, sent, attrs)) = &learned {
+                l.attrs.put(name, version, *sent, attrs);
+                l.pending += 1;
             }
-            l.pending += learned.len();
-            l.last = Some(l.last.map_or(end, |p| p.max(end)));
-            let write = l.pending > 0 && (l.pending >= 256 || end + 1 >= index.len());
+            let write = l.pending > 0 && (l.pending >= 256 || at + 1 >= index.len());
             if write {
                 l.pending = 0;
             }
@@ -680,36 +690,63 @@ impl S3Fs {
         answer
     }
 
-    /// The names to HEAD for a lookup of the name at `at` in `index`: that one, and when the
-    /// lookups go through the directory in order, the files after it whose attributes are
-    /// not known yet (up to twice the listing concurrency).
-    fn batch_from(&self, parent: InodeNo, index: &DirNames, at: usize) -> Vec<(usize, String)> {
-        let Some((name, _)) = index.at(at) else {
-            return Vec::new();
-        };
-        let mut batch = vec![(at, name.clone())];
-        let window = 2 * self.config.list_concurrency.max(1);
-        let last = index.learned.lock().unwrap_or_else(|e| e.into_inner()).last;
-        if !last.is_some_and(|l| l < at && at <= l + window) {
-            return batch;
-        }
-        for i in at + 1..(at + window).min(index.len()) {
-            let Some((n, Named::File { version, etag })) = index.at(i) else {
-                continue;
-            };
-            if index.changed(n) || index.saved.get(n, version).is_some() {
-                continue;
+    /// Lookups go through an indexed directory in name order: HEADs the files after `at`
+    /// whose attributes are not known yet in the background, many at once, up to four times
+    /// the listing concurrency ahead (topped up when half of that is used), for the lookups
+    /// to come to take (`DirNames::ahead`).
+    fn read_ahead(&self, parent: InodeNo, parent_key: &str, index: &Arc<DirNames>, at: usize) {
+        let concurrency = self.config.list_concurrency.max(1);
+        let window = 4 * concurrency;
+        let (from, to) = {
+            let mut end = index.ahead_end.lock().unwrap_or_else(|e| e.into_inner());
+            if *end > at + window / 2 {
+                return;
             }
-            if let Some(child) = self.inodes.child(parent, n) {
-                let s = child.state();
-                let current = s.etag.as_ref().is_some_and(|t| same_etag(t, etag));
-                if s.local_only || s.staged.is_some() || current && self.fresh(s.validated) {
+            let from = (*end).max(at + 1);
+            let to = (at + window).min(index.len());
+            *end = to;
+            (from, to)
+        };
+        let mut jobs = Vec::new();
+        {
+            let mut ahead = index.ahead.lock().unwrap_or_else(|e| e.into_inner());
+            for i in from..to {
+                let Some((n, Named::File { version, etag })) = index.at(i) else {
+                    continue;
+                };
+                if index.changed(n) || index.saved.get(n, version).is_some() {
                     continue;
                 }
+                if let Some(child) = self.inodes.child(parent, n) {
+                    let s = child.state();
+                    let current = s.etag.as_ref().is_some_and(|t| same_etag(t, etag));
+                    if s.local_only || s.staged.is_some() || current && self.fresh(s.validated) {
+                        continue;
+                    }
+                }
+                let (tx, rx) = tokio::sync::watch::channel(None);
+                ahead.insert(i, rx);
+                jobs.push((format!("{parent_key}{n}"), tx));
             }
-            batch.push((i, n.clone()));
         }
-        batch
+        if jobs.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let bucket = self.config.bucket.clone();
+        tokio::spawn(async move {
+            futures::stream::iter(jobs)
+                .for_each_concurrent(concurrency, |(key, tx)| {
+                    let (store, bucket) = (&store, &bucket);
+                    async move {
+                        let sent = SystemTime::now();
+                        let at = Instant::now();
+                        let r = store.head_object(bucket, &key).await;
+                        let _ = tx.send(Some((sent, at, r)));
+                    }
+                })
+                .await;
+        });
     }
 
     /// Records a file found at `parent/name` (a directory, for an old-style s3fs directory

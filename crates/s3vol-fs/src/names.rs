@@ -26,9 +26,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use s3vol_s3::{BucketName, ETag, ListRequest, ObjectStore, S3Error};
+use s3vol_s3::{BucketName, ETag, ListRequest, ObjectInfo, ObjectStore, S3Error};
 
 use crate::attr_cache::{AttrCache, DirAttrs, Version};
 use crate::inode::InodeNo;
@@ -68,7 +68,7 @@ pub struct Learned {
     pub attrs: DirAttrs,
     /// Entries learned since the last write.
     pub pending: usize,
-    /// Position of the last name HEADed, to tell a sequential scan.
+    /// Position of the last file looked up here, to tell a scan in name order.
     pub last: Option<usize>,
 }
 
@@ -87,7 +87,15 @@ pub struct DirNames {
     /// Held while the attribute cache file is written, so that writes land in the order
     /// their contents were taken.
     write: Mutex<()>,
+    /// HEADs made ahead of lookups going through the directory in order, by position: when
+    /// sent (by the clock, then monotonic) and what came back.
+    pub ahead: Mutex<HashMap<usize, tokio::sync::watch::Receiver<Option<HeadAhead>>>>,
+    /// The position before which HEADs ahead were started.
+    pub ahead_end: Mutex<usize>,
 }
+
+/// One HEAD made ahead of its lookup: when it was sent, and its answer.
+pub type HeadAhead = (SystemTime, Instant, Result<ObjectInfo, S3Error>);
 
 impl DirNames {
     /// The position and kind of `name`, if the listing has it and it did not change here.
@@ -391,6 +399,8 @@ pub async fn list_dir(
         changed: Mutex::new(HashSet::new()),
         learned: Mutex::new(Learned::default()),
         write: Mutex::new(()),
+        ahead: Mutex::new(HashMap::new()),
+        ahead_end: Mutex::new(0),
     }))
 }
 
@@ -410,6 +420,8 @@ mod tests {
             changed: Mutex::new(HashSet::new()),
             learned: Mutex::new(Learned::default()),
             write: Mutex::new(()),
+            ahead: Mutex::new(HashMap::new()),
+            ahead_end: Mutex::new(0),
         }
     }
 
