@@ -43,6 +43,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+/// The subdirectory holding the node-local attribute cache by default (`attr_cache.rs`).
+pub const ATTRS_SUBDIR: &str = "attrs";
+
 /// The journal format written by this version.
 pub const RECORD_VERSION: u32 = 1;
 
@@ -272,7 +275,11 @@ pub fn leftovers(dir: &Path) -> io::Result<Leftovers> {
         let entry = entry?;
         let kind = entry.file_type()?;
         if kind.is_dir() {
-            // s3vol makes no subdirectories: one that holds files is someone else's.
+            if entry.file_name() == ATTRS_SUBDIR {
+                // The attribute cache (`attr_cache.rs`): copies of what is in S3.
+                continue;
+            }
+            // s3vol makes no other subdirectories: one that holds files is someone else's.
             if holds_files(&entry.path())? {
                 found.unknown.push(entry.path());
             }
@@ -790,6 +797,10 @@ mod tests {
                 "clean copies and dead locks may go"
             );
             assert!(found.disposable());
+            // The attribute cache holds copies of what is in S3.
+            std::fs::create_dir(dir.path().join("attrs")).unwrap();
+            std::fs::write(dir.path().join("attrs/0123456789abcdef.attrs"), b"{}").unwrap();
+            assert!(leftovers(dir.path()).unwrap().disposable());
 
             let mut dirty = Entry::new(cache.new_stem());
             let mut r = Record::new("b", "dirty");

@@ -50,11 +50,21 @@ pub struct FsConfig {
     /// process serving the mount, so a successor finds it (docs/SEMANTICS.md, "When the
     /// serving process dies").
     pub stream_writes: bool,
+    /// The node-local attribute cache (`attr_cache.rs`): where it lives, `None` for none.
+    pub attr_cache_dir: Option<PathBuf>,
+    /// Its budget on disk.
+    pub attr_cache_size: u64,
+    /// Names the store and bucket in the attribute cache, which mounts of other stores and
+    /// buckets may share: `endpoint|region|bucket`.
+    pub store_scope: String,
 }
 
 impl FsConfig {
     pub fn new(bucket: BucketName, prefix: String, cache_dir: PathBuf) -> Self {
         Self {
+            attr_cache_dir: Some(cache_dir.join(crate::cache_dir::ATTRS_SUBDIR)),
+            attr_cache_size: crate::attr_cache::DEFAULT_MAX_BYTES,
+            store_scope: format!("|{bucket}"),
             bucket,
             prefix,
             // SAFETY: getuid/getgid cannot fail.

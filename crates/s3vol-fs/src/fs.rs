@@ -30,6 +30,7 @@ use s3vol_s3::{
     PutOptions, S3Error,
 };
 
+use crate::attr_cache::{AttrCache, DirAttrs, Version};
 use crate::budget::{BufPool, Disk, Memory};
 use crate::cache_dir::CacheDir;
 use crate::config::FsConfig;
@@ -37,11 +38,11 @@ use crate::error::{FsError, FsResult, err};
 use crate::inode::{Inode, InodeNo, Inodes, ROOT};
 use crate::listing::{Listed, Listing, Listings, MAX_ENTRIES as MAX_LISTED_ENTRIES};
 use crate::meta::{Attrs, Kind};
+use crate::names::{Build, DirNames, FOLDER_SUFFIX, NameIndexes, Named, valid_name};
 use crate::read::{ReadCtx, Reader};
 use crate::recover;
 use crate::stage::{Base, MAX_COPY_OBJECT, MIN_PART_SIZE, StageCtx, Staged};
 
-const FOLDER_SUFFIX: &str = "_$folder$";
 /// The longest symlink target read: `PATH_MAX` less its NUL, as Linux allows.
 pub(crate) const MAX_SYMLINK_TARGET: u64 = libc::PATH_MAX as u64 - 1;
 /// Idle part buffers kept for reuse by streamed uploads (memory: this many parts, at most).
@@ -103,6 +104,11 @@ struct DirStream {
     complete: Option<Vec<Listed>>,
     /// The next page, being listed already.
     next_page: Option<PrefetchedPage>,
+    /// What the attribute cache held for this directory when the listing started (loaded
+    /// with the first page), and what it should hold once the listing is complete: the
+    /// entries still valid and what this listing's HEADs read. `None` without a cache.
+    saved: Option<Arc<DirAttrs>>,
+    learned: Option<DirAttrs>,
 }
 
 /// A LIST request running on its own; cancelled when the stream is dropped.
@@ -141,6 +147,24 @@ impl DirStream {
             started: Instant::now(),
             complete: Some(Vec::new()),
             next_page: None,
+            saved: None,
+            learned: None,
+        }
+    }
+}
+
+/// What a listing found for one name: its inode (none if it went meanwhile), and the version
+/// and time of the HEAD that read its attributes, if one did.
+struct Resolved {
+    inode: Option<Arc<Inode>>,
+    headed: Option<(Version, SystemTime, Attrs)>,
+}
+
+impl Resolved {
+    fn found(inode: Option<Arc<Inode>>) -> Self {
+        Self {
+            inode,
+            headed: None,
         }
     }
 }
@@ -151,6 +175,8 @@ struct Changing<'a> {
     dirs: [InodeNo; 2],
     /// The one name the operation added to `dirs[0]`, once it succeeded.
     added: Option<(String, Arc<Inode>)>,
+    /// The one name the operation removed from `dirs[0]`, once it succeeded.
+    removed: Option<String>,
 }
 
 impl Changing<'_> {
@@ -158,6 +184,12 @@ impl Changing<'_> {
     /// else: its kept listing takes the name in instead of going.
     fn added(&mut self, name: &str, inode: &Arc<Inode>) {
         self.added = Some((name.to_owned(), inode.clone()));
+    }
+
+    /// The operation succeeded by removing `name` from the first directory, and changed
+    /// nothing else: a name index of it marks the name instead of going.
+    fn removed(&mut self, name: &str) {
+        self.removed = Some(name.to_owned());
     }
 }
 
@@ -167,6 +199,12 @@ impl Drop for Changing<'_> {
             && let Some(dir) = self.fs.inodes.get(self.dirs[0])
         {
             self.fs.listings.add(&dir, &name, inode);
+            self.fs.names.name_changed(self.dirs[0], &name);
+        } else if let Some(name) = self.removed.take()
+            && let Some(dir) = self.fs.inodes.get(self.dirs[0])
+        {
+            self.fs.listings.invalidate(&dir);
+            self.fs.names.name_changed(self.dirs[0], &name);
         } else {
             self.fs.dir_changed(self.dirs[0]);
         }
@@ -196,16 +234,10 @@ pub struct S3Fs {
     stage: Arc<StageCtx>,
     read: Arc<ReadCtx>,
     mount_time: SystemTime,
-}
-
-/// Whether S3 key segment `name` can be shown as a file name.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && name.len() <= 255
-        && !name.contains('/')
-        && !name.contains('\0')
+    /// The node-local attribute cache (`attr_cache.rs`), unless turned off.
+    attr_cache: Option<Arc<AttrCache>>,
+    /// Directories listed after a burst of lookups (`names.rs`).
+    names: Arc<NameIndexes>,
 }
 
 fn name_ok(name: &str) -> FsResult<()> {
@@ -266,7 +298,18 @@ impl S3Fs {
         });
         let now = SystemTime::now();
         let root_attrs = Attrs::defaults(Kind::Dir, &config, 0, now);
+        let attr_cache = config.attr_cache_dir.as_ref().and_then(|dir| {
+            match AttrCache::open(dir, config.store_scope.clone(), config.attr_cache_size) {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "the attribute cache cannot be used: every listing HEADs its files");
+                    None
+                }
+            }
+        });
         Ok(Self {
+            attr_cache,
+            names: Arc::new(NameIndexes::default()),
             inodes: Inodes::new(config.prefix.clone(), root_attrs),
             config,
             store,
@@ -456,6 +499,25 @@ impl S3Fs {
         if !valid_name(name) || self.negative_hit(parent, name) || self.listed_without(parent, name)
         {
             return Err(err!(libc::ENOENT, "{name}: not found"));
+        }
+        let ttl = self.config.metadata_ttl;
+        if let Some((until, mut done)) = self.names.building(parent) {
+            // The directory is being listed: asking S3 for this name alongside would slow
+            // the listing down, which will answer it (briefly, see `WAIT_FOR_BUILD`).
+            let _ = tokio::time::timeout_at(until.into(), done.changed()).await;
+        }
+        if let Some(index) = self.names.ready(parent, ttl) {
+            // A name the listing does not show is asked as usual: another client may have
+            // made it since, and an `open` must see it (close-to-open). So is one changed
+            // through this mount since.
+            if let Some((at, named)) = index.get(name) {
+                let named = named.clone();
+                return self
+                    .lookup_indexed(parent, &parent_key, name, &index, at, named)
+                    .await;
+            }
+        } else if let Some(build) = self.names.missed(parent, ttl) {
+            self.start_index(build, parent_key.clone());
         }
         let key = format!("{parent_key}{name}");
         match self.probe(&key).await? {
@@ -932,6 +994,14 @@ impl S3Fs {
                 let listing = Listing::new(d.started, entries);
                 self.listings.insert(&dir, d.generation, listing);
             }
+            if let (Some(learned), Some(cache)) = (d.learned.take(), &self.attr_cache) {
+                let saved = d.saved.take().unwrap_or_default();
+                if learned.same_as(&saved) {
+                    return Ok(());
+                }
+                let (cache, prefix) = (cache.clone(), d.prefix.clone());
+                tokio::task::spawn_blocking(move || cache.store(&prefix, &learned));
+            }
             return Ok(());
         }
         let page = match d.next_page.take() {
@@ -984,23 +1054,50 @@ impl S3Fs {
             }
         }
         candidates.retain(|(name, _, _)| !d.seen.contains(name));
-        // Attributes: from the cache when fresh, else HEAD, many at once (or, with
-        // `listing_attrs`, from the page itself).
+        if d.saved.is_none()
+            && !self.config.listing_attrs
+            && let Some(cache) = &self.attr_cache
+        {
+            // The first page of a listing from S3: what the node's attribute cache holds.
+            let (cache, prefix) = (cache.clone(), d.prefix.clone());
+            let saved = tokio::task::spawn_blocking(move || cache.load(&prefix))
+                .await
+                .unwrap_or_default();
+            d.saved = Some(Arc::new(saved));
+            d.learned = Some(DirAttrs::default());
+        }
+        // Attributes: from memory when fresh, else from the attribute cache when it holds the
+        // version listed, else HEAD, many at once (or, with `listing_attrs`, from the page
+        // itself).
         let parent = d.ino;
         let prefix = d.prefix.clone();
-        let resolved: Vec<FsResult<Option<Arc<Inode>>>> = futures::stream::iter(candidates)
-            .map(|(name, kind, entry)| {
-                let prefix = prefix.clone();
-                async move {
-                    self.resolve_listed(parent, &prefix, name, kind, entry)
-                        .await
+        let saved = d.saved.clone();
+        let resolved: Vec<(Option<Version>, String, FsResult<Resolved>)> =
+            futures::stream::iter(candidates)
+                .map(|(name, kind, entry)| {
+                    let prefix = prefix.clone();
+                    let saved = saved.as_deref();
+                    async move {
+                        let listed = entry.as_ref().map(Version::listed);
+                        let r = self
+                            .resolve_listed(parent, &prefix, name.clone(), kind, entry, saved)
+                            .await;
+                        (listed, name, r)
+                    }
+                })
+                .buffered(self.config.list_concurrency.max(1))
+                .collect()
+                .await;
+        for (listed, name, r) in resolved {
+            let r = r?;
+            if let Some(learned) = &mut d.learned {
+                match (r.headed, &listed, &d.saved) {
+                    (Some((version, at, attrs)), _, _) => learned.put(&name, &version, at, &attrs),
+                    (None, Some(listed), Some(saved)) => learned.carry(saved, &name, listed),
+                    _ => {}
                 }
-            })
-            .buffered(self.config.list_concurrency.max(1))
-            .collect()
-            .await;
-        for r in resolved {
-            let Some(inode) = r? else { continue };
+            }
+            let Some(inode) = r.inode else { continue };
             let name = inode.state().name.clone();
             self.push_listed(d, name, inode);
         }
@@ -1024,7 +1121,8 @@ impl S3Fs {
         name: String,
         kind: Kind,
         entry: Option<s3vol_s3::ListEntry>,
-    ) -> FsResult<Option<Arc<Inode>>> {
+        saved: Option<&DirAttrs>,
+    ) -> FsResult<Resolved> {
         let known = self.inodes.child(parent, &name);
         if let Some(child) = &known {
             let s = child.state();
@@ -1039,11 +1137,30 @@ impl S3Fs {
                 && (s.local_only || s.staged.is_some() || same_version && self.fresh(s.validated))
             {
                 drop(s);
-                return Ok(known);
+                return Ok(Resolved::found(known));
             }
         }
         if self.config.listing_attrs {
-            return Ok(Some(self.listed_as_is(parent, prefix, &name, entry, known)));
+            return Ok(Resolved::found(Some(
+                self.listed_as_is(parent, prefix, &name, entry, known),
+            )));
+        }
+        if let (Some(saved), Some(entry)) = (saved, &entry)
+            && let Some(mut attrs) = saved.get(&name, &Version::listed(entry))
+        {
+            // The version listed is the one the cache read: no HEAD.
+            attrs.size = entry.size;
+            let inode = if attrs.kind == Kind::Dir {
+                let key = format!("{prefix}{name}/");
+                self.inodes
+                    .upsert(parent, &name, key, attrs, None, false, false, false)
+            } else {
+                let key = format!("{prefix}{name}");
+                let etag = Some(entry.etag.clone());
+                self.inodes
+                    .upsert(parent, &name, key, attrs, etag, false, false, false)
+            };
+            return Ok(Resolved::found(Some(inode)));
         }
         let b = &self.config.bucket;
         match kind {
@@ -1066,29 +1183,33 @@ impl S3Fs {
                     ),
                     Err(e) => return Err(e.into()),
                 };
-                Ok(Some(self.inodes.upsert(
+                Ok(Resolved::found(Some(self.inodes.upsert(
                     parent, &name, key, attrs, None, marker, false, false,
-                )))
+                ))))
             }
             Kind::File | Kind::Symlink => {
                 let key = format!("{prefix}{name}");
+                let at = SystemTime::now();
                 let info = match self.store.head_object(b, &key).await {
                     Ok(info) => info,
                     // Deleted between the listing and now.
-                    Err(e) if not_found(&e) => return Ok(None),
+                    Err(e) if not_found(&e) => return Ok(Resolved::found(None)),
                     Err(e) => return Err(e.into()),
                 };
                 let (attrs, etag, _) = self.file_attrs(&info);
-                if attrs.kind == Kind::Dir {
+                let headed = Some((Version::headed(&info), at, attrs.clone()));
+                let inode = if attrs.kind == Kind::Dir {
                     let key = format!("{key}/");
-                    return Ok(Some(
-                        self.inodes
-                            .upsert(parent, &name, key, attrs, None, false, false, false),
-                    ));
-                }
-                Ok(Some(self.inodes.upsert(
-                    parent, &name, key, attrs, etag, false, false, false,
-                )))
+                    self.inodes
+                        .upsert(parent, &name, key, attrs, None, false, false, false)
+                } else {
+                    self.inodes
+                        .upsert(parent, &name, key, attrs, etag, false, false, false)
+                };
+                Ok(Resolved {
+                    inode: Some(inode),
+                    headed,
+                })
             }
         }
     }
@@ -1143,6 +1264,7 @@ impl S3Fs {
     /// A name was added to or removed from `dir` through this mount: a kept listing of it is
     /// out of date.
     fn dir_changed(&self, dir: InodeNo) {
+        self.names.drop_dir(dir);
         if let Some(inode) = self.inodes.get(dir) {
             self.listings.invalidate(&inode);
         }
@@ -1155,6 +1277,7 @@ impl S3Fs {
             fs: self,
             dirs: [a, b],
             added: None,
+            removed: None,
         }
     }
 
@@ -1238,7 +1361,7 @@ impl S3Fs {
         self.ro()?;
         let (child, _) = self.lookup(parent, name).await?;
         self.inodes.forget(child.ino, 1);
-        let _changing = self.changing(parent, child.ino);
+        let mut changing = self.changing(parent, child.ino);
         if child.kind != Kind::Dir {
             return Err(err!(libc::ENOTDIR, "{name} is not a directory"));
         }
@@ -1252,6 +1375,7 @@ impl S3Fs {
         self.store.delete_object(b, &folder).await?;
         self.inodes.detach(parent, name);
         self.set_negative(parent, name, true);
+        changing.removed(name);
         Ok(())
     }
 
@@ -1366,6 +1490,7 @@ impl S3Fs {
 
 mod adopt;
 mod files;
+mod indexed;
 mod rename;
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! be tested against the in-memory store; [`fuse`] is the thin adapter that serves it to the
 //! kernel. See `docs/SEMANTICS.md` for what each POSIX operation does.
 
+mod attr_cache;
 mod budget;
 pub mod cache_dir;
 mod config;
@@ -14,6 +15,7 @@ mod inode;
 mod journal;
 mod listing;
 mod meta;
+mod names;
 mod ranges;
 mod read;
 mod recover;
@@ -22,5 +24,6 @@ mod stage;
 
 pub use config::FsConfig;
 pub use error::{FsError, FsResult};
-pub use fs::{DirEntry, OpenMode, S3Fs, valid_name};
+pub use fs::{DirEntry, OpenMode, S3Fs};
 pub use meta::{Attrs, Kind, format_time, parse_time};
+pub use names::valid_name;

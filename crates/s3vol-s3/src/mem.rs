@@ -74,6 +74,17 @@ impl MemStore {
         Self::default()
     }
 
+    /// Makes every object look `by` older (its Last-Modified moves back), as objects written
+    /// a while ago by another client are: for tests of what depends on an object's age.
+    pub fn age_all(&self, by: std::time::Duration) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        for b in buckets.values_mut() {
+            for o in b.objects.values_mut() {
+                o.last_modified = o.last_modified.checked_sub(by).unwrap_or(o.last_modified);
+            }
+        }
+    }
+
     fn with_bucket<T>(
         &self,
         bucket: &BucketName,

@@ -394,7 +394,7 @@ impl S3Fs {
     /// yet), and reads through the handles are answered from it until the last one closes.
     pub async fn unlink(&self, parent: InodeNo, name: &str) -> FsResult<()> {
         self.ro()?;
-        let _changing = self.changing(parent, parent);
+        let mut changing = self.changing(parent, parent);
         let (child, _) = self.lookup(parent, name).await?;
         self.inodes.forget(child.ino, 1);
         if child.kind == Kind::Dir {
@@ -431,6 +431,7 @@ impl S3Fs {
         self.drop_clean_stage(&child);
         self.inodes.detach(parent, name);
         self.set_negative(parent, name, true);
+        changing.removed(name);
         Ok(())
     }
 

@@ -386,3 +386,294 @@ async fn files_made_one_after_another_in_a_new_directory_cost_no_lookup_request(
         ["f1", "f2", "f3", "f4", "link", "sub"]
     );
 }
+
+/// Waits until the attribute cache under `cache` holds `n` files (they are written in the
+/// background once a listing is complete).
+async fn attr_files(cache: &std::path::Path, n: usize) {
+    let dir = cache.join("cache").join(crate::cache_dir::ATTRS_SUBDIR);
+    for _ in 0..500 {
+        let count = std::fs::read_dir(&dir).map_or(0, |r| {
+            r.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".attrs"))
+                .count()
+        });
+        if count == n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the attribute cache does not hold {n} files");
+}
+
+/// Waits until the attribute cache under `cache` holds `n` entries for the bucket's root
+/// (written in the background).
+async fn attr_entries(cache: &std::path::Path, n: usize) {
+    let dir = cache.join("cache").join(crate::cache_dir::ATTRS_SUBDIR);
+    let attrs = crate::attr_cache::AttrCache::open(&dir, "|bkt".into(), u64::MAX).unwrap();
+    for _ in 0..500 {
+        if attrs.load("").len() == n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the attribute cache does not hold {n} entries");
+}
+
+async fn another_mount(store: Arc<FaultStore>, cache: &std::path::Path) -> S3Fs {
+    let config = FsConfig::new(
+        BucketName::new("bkt").unwrap(),
+        String::new(),
+        cache.join("cache"),
+    );
+    S3Fs::new(config, store).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_later_mount_lists_a_directory_the_node_listed_before_with_lists_only() {
+    let cache = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemStore::new());
+    let store = Arc::new(FaultStore::new(mem.clone()));
+    let fs = fs_with(store.clone(), cache.path(), |_| {}).await;
+    put_files(&store, "", 1500).await;
+    // Written a minute ago: a HEAD now can be trusted (see `attr_cache::SETTLE`).
+    mem.age_all(std::time::Duration::from_secs(60));
+    let before = store.calls();
+    let first = list(&fs, ROOT, true, 100).await;
+    assert_eq!(
+        store.calls() - before,
+        2 + 1500,
+        "2 LISTs and a HEAD per file"
+    );
+    attr_files(cache.path(), 1).await;
+    attr_entries(cache.path(), 1500).await;
+    drop(fs);
+
+    let fs = another_mount(store.clone(), cache.path()).await;
+    let before = store.calls();
+    let again = list(&fs, ROOT, true, 100).await;
+    assert_eq!(store.calls() - before, 2, "2 LISTs, no HEAD");
+    let attrs = |g: &[Got]| {
+        let mut v: Vec<(String, Kind, Attrs)> = g
+            .iter()
+            .filter_map(|g| Some((g.name.clone(), g.kind, g.attrs.clone()?)))
+            .filter(|(n, _, _)| n != "." && n != "..")
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    assert_eq!(attrs(&again), attrs(&first), "the same attributes");
+    let f3 = again.iter().find(|g| g.name == "f3").unwrap();
+    let a = f3.attrs.as_ref().unwrap();
+    assert_eq!((a.perm, a.uid, a.gid, a.size), (0o600, 7, 8, 3));
+
+    // Another client changes three objects: an s3fs chmod (metadata-only copy replacing the
+    // mode), a new upload, and a copy of another object over one.
+    let bucket = BucketName::new("bkt").unwrap();
+    let mut chmod = s3vol_s3::UserMetadata::new();
+    chmod.insert("mode".into(), (libc::S_IFREG | 0o640).to_string());
+    chmod.insert("uid".into(), "7".into());
+    let source = |key: &str| CopySource {
+        bucket: bucket.clone(),
+        key: key.into(),
+        range: None,
+        if_match: None,
+    };
+    store
+        .copy_object(
+            &bucket,
+            "f1",
+            &source("f1"),
+            &MetadataDirective::Replace {
+                metadata: chmod,
+                content_type: None,
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .put_object(
+            &bucket,
+            "f2",
+            Bytes::from_static(b"new"),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    store
+        .copy_object(&bucket, "f3", &source("f10"), &MetadataDirective::Copy)
+        .await
+        .unwrap();
+    let fs = another_mount(store.clone(), cache.path()).await;
+    let before = store.calls();
+    let got = list(&fs, ROOT, true, 100).await;
+    assert_eq!(
+        store.calls() - before,
+        2 + 3,
+        "2 LISTs and a HEAD for each changed object"
+    );
+    let get = |name: &str| {
+        got.iter()
+            .find(|g| g.name == name)
+            .unwrap()
+            .attrs
+            .clone()
+            .unwrap()
+    };
+    assert_eq!((get("f1").perm, get("f1").gid), (0o640, fs.config.gid));
+    assert_eq!((get("f2").perm, get("f2").size), (0o644, 3));
+    assert_eq!((get("f3").perm, get("f3").size), (0o600, 10 % 7));
+    assert_eq!(get("f4").perm, 0o600);
+}
+
+#[tokio::test]
+async fn without_the_attribute_cache_every_listing_heads_its_files() {
+    let cache = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemStore::new());
+    let store = Arc::new(FaultStore::new(mem.clone()));
+    let fs = fs_with(store.clone(), cache.path(), |c| c.attr_cache_dir = None).await;
+    put_files(&store, "", 20).await;
+    mem.age_all(std::time::Duration::from_secs(60));
+    let _ = list(&fs, ROOT, true, 100).await;
+    drop(fs);
+    let mut config = FsConfig::new(
+        BucketName::new("bkt").unwrap(),
+        String::new(),
+        cache.path().join("cache"),
+    );
+    config.attr_cache_dir = None;
+    let fs = S3Fs::new(config, store.clone()).await.unwrap();
+    let before = store.calls();
+    let _ = list(&fs, ROOT, true, 100).await;
+    assert_eq!(store.calls() - before, 1 + 20);
+    assert!(!cache.path().join("cache").join("attrs").exists());
+}
+
+/// Waits until `dir` of `fs` has a name index (built in the background).
+async fn indexed(fs: &S3Fs, dir: InodeNo) {
+    for _ in 0..500 {
+        if fs.names.ready(dir, fs.config.metadata_ttl).is_some() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("directory {dir} was not indexed");
+}
+
+#[tokio::test]
+async fn a_burst_of_lookups_lists_the_directory_once_then_costs_a_head_per_file_or_none() {
+    let cache = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemStore::new());
+    let store = Arc::new(FaultStore::new(mem.clone()));
+    let fs = fs_with(store.clone(), cache.path(), |_| {}).await;
+    put_files(&store, "", 300).await;
+    // A file and a directory of the same name: the directory wins.
+    put_files(&store, "f7/", 1).await;
+    mem.age_all(std::time::Duration::from_secs(60));
+    let mut names: Vec<String> = (0..300).map(|i| format!("f{i}")).collect();
+    names.sort();
+    let before = store.calls();
+    for name in &names[..crate::names::BURST as usize] {
+        fs.lookup(ROOT, name).await.unwrap();
+    }
+    assert_eq!(
+        store.calls() - before,
+        2 * u64::from(crate::names::BURST),
+        "a HEAD and a one-key LIST each"
+    );
+    indexed(&fs, ROOT).await;
+    assert_eq!(
+        store.calls() - before,
+        2 * 8 + 1,
+        "and one LIST of the directory"
+    );
+    let before = store.calls();
+    let e = fs.lookup(ROOT, "missing").await.unwrap_err();
+    assert_eq!(e.errno, libc::ENOENT);
+    assert_eq!(
+        store.calls() - before,
+        3,
+        "not listed: asked as before (another client may have made it since)"
+    );
+    let before = store.calls();
+    let (f7, _) = fs.lookup(ROOT, "f7").await.unwrap();
+    assert_eq!(f7.kind, Kind::Dir, "the directory wins");
+    assert_eq!(store.calls() - before, 1, "a HEAD of its marker");
+    // The rest in order: one HEAD per file, many at once.
+    let rest: Vec<&String> = names[8..].iter().filter(|n| *n != "f7").collect();
+    let before = store.calls();
+    for name in &rest {
+        let (inode, attrs) = fs.lookup(ROOT, name).await.unwrap();
+        assert_eq!((inode.kind, attrs.perm, attrs.uid), (Kind::File, 0o600, 7));
+    }
+    assert_eq!(store.calls() - before, rest.len() as u64);
+    attr_entries(cache.path(), rest.len()).await;
+    drop(fs);
+
+    // Another mount: after its burst, the attribute cache answers for every unchanged file.
+    let fs = another_mount(store.clone(), cache.path()).await;
+    for name in &names[..8] {
+        fs.lookup(ROOT, name).await.unwrap();
+    }
+    indexed(&fs, ROOT).await;
+    let before = store.calls();
+    for name in &rest {
+        let (_, attrs) = fs.lookup(ROOT, name).await.unwrap();
+        assert_eq!((attrs.perm, attrs.uid, attrs.gid), (0o600, 7, 8));
+    }
+    assert_eq!(store.calls(), before, "no request");
+}
+
+#[tokio::test]
+async fn a_name_index_answers_within_the_ttl_and_follows_changes_made_here() {
+    let cache = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemStore::new());
+    let store = Arc::new(FaultStore::new(mem.clone()));
+    let fs = fs_with(store.clone(), cache.path(), |c| {
+        c.metadata_ttl = std::time::Duration::from_millis(800);
+    })
+    .await;
+    put_files(&store, "", 20).await;
+    for i in 0..8 {
+        fs.lookup(ROOT, &format!("f{i}")).await.unwrap();
+    }
+    indexed(&fs, ROOT).await;
+    // Another client's new object is found at once (an open must see it)...
+    put_files(&store, "other-", 2).await;
+    let (other, _) = fs.lookup(ROOT, "other-f0").await.unwrap();
+    assert_eq!(other.kind, Kind::File);
+    // ...another client's deletion shows at the HEAD a listed file costs...
+    let bucket = BucketName::new("bkt").unwrap();
+    store.delete_object(&bucket, "f15").await.unwrap();
+    assert_eq!(
+        fs.lookup(ROOT, "f15").await.unwrap_err().errno,
+        libc::ENOENT
+    );
+    // ...and names removed or made here are seen at once.
+    fs.unlink(ROOT, "f12").await.unwrap();
+    assert_eq!(
+        fs.lookup(ROOT, "f12").await.unwrap_err().errno,
+        libc::ENOENT
+    );
+    assert!(
+        fs.names.ready(ROOT, fs.config.metadata_ttl).is_some(),
+        "kept"
+    );
+    let (_, _, fh) = fs
+        .create(ROOT, "made", 0o640, 1, 1, OpenMode::default())
+        .await
+        .unwrap();
+    fs.release(fh).await.unwrap();
+    let (made, _) = fs.lookup(ROOT, "made").await.unwrap();
+    assert_eq!(made.kind, Kind::File);
+    fs.mkdir(ROOT, "newdir", 0o755, 1, 1).await.unwrap();
+    assert_eq!(fs.lookup(ROOT, "newdir").await.unwrap().0.kind, Kind::Dir);
+    // A rename drops the index.
+    fs.rename(ROOT, "f13", ROOT, "f13b", false, false)
+        .await
+        .unwrap();
+    assert!(fs.names.ready(ROOT, fs.config.metadata_ttl).is_none());
+    // Another client's new directory over a listed file wins once the TTL has passed.
+    put_files(&store, "f16/", 1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    assert_eq!(fs.lookup(ROOT, "f16").await.unwrap().0.kind, Kind::Dir);
+}

@@ -86,6 +86,17 @@ pub struct MountArgs {
     /// else ~/.cache/s3vol].
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Where the node-local attribute cache lives: s3fs attributes of listed files, so that
+    /// a later listing of an unchanged directory (by any mount sharing the directory) needs
+    /// no HEAD per file [default: CACHE_DIR/attrs].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_attr_cache")]
+    pub attr_cache_dir: Option<PathBuf>,
+    /// Disk budget of the attribute cache (e.g. 256M) [default: 256M].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub attr_cache_size: Option<u64>,
+    /// Keep no attribute cache on disk: every listing from S3 HEADs each file it shows.
+    #[arg(long)]
+    pub no_attr_cache: bool,
     /// Disk budget of the cache directory (e.g. 10G) [default: 10G].
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub cache_size: Option<u64>,
@@ -203,6 +214,15 @@ fn apply_options(args: &mut MountArgs) -> anyhow::Result<()> {
             "cache-dir" | "use-cache" => {
                 args.cache_dir = args.cache_dir.clone().or(Some(need()?.into()))
             }
+            "attr-cache-dir" => {
+                args.attr_cache_dir = args.attr_cache_dir.clone().or(Some(need()?.into()))
+            }
+            "attr-cache-size" => {
+                args.attr_cache_size = args
+                    .attr_cache_size
+                    .or(Some(parse_size(need()?).map_err(anyhow::Error::msg)?))
+            }
+            "no-attr-cache" => args.no_attr_cache = true,
             "cache-size" => {
                 args.cache_size = args
                     .cache_size
@@ -544,6 +564,20 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
     config.min_throughput = args.s3.min_throughput.max(1);
     config.read_only = args.read_only;
     config.listing_attrs = args.listing_attrs;
+    if args.no_attr_cache {
+        config.attr_cache_dir = None;
+    } else if let Some(d) = &args.attr_cache_dir {
+        config.attr_cache_dir = Some(d.clone());
+    }
+    if let Some(n) = args.attr_cache_size {
+        config.attr_cache_size = n;
+    }
+    config.store_scope = format!(
+        "{}|{}|{}",
+        args.s3.endpoint_url.as_deref().unwrap_or(""),
+        args.s3.region.as_deref().unwrap_or(""),
+        config.bucket
+    );
     config.xattrs = !args.no_xattr;
     // Supervised: what is written must outlive this process (a staging file, not memory).
     config.stream_writes = args.session_dir.is_none();
@@ -819,6 +853,7 @@ async fn shutdown_on_signal(
 mod tests {
     use super::*;
     use clap::Parser;
+    use std::path::Path;
 
     #[derive(Parser)]
     struct Wrap {
@@ -832,6 +867,26 @@ mod tests {
         let mut m = Wrap::try_parse_from(full)?.m;
         apply_options(&mut m)?;
         Ok(m)
+    }
+
+    #[test]
+    fn the_attribute_cache_is_on_unless_turned_off() {
+        let m = parse(&["bkt", "/mnt"]).unwrap();
+        assert!(!m.no_attr_cache && m.attr_cache_dir.is_none());
+        let m = parse(&["--no-attr-cache", "bkt", "/mnt"]).unwrap();
+        assert!(m.no_attr_cache);
+        let m = parse(&["-o", "no_attr_cache", "bkt", "/mnt"]).unwrap();
+        assert!(m.no_attr_cache);
+        let m = parse(&[
+            "-o",
+            "attr_cache_dir=/var/lib/a,attr_cache_size=64M",
+            "bkt",
+            "/mnt",
+        ])
+        .unwrap();
+        assert_eq!(m.attr_cache_dir.as_deref(), Some(Path::new("/var/lib/a")));
+        assert_eq!(m.attr_cache_size, Some(64 << 20));
+        assert!(parse(&["--no-attr-cache", "--attr-cache-dir", "/a", "bkt", "/mnt"]).is_err());
     }
 
     #[test]
