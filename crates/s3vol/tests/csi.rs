@@ -123,9 +123,11 @@ impl Harness {
     }
 
     fn start_mounter(&mut self) {
+        let sock = self.path("mounter.sock");
+        // A mounter killed before leaves its socket: waiting for the file would then not wait.
+        let _ = std::fs::remove_file(&sock);
         let mut cmd = self.mounter_command(Command::new(BIN));
         self.mounter = Some(cmd.spawn().unwrap());
-        let sock = self.path("mounter.sock");
         wait_for("the mounter socket", Duration::from_secs(20), || {
             sock.exists()
         });
