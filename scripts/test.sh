@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check s3vol's CI runs, on a fresh Debian 12 machine or a developer's:
-#   1. installs what the tests need, as root with apt-get: fuse3, attr (xattr tools) and s3fs
-#      (a test reads and writes the same bucket through s3fs); the moto S3 server comes from
+#   1. installs what the tests need, as root with apt-get: fuse3, attr (xattr tools), s3fs
+#      (a test reads and writes the same bucket through s3fs) and fio (the failover tests'
+#      write-and-verify load); the moto S3 server comes from
 #      PyPI into .s3-server/ (scripts/s3-server.sh),
 #   2. starts the local S3 server on 127.0.0.1 (SigV4 checking on) unless one is running,
 #   3. runs the stages: cargo fmt --check, clippy -D warnings, every test (unit, conformance
@@ -35,6 +36,7 @@ if [[ $(id -u) -eq 0 ]]; then
     command -v fusermount3 >/dev/null || missing+=(fuse3)
     command -v getfattr >/dev/null || missing+=(attr)
     command -v s3fs >/dev/null || missing+=(s3fs)
+    command -v fio >/dev/null || missing+=(fio)
     if [[ ${#missing[@]} -gt 0 ]]; then
         log "installing ${missing[*]} (apt-get)"
         apt-get update -qq >/dev/null

@@ -64,6 +64,41 @@ fn wait_serving(h: &Harness, staging: &Path, old: Option<i32>) -> i32 {
     }
 }
 
+/// How many descriptors the process `pid` holds.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The mounter and the node plugin hold no more descriptors than at `baseline` (waiting,
+/// bounded, for the short-lived connections between them to close): replacing serving
+/// processes leaks no pipe, socket or copy of the connection.
+fn no_descriptor_leaked(h: &Harness, baseline: (usize, usize)) {
+    let pids = (
+        h.mounter.as_ref().unwrap().id(),
+        h.csi.as_ref().unwrap().id(),
+    );
+    let now = || (open_fds(pids.0), open_fds(pids.1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (now().0 > baseline.0 || now().1 > baseline.1) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (m, c) = now();
+    assert!(
+        m <= baseline.0 && c <= baseline.1,
+        "descriptors of the mounter {} -> {m}, of the node plugin {} -> {c}",
+        baseline.0,
+        baseline.1
+    );
+}
+
+/// The descriptors the mounter and the node plugin hold now.
+fn fd_baseline(h: &Harness) -> (usize, usize) {
+    (
+        open_fds(h.mounter.as_ref().unwrap().id()),
+        open_fds(h.csi.as_ref().unwrap().id()),
+    )
+}
+
 fn kill9(pid: i32) {
     // SAFETY: kill(2) of a serving process this test's mounter started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
@@ -82,14 +117,15 @@ fn takeover_times(log: &str) -> Vec<Duration> {
 }
 
 /// An application load on a mounted volume through the events of a test: a loop of create /
-/// rename / unlink / mkdir / ls, a writer that keeps one file open, and a reader of a file
-/// written before.
+/// rename / unlink / mkdir / ls, a writer that keeps one file open, a reader of a file
+/// written before, and fio jobs that write files sequentially and at random and verify them.
 struct Load {
     stop: Arc<AtomicBool>,
     rec: Arc<Mutex<Record>>,
     meta: std::thread::JoinHandle<Vec<(String, Vec<u8>)>>,
     writer: std::thread::JoinHandle<Vec<u8>>,
     reader: std::thread::JoinHandle<()>,
+    fio: std::thread::JoinHandle<usize>,
     ro: Vec<u8>,
 }
 
@@ -98,6 +134,7 @@ struct Done {
     expect: Vec<(String, Vec<u8>)>,
     written: Vec<u8>,
     ro: Vec<u8>,
+    fio_runs: usize,
 }
 
 impl Load {
@@ -119,12 +156,17 @@ impl Load {
                 (target.join("ro.bin"), stop.clone(), rec.clone(), ro.clone());
             std::thread::spawn(move || workload::open_reader(p, want, stop, rec))
         };
+        let fio = {
+            let (dir, stop, rec) = (target.join("fio"), stop.clone(), rec.clone());
+            std::thread::spawn(move || workload::fio_loop(dir, stop, rec))
+        };
         Load {
             stop,
             rec,
             meta,
             writer,
             reader,
+            fio,
             ro,
         }
     }
@@ -134,13 +176,18 @@ impl Load {
     fn finish(self, h: &Harness) -> Done {
         self.stop.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !(self.meta.is_finished() && self.writer.is_finished() && self.reader.is_finished()) {
+        while !(self.meta.is_finished()
+            && self.writer.is_finished()
+            && self.reader.is_finished()
+            && self.fio.is_finished())
+        {
             assert!(
                 Instant::now() < deadline,
-                "an application call hung: metadata loop done {}, writer done {}, reader done {}\n{}",
+                "an application call hung: metadata loop done {}, writer done {}, reader done {}, fio done {}\n{}",
                 self.meta.is_finished(),
                 self.writer.is_finished(),
                 self.reader.is_finished(),
+                self.fio.is_finished(),
                 h.csi_log()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -148,16 +195,18 @@ impl Load {
         let expect = self.meta.join().unwrap();
         let written = self.writer.join().unwrap();
         self.reader.join().unwrap();
+        let fio_runs = self.fio.join().unwrap();
         let rec = std::mem::take(&mut *self.rec.lock().unwrap());
         let mut lat = rec.latencies.clone();
         lat.sort();
         println!(
-            "{} application calls: p50 {:?}, p99 {:?}, p99.9 {:?}, max {:?}",
+            "{} application calls: p50 {:?}, p99 {:?}, p99.9 {:?}, max {:?} ({})",
             lat.len(),
             workload::percentile(&lat, 0.5),
             workload::percentile(&lat, 0.99),
             workload::percentile(&lat, 0.999),
             lat.last().copied().unwrap_or_default(),
+            rec.slowest.as_ref().map_or("", |(_, what)| what.as_str()),
         );
         assert!(
             rec.errors.is_empty(),
@@ -177,10 +226,12 @@ impl Load {
         );
         let worst = lat.last().copied().unwrap_or_default();
         assert!(worst < Duration::from_secs(5), "a call stalled {worst:?}");
+        assert!(fio_runs >= 1, "fio never ran");
         Done {
             expect,
             written,
             ro: self.ro,
+            fio_runs,
         }
     }
 }
@@ -188,9 +239,10 @@ impl Load {
 impl Done {
     fn report(&self, what: &str) {
         println!(
-            "through {what}: {} rounds, {} bytes through the open writer",
+            "through {what}: {} rounds, {} bytes through the open writer, {} fio runs (write + verify)",
             self.expect.len(),
-            self.written.len()
+            self.written.len(),
+            self.fio_runs
         );
     }
 
@@ -207,7 +259,13 @@ impl Done {
                 "{key} differs"
             );
         }
-        let want = workload::expected_keys(&self.expect, &["ro.bin", "open-writer.bin"]);
+        let fio: Vec<String> = workload::FIO_FILES
+            .iter()
+            .map(|f| format!("fio/{f}"))
+            .collect();
+        let mut also = vec!["ro.bin", "open-writer.bin", "fio/"];
+        also.extend(fio.iter().map(String::as_str));
+        let want = workload::expected_keys(&self.expect, &also);
         assert_eq!(
             got, want,
             "the bucket holds other objects than the applications left"
@@ -217,6 +275,13 @@ impl Done {
             self.written
         );
         assert_eq!(workload::get(&s3, &bucket, "ro.bin").await, self.ro);
+        // What fio last wrote is in the bucket, every block as fio wrote it.
+        let copy = tempfile::tempdir().unwrap();
+        for (key, name) in fio.iter().zip(workload::FIO_FILES) {
+            std::fs::write(copy.path().join(name), workload::get(&s3, &bucket, key).await)
+                .unwrap();
+        }
+        workload::fio_verify(copy.path());
     }
 }
 
@@ -255,16 +320,18 @@ async fn unstage_leaves_nothing(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn csi_volume_survives_five_kills_of_its_serving_process() {
+async fn csi_volume_survives_kills_of_its_serving_process() {
+    let kills = workload::rounds(5);
     let mut h = Harness::start();
     let (v, staging, target) = staged_failover(&mut h, "csi-failover").await;
     let first = wait_serving(&h, &staging, None);
+    let fds = fd_baseline(&h);
     let load = Load::start(&target);
 
     let mut pids = vec![first];
     let mut successor_seen = Vec::new();
     let mut pid = first;
-    for _ in 0..5 {
+    for _ in 0..kills {
         std::thread::sleep(Duration::from_millis(800));
         let killed_at = Instant::now();
         kill9(pid);
@@ -282,18 +349,19 @@ async fn csi_volume_survives_five_kills_of_its_serving_process() {
     let mut took = takeover_times(&h.csi_log());
     took.sort();
     successor_seen.sort();
-    done.report("5 kills");
+    done.report(&format!("{kills} kills"));
     println!(
         "successor serving (mounter's ready_ms) {took:?}; kill to successor pid seen {successor_seen:?}"
     );
-    assert_eq!(took.len(), 5, "one takeover logged per kill");
+    assert_eq!(took.len(), kills, "one takeover logged per kill");
+    no_descriptor_leaked(&h, fds);
 
     // Healthy again, and the condition tells what happened.
     let mut node = h.node().await;
     let cond = condition(&mut node, &v, &target).await;
     assert!(!cond.abnormal, "{}", cond.message);
     assert!(
-        cond.message.contains("replaced 5 times")
+        cond.message.contains(&format!("replaced {kills} times"))
             && cond.message.contains("killed by signal 9 (SIGKILL)")
             && cond.message.contains("its successor served after"),
         "{}",
@@ -508,12 +576,16 @@ async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
     let mut pid = wait_serving(&h, &staging, None);
     let mut pids = vec![pid];
     let handed = "handed the volume's connection to a new mounter";
-    let events = [
+    // Each round: the mounter's container killed, the mounter alone killed, an upgrade, then
+    // the node plugin killed and restarted and the container killed again.
+    let round = [
         MounterEnd::ContainerKilled,
         MounterEnd::MounterKilled,
         MounterEnd::Upgrade,
         MounterEnd::ContainerKilled,
     ];
+    let rounds = workload::rounds(1);
+    let events: Vec<MounterEnd> = round.iter().copied().cycle().take(rounds * 4).collect();
     // The upgrade brings another binary (a copy, so that its serving processes can be told
     // apart); the mounter starts its serving processes from its own executable.
     let upgraded = h.path("s3vol-upgraded");
@@ -528,17 +600,19 @@ async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
         .collect();
     let load = Load::start(&target);
     let mut stalls = Vec::new();
+    let mut plugin_restarts = 0;
     for (i, how) in events.into_iter().enumerate() {
         std::thread::sleep(Duration::from_millis(800));
-        if i == 3 {
+        if i % 4 == 3 {
             // The node plugin's own restart: it takes its copy up again from the mounter, so
             // the next end of the mounter is survived too.
             h.kill_csi();
             h.start_csi();
+            plugin_restarts += 1;
             workload::wait_for_takeovers(
                 || h.csi_log(),
                 "took up again a copy of the volume's connection from the mounter",
-                1,
+                plugin_restarts,
             );
         }
         let at = Instant::now();
@@ -557,8 +631,12 @@ async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
     }
     std::thread::sleep(Duration::from_millis(800));
     let done = load.finish(&h);
-    done.report("the mounter's ends");
-    println!("mounter end to successor serving: {stalls:?}");
+    done.report(&format!(
+        "{} ends of the mounter and {plugin_restarts} node plugin restarts",
+        stalls.len()
+    ));
+    stalls.sort();
+    println!("mounter end to successor serving (sorted): {stalls:?}");
     let log = h.csi_log();
     assert!(
         log.contains("an earlier mounter's serving process still runs"),
@@ -637,8 +715,10 @@ async fn csi_volume_survives_oom_kills_of_its_serving_process() {
     drop(probe);
     let mut pid = wait_serving(&h, &staging, None);
     let mut pids = vec![pid];
+    let kills = workload::rounds(3);
+    let fds = fd_baseline(&h);
     let load = Load::start(&target);
-    for n in 1..=3 {
+    for n in 1..=kills {
         std::thread::sleep(Duration::from_millis(800));
         let cage = MemoryCage::new(&name, 1 << 20).unwrap();
         cage.put(pid);
@@ -654,17 +734,18 @@ async fn csi_volume_survives_oom_kills_of_its_serving_process() {
     }
     std::thread::sleep(Duration::from_millis(800));
     let done = load.finish(&h);
-    done.report("3 OOM kills");
+    done.report(&format!("{kills} OOM kills"));
+    no_descriptor_leaked(&h, fds);
     let log = h.csi_log();
     assert_eq!(
         log.matches("why=killed by signal 9 (SIGKILL)").count(),
-        3,
+        kills,
         "the kernel's OOM killer ended each one\n{log}"
     );
     let mut node = h.node().await;
     let cond = condition(&mut node, &v, &target).await;
     assert!(
-        !cond.abnormal && cond.message.contains("replaced 3 times"),
+        !cond.abnormal && cond.message.contains(&format!("replaced {kills} times")),
         "{}",
         cond.message
     );

@@ -23,13 +23,30 @@ use crate::support::pattern;
 pub struct Record {
     pub latencies: Vec<Duration>,
     pub errors: Vec<String>,
+    /// The slowest call and what it was.
+    pub slowest: Option<(Duration, String)>,
 }
 
 impl Record {
+    /// Adds what `other` recorded.
+    pub fn merge(&mut self, other: Record) {
+        self.latencies.extend(other.latencies);
+        self.errors.extend(other.errors);
+        if let Some((d, what)) = other.slowest
+            && self.slowest.as_ref().is_none_or(|(worst, _)| d > *worst)
+        {
+            self.slowest = Some((d, what));
+        }
+    }
+
     pub fn timed<T>(&mut self, what: &str, f: impl FnOnce() -> std::io::Result<T>) -> Option<T> {
         let t = Instant::now();
         let r = f();
-        self.latencies.push(t.elapsed());
+        let took = t.elapsed();
+        self.latencies.push(took);
+        if self.slowest.as_ref().is_none_or(|(d, _)| took > *d) {
+            self.slowest = Some((took, what.to_owned()));
+        }
         match r {
             Ok(v) => Some(v),
             Err(e) => {
@@ -82,9 +99,7 @@ pub fn metadata_loop(
             ));
         }
         expect.push((format!("d{i}/g"), body));
-        let mut all = rec.lock().unwrap();
-        all.latencies.extend(r.latencies);
-        all.errors.extend(r.errors);
+        rec.lock().unwrap().merge(r);
         i += 1;
     }
     expect
@@ -130,9 +145,7 @@ pub fn open_writer(path: PathBuf, stop: Arc<AtomicBool>, rec: Arc<Mutex<Record>>
         f.sync_all()
     });
     drop(f);
-    let mut all = rec.lock().unwrap();
-    all.latencies.extend(r.latencies);
-    all.errors.extend(r.errors);
+    rec.lock().unwrap().merge(r);
     written
 }
 
@@ -159,9 +172,7 @@ pub fn open_reader(path: PathBuf, want: Vec<u8>, stop: Arc<AtomicBool>, rec: Arc
         n += 1;
         std::thread::sleep(Duration::from_millis(3));
     }
-    let mut all = rec.lock().unwrap();
-    all.latencies.extend(r.latencies);
-    all.errors.extend(r.errors);
+    rec.lock().unwrap().merge(r);
 }
 
 /// The `p`-th quantile (0..=1) of sorted durations.
@@ -245,4 +256,82 @@ pub fn wait_for_takeovers(log: impl Fn() -> String, line: &str, n: usize) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The fio jobs of [`fio_loop`]: a sequential and a random writer, each writing its file
+/// (`seq`, `rand`) with a checksum in every block, closing it with fsync, then
+/// reading it back and checking every block (`--do_verify`). `extra` adds options to all.
+fn fio(dir: &std::path::Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new("fio");
+    cmd.arg(format!("--directory={}", dir.display()))
+        .args([
+            "--ioengine=psync",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--fsync_on_close=1",
+            "--group_reporting",
+            "--filename_format=$jobname",
+            "--name=seq",
+            "--rw=write",
+            "--bs=128k",
+            "--size=4m",
+            "--name=rand",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=1m",
+        ])
+        .args(extra)
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
+/// The files [`fio_loop`] leaves, relative to its directory.
+pub const FIO_FILES: [&str; 2] = ["seq", "rand"];
+
+/// Runs the [`fio`] jobs in `dir` again and again until `stop` (so files are open, being
+/// written or being verified, across every event). A run that fails — an error from any
+/// call, or a block that reads back other than written — is an error in `rec` with fio's
+/// words. Returns the number of runs.
+pub fn fio_loop(dir: PathBuf, stop: Arc<AtomicBool>, rec: Arc<Mutex<Record>>) -> usize {
+    fs::create_dir_all(&dir).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut runs = 0;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let out = fio(&dir, &[])
+            .output()
+            .expect("fio runs (scripts/test.sh installs it)");
+        if !out.status.success() {
+            rec.lock().unwrap().errors.push(format!(
+                "fio run {runs}: {}\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        runs += 1;
+    }
+    runs
+}
+
+/// Checks the files of [`fio_loop`] in `dir` (a copy of what the bucket holds) block by block
+/// with fio's own checksums; panics with fio's words when one differs.
+pub fn fio_verify(dir: &std::path::Path) {
+    let out = fio(dir, &["--verify_only"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "the fio files in the bucket do not verify: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// How many times a failover test repeats its events: `S3VOL_FAILOVER_ROUNDS` (the long runs
+/// of bench/soak-csi-failover.sh), else `default`.
+pub fn rounds(default: usize) -> usize {
+    std::env::var("S3VOL_FAILOVER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(default)
 }
