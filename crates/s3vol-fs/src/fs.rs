@@ -428,13 +428,7 @@ impl S3Fs {
         if list.objects.first().is_some_and(|o| o.key == dir_key) {
             match self.store.head_object(b, &dir_key).await {
                 Ok(info) => {
-                    let attrs = Attrs::decode(
-                        Kind::Dir,
-                        &info.metadata,
-                        &self.config,
-                        0,
-                        info.last_modified,
-                    );
+                    let attrs = self.dir_attrs(&info);
                     return Ok(Some((attrs, None, true)));
                 }
                 Err(e) if !not_found(&e) => return Err(e.into()),
@@ -457,18 +451,23 @@ impl S3Fs {
             .await
         {
             Ok(info) => {
-                let attrs = Attrs::decode(
-                    Kind::Dir,
-                    &info.metadata,
-                    &self.config,
-                    0,
-                    info.last_modified,
-                );
+                let attrs = self.dir_attrs(&info);
                 Ok(Some((attrs, None, false)))
             }
             Err(e) if not_found(&e) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A directory's attributes from its marker object (`dir/` or `dir_$folder$`).
+    fn dir_attrs(&self, info: &ObjectInfo) -> Attrs {
+        Attrs::decode(
+            Kind::Dir,
+            &info.metadata,
+            &self.config,
+            0,
+            info.last_modified,
+        )
     }
 
     fn file_attrs(&self, info: &ObjectInfo) -> (Attrs, Option<ETag>, bool) {
@@ -1167,16 +1166,7 @@ impl S3Fs {
             Kind::Dir => {
                 let key = format!("{prefix}{name}/");
                 let (attrs, marker) = match self.store.head_object(b, &key).await {
-                    Ok(info) => (
-                        Attrs::decode(
-                            Kind::Dir,
-                            &info.metadata,
-                            &self.config,
-                            0,
-                            info.last_modified,
-                        ),
-                        true,
-                    ),
+                    Ok(info) => (self.dir_attrs(&info), true),
                     Err(e) if not_found(&e) => (
                         Attrs::defaults(Kind::Dir, &self.config, 0, self.mount_time),
                         false,

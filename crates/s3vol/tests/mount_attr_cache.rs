@@ -16,16 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use proxy::Proxy;
 use s3vol_s3::{BucketName, ObjectStore, PutOptions, UserMetadata, testing};
-use support::{is_mounted, s3vol, unmount};
-use tokio::runtime::Runtime;
-
-fn rt() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use support::{is_mounted, rt, s3vol, unmount};
 
 /// `s3vol mount` of `bucket` through `endpoint` with the cache directory `cache`; unmounted
 /// when dropped.
@@ -109,6 +100,18 @@ impl Drop for Mount {
     }
 }
 
+/// A new bucket with the objects of [`put_files`], written long enough ago (3.2 s) that a HEAD
+/// of them now may be cached (only a HEAD that came seconds after an object's last write is).
+fn bucket_with_files(tag: &str, n: usize) -> BucketName {
+    let rt = rt();
+    let store = rt.block_on(support::store());
+    let bucket = testing::unique_bucket(tag);
+    rt.block_on(store.create_bucket(&bucket)).unwrap();
+    rt.block_on(put_files(&*store, &bucket, n));
+    std::thread::sleep(Duration::from_millis(3_200));
+    bucket
+}
+
 /// Puts `n` objects `f00`… with s3fs metadata as another client writes it: mode 0600, uid
 /// 1000 + i, gid 2000, an mtime of its own.
 async fn put_files(store: &dyn ObjectStore, bucket: &BucketName, n: usize) {
@@ -176,13 +179,7 @@ fn heads_and_lists(proxy: &Proxy, bucket: &BucketName) -> (usize, usize) {
 
 #[test]
 fn a_later_mounts_ls_l_of_a_directory_the_node_listed_costs_lists_only() {
-    let rt = rt();
-    let store = rt.block_on(support::store());
-    let bucket = testing::unique_bucket("attrc-ls");
-    rt.block_on(store.create_bucket(&bucket)).unwrap();
-    rt.block_on(put_files(&*store, &bucket, 40));
-    // Attributes are cached only when the HEAD came seconds after the object's last write.
-    std::thread::sleep(Duration::from_millis(3_200));
+    let bucket = bucket_with_files("attrc-ls", 40);
     let proxy = Proxy::start(&testing::endpoint());
     let cache = support::private_tempdir("s3vol-cache-");
 
@@ -236,12 +233,7 @@ s3.copy_object(Bucket=b, Key="f02", CopySource={"Bucket": b, "Key": "f03"})
 
 #[test]
 fn changes_by_another_client_show_after_a_remount_that_uses_the_attribute_cache() {
-    let rt = rt();
-    let store = rt.block_on(support::store());
-    let bucket = testing::unique_bucket("attrc-chg");
-    rt.block_on(store.create_bucket(&bucket)).unwrap();
-    rt.block_on(put_files(&*store, &bucket, 5));
-    std::thread::sleep(Duration::from_millis(3_200));
+    let bucket = bucket_with_files("attrc-chg", 5);
     let cache = support::private_tempdir("s3vol-cache-");
     let endpoint = testing::endpoint();
 
@@ -285,12 +277,7 @@ fn stat_all(m: &Mount, n: usize) -> Vec<(u32, u32, u64)> {
 
 #[test]
 fn stat_of_many_names_on_a_fresh_mount_costs_a_head_per_file_then_none_on_a_later_one() {
-    let rt = rt();
-    let store = rt.block_on(support::store());
-    let bucket = testing::unique_bucket("attrc-stat");
-    rt.block_on(store.create_bucket(&bucket)).unwrap();
-    rt.block_on(put_files(&*store, &bucket, 60));
-    std::thread::sleep(Duration::from_millis(3_200));
+    let bucket = bucket_with_files("attrc-stat", 60);
     let proxy = Proxy::start(&testing::endpoint());
     let cache = support::private_tempdir("s3vol-cache-");
 

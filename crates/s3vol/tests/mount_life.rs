@@ -22,16 +22,8 @@ use std::time::{Duration, Instant};
 
 use proxy::Proxy;
 use s3vol_s3::testing;
-use support::{Mounted, errno, is_mounted, pattern, s3vol};
+use support::{Mounted, errno, is_mounted, pattern, rt, s3vol};
 use tokio::runtime::Runtime;
-
-fn rt() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// stderr of a mount process, read on a thread as it comes (a full pipe would stall it).
 #[derive(Clone, Default)]

@@ -24,16 +24,8 @@ use std::time::{Duration, Instant};
 
 use proxy::Proxy;
 use s3vol_s3::testing;
-use support::{Mounted, is_mounted, pattern, s3vol};
+use support::{Mounted, is_mounted, pattern, rt, s3vol};
 use tokio::runtime::Runtime;
-
-fn rt() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Mounts a new bucket through `proxy` with the default attempts and timeouts.
 fn mount_via(rt: &Runtime, proxy: &Proxy, tag: &str, extra: &[&str]) -> Mounted {

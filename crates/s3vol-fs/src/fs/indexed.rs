@@ -46,13 +46,7 @@ impl S3Fs {
                 };
                 let (attrs, marker) = match self.store.head_object(b, &head).await {
                     Ok(info) => {
-                        let attrs = Attrs::decode(
-                            Kind::Dir,
-                            &info.metadata,
-                            &self.config,
-                            0,
-                            info.last_modified,
-                        );
+                        let attrs = self.dir_attrs(&info);
                         (attrs, !folder_only)
                     }
                     Err(e) if not_found(&e) => (

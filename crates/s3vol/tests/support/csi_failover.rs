@@ -278,8 +278,11 @@ impl Done {
         // What fio last wrote is in the bucket, every block as fio wrote it.
         let copy = tempfile::tempdir().unwrap();
         for (key, name) in fio.iter().zip(workload::FIO_FILES) {
-            std::fs::write(copy.path().join(name), workload::get(&s3, &bucket, key).await)
-                .unwrap();
+            std::fs::write(
+                copy.path().join(name),
+                workload::get(&s3, &bucket, key).await,
+            )
+            .unwrap();
         }
         workload::fio_verify(copy.path());
     }

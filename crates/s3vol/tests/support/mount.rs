@@ -20,6 +20,15 @@ use tempfile::TempDir;
 pub const BIN: &str = env!("CARGO_BIN_EXE_s3vol");
 
 /// The arguments that point `s3vol` at the test server.
+/// A runtime for a test's own S3 calls and servers, beside the mount it drives.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 pub fn server_args() -> Vec<String> {
     vec![
         "--endpoint-url".into(),
