@@ -158,6 +158,9 @@ pub fn run(config: MounterConfig) -> io::Result<()> {
         ),
     }
     tracing::info!(socket = %config.socket.display(), exe = %config.exe.display(), session_dir = ?config.session_dir, "mounter serving");
+    if config.session_dir.is_some() {
+        s3vol_fs::session::log_kernel_failover();
+    }
     let first_session = config.session_dir.as_deref().map_or(0, next_session_number);
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -134,6 +134,9 @@ pub async fn serve(
         })
         .map_err(io(format!("listening on {}", path.display())))?;
     tracing::info!(endpoint = %config.endpoint, mode = ?config.mode, driver = %config.driver_name, node = %config.node_id, "serving CSI");
+    if node.is_some() {
+        s3vol_fs::session::log_kernel_failover();
+    }
 
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))

@@ -18,6 +18,16 @@
 //! may have been carried out already: where doing it again would answer differently
 //! (`mkdir`, `symlink` find the name taken; `unlink`, `rmdir` find it gone; `rename`
 //! finds the source gone and the target there), the answer is the one the first run gave.
+//!
+//! Without `FUSE_NOTIFY_RESEND` (Linux before 6.9) the successor answers those requests with
+//! `EIO` instead, so their callers get an error rather than wait forever. The kernel matches a
+//! reply to a request by unique ID on the device's list of requests read and not answered,
+//! which the successor shares (it holds the same open file, and a handed-over descriptor is
+//! never cloned, so every reader of the predecessor used it); an ID not there (answered, or
+//! not read yet) is refused with `ENOENT` and changes nothing. So before it reads any request,
+//! the successor writes an `EIO` reply for every ID between the bounds its predecessor kept
+//! (`inflight.rs`; fuser reports them after each request read and each reply), and that
+//! answers exactly the requests the predecessor left.
 
 use std::ffi::OsStr;
 use std::io;
@@ -28,16 +38,17 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption, Notifier, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, RequestId, Session,
-    SessionACL, SessionUnmounter, TimeOrNow, WriteFlags,
+    InFlightBounds, InFlightRecorder, InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    RequestId, Session, SessionACL, SessionUnmounter, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 
 use crate::budget::BufPool;
 use crate::error::FsError;
 use crate::fs::{OpenMode, S3Fs};
+use crate::inflight::{InflightFile, Sweep};
 use crate::meta::{Attrs, Kind};
 
 /// How the mount is presented to the kernel.
@@ -54,8 +65,30 @@ pub struct MountSettings {
 /// A filesystem connected to the kernel, ready to serve.
 pub struct FuseServer {
     session: Session<FuseFs>,
-    /// Adopted from a predecessor: ask the kernel to resend what it had read.
-    resend: bool,
+    /// Adopted from a predecessor: what it left in flight is resent or failed before serving.
+    predecessor: Option<Predecessor>,
+}
+
+/// What a successor knows of the requests its predecessor had read and not answered.
+#[derive(Debug)]
+struct Predecessor {
+    /// `(oldest, newest)` request IDs, as it kept them; `None` if it kept none (a version
+    /// before `inflight.rs`).
+    in_flight: Option<(u64, u64)>,
+}
+
+/// Test switch: set to `1` in a serving process's environment, it takes the path of kernels
+/// without `FUSE_NOTIFY_RESEND` (before Linux 6.9) on any kernel: a successor fails the
+/// requests its predecessor left instead of having them resent. For tests of that path only.
+const NO_RESEND_ENV: &str = "S3VOL_FAILOVER_NO_RESEND";
+
+/// Keeps fuser's bounds of the requests in flight in the session directory.
+struct FileRecorder(InflightFile);
+
+impl InFlightRecorder for FileRecorder {
+    fn record(&self, b: InFlightBounds) {
+        self.0.record(b.oldest.0, b.newest.0);
+    }
 }
 
 /// What [`FuseServer::adopt`] found and did, for the log and metrics.
@@ -139,7 +172,7 @@ impl FuseServer {
         let session = Session::new(FuseFs::new(fs, rt), mountpoint, &config(settings))?;
         Ok(Self {
             session,
-            resend: false,
+            predecessor: None,
         })
     }
 
@@ -160,14 +193,14 @@ impl FuseServer {
         let session = Session::from_fd(FuseFs::new(fs, rt), fd, acl, config_for_fd(settings))?;
         Ok(Self {
             session,
-            resend: false,
+            predecessor: None,
         })
     }
 
     /// Serves a descriptor whose connection a predecessor initialised and journaled in
     /// `session_dir` (see the module docs): no INIT; the node IDs, handles and INIT reply come
     /// from the journal. Once [`FuseServer::run`] runs, the requests the predecessor had read
-    /// are resent by the kernel and served.
+    /// are resent by the kernel and served (Linux 6.9 and later) or answered with `EIO`.
     pub fn adopt(
         fs: Arc<S3Fs>,
         rt: Handle,
@@ -190,8 +223,11 @@ impl FuseServer {
         } else {
             SessionACL::Owner
         };
-        let session =
+        let (in_flight_file, in_flight) = InflightFile::open(session_dir)?;
+        let mut session =
             Session::from_fd_initialized(FuseFs::new(fs, rt), fd, acl, config_for_fd(settings));
+        let newest = in_flight.map_or(0, |(_, newest)| newest);
+        session.record_in_flight(Arc::new(FileRecorder(in_flight_file)), RequestId(newest));
         let adoption = Adoption {
             nodes: adopted.nodes,
             file_handles: adopted.file_handles,
@@ -201,10 +237,20 @@ impl FuseServer {
         Ok((
             Self {
                 session,
-                resend: true,
+                predecessor: Some(Predecessor { in_flight }),
             },
             adoption,
         ))
+    }
+
+    /// Keeps the bounds of the requests in flight in `session_dir` (the first server of a
+    /// connection that a successor may take over), for [`FuseServer::adopt`] to fail them on
+    /// kernels that cannot resend them.
+    pub fn record_in_flight(&mut self, session_dir: &Path) -> io::Result<()> {
+        let file = InflightFile::create(session_dir)?;
+        self.session
+            .record_in_flight(Arc::new(FileRecorder(file)), RequestId(0));
+        Ok(())
     }
 
     pub fn unmounter(&mut self) -> Unmounter {
@@ -213,28 +259,67 @@ impl FuseServer {
 
     /// Serves until the filesystem is unmounted. Pending uploads are flushed on the way out.
     pub fn run(self) -> io::Result<()> {
-        if self.resend {
-            resend(&self.session.notifier());
+        if let Some(p) = &self.predecessor {
+            take_over_in_flight(&self.session, p);
         }
         self.session.run()
     }
 }
 
-/// Asks the kernel to queue again what a dead predecessor had read and not answered. Without
-/// the notification (Linux before 6.9) those requests stay unanswered: their callers wait
-/// until they are interrupted or the mount ends.
-fn resend(notifier: &Notifier) {
-    match notifier.resend() {
-        Ok(()) => tracing::info!(
-            "asked the kernel to resend the requests the previous serving process had not answered"
-        ),
-        Err(e) => {
-            metrics::counter!("s3vol_failover_resend_unsupported_total").increment(1);
-            tracing::error!(
+/// Before the first request is read: has the kernel queue again what a dead predecessor had
+/// read and not answered, or, where it cannot (Linux before 6.9), answers it with `EIO`.
+fn take_over_in_flight(session: &Session<FuseFs>, p: &Predecessor) {
+    let resent = if std::env::var_os(NO_RESEND_ENV).is_some_and(|v| v == "1") {
+        Err(io::Error::other(format!("not asked ({NO_RESEND_ENV}=1)")))
+    } else {
+        session.notifier().resend()
+    };
+    let e = match resent {
+        Ok(()) => {
+            tracing::info!(
+                "asked the kernel to resend the requests the previous serving process had not answered"
+            );
+            return;
+        }
+        Err(e) => e,
+    };
+    metrics::counter!("s3vol_failover_resend_unsupported_total").increment(1);
+    let Some((oldest, newest)) = p.in_flight else {
+        tracing::error!(
+            error = %e,
+            "this kernel cannot resend the requests the previous serving process had read (FUSE_NOTIFY_RESEND needs Linux 6.9 or later), and that process kept no record of them (an older version): the calls that were in flight do not return until interrupted"
+        );
+        return;
+    };
+    let sweep = Sweep::new(oldest, newest);
+    let started = std::time::Instant::now();
+    let ids = sweep.ids().map(RequestId);
+    match session.fail_unanswered(ids, Errno::EIO) {
+        Ok(failed) => {
+            metrics::counter!("s3vol_failover_requests_failed_total").increment(failed);
+            tracing::warn!(
                 error = %e,
-                "this kernel cannot resend the requests the previous serving process had read (FUSE_NOTIFY_RESEND needs Linux 6.9 or later): the calls that were in flight do not return until interrupted"
+                failed,
+                swept = sweep.len(),
+                first = sweep.first,
+                last = sweep.last,
+                sweep_ms = started.elapsed().as_millis() as u64,
+                "this kernel cannot resend the requests the previous serving process had read (FUSE_NOTIFY_RESEND needs Linux 6.9 or later): the calls that were in flight got EIO"
             );
         }
+        Err(error) => tracing::error!(
+            %error,
+            swept = sweep.len(),
+            "cannot answer the requests the previous serving process left in flight"
+        ),
+    }
+    if sweep.skipped > 0 {
+        tracing::error!(
+            skipped = sweep.skipped,
+            oldest,
+            newest,
+            "the record of the requests in flight spans more IDs than a sweep answers: only the newest were answered, an older call still in flight waits until interrupted"
+        );
     }
 }
 

@@ -11,6 +11,7 @@ mod config;
 mod error;
 mod fs;
 pub mod fuse;
+mod inflight;
 mod inode;
 mod journal;
 mod listing;

@@ -14,6 +14,8 @@
 //! - [`place_fds`]: how a child gets its descriptors at fixed numbers between fork and exec;
 //! - [`private_dir`]: a session directory is the owner's alone (0700), since the journal names
 //!   every file an application holds open.
+//! - [`log_kernel_failover`]: what a call in flight at a death gets on this kernel, said once
+//!   at start (resent and served on Linux 6.9 and later, failed with `EIO` before).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -150,6 +152,38 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether this kernel can send again the FUSE requests a dead serving process had read
+/// (`FUSE_NOTIFY_RESEND`, Linux 6.9), judged by its release; `None` if that is unreadable.
+/// A kernel with the notification backported says no here and is found out by the successor,
+/// which tries it first.
+pub fn kernel_resends() -> Option<bool> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    release_resends(&release)
+}
+
+fn release_resends(release: &str) -> Option<bool> {
+    let mut parts = release.trim().split(['.', '-', '+']);
+    let major: u32 = parts.next()?.parse().ok()?;
+    let minor: u32 = parts.next()?.parse().ok()?;
+    Some((major, minor) >= (6, 9))
+}
+
+/// Logs once, at the start of a process that keeps FUSE connections across deaths, what a
+/// call in flight when a serving process dies gets on this kernel.
+pub fn log_kernel_failover() {
+    match kernel_resends() {
+        Some(true) => tracing::info!(
+            "this kernel resends FUSE requests (Linux 6.9 or later): a call in flight when a serving process dies is served by its successor"
+        ),
+        Some(false) => tracing::warn!(
+            "this kernel cannot resend FUSE requests (FUSE_NOTIFY_RESEND needs Linux 6.9 or later): a call in flight when a serving process dies fails with EIO; the calls after it are served by the successor"
+        ),
+        None => tracing::warn!(
+            "cannot read the kernel's release: a call in flight when a serving process dies is served by its successor on Linux 6.9 and later, and fails with EIO before"
+        ),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -173,6 +207,23 @@ mod tests {
         assert_eq!(describe(&killed), "killed by signal 9 (SIGKILL)");
         let exited = ExitStatus::from_raw(3 << 8);
         assert_eq!(describe(&exited), "exited with status 3");
+    }
+
+    #[test]
+    fn kernel_releases_that_resend() {
+        for (release, resends) in [
+            ("6.18.0-1-amd64", Some(true)),
+            ("6.9.0", Some(true)),
+            ("6.8.12-arch1", Some(false)),
+            ("5.15.0-126-generic", Some(false)),
+            ("7.0", Some(true)),
+            ("4.18.0-553.el8_10.x86_64", Some(false)),
+            ("6.10+deb13", Some(true)),
+            ("garbage", None),
+            ("6", None),
+        ] {
+            assert_eq!(release_resends(release), resends, "{release}");
+        }
     }
 
     #[test]

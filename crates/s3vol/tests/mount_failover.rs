@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/proxy.rs"]
+mod proxy;
 #[path = "support/mount.rs"]
 mod support;
 #[path = "support/workload.rs"]
@@ -19,7 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{Mounted, pattern};
+use proxy::Proxy;
+use support::{Mounted, errno, pattern};
 use workload::{Record, metadata_loop, open_reader, open_writer, percentile};
 
 /// The serving process of a supervised mount: the supervisor's only child. `children` lists
@@ -273,4 +276,73 @@ async fn killing_the_supervisor_takes_its_serving_process_along() {
         std::thread::sleep(Duration::from_millis(20));
     }
     m.child = None;
+}
+
+/// On kernels without `FUSE_NOTIFY_RESEND` (before Linux 6.9; taken here on any kernel by the
+/// serving process's test switch) a call in flight when the serving process dies fails with
+/// EIO instead of waiting forever, and the mount goes on serving.
+#[test]
+fn without_resend_a_call_in_flight_at_the_death_fails_with_eio_and_the_mount_goes_on() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let proxy = Proxy::start(&s3vol_s3::testing::endpoint());
+    let mut m = rt.block_on(Mounted::new_unmounted("failover-eio"));
+    let body = pattern(10_000, 9);
+    rt.block_on(m.put("cold.bin", &body, &[]));
+    m.start_supervised_via(&proxy.url(), &[], &[("S3VOL_FAILOVER_NO_RESEND", "1")]);
+    let log = drain_log(&mut m);
+    let supervisor = m.pid();
+    let serving = wait_for_successor(supervisor, 0);
+    // Served: the serving process answered INIT and made its start-up calls to S3, so what
+    // hangs below is the read.
+    fs::metadata(m.mnt.path()).unwrap();
+
+    // A read of a file the mount has not seen: its lookup waits on S3, which hangs.
+    proxy.set_hang(true);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = m.path("cold.bin");
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::read(path));
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.hung() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the read never reached S3: {}",
+            log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill(2) of the serving process this test's mount started.
+    assert_eq!(unsafe { libc::kill(serving as i32, libc::SIGKILL) }, 0);
+    proxy.set_hang(false);
+    let successor = wait_for_successor(supervisor, serving);
+
+    let result = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| {
+            panic!(
+                "the call in flight at the death had no answer 10 s later: {}",
+                log.lock().unwrap()
+            )
+        });
+    let err = result.expect_err("the read in flight at the death cannot have succeeded");
+    assert_eq!(errno(&err), libc::EIO, "{err}");
+    assert!(alive(successor), "the successor died");
+
+    // The mount serves on: the same file reads whole, and a new file is created and kept.
+    assert_eq!(fs::read(m.path("cold.bin")).unwrap(), body);
+    fs::write(m.path("new.txt"), b"after the death").unwrap();
+    assert_eq!(rt.block_on(m.get("new.txt")), b"after the death");
+    let text = log.lock().unwrap().clone();
+    let failed: u64 = text
+        .split_once("failed=")
+        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        text.contains("the calls that were in flight got EIO") && failed >= 1,
+        "the successor logs what it failed: {text}"
+    );
+    let (status, err) = m.stop();
+    assert!(status.success(), "supervisor exited {status}: {err}");
 }

@@ -6,11 +6,13 @@ use std::sync::Arc;
 use nix::errno::Errno;
 
 use crate::dev_fuse::DevFuse;
+use crate::inflight::InFlight;
+use crate::ll::RequestId;
 use crate::passthrough::BackingId;
 
 /// A raw communication channel to the FUSE kernel driver
 #[derive(Debug, Clone)]
-pub(crate) struct Channel(Arc<DevFuse>);
+pub(crate) struct Channel(Arc<DevFuse>, Option<Arc<InFlight>>);
 
 impl AsFd for Channel {
     fn as_fd(&self) -> BorrowedFd<'_> {
@@ -23,7 +25,17 @@ impl Channel {
     /// given path. The kernel driver will delegate filesystem operations of
     /// the given path to the channel.
     pub(crate) fn new(device: Arc<DevFuse>) -> Self {
-        Self(device)
+        Self(device, None)
+    }
+
+    /// Tracks the requests read from (and answered through) this channel, its clones and
+    /// its senders made from now on.
+    pub(crate) fn track(&mut self, in_flight: Arc<InFlight>) {
+        self.1 = Some(in_flight);
+    }
+
+    pub(crate) fn in_flight(&self) -> Option<&InFlight> {
+        self.1.as_deref()
     }
 
     /// Receives data up to the capacity of the given buffer (can block).
@@ -53,7 +65,7 @@ impl Channel {
     pub(crate) fn sender(&self) -> ChannelSender {
         // Since write/writev syscalls are threadsafe, we can simply create
         // a sender by using the same file and use it in other threads.
-        ChannelSender(self.0.clone())
+        ChannelSender(self.0.clone(), self.1.clone())
     }
 
     /// Clone the FUSE device fd using FUSE_DEV_IOC_CLONE ioctl.
@@ -75,12 +87,12 @@ impl Channel {
             crate::ll::ioctl::fuse_dev_ioc_clone(new_dev.as_raw_fd(), &mut source_fd)?;
         }
 
-        Ok(Channel::new(Arc::new(new_dev)))
+        Ok(Channel(Arc::new(new_dev), self.1.clone()))
     }
 }
 
 #[derive(Clone, Debug)]
-pub(crate) struct ChannelSender(Arc<DevFuse>);
+pub(crate) struct ChannelSender(Arc<DevFuse>, Option<Arc<InFlight>>);
 
 impl ChannelSender {
     pub(crate) fn send(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<()> {
@@ -90,6 +102,13 @@ impl ChannelSender {
         // https://github.com/libfuse/libfuse/blob/6278995cca991978abd25ebb2c20ebd3fc9e8a13/lib/fuse_lowlevel.c#L267
         debug_assert_eq!(bufs.iter().map(|b| b.len()).sum::<usize>(), rc);
         Ok(())
+    }
+
+    /// The reply to `unique` was sent (or failed to be).
+    pub(crate) fn answered(&self, unique: RequestId) {
+        if let Some(in_flight) = &self.1 {
+            in_flight.answered(unique);
+        }
     }
 
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {

@@ -32,6 +32,8 @@ use serde::Serialize;
 pub use crate::access_flags::AccessFlags;
 pub use crate::bsd_file_flags::BsdFileFlags;
 use crate::forget_one::ForgetOne;
+pub use crate::inflight::InFlightBounds;
+pub use crate::inflight::InFlightRecorder;
 pub use crate::ll::Errno;
 pub use crate::ll::Generation;
 pub use crate::ll::RequestId;
@@ -88,6 +90,7 @@ mod dev_fuse;
 #[cfg(feature = "experimental")]
 pub mod experimental;
 mod forget_one;
+mod inflight;
 mod ll;
 mod mnt;
 mod notify;

@@ -59,6 +59,15 @@ impl ReplySender {
         }
     }
 
+    /// The reply to `unique` was sent (or failed to be).
+    pub(crate) fn answered(&self, unique: ll::RequestId) {
+        match self {
+            ReplySender::Channel(sender) => sender.answered(unique),
+            #[cfg(test)]
+            ReplySender::Assert(_) | ReplySender::Sync(_) => {}
+        }
+    }
+
     /// Open a backing file
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
         match self {
@@ -133,6 +142,7 @@ impl ReplyRaw {
         assert!(self.sender.is_some());
         let sender = self.sender.take().unwrap();
         let res = response.with_iovec(self.unique, |iov| sender.send(iov));
+        sender.answered(self.unique);
         if let Err(err) = res {
             error!("Failed to send FUSE reply: {err}");
         }

@@ -33,12 +33,16 @@ use crate::Request;
 use crate::channel::Channel;
 use crate::channel::ChannelSender;
 use crate::dev_fuse::DevFuse;
+use crate::inflight::InFlight;
+use crate::inflight::InFlightRecorder;
 use crate::ll;
 use crate::ll::Operation;
+use crate::ll::RequestId;
 use crate::ll::ResponseErrno;
 use crate::ll::Version;
 use crate::ll::flags::init_flags::InitFlags;
 use crate::ll::fuse_abi as abi;
+use crate::ll::reply::Response;
 use crate::mnt::Mount;
 use crate::mnt::mount_options::Config;
 use crate::mnt::mount_options::check_option_conflicts;
@@ -251,6 +255,44 @@ impl<FS: Filesystem> Session<FS> {
         }
     }
 
+    /// Reports to `recorder`, from now on, the bounds of the requests this session has read
+    /// and not answered (see [`InFlightRecorder`]), for a server that takes over the
+    /// connection should this one die. `newest`: the highest request ID an earlier server of
+    /// the connection read (0 if none or unknown). Call before [`Session::run`].
+    pub fn record_in_flight(&mut self, recorder: Arc<dyn InFlightRecorder>, newest: RequestId) {
+        self.ch.track(Arc::new(InFlight::new(recorder, newest)));
+    }
+
+    /// Answers with `errno` each request among `uniques` that was read from this connection's
+    /// device and not answered, and returns how many there were. The kernel matches replies
+    /// by ID and refuses one whose ID it does not hold (answered, or not read yet) with
+    /// `ENOENT`, which changes nothing; so called before this session reads a request (before
+    /// [`Session::run`]), this answers exactly the requests an earlier server of the
+    /// connection read and left unanswered when it died, among `uniques` (their bounds were
+    /// kept by its [`InFlightRecorder`]). This is how a successor ends them on kernels that
+    /// cannot send them again ([`Notifier::resend`](crate::Notifier::resend), Linux 6.9).
+    /// The kernel keeps a list per device: only requests read through this session's
+    /// descriptor (or another descriptor of the same open file) are found, not those read
+    /// through a clone made with `FUSE_DEV_IOC_CLONE` (`Config::clone_fd`).
+    /// # Errors
+    /// The first error other than `ENOENT` (e.g. `ENODEV` once the connection is gone).
+    pub fn fail_unanswered(
+        &self,
+        uniques: impl IntoIterator<Item = RequestId>,
+        errno: Errno,
+    ) -> io::Result<u64> {
+        let sender = self.ch.sender();
+        let mut answered = 0;
+        for unique in uniques {
+            match ResponseErrno(errno).with_iovec(unique, |iov| sender.send(iov)) {
+                Ok(()) => answered += 1,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(answered)
+    }
+
     /// Run the session loop in a background thread. If the returned handle is dropped,
     /// the filesystem is unmounted and the given session ends.
     pub fn spawn(self) -> io::Result<BackgroundSession> {
@@ -323,6 +365,7 @@ impl<FS: Filesystem> Session<FS> {
         for (i, ch) in channels.into_iter().enumerate() {
             let thread_name = format!("fuser-{i}");
             let event_loop = SessionEventLoop {
+                reader: i,
                 thread_name: thread_name.clone(),
                 filesystem: filesystem.clone(),
                 ch,
@@ -542,6 +585,8 @@ impl SessionUnmounter {
 }
 
 pub(crate) struct SessionEventLoop<FS: Filesystem> {
+    /// This reader thread's index, for [`InFlight`].
+    pub(crate) reader: usize,
     /// Cache thread name for faster `debug!`.
     pub(crate) thread_name: String,
     pub(crate) ch: Channel,
@@ -557,10 +602,25 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         let mut buf = FuseReadBuf::new();
         let buf = buf.as_mut();
         loop {
+            if let Some(in_flight) = self.ch.in_flight() {
+                in_flight.reading(self.reader);
+            }
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
-            match self.ch.receive_retrying(buf) {
-                Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
+            let received = self.ch.receive_retrying(buf);
+            let request = received
+                .as_ref()
+                .ok()
+                .map(|&size| RequestWithSender::new(self.ch.sender(), &buf[..size]));
+            if let Some(in_flight) = self.ch.in_flight() {
+                let unique = match &request {
+                    Some(Some(req)) if req.request.expects_reply() => Some(req.request.unique()),
+                    _ => None,
+                };
+                in_flight.read(self.reader, unique);
+            }
+            match received {
+                Ok(_) => match request.flatten() {
                     // Dispatch request
                     Some(req) => {
                         if let Ok(Operation::Destroy(_)) = req.request.operation() {

@@ -647,10 +647,14 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
             {
                 bail!("cannot start the session journal in {}: {e}", dir.display());
             }
-            (
-                FuseServer::from_fd(fs.clone(), rt.handle().clone(), fd, &settings),
-                KernelMount::HandedOver,
-            )
+            let server = FuseServer::from_fd(fs.clone(), rt.handle().clone(), fd, &settings)
+                .and_then(|mut server| {
+                    if let Some(dir) = session_dir {
+                        server.record_in_flight(dir)?;
+                    }
+                    Ok(server)
+                });
+            (server, KernelMount::HandedOver)
         }
         (None, _) if rustix::process::geteuid().is_root() => {
             let (fd, mut own) = kernel::mount(

@@ -149,13 +149,29 @@ impl Mounted {
         self.start_raw(&args);
     }
 
+    /// Mounts with `--supervise` through `endpoint` (a proxy in front of the test server),
+    /// with `env` added to the environment of the supervisor and its serving processes.
+    pub fn start_supervised_via(&mut self, endpoint: &str, extra: &[&str], env: &[(&str, &str)]) {
+        let mut args = vec!["--supervise"];
+        args.extend_from_slice(extra);
+        self.start_with(Some(endpoint), &args, env);
+    }
+
     fn start_raw(&mut self, extra: &[&str]) {
+        self.start_with(None, extra, &[]);
+    }
+
+    fn start_with(&mut self, endpoint: Option<&str>, extra: &[&str], env: &[(&str, &str)]) {
         let target = format!("{}/{}", self.bucket, self.prefix);
+        let mut server = server_args();
+        if let Some(endpoint) = endpoint {
+            server[1] = endpoint.to_owned();
+        }
         let mut cmd = s3vol();
         cmd.arg("mount")
             .arg(&target)
             .arg(self.mnt.path())
-            .args(server_args())
+            .args(server)
             .arg("--cache-dir")
             .arg(self.cache.path())
             .arg("-f")
@@ -163,7 +179,8 @@ impl Mounted {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .env("S3VOL_LOG_LEVEL", "warn");
+            .env("S3VOL_LOG_LEVEL", "warn")
+            .envs(env.iter().copied());
         let mut child = cmd.spawn().expect("spawn s3vol mount");
         let deadline = Instant::now() + Duration::from_secs(30);
         while !is_mounted(self.mnt.path()) {

@@ -2180,6 +2180,17 @@ impl<'a> AnyRequest<'a> {
         op::parse(self.header, &opcode, self.data).ok_or(RequestError::InsufficientData)
     }
 
+    /// Whether the kernel waits for a reply to this request (all but forgets and
+    /// interrupts).
+    pub(crate) fn expects_reply(&self) -> bool {
+        ![
+            fuse_opcode::FUSE_FORGET as u32,
+            fuse_opcode::FUSE_BATCH_FORGET as u32,
+            fuse_opcode::FUSE_INTERRUPT as u32,
+        ]
+        .contains(&self.header.opcode)
+    }
+
     pub(crate) fn header(&self) -> &fuse_in_header {
         self.header
     }

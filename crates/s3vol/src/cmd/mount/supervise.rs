@@ -220,6 +220,7 @@ pub fn run(args: MountArgs, credentials: Option<Zeroizing<Vec<u8>>>) -> anyhow::
             return Err(e);
         }
     };
+    s3vol_fs::session::log_kernel_failover();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
