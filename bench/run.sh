@@ -42,7 +42,8 @@
 # S3VOL_BIN (an s3vol binary to use instead of building one), S3VOL_BASE_BIN (a second s3vol
 # binary, e.g. a build of an earlier commit: adds the client `s3vol-base`, run with the same
 # options as `s3vol`, so that `--clients s3vol,s3vol-base` measures a change side by side),
-# BENCH_RAND_SECS (fio runtime).
+# BENCH_RAND_SECS (fio runtime), GARAGE_S3_PORT, GARAGE_RPC_PORT and GARAGE_ADMIN_PORT (when
+# another Garage holds bench/garage.sh's default ports).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -66,7 +67,7 @@ while [[ $# -gt 0 ]]; do
 	--clients) clients=$2 && shift ;;
 	--workloads) workloads=$2 && shift ;;
 	--out) out=$2 && shift ;;
-	-h | --help) sed -n '2,43p' "$0" >&2 && exit 0 ;;
+	-h | --help) sed -n '2,46p' "$0" >&2 && exit 0 ;;
 	*) die "unknown argument $1 (see --help)" ;;
 	esac
 	shift
