@@ -20,7 +20,10 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
   bench.py count PREFIX                 how many objects are under PREFIX, directory
                                         markers (keys ending in '/') not counted
   bench.py fio-iops FILE.json           read IOPS of a fio JSON report
-  bench.py summarize RESULTS.tsv        markdown tables of the medians (see run.sh)
+  bench.py summarize RESULTS.tsv [CLIENTS.tsv]
+                                        markdown tables of the medians (see run.sh); with
+                                        CLIENTS.tsv (client, integrity, options per line) a
+                                        table of the clients and each row's integrity setting
 """
 
 import concurrent.futures
@@ -215,12 +218,15 @@ WORKLOADS = {
     "randread": ("4 KiB random reads (fio, 1 job, psync)", "IOPS", True, None),
     "create": ("Create small files one after another, each durable on close", "files/s", True, "put-seq"),
     "cptree": ("`cp -r` of a tree of small files (10 directories)", "files/s", True, None),
-    "ls_cold": ("`ls -l` of a large directory, first on a fresh mount (cold)", "s", False, "list"),
+    "ls_cold": ("`ls -l` of a large directory, first on a fresh mount, on a node that never listed it (cold)", "s", False, "list"),
     "ls_warm": ("`ls -l` of the same directory again on the same mount (warm)", "s", False, "list"),
-    "stat": ("stat(2) of every file of the large directory, by name, fresh mount", "s", False, None),
+    "ls_again_cold": ("`ls -l` of the large directory on a fresh mount, on a node that listed it before (s3vol's attribute cache; the other clients keep nothing between mounts)", "s", False, "list"),
+    "ls_again_warm": ("`ls -l` of it again on that mount", "s", False, "list"),
+    "stat": ("stat(2) of every file of the large directory, by name, fresh mount, on a node that never listed it", "s", False, None),
     "rename": ("`mv` of a directory of 100 files", "s", False, None),
     "tarx": ("`tar x` of a source-like tree of small files into the mount", "files/s", True, None),
     "find": ("`find -type f` over that tree, fresh mount (cold)", "s", False, None),
+    "du": ("`du -sb` over that tree, fresh mount (cold)", "s", False, None),
     "grep": ("`grep -rl` over that tree, fresh mount (every byte read)", "s", False, None),
     "readers4": ("4 concurrent sequential readers of 4 different files, page cache dropped", "MiB/s", True, None),
 }
@@ -237,7 +243,14 @@ def fmt(v):
     return "%.2f" % v
 
 
-def cmd_summarize(path):
+def cmd_summarize(path, clients_path=None):
+    clients = {}
+    if clients_path:
+        with open(clients_path) as f:
+            for line in f:
+                if line.strip():
+                    c, integrity, options = line.rstrip("\n").split("\t", 2)
+                    clients[c] = (integrity, options)
     rows = []
     with open(path) as f:
         for line in f:
@@ -247,6 +260,14 @@ def cmd_summarize(path):
             rows.append((int(run), workload, client, float(value) if value != "-" else None, rss))
     runs = max((r[0] for r in rows), default=0)
     out = []
+    if clients:
+        out.append("### Clients\n")
+        out.append("| client | upload integrity | options |")
+        out.append("|---|---|---|")
+        for c in sorted(clients, key=lambda c: CLIENT_ORDER.index(c) if c in CLIENT_ORDER else 99):
+            integrity, options = clients[c]
+            out.append("| %s | %s | `%s` |" % (c, integrity, options))
+        out.append("")
     for w, (title, unit, higher, ceiling_op) in WORKLOADS.items():
         vals, rss = {}, {}
         for run, workload, client, value, r in rows:
@@ -263,8 +284,12 @@ def cmd_summarize(path):
             ceiling = statistics.median(cv) if cv else None
         out.append("### %s\n" % title)
         head = "| client | median (%s) | runs | s3vol vs this client | vs no-FUSE ceiling | peak RSS (MiB) |" % unit
+        sep = "|---|---:|---:|---:|---:|---:|"
+        if clients:
+            head += " integrity |"
+            sep += "---|"
         out.append(head)
-        out.append("|---|---:|---:|---:|---:|---:|")
+        out.append(sep)
         for c in sorted(med, key=lambda c: CLIENT_ORDER.index(c) if c in CLIENT_ORDER else 99):
             v = med[c]
             # Rows with upload checksums compare with s3vol's own row with checksums.
@@ -274,17 +299,21 @@ def cmd_summarize(path):
             else:
                 r = (s / v) if higher else (v / s)
                 ratio = "%.2f×" % r if r >= 0.01 else "<0.01×"
-            if ceiling and w not in ("ls_cold", "ls_warm"):
+            if ceiling and not w.startswith("ls_"):
                 ceil = "%.0f%%" % (100 * v / ceiling)
             elif ceiling:
                 ceil = "%.1f× the LIST time" % (v / ceiling)
             else:
                 ceil = "—"
             r = "%.0f" % (rss[c] / 1024) if c in rss else "—"
-            out.append("| %s | %s | %d | %s | %s | %s |" % (c, fmt(v), len(vals[c]), ratio, ceil, r))
+            row = "| %s | %s | %d | %s | %s | %s |" % (c, fmt(v), len(vals[c]), ratio, ceil, r)
+            if clients:
+                row += " %s |" % clients.get(c, ("?", ""))[0]
+            out.append(row)
         if ceiling:
             out.append(
-                "| *no-FUSE ceiling* (`%s`) | %s | | | | |" % (ceiling_op, fmt(ceiling))
+                "| *no-FUSE ceiling* (`%s`) | %s | | | | |%s"
+                % (ceiling_op, fmt(ceiling), " none (UNSIGNED-PAYLOAD) |" if clients else "")
             )
         out.append("")
     out.append(

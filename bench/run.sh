@@ -8,6 +8,9 @@
 #       The full benchmark: Garage on 127.0.0.1 (bench/garage.sh), 1 GiB files, 1,000 small
 #       files, 10,000-entry directories, N runs (default 3). Builds what is missing: s3vol
 #       (release), the ceiling tool, the Mountpoint CLI (long: cmake + the AWS CRT), Garage.
+#   bench/run.sh --small [--runs N] [--clients …] [--workloads …]
+#       The same set-up (Garage, every client, Mountpoint included) with the quick mode's
+#       sizes: shows in a few minutes that every workload gives numbers for every client.
 #   bench/run.sh --quick
 #       Proves the harness works, in a few minutes: tiny sizes, one run, against the moto
 #       server of scripts/s3-server.sh (reused when S3VOL_TEST_ENDPOINT is set), s3vol + s3fs
@@ -26,19 +29,21 @@
 #   rename    mv of a directory of 100 files (not Mountpoint: it cannot rename directories)
 #   tarx      tar x of a source-like tree (3,559 files of 200 B – 64 KiB, nested) into the mount
 #   find      find -type f over that tree, on a fresh mount
+#   du        du -sb over that tree, on a fresh mount (a stat of every file and directory)
 #   grep      grep -rl over that tree, on a fresh mount (reads every byte)
 #   readers4  4 concurrent dd readers of 4 different 256 MiB files, page cache dropped
 # Integrity settings are matched: `s3vol` and `mountpoint` both send no upload checksums;
 # `s3vol-crc` (--full-checksums) and `mountpoint-crc` (its default, CRC32C) both do, and run
-# the write workloads only (seqwrite, create).
-# Mountpoint only runs what its semantics allow: seqwrite, seqread, randread, create, cptree,
-# ls and stat.
+# the write workloads only (seqwrite, create, cptree, tarx). Every row of the tables names
+# its client's integrity setting, and a table of the clients gives their options.
+# Mountpoint runs everything but rename (it cannot rename directories).
 #
 # Environment: BENCH_HOME (default /opt/s3vol-bench: Garage, build dirs, work files),
 # S3VOL_BIN (an s3vol binary to use instead of building one), S3VOL_BASE_BIN (a second s3vol
 # binary, e.g. a build of an earlier commit: adds the client `s3vol-base`, run with the same
 # options as `s3vol`, so that `--clients s3vol,s3vol-base` measures a change side by side),
-# BENCH_RAND_SECS (fio runtime).
+# BENCH_RAND_SECS (fio runtime), GARAGE_S3_PORT, GARAGE_RPC_PORT and GARAGE_ADMIN_PORT (when
+# another Garage holds bench/garage.sh's default ports).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -53,20 +58,21 @@ die() {
 	exit 1
 }
 
-mode=full runs= clients= out= workloads=
+mode=full small= runs= clients= out= workloads=
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--quick) mode=quick ;;
+	--small) small=1 ;;
 	--runs) runs=$2 && shift ;;
 	--clients) clients=$2 && shift ;;
 	--workloads) workloads=$2 && shift ;;
 	--out) out=$2 && shift ;;
-	-h | --help) sed -n '2,38p' "$0" >&2 && exit 0 ;;
+	-h | --help) sed -n '2,46p' "$0" >&2 && exit 0 ;;
 	*) die "unknown argument $1 (see --help)" ;;
 	esac
 	shift
 done
-WORKLOADS=(seqwrite seqread randread create cptree ls stat rename tarx find grep readers4)
+WORKLOADS=(seqwrite seqread randread create cptree ls lsagain stat rename tarx find du grep readers4)
 if [[ -n $workloads ]]; then
 	IFS=, read -r -a wanted <<<"$workloads"
 	for w in "${wanted[@]}"; do
@@ -76,15 +82,18 @@ if [[ -n $workloads ]]; then
 fi
 [[ $(id -u) -eq 0 ]] || die "run as root (FUSE mounts, apt-get, dropping the page cache)"
 
-if [[ $mode == full ]]; then
+if [[ $mode == full && -z $small ]]; then
 	BIG_MIB=1024 SMALL=1000 TREE=1000 LS=10000 REN=100 RAND_SECS=${BENCH_RAND_SECS:-15}
 	SRC_FILES=3559 PAR_MIB=256
 	runs=${runs:-3}
-	WORK=$BENCH_HOME/work
 else
 	BIG_MIB=16 SMALL=40 TREE=40 LS=200 REN=20 RAND_SECS=${BENCH_RAND_SECS:-2}
 	SRC_FILES=60 PAR_MIB=4
 	runs=${runs:-1}
+fi
+if [[ $mode == full ]]; then
+	WORK=$BENCH_HOME/work${small:+-small}
+else
 	WORK=$(mktemp -d /tmp/s3vol-bench.XXXXXX)
 fi
 [[ $runs =~ ^[1-9][0-9]?$ ]] || die "--runs must be 1..99"
@@ -238,6 +247,7 @@ rm -rf "$WORK/srctree" && py srctree "$WORK/srctree" "$SRC_FILES"
 tar -cf "$WORK/srctree.tar" -C "$WORK" srctree
 py upload-tree "$WORK/srctree" shared/src/
 MARKED=$(grep -rl s3vol_bench_marker "$WORK/srctree" | wc -l)
+SRC_BYTES=$(find "$WORK/srctree" -type f -printf '%s\n' | awk '{ n += $1 } END { print n }')
 [[ $(py count shared/src/) -eq $SRC_FILES ]] || die "uploading shared/src/ failed"
 declare -A PAR_SHA=()
 for i in 0 1 2 3; do
@@ -299,11 +309,37 @@ client_cmd() { # client mountpoint-dir
 			-o parallel_count=16,multipart_size=8,max_stat_cache_size=100000,enable_noobj_cache,multireq_max=20,dbglevel=warn
 		;;
 	rclone)
+		# --use-server-modtime: a file's time is the object's Last-Modified from the listing,
+		# instead of a HEAD per file for its mtime metadata (the mount docs' advice for S3).
+		# --fast-list: ListR where a walk can use it (the S3 backend docs' advice for listings).
 		echo "$RCLONE" mount "bench:$BUCKET" "$dir" --vfs-cache-mode off \
 			--s3-upload-concurrency 8 --s3-chunk-size 8M --vfs-read-chunk-streams 16 --vfs-read-chunk-size 4M \
-			--s3-no-check-bucket --log-level ERROR
+			--use-server-modtime --fast-list --s3-no-check-bucket --log-level ERROR
 		;;
 	esac
+}
+
+# What each client does to protect an upload's bytes on the way to the server (seen in its
+# requests to this server: headers of PUT and UploadPart), for the tables.
+client_integrity() { # client
+	case $1 in
+	s3vol | s3vol-base) echo "none (UNSIGNED-PAYLOAD, no checksum)" ;;
+	s3vol-list) echo "SHA-256 of the body, signed (s3vol's default over plain HTTP)" ;;
+	s3vol-crc) echo "CRC32 header (--full-checksums), UNSIGNED-PAYLOAD" ;;
+	mountpoint) echo "none (UNSIGNED-PAYLOAD, --upload-checksums off)" ;;
+	mountpoint-crc) echo "CRC32C trailer, aws-chunked (its default), UNSIGNED-PAYLOAD" ;;
+	s3fs) echo "SHA-256 of the body, signed (its only mode)" ;;
+	rclone) echo "Content-MD5 on every PUT and part; parts also signed SHA-256" ;;
+	esac
+}
+
+# One line per client: name, integrity, options (the command line after the mount point).
+clients_tsv() {
+	local c cmd
+	for c in "${CLIENTS[@]}"; do
+		cmd=$(client_cmd "$c" "$MNT/$c" | sed "s#$WORK#\$WORK#g")
+		printf '%s\t%s\t%s\n' "$c" "$(client_integrity "$c")" "${cmd#*"\$WORK/mnt/$c" }"
+	done
 }
 
 PID=
@@ -438,6 +474,11 @@ w_ls() { # prints "cold warm"
 	echo "$t1 $t2"
 }
 
+# The same `ls -l` on a fresh mount of a node that listed the directory before: s3vol's
+# attribute cache (in its cache directory) holds what the `ls` workload's mount learnt. The other
+# clients keep nothing between mounts, so for them this is the cold `ls -l` again.
+w_lsagain() { w_ls "$@"; }
+
 w_stat() {
 	py stat "$2/shared/ls" "$LS" | sed -n 's/^secs=//p'
 }
@@ -485,6 +526,19 @@ w_find() {
 	echo "$t"
 }
 
+w_du() {
+	local t n
+	t=$(now)
+	n=$(du -sb "$2/shared/src" | cut -f1)
+	t=$(elapsed "$t")
+	# Apparent sizes: the files' bytes, plus what the client reports for directories.
+	[[ $n =~ ^[0-9]+$ && $n -ge $SRC_BYTES ]] || {
+		note "$1: du -sb printed '$n', expected at least the tree's $SRC_BYTES bytes"
+		return 1
+	}
+	echo "$t"
+}
+
 w_grep() {
 	local t n
 	drop_caches
@@ -521,7 +575,7 @@ supports() { # client workload
 	case $1 in
 	mountpoint) [[ $2 != rename ]] ;;
 	s3vol-list) [[ $2 == ls ]] ;;
-	s3vol-crc | mountpoint-crc) [[ $2 == seqwrite || $2 == create ]] ;;
+	s3vol-crc | mountpoint-crc) [[ " seqwrite create cptree tarx " == *" $2 "* ]] ;;
 	*) true ;;
 	esac
 }
@@ -534,6 +588,9 @@ record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"; }
 run_one() { # client workload run
 	local c=$1 w=$2 r=$3 dir=$MNT/$1 logf=$LOGS/$1-$2-r$3.log v rss
 	[[ $w == rename ]] && py populate "$c/r$r/ren/src/" "$REN" 4096 --dir-marker
+	# Every workload but lsagain runs on a node that never saw the bucket: s3vol's attribute
+	# cache is emptied first.
+	[[ $c == s3vol* && $w != lsagain ]] && rm -rf "$WORK/cache/$c/attrs"
 	if ! mount_client "$c" "$dir" "$logf"; then
 		failures+=("$c $w run $r: mount failed (see $logf)")
 		record "$r" "$w" "$c" - -
@@ -541,9 +598,10 @@ run_one() { # client workload run
 	fi
 	if v=$("w_$w" "$c" "$dir" "$r" 2>>"$logf"); then
 		rss=$(hwm_kib "$PID")
-		if [[ $w == ls ]]; then
-			record "$r" ls_cold "$c" "${v% *}" "$rss"
-			record "$r" ls_warm "$c" "${v#* }" "$rss"
+		if [[ $w == ls || $w == lsagain ]]; then
+			local name=${w/lsagain/ls_again}
+			record "$r" "${name}_cold" "$c" "${v% *}" "$rss"
+			record "$r" "${name}_warm" "$c" "${v#* }" "$rss"
 		else
 			record "$r" "$w" "$c" "$v" "$rss"
 		fi
@@ -586,13 +644,14 @@ done
 
 # ---------------------------------------------------------------- report
 {
-	echo "## Results ($mode mode, $(date -u +%Y-%m-%d), $runs run(s))"
+	echo "## Results ($mode mode${small:+ with small sizes}, $(date -u +%Y-%m-%d), $runs run(s))"
 	echo
 	echo "Machine: $(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(. /etc/os-release && echo "$PRETTY_NAME"), kernel $(uname -r)."
 	echo "Server: $SERVER. Sizes: ${BIG_MIB} MiB file, $SMALL small files, $TREE-file tree, $LS-entry directory, $REN-file rename, $SRC_FILES-file source tree, 4 × $PAR_MIB MiB files."
 	echo "Integrity: \`s3vol\` and \`mountpoint\` send no upload checksums; \`s3vol-crc\` and \`mountpoint-crc\` both do (s3vol \`--full-checksums\`, Mountpoint's default CRC32C)."
 	echo
-	py summarize "$RESULTS"
+	clients_tsv >"$OUT/clients.tsv"
+	py summarize "$RESULTS" "$OUT/clients.tsv"
 	echo
 	echo "Versions: s3vol $S3VOL_VERSION (\`git describe --dirty\` when it was built); $(s3fs --version 2>&1 | head -1 | sed 's/ (commit.*//'); $("$RCLONE" version 2>/dev/null | head -1); $(fio --version)$([[ " ${CLIENTS[*]} " == *" mountpoint "* ]] && echo "; mountpoint-s3-fs 0.11.0 + mountpoint-s3-client 0.22.0 (bench/mountpoint-cli)")$([[ " ${CLIENTS[*]} " == *" s3vol-base "* ]] && echo "; s3vol-base $S3VOL_BASE_BIN")."
 	echo

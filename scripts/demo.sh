@@ -5,9 +5,10 @@
 # unmounts. Needs root (or fuse3's fusermount3) for the FUSE mount.
 #   scripts/demo.sh            keep nothing running afterwards
 #   KEEP=1 scripts/demo.sh     leave the mount and the server up to play with
-# The first run compiles s3vol and about 360 crates it depends on (the AWS SDK, tokio, tonic,
-# rustls…): about 11 CPU-minutes, so 6–10 minutes on 2 idle cores and much longer on a busy
-# machine; cargo shows its progress. Later runs take seconds.
+# The first run compiles s3vol and about 300 crates it depends on (the AWS SDK, tokio, tonic,
+# rustls…): about 10.5 CPU-minutes measured on a busy 2-core machine (less when idle), so
+# roughly 6–8 minutes on 2 idle cores and much longer on a busy machine; cargo shows its
+# progress. Later runs take seconds.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,7 +22,7 @@ fi
 if [[ -x target/debug/s3vol ]]; then
     say "building s3vol (only what changed since the last build)"
 else
-    say "building s3vol: the first build compiles about 360 crates, about 11 CPU-minutes (6-10 minutes on 2 idle cores, longer on a busy machine); cargo shows its progress below"
+    say "building s3vol: the first build compiles about 300 crates, about 10.5 CPU-minutes (roughly 6-8 minutes on 2 idle cores, longer on a busy machine); cargo shows its progress below"
 fi
 # With the s3vol package's test dependencies (the small cli_errors test is built alongside):
 # the same features the test suite uses, so scripts/test.sh afterwards reuses every compiled
