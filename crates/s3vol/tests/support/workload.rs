@@ -269,6 +269,8 @@ fn fio(dir: &std::path::Path, extra: &[&str]) -> std::process::Command {
             "--verify=crc32c",
             "--do_verify=1",
             "--fsync_on_close=1",
+            // No verify-state files left in the working directory.
+            "--verify_state_save=0",
             "--group_reporting",
             "--filename_format=$jobname",
             "--name=seq",
