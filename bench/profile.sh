@@ -8,6 +8,7 @@
 #
 # Usage (root): bench/profile.sh seqread|seqwrite|randread|create|ls|stat [SIZE_MIB|COUNT]
 # S3VOL_MOUNT_ARGS adds options to the mount (e.g. "--payload-signing never").
+# Also the Garage server's CPU over the same interval (it shares the machine's cores).
 # Output also goes to $BENCH_HOME/profile/<workload>/ (perf.data, report.txt, metrics.txt).
 set -euo pipefail
 
@@ -67,6 +68,8 @@ mountpoint -q "$MNT" || {
 	exit 1
 }
 read -r _ _ _ _ _ _ _ _ _ _ _ _ _ u0 s0 _ </proc/$pid/stat
+gpid=$(pgrep -f "^$BENCH_HOME/garage/bin/garage .* server" | head -1 || true)
+[[ -n $gpid ]] && read -r _ _ _ _ _ _ _ _ _ _ _ _ _ gu0 gs0 _ </proc/$gpid/stat
 [[ $w == seqread || $w == randread ]] && sync && echo 3 >/proc/sys/vm/drop_caches
 [[ $w == seqwrite ]] && cat "$SRC" >/dev/null
 perf record -F 999 -g -p "$pid" -o "$OUT/perf.data" 2>"$OUT/perf-record.log" &
@@ -87,6 +90,7 @@ esac
 t1=$(date +%s.%N)
 kill -INT "$perf_pid" && wait "$perf_pid" || true
 read -r _ _ _ _ _ _ _ _ _ _ _ _ _ u1 s1 _ </proc/$pid/stat
+[[ -n $gpid ]] && read -r _ _ _ _ _ _ _ _ _ _ _ _ _ gu1 gs1 _ </proc/$gpid/stat
 tick=$(getconf CLK_TCK)
 {
 	awk -v a="$t0" -v b="$t1" -v n="${n}" -v w="$w" 'BEGIN {
@@ -97,6 +101,8 @@ tick=$(getconf CLK_TCK)
 	awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$tick" -v a="$t0" -v b="$t1" 'BEGIN {
 		printf "s3vol CPU during the workload (plus ~1 s before): user %.2f s, system %.2f s (%.0f%% of one core over the workload)\n",
 			u / hz, s / hz, 100 * (u + s) / hz / (b - a) }'
+	[[ -n $gpid ]] && awk -v u=$((gu1 - gu0)) -v s=$((gs1 - gs0)) -v hz="$tick" 'BEGIN {
+		printf "Garage CPU over the same interval (the server shares the cores): user %.2f s, system %.2f s\n", u / hz, s / hz }'
 	echo
 	echo "S3 requests (op: count, total seconds, mean ms):"
 	curl -s "http://$METRICS/metrics" >"$OUT/metrics.txt" || true
