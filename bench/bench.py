@@ -231,7 +231,8 @@ WORKLOADS = {
     "readers4": ("4 concurrent sequential readers of 4 different files, page cache dropped", "MiB/s", True, None),
 }
 CLIENT_ORDER = [
-    "s3vol", "s3vol-base", "s3vol-list", "mountpoint", "s3fs", "rclone", "s3vol-crc", "mountpoint-crc"
+    "s3vol", "s3vol-base", "s3vol-list", "mountpoint", "s3fs", "rclone", "s3vol-crc", "mountpoint-crc",
+    "s3vol-sha",
 ]
 
 
@@ -292,9 +293,12 @@ def cmd_summarize(path, clients_path=None):
         out.append(sep)
         for c in sorted(med, key=lambda c: CLIENT_ORDER.index(c) if c in CLIENT_ORDER else 99):
             v = med[c]
-            # Rows with upload checksums compare with s3vol's own row with checksums.
+            # Rows with upload checksums compare with s3vol's own row with checksums; s3fs
+            # (SHA-256 signed, its only mode) with s3vol's default over HTTP when that ran.
             s = med.get("s3vol-crc") if c == "mountpoint-crc" else med.get("s3vol")
-            if s is None or c in ("s3vol", "s3vol-crc"):
+            if c == "s3fs" and "s3vol-sha" in med:
+                s = med["s3vol-sha"]
+            if s is None or c in ("s3vol", "s3vol-crc", "s3vol-sha"):
                 ratio = "—"
             else:
                 r = (s / v) if higher else (v / s)
@@ -318,7 +322,7 @@ def cmd_summarize(path, clients_path=None):
         out.append("")
     out.append(
         "s3vol vs this client: s3vol's speed divided by the client's (above 1: s3vol is faster; "
-        "for `mountpoint-crc`, `s3vol-crc`'s); "
+        "for `mountpoint-crc`, `s3vol-crc`'s; for `s3fs`, `s3vol-sha`'s when it ran); "
         "medians of %d run(s)." % runs
     )
     print("\n".join(out))

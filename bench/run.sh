@@ -34,7 +34,9 @@
 #   readers4  4 concurrent dd readers of 4 different 256 MiB files, page cache dropped
 # Integrity settings are matched: `s3vol` and `mountpoint` both send no upload checksums;
 # `s3vol-crc` (--full-checksums) and `mountpoint-crc` (its default, CRC32C) both do, and run
-# the write workloads only (seqwrite, create, cptree, tarx). Every row of the tables names
+# the write workloads only (seqwrite, create, cptree, tarx); so does `s3vol-sha` (s3vol with
+# no option at all: over plain HTTP it signs each body's SHA-256, s3fs's only mode), to
+# compare with s3fs at its integrity setting (`--clients s3vol-sha,s3fs`). Every row of the tables names
 # its client's integrity setting, and a table of the clients gives their options.
 # Mountpoint runs everything but rename (it cannot rename directories).
 #
@@ -188,10 +190,10 @@ if [[ $mode == full ]]; then
 	bash "$BENCH/garage.sh" install
 fi
 
-available=(s3vol s3vol-list s3fs rclone)
+available=(s3vol s3vol-list s3fs rclone s3vol-sha)
 # Not in the quick mode: moto answers Mountpoint's PUTs without the ETag header its client
 # requires, and the quick mode must not depend on a long build anyway.
-[[ $mode == full && -x $MOUNTPOINT ]] && available=(s3vol s3vol-list mountpoint s3fs rclone s3vol-crc mountpoint-crc)
+[[ $mode == full && -x $MOUNTPOINT ]] && available=(s3vol s3vol-list mountpoint s3fs rclone s3vol-crc mountpoint-crc s3vol-sha)
 [[ -n ${S3VOL_BASE_BIN:-} ]] && available+=(s3vol-base)
 if [[ -n $clients ]]; then
 	IFS=, read -r -a CLIENTS <<<"$clients"
@@ -289,6 +291,11 @@ client_cmd() { # client mountpoint-dir
 			-f --memory-limit "$S3VOL_MEMORY_LIMIT" --cache-dir "$WORK/cache/s3vol-list" --log-level warn \
 			--listing-attrs --no-xattr
 		;;
+	s3vol-sha)
+		# The default options: over plain HTTP, each body's SHA-256 is signed (as s3fs does).
+		echo "$S3VOL" mount "$BUCKET" "$dir" --endpoint-url "$EP" --force-path-style --region "$REGION" \
+			-f --memory-limit "$S3VOL_MEMORY_LIMIT" --cache-dir "$WORK/cache/s3vol-sha" --log-level warn
+		;;
 	s3vol-crc)
 		# The same with upload checksums, to compare with Mountpoint's default (CRC32C).
 		echo "$S3VOL" mount "$BUCKET" "$dir" --endpoint-url "$EP" --force-path-style --region "$REGION" \
@@ -326,6 +333,7 @@ client_integrity() { # client
 	s3vol | s3vol-base) echo "none (UNSIGNED-PAYLOAD, no checksum)" ;;
 	s3vol-list) echo "SHA-256 of the body, signed (s3vol's default over plain HTTP)" ;;
 	s3vol-crc) echo "CRC32 header (--full-checksums), UNSIGNED-PAYLOAD" ;;
+	s3vol-sha) echo "SHA-256 of the body, signed (s3vol's default over plain HTTP)" ;;
 	mountpoint) echo "none (UNSIGNED-PAYLOAD, --upload-checksums off)" ;;
 	mountpoint-crc) echo "CRC32C trailer, aws-chunked (its default), UNSIGNED-PAYLOAD" ;;
 	s3fs) echo "SHA-256 of the body, signed (its only mode)" ;;
@@ -575,7 +583,7 @@ supports() { # client workload
 	case $1 in
 	mountpoint) [[ $2 != rename ]] ;;
 	s3vol-list) [[ $2 == ls ]] ;;
-	s3vol-crc | mountpoint-crc) [[ " seqwrite create cptree tarx " == *" $2 "* ]] ;;
+	s3vol-crc | mountpoint-crc | s3vol-sha) [[ " seqwrite create cptree tarx " == *" $2 "* ]] ;;
 	*) true ;;
 	esac
 }
