@@ -12,7 +12,7 @@ mod support;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use proxy::Proxy;
 use s3vol_s3::testing;
-use support::{Mounted, errno, is_mounted, pattern, rt, s3vol};
+use support::{Mounted, close, errno, is_mounted, pattern, rt, s3vol};
 use tokio::runtime::Runtime;
 
 /// stderr of a mount process, read on a thread as it comes (a full pipe would stall it).
@@ -139,17 +139,6 @@ fn mount_via(rt: &Runtime, proxy: &Proxy, tag: &str, extra: &[&str]) -> (Mounted
         prefix: String::new(),
     };
     (m, log)
-}
-
-/// close(2) with its result: where s3vol reports a failed upload.
-fn close(f: File) -> io::Result<()> {
-    let fd = f.into_raw_fd();
-    // SAFETY: `fd` was just released by the File and is closed exactly once.
-    if unsafe { libc::close(fd) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 fn signal(pid: u32, sig: i32) {

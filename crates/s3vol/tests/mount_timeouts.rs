@@ -16,7 +16,6 @@ mod support;
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::io::IntoRawFd;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::mpsc;
@@ -24,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use proxy::Proxy;
 use s3vol_s3::testing;
-use support::{Mounted, is_mounted, pattern, rt, s3vol};
+use support::{Mounted, close, pattern, rt, s3vol};
 use tokio::runtime::Runtime;
 
 /// Mounts a new bucket through `proxy` with the default attempts and timeouts.
@@ -57,17 +56,7 @@ fn mount_via(rt: &Runtime, proxy: &Proxy, tag: &str, extra: &[&str]) -> Mounted 
         .env("S3VOL_LOG_LEVEL", "warn")
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !is_mounted(mnt.path()) {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("s3vol mount exited ({status}) before mounting");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "mount did not appear within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::wait_until_mounted(&mut child, mnt.path());
     Mounted {
         bucket,
         store,
@@ -75,17 +64,6 @@ fn mount_via(rt: &Runtime, proxy: &Proxy, tag: &str, extra: &[&str]) -> Mounted 
         cache,
         child: Some(child),
         prefix: String::new(),
-    }
-}
-
-/// close(2) with its result.
-fn close(f: File) -> io::Result<()> {
-    let fd = f.into_raw_fd();
-    // SAFETY: `fd` was just released by the File and is closed exactly once.
-    if unsafe { libc::close(fd) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

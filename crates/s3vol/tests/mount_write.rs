@@ -14,12 +14,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::{AsRawFd, IntoRawFd};
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use s3vol_s3::{ListRequest, UserMetadata};
-use support::{Mounted, errno, pattern};
+use support::{Mounted, close, errno, pattern};
 use tokio::runtime::Runtime;
 
 // ----- helpers ------------------------------------------------------------------------------
@@ -37,17 +37,6 @@ fn rt() -> Runtime {
 
 fn mount(rt: &Runtime, tag: &str, extra: &[&str]) -> Mounted {
     rt.block_on(Mounted::new(tag, "", extra))
-}
-
-/// close(2) with its result: where s3vol reports a failed upload.
-fn close(f: File) -> io::Result<()> {
-    let fd = f.into_raw_fd();
-    // SAFETY: `fd` was just released by the File and is closed exactly once.
-    if unsafe { libc::close(fd) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 fn cpath(p: &Path) -> CString {

@@ -15,7 +15,6 @@ mod support;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -24,16 +23,8 @@ use std::time::{Duration, Instant};
 
 use proxy::Proxy;
 use s3vol_s3::testing;
-use support::{Mounted, errno, is_mounted, pattern, s3vol};
+use support::{Mounted, close, errno, is_mounted, pattern, rt, s3vol};
 use tokio::runtime::Runtime;
-
-fn rt() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Mounts a new bucket through `proxy` (the harness's `server_args()` would point at the server
 /// directly). `--max-attempts 2` keeps failures quick.
@@ -73,17 +64,7 @@ fn mount_via_env(
         .envs(env.iter().copied())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !is_mounted(mnt.path()) {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("s3vol mount exited ({status}) before mounting");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "mount did not appear within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::wait_until_mounted(&mut child, mnt.path());
     Mounted {
         bucket,
         store,
@@ -91,17 +72,6 @@ fn mount_via_env(
         cache,
         child: Some(child),
         prefix: String::new(),
-    }
-}
-
-/// close(2) with its result: where s3vol reports a failed upload.
-fn close(f: File) -> io::Result<()> {
-    let fd = f.into_raw_fd();
-    // SAFETY: `fd` was just released by the File and is closed exactly once.
-    if unsafe { libc::close(fd) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

@@ -19,7 +19,6 @@ use tempfile::TempDir;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_s3vol");
 
-/// The arguments that point `s3vol` at the test server.
 /// A runtime for a test's own S3 calls and servers, beside the mount it drives.
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -29,6 +28,7 @@ pub fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The arguments that point `s3vol` at the test server.
 pub fn server_args() -> Vec<String> {
     vec![
         "--endpoint-url".into(),
@@ -63,6 +63,38 @@ pub fn is_mounted(path: &Path) -> bool {
     };
     let p = path.to_string_lossy();
     info.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
+}
+
+/// Waits until `child` (an `s3vol mount`) has mounted `mnt`; panics with its stderr (when
+/// piped) if it exits first, or after 30 s.
+pub fn wait_until_mounted(child: &mut Child, mnt: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !is_mounted(mnt) {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("s3vol mount exited ({status}) before mounting: {err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mount did not appear within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// close(2) with its result: where s3vol reports a failed upload.
+pub fn close(f: std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    let fd = f.into_raw_fd();
+    // SAFETY: `fd` was just released by the File and is closed exactly once.
+    if unsafe { libc::close(fd) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 pub fn unmount(path: &Path) {
@@ -182,24 +214,7 @@ impl Mounted {
             .env("S3VOL_LOG_LEVEL", "warn")
             .envs(env.iter().copied());
         let mut child = cmd.spawn().expect("spawn s3vol mount");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !is_mounted(self.mnt.path()) {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("s3vol mount exited ({status}) before mounting: {err}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "mount did not appear within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until_mounted(&mut child, self.mnt.path());
         self.child = Some(child);
     }
 
