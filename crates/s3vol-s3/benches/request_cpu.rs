@@ -16,6 +16,9 @@
 //! only those rows, for a profiler. Exits without measuring when the variables are not
 //! set (so `cargo bench` alone does not fail).
 
+// A measuring program: a failed request or a bad setting ends it with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
