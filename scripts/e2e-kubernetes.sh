@@ -614,28 +614,40 @@ else
 fi
 kc -n e2e delete pod reader --wait=true --timeout=120s >/dev/null 2>&1 || true
 
-# -- a writer in a loop while the node plugin pod, then the mounter pod, is deleted
+# -- a writer in a loop while the node plugin pod, then the mounter pod, is deleted, then
+# -- while both DaemonSets are rolled at once (as an upgrade of the release does)
 LOOP='i=0; err=0; while [ $i -lt 600 ]; do i=$((i+1)); if ! echo "line $i" >> /data/loop.txt; then err=$((err+1)); echo "write error at $i"; fi; sleep 0.2; done; echo "errors=$err"; [ $err -eq 0 ]'
-loop_check() { # LABEL COMPONENT
-    local name=loop-$2
-    claim "$name" || { record "$1" FAIL "claim not bound"; return; }
+loop_check() { # LABEL NAME COMPONENT...
+    local label=$1 name=loop-$2
+    shift 2
+    claim "$name" || { record "$label" FAIL "claim not bound"; return; }
     pod "$name" "$name" "$LOOP"
     kc -n e2e wait --for=condition=Ready "pod/$name" --timeout=180s >/dev/null 2>&1 || {
-        record "$1" FAIL "pod not running: $(kc -n e2e describe pod "$name" | tail -n 4 | tr '\n' ' ' | cut -c1-300)"; return; }
+        record "$label" FAIL "pod not running: $(kc -n e2e describe pod "$name" | tail -n 4 | tr '\n' ' ' | cut -c1-300)"; return; }
     sleep 10
-    kc -n s3vol delete pod -l "app.kubernetes.io/component=$2" --wait=false >/dev/null
-    sleep 5
-    wait_ready s3vol "app.kubernetes.io/component=$2" 180 || true
-    if pod_done "$name" 300; then
-        record "$1" PASS "$(podlog "$name" | tail -n1)"
+    local c
+    if [[ $name == loop-rollout ]]; then
+        kc -n s3vol rollout restart daemonset/s3vol-node daemonset/s3vol-mounter >/dev/null
+        kc -n s3vol rollout status daemonset/s3vol-node --timeout=300s >/dev/null 2>&1 || true
+        kc -n s3vol rollout status daemonset/s3vol-mounter --timeout=300s >/dev/null 2>&1 || true
     else
-        record "$1" FAIL "$(podlog "$name" | grep -c 'write error') write errors; $(podlog "$name" | tail -n1)"
+        for c in "$@"; do
+            kc -n s3vol delete pod -l "app.kubernetes.io/component=$c" --wait=false >/dev/null
+        done
+        sleep 5
+    fi
+    for c in "$@"; do wait_ready s3vol "app.kubernetes.io/component=$c" 180 || true; done
+    if pod_done "$name" 300; then
+        record "$label" PASS "$(podlog "$name" | tail -n1)"
+    else
+        record "$label" FAIL "$(podlog "$name" | grep -c 'write error') write errors; $(podlog "$name" | tail -n1)"
     fi
     kc -n e2e delete pod "$name" --wait=true --timeout=120s >/dev/null 2>&1 || true
     kc -n e2e delete pvc "$name" --wait=true --timeout=120s >/dev/null 2>&1 || true
 }
-loop_check "node plugin pod deleted under a writing pod: 0 errors" node
-loop_check "mounter pod deleted under a writing pod: 0 errors" mounter
+loop_check "node plugin pod deleted under a writing pod: 0 errors" node node
+loop_check "mounter pod deleted under a writing pod: 0 errors" mounter mounter
+loop_check "both DaemonSets rolled at once under a writing pod: 0 errors" rollout node mounter
 
 # -- drain with data pending
 if claim drain; then

@@ -44,8 +44,11 @@ def test_daemonsets_survive_and_schedule_everywhere(name):
     objs = rendered(name)
     mounter = by_name(objs, "DaemonSet", "s3vol-mounter")
     node = by_name(objs, "DaemonSet", "s3vol-node")
-    # Replacing a mounter pod ends the filesystems it serves: never automatically.
-    assert mounter["spec"]["updateStrategy"]["type"] == "OnDelete"
+    # Replacing a mounter pod stalls the failover volumes it serves: one node at a time.
+    assert mounter["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 1},
+    }
     assert node["spec"]["updateStrategy"]["type"] == "RollingUpdate"
     for ds in (mounter, node):
         spec = ds["spec"]["template"]["spec"]

@@ -276,7 +276,18 @@ pub enum Request {
     /// Every volume this mounter knows ([`Reply::volumes`]) and who it is
     /// ([`Reply::instance`]): what the node plugin watches to hand its connections to a new
     /// mounter, and to let go of those whose volume ended.
-    Volumes,
+    ///
+    /// A node plugin says which connections it holds copies of (`held`) and whether it is
+    /// about to exit (`leaving`): a mounter shutting down keeps its own copies until a node
+    /// plugin that is not leaving holds every one (see `mounter`, "SIGTERM"). A request
+    /// without `held` (a node plugin older than this) gets the older answer: a mounter
+    /// shutting down fails it.
+    Volumes {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        held: Option<Vec<String>>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        leaving: bool,
+    },
     /// Hand the volume's connection back (the reply carries the FUSE fd, with
     /// [`Reply::request`] and [`Reply::session_dir`]): a node plugin that was restarted takes
     /// up again the copies it keeps for the day the mounter goes away. `ok: false` when the
@@ -321,6 +332,11 @@ pub struct Reply {
     /// For a reclaim: the volume's configuration and newest credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<Box<MountRequest>>,
+    /// For a volume list: this mounter is shutting down. It takes no volume, but hands out
+    /// copies of the connections it still holds ([`Request::Reclaim`]) until a node plugin
+    /// holds them all.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 impl Reply {
@@ -489,6 +505,40 @@ pub fn call_for_fd(
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    /// A node plugin and a mounter of different versions meet during every upgrade.
+    #[test]
+    fn volume_lists_read_across_versions() {
+        // An older node plugin's request: no `held`, which tells the mounter to answer as before.
+        let old: Request = serde_json::from_str(r#"{"op":"volumes"}"#).unwrap();
+        assert_eq!(
+            old,
+            Request::Volumes {
+                held: None,
+                leaving: false
+            }
+        );
+        // A newer node plugin's request, as an older mounter reads it (a unit variant then).
+        #[derive(Deserialize, Debug, PartialEq)]
+        #[serde(tag = "op", rename_all = "snake_case")]
+        enum OlderRequest {
+            Ping,
+            Volumes,
+        }
+        let new = serde_json::to_string(&Request::Volumes {
+            held: Some(vec!["v1".into()]),
+            leaving: true,
+        })
+        .unwrap();
+        assert_eq!(new, r#"{"op":"volumes","held":["v1"],"leaving":true}"#);
+        assert_eq!(
+            serde_json::from_str::<OlderRequest>(&new).unwrap(),
+            OlderRequest::Volumes
+        );
+        // `draining` is left out unless set, so older node plugins read every other answer.
+        let reply = serde_json::to_string(&Reply::ok(None)).unwrap();
+        assert!(!reply.contains("draining"), "{reply}");
+    }
 
     fn request() -> MountRequest {
         MountRequest {

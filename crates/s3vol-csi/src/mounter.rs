@@ -69,6 +69,15 @@
 //!   none is replaced), and the mounter waits for them up to its shutdown timeout, which the
 //!   manifests keep below the pod's termination grace period. SIGTERM and SIGINT are blocked
 //!   in every thread and taken with `sigwait` (`signals`); children unblock them before exec.
+//! - **A shutdown lets go of no connection that only it holds.** A rollout of both DaemonSets
+//!   may end the node plugin while the mounter drains. So the mounter keeps its copy of every
+//!   failover connection whose process it ended ("parked") and answers volume lists as
+//!   `draining`: a node plugin started meanwhile takes copies with [`Request::Reclaim`]. The
+//!   mounter exits once a node plugin that is not leaving has said, after the last process
+//!   ended, that it holds every parked connection ([`Request::Volumes`] `held`) — at once
+//!   when the node plugin runs on, as in a rollout of the mounter alone — or at the end of
+//!   the shutdown timeout, naming the volumes that then end (ENOTCONN). The node plugin has
+//!   the other half of the rule: it does not exit while it holds the only copies (`node`).
 //! - **Credentials can be rotated** ([`Request::Credentials`]): the mounter keeps its end of
 //!   the socket pair and writes every update there as one more JSON line; the serving process
 //!   answers each update after the first with a line (`ok`, or `error: why`) once it signs
@@ -135,6 +144,20 @@ struct Mounter {
     first_session: u64,
     /// This process, distinct for every start ([`Reply::instance`]).
     instance: String,
+    /// What a node plugin last said it holds ([`Request::Volumes`] with `held`).
+    node_report: Mutex<Option<NodeReport>>,
+    /// When a node plugin last asked for the volume list without saying what it holds (one
+    /// older than this mounter, which cannot take connections from a draining mounter).
+    older_node_seen: Mutex<Option<Instant>>,
+}
+
+/// A node plugin's word on the connections it holds copies of.
+#[derive(Debug)]
+struct NodeReport {
+    at: Instant,
+    held: std::collections::HashSet<String>,
+    /// It is about to exit: its copies go with it.
+    leaving: bool,
 }
 
 /// Serves requests until SIGTERM or SIGINT, then ends every serving process (bounded by the
@@ -172,6 +195,8 @@ pub fn run(config: MounterConfig) -> io::Result<()> {
         sessions: AtomicU64::new(first_session),
         first_session,
         instance: format!("{}-{}", std::process::id(), started.as_nanos()),
+        node_report: Mutex::new(None),
+        older_node_seen: Mutex::new(None),
     });
     {
         let mounter = mounter.clone();
@@ -230,7 +255,26 @@ impl Mounter {
                         }
                     }
                 },
-                Ok(Request::Volumes) => self.volumes(),
+                Ok(Request::Volumes { held, leaving }) => {
+                    let answered = held.is_some();
+                    match held {
+                        Some(held) => {
+                            *self.node_report.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(NodeReport {
+                                    at: Instant::now(),
+                                    held: held.into_iter().collect(),
+                                    leaving,
+                                })
+                        }
+                        None => {
+                            *self
+                                .older_node_seen
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now())
+                        }
+                    }
+                    self.volumes(answered)
+                }
                 Ok(Request::Reclaim(req)) => {
                     let (reply, fd) = self.reclaim(&req.volume_id);
                     let body =
@@ -308,7 +352,72 @@ impl Mounter {
                 }
             }
         }
+        self.await_node_copies(deadline);
         tracing::info!("mounter stopped");
+    }
+
+    /// Keeps the parked connections (see the module docs) until a node plugin that is not
+    /// leaving says, after they were parked, that it holds them all; at most until `deadline`.
+    fn await_node_copies(&self, deadline: Instant) {
+        let parked: Vec<String> = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, v)| v.parked())
+            .map(|(id, _)| id.clone())
+            .collect();
+        if parked.is_empty() {
+            return;
+        }
+        let since = Instant::now();
+        let older = *self
+            .older_node_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let reported = self
+            .node_report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if !reported && older.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+            tracing::warn!(
+                volumes = parked.len(),
+                "the node plugin is of an older version that keeps its copies without saying so; letting go of this mounter's copies as that version expects (upgrade the node plugins first)"
+            );
+            return;
+        }
+        tracing::info!(
+            volumes = parked.len(),
+            "keeping this mounter's copies of the connections until the node plugin holds them (a node plugin restarting now takes them from here)"
+        );
+        loop {
+            let missing: Vec<&String> = {
+                let report = self.node_report.lock().unwrap_or_else(|p| p.into_inner());
+                match &*report {
+                    Some(r) if r.at >= since && !r.leaving => {
+                        parked.iter().filter(|id| !r.held.contains(*id)).collect()
+                    }
+                    _ => parked.iter().collect(),
+                }
+            };
+            if missing.is_empty() {
+                tracing::info!(
+                    volumes = parked.len(),
+                    waited_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "the node plugin holds every connection; they wait for the next mounter"
+                );
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::error!(
+                    volumes = ?missing,
+                    "no node plugin took these connections before the end of the shutdown timeout: they end with this mounter, and their mounts answer ENOTCONN until staged again"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Ends the serving process of a volume (see [`Request::Stop`]); no successor follows.
@@ -405,6 +514,12 @@ impl Mounter {
     /// Data not in S3 is kept and reported with its keys, as is anything the journal does not
     /// explain.
     fn prune(&self, keep: &[String]) -> Reply {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            // Its parked connections' session directories are the next mounter's to take up.
+            return Reply::failed(
+                "the mounter is shutting down; the next mounter prunes what nobody took up",
+            );
+        }
         self.prune_sessions();
         let Some(root) = &self.config.cache_dir else {
             return Reply::ok(None);
@@ -455,8 +570,12 @@ impl Mounter {
     /// Every volume this mounter knows, and whether it ended. Refused while shutting down:
     /// the volumes that end then wait for the next mounter, and must not be reported as
     /// ended for good.
-    fn volumes(&self) -> Reply {
-        if self.shutting_down.load(Ordering::SeqCst) {
+    /// The answer to [`Request::Volumes`]; `draining` for a node plugin that understands it
+    /// (`answered`, it said what it holds) once the mounter shuts down, listing the
+    /// connections it still holds.
+    fn volumes(&self, answered: bool) -> Reply {
+        let draining = self.shutting_down.load(Ordering::SeqCst);
+        if draining && !answered {
             return Reply::failed("the mounter is shutting down");
         }
         let volumes = self
@@ -464,14 +583,16 @@ impl Mounter {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
+            .filter(|(_, v)| !draining || v.holds_connection())
             .map(|(id, v)| handoff::KnownVolume {
                 volume_id: id.clone(),
-                ended: !v.is_running(),
+                ended: !draining && !v.is_running(),
             })
             .collect();
         Reply {
             instance: Some(self.instance.clone()),
             volumes: Some(volumes),
+            draining,
             ..Reply::ok(None)
         }
     }
@@ -479,9 +600,10 @@ impl Mounter {
     /// A copy of a volume's connection, its configuration and newest credentials, for a node
     /// plugin that was restarted (see [`Request::Reclaim`]).
     fn reclaim(&self, volume_id: &str) -> (Reply, Option<OwnedFd>) {
+        let draining = self.shutting_down.load(Ordering::SeqCst);
         let held = self
             .known(volume_id)
-            .filter(|v| v.is_running())
+            .filter(|v| draining || v.is_running())
             .and_then(|v| v.reclaim());
         match held {
             Some((fd, request, session_dir)) => (
@@ -897,6 +1019,8 @@ mod tests {
             shutting_down: Arc::new(AtomicBool::new(false)),
             sessions: AtomicU64::new(0),
             first_session: 0,
+            node_report: Mutex::new(None),
+            older_node_seen: Mutex::new(None),
             instance: "test".into(),
         };
         assert!(mounter.prune(&[]).ok);
@@ -1007,6 +1131,8 @@ mod tests {
             sessions: AtomicU64::new(first),
             first_session: first,
             instance: "test".into(),
+            node_report: Mutex::new(None),
+            older_node_seen: Mutex::new(None),
         };
         // One of this mounter's own, made after it started, is not an earlier one.
         std::fs::create_dir(sessions.join(format!("{h}-11"))).unwrap();

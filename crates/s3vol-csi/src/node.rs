@@ -188,18 +188,29 @@ impl NodeService {
     /// path fails on it ("file exists"), so it never calls NodeStageVolume again — while a
     /// plain directory lets it stage the volume afresh. The record stays (NodeUnstageVolume
     /// still comes); pods that had the volume published see ENOTCONN until they restart.
+    ///
+    /// The first probe runs without the volume's lock: a mount that stalls (no mounter serves
+    /// it for a moment) makes it wait up to [`PROBE_TIMEOUT`], and the hand-over that ends the
+    /// stall takes that lock. A dead mount answers at once, so the probe is repeated under the
+    /// lock before anything is done.
     async fn sweep(&self) {
         let Ok(records) = self.state.load_all() else {
             return;
         };
+        let ours = |v: &crate::state::StagedVolume| matches!(mounts::top_mount_at(&v.staging_path), Ok(Some(m)) if m.fstype == FSTYPE);
         for (id, v) in records {
-            let _guard = self.locks.lock(&id).await;
-            if !matches!(mounts::top_mount_at(&v.staging_path), Ok(Some(m)) if m.fstype == FSTYPE) {
+            if !ours(&v)
+                || !mounts::probe(&v.staging_path, PROBE_TIMEOUT)
+                    .await
+                    .is_dead()
+            {
                 continue;
             }
-            if !mounts::probe(&v.staging_path, PROBE_TIMEOUT)
-                .await
-                .is_dead()
+            let _guard = self.locks.lock(&id).await;
+            if !ours(&v)
+                || !mounts::probe(&v.staging_path, PROBE_TIMEOUT)
+                    .await
+                    .is_dead()
             {
                 continue;
             }

@@ -138,6 +138,7 @@ pub async fn serve(
         s3vol_fs::session::log_kernel_failover();
     }
 
+    let keeper = node.clone();
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_optional_service(controller.map(ControllerServer::new))
@@ -159,6 +160,10 @@ pub async fn serve(
         }
     };
     let _ = std::fs::remove_file(&path);
+    if let Some(node) = keeper {
+        // Its copies of the volumes' connections may be the only ones left.
+        node.before_exit().await;
+    }
     result
 }
 

@@ -156,10 +156,15 @@ impl Harness {
     }
 
     fn start_csi(&mut self) {
-        let mut cmd = Command::new(BIN);
+        let child = self.csi_command(Command::new(BIN)).spawn().unwrap();
+        self.csi_started(child);
+    }
+
+    /// `cmd` (`s3vol`, or a program that runs it) with the arguments and environment of the
+    /// CSI plugin.
+    fn csi_command(&self, mut cmd: Command) -> Command {
         with_umask_000(&mut cmd);
-        let child = cmd
-            .args(["csi", "--endpoint"])
+        cmd.args(["csi", "--endpoint"])
             .arg(format!("unix://{}", self.path("csi.sock").display()))
             .args(["--node-id", "test-node", "--mode", "all", "--state-dir"])
             .arg(self.path("state"))
@@ -176,12 +181,31 @@ impl Harness {
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(self.log("csi.log"))
-            .spawn()
-            .unwrap();
+            .stderr(self.log("csi.log"));
+        cmd
+    }
+
+    /// Waits for the socket of the CSI plugin `child` just started.
+    fn csi_started(&mut self, child: Child) {
         self.csi = Some(child);
         let sock = self.path("csi.sock");
         wait_for("the CSI socket", Duration::from_secs(20), || sock.exists());
+    }
+
+    /// SIGTERM to the CSI plugin, as a rollout of its DaemonSet sends; waits for its exit.
+    fn stop_csi(&mut self) {
+        let mut c = self.csi.take().unwrap();
+        // SAFETY: kill(2) of the plugin this test started.
+        assert_eq!(unsafe { libc::kill(c.id() as i32, libc::SIGTERM) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while c.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the node plugin did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(self.path("csi.sock"));
     }
 
     /// `kill -9` of the CSI plugin, as a crash would do it.

@@ -481,18 +481,20 @@ impl Volume {
 
     /// The volume ends: no process serves it and none will be started. Our copy of the
     /// connection goes at once (the kernel aborts it once no process holds it, so the mount
-    /// answers ENOTCONN rather than hanging), and so does the session directory.
+    /// answers ENOTCONN rather than hanging), and so does the session directory — except at
+    /// the mounter's shutdown, where both stay for the next mounter: the copy until a node
+    /// plugin holds one too ([`Volume::parked`]), the journal for the successor.
     fn end(&self, life: &mut Life, pid: u32, exit: Exit, reason: Option<String>) {
-        let gone = lock(&self.held)
-            .take()
-            .is_none_or(|fd| connection_gone(fd.as_fd()));
+        let mut held = lock(&self.held);
+        let gone = held.as_ref().is_none_or(|fd| connection_gone(fd.as_fd()));
         if self.shutting_down.load(Ordering::SeqCst) && !gone {
-            // The node plugin may hold the connection too, and hand it to the next mounter,
-            // whose successor needs the journal (it prunes it if nobody does).
-            tracing::info!(volume = %self.volume, "the session directory stays for the next mounter");
+            // The next mounter's successor needs the journal (it prunes it if nobody does).
+            tracing::info!(volume = %self.volume, "the session directory and the connection stay for the next mounter");
         } else {
+            held.take();
             self.remove_session();
         }
+        drop(held);
         match (&reason, exit.success) {
             (None, true) => {
                 tracing::info!(volume = %self.volume, pid, "serving process exited")
@@ -580,6 +582,19 @@ impl Volume {
 
     pub(super) fn is_running(&self) -> bool {
         lock(&self.life).ended.is_none()
+    }
+
+    /// Whether the volume's process ended at the mounter's shutdown and its connection is
+    /// kept here for the next mounter (until a node plugin holds a copy, or the mounter exits).
+    pub(super) fn parked(&self) -> bool {
+        let life = lock(&self.life);
+        life.ended.is_some() && lock(&self.held).is_some()
+    }
+
+    /// Whether the mounter holds the volume's connection: served with failover, or parked.
+    pub(super) fn holds_connection(&self) -> bool {
+        let _life = lock(&self.life);
+        lock(&self.held).is_some()
     }
 
     /// Signals the serving process of the moment.

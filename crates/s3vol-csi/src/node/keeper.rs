@@ -26,11 +26,22 @@
 //! ENOTCONN and the sweep unmounts it so the kubelet can stage the volume again. A copy is
 //! also let go of when its volume is unstaged or unpublished ([`Keeper::release`]).
 //!
-//! What is not covered: the node plugin and the mounter dying together (nobody holds the
-//! connections any more), and a kubelet that delays the restart of a crashed mounter container
-//! (its crash-loop back-off): the mounts stall until a mounter answers again.
+//! Every volume list request says which copies this node plugin holds, so that a mounter
+//! shutting down keeps its own copies until a node plugin holds them (see `mounter`). While
+//! that mounter drains (its answer says `draining`) nothing is handed to it; a node plugin
+//! started meanwhile takes its copies from it as after any restart. And the node plugin does
+//! not exit while it may hold the only copies: at SIGTERM ([`NodeService::before_exit`]) it
+//! waits, up to [`EXIT_WAIT`], until a mounter that serves (or one draining, which keeps its
+//! copies for the next node plugin) knows every kept connection, handing over what it must.
+//! So a rollout of both DaemonSets at once, in any order, loses no connection.
+//!
+//! What is not covered: the node plugin and the mounter killed together (`kill -9`, a node
+//! crash: nobody holds the connections any more), and a kubelet that delays the restart of a
+//! crashed mounter container (its crash-loop back-off): the mounts stall until a mounter
+//! answers again.
 
 use std::collections::{HashMap, HashSet};
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
@@ -44,6 +55,11 @@ pub(super) const TEND_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Refusals in a row after which a kept connection is let go of.
 pub(super) const MAX_HANDOVER_FAILURES: u32 = 3;
+
+/// How long, at SIGTERM, the node plugin waits for a mounter to hold its kept connections
+/// (with the 10 s the CSI server gives calls in progress, below the pod's default termination
+/// grace period of 30 s).
+pub const EXIT_WAIT: Duration = Duration::from_secs(15);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -188,22 +204,13 @@ impl NodeService {
                 return;
             }
         }
-        let socket = self.config.mounter_socket.clone();
-        let answer = tokio::task::spawn_blocking(move || {
-            handoff::call(
-                &socket,
-                &handoff::Request::Volumes,
-                None,
-                Duration::from_secs(2),
-            )
-        })
-        .await;
+        let answer = self.volume_list(false).await;
         let reply = match answer {
-            Ok(Ok(r)) if r.ok => r,
-            // A mounter shutting down (its volumes wait for the next one), or one that does
-            // not know the request: nothing to do yet.
-            Ok(Ok(_)) => return,
-            Ok(Err(_)) | Err(_) => {
+            Some(Ok(r)) if r.ok => r,
+            // An older mounter shutting down (its volumes wait for the next one), or one that
+            // does not know the request: nothing to do yet.
+            Some(Ok(_)) => return,
+            Some(Err(_)) | None => {
                 let mut inner = lock(&self.kept.inner);
                 if !inner.kept.is_empty() && inner.silent_since.is_none() {
                     inner.silent_since = Some(Instant::now());
@@ -231,6 +238,13 @@ impl NodeService {
             }
             (inner.silent_since.take().map(|t| t.elapsed()), new_mounter)
         };
+        if reply.draining {
+            // It takes nothing and hands out copies until a node plugin holds them all.
+            if new_mounter {
+                self.reclaim_connections(&known).await;
+            }
+            return;
+        }
         let mut handed = 0;
         for id in self.kept.ids() {
             match known.get(&id) {
@@ -256,6 +270,83 @@ impl NodeService {
             // This node plugin's first look at this mounter: after a restart of the plugin, the
             // mounter holds the only copies.
             self.reclaim_connections(&known).await;
+        }
+    }
+
+    /// Asks the mounter for its volume list, saying which copies this node plugin holds and
+    /// whether it is `leaving`.
+    async fn volume_list(&self, leaving: bool) -> Option<io::Result<handoff::Reply>> {
+        let socket = self.config.mounter_socket.clone();
+        let request = handoff::Request::Volumes {
+            held: Some(self.kept.ids()),
+            leaving,
+        };
+        tokio::task::spawn_blocking(move || {
+            handoff::call(&socket, &request, None, Duration::from_secs(2))
+        })
+        .await
+        .ok()
+    }
+
+    /// Before the node plugin exits (SIGTERM): waits, up to [`EXIT_WAIT`], until no kept
+    /// connection depends on this process alone — a serving mounter knows every one (what it
+    /// does not know is handed to it), or the mounter is draining (it keeps its copies until
+    /// the next node plugin takes them). Returns at once when nothing is kept. The tending
+    /// task ([`NodeService::tend_connections`]) goes on meanwhile and does the handing over.
+    pub async fn before_exit(&self) {
+        let deadline = Instant::now() + EXIT_WAIT;
+        let mut said = false;
+        loop {
+            let kept = self.kept.ids();
+            if kept.is_empty() {
+                return;
+            }
+            match self.volume_list(true).await {
+                Some(Ok(r)) if r.ok && r.draining => {
+                    tracing::info!(
+                        volumes = kept.len(),
+                        "exiting: the mounter is shutting down too and keeps the connections for the next node plugin"
+                    );
+                    return;
+                }
+                Some(Ok(r)) if r.ok => {
+                    let known: HashSet<String> = r
+                        .volumes
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|v| !v.ended)
+                        .map(|v| v.volume_id)
+                        .collect();
+                    if kept.iter().all(|id| known.contains(id)) {
+                        if said {
+                            tracing::info!(
+                                volumes = kept.len(),
+                                "the mounter holds every connection now; exiting"
+                            );
+                        }
+                        return;
+                    }
+                    // A new mounter that has not been handed everything yet: the tending
+                    // task, which runs on, hands it over.
+                }
+                _ => {}
+            }
+            if !said {
+                said = true;
+                tracing::warn!(
+                    volumes = kept.len(),
+                    wait_s = EXIT_WAIT.as_secs(),
+                    "this node plugin may hold the only copies of these connections (no mounter serves them): waiting for a mounter to take them before exiting"
+                );
+            }
+            if Instant::now() >= deadline {
+                tracing::error!(
+                    volumes = ?kept,
+                    "exiting with the only copies of these connections: no mounter took them; their mounts answer ENOTCONN until staged again"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

@@ -454,6 +454,9 @@ async fn csi_as_deployed_mounter_serves_without_dev_fuse_as_pid_1_and_drains_on_
     let bucket = BucketName::new(v.context["bucket"].clone()).unwrap();
     let mut f = std::fs::File::create(target.join("pending.txt")).unwrap();
     f.write_all(b"uploaded when the pod goes").unwrap();
+    // Its close waits for a mounter: should an assertion below fail, the harness must unmount
+    // first, so the file is not closed by the unwinding.
+    let f = std::mem::ManuallyDrop::new(f);
     // SAFETY: kill(2) of the namespace's PID 1 this test started.
     unsafe { libc::kill(init, libc::SIGTERM) };
     let mut unshare = h.mounter.take().unwrap();
@@ -481,16 +484,20 @@ async fn csi_as_deployed_mounter_serves_without_dev_fuse_as_pid_1_and_drains_on_
     );
     // The volume waits for the next mounter (the node plugin keeps its connection, and the
     // journal stays): nothing answers until one comes, so the open file's close would wait.
+    let log = h.csi_log();
     assert!(
-        h.csi_log()
-            .contains("the session directory stays for the next mounter"),
-        "{}",
-        h.csi_log()
+        log.contains("the session directory and the connection stay for the next mounter"),
+        "{log}"
+    );
+    // The mounter let go of its copy only once the node plugin said it held one.
+    assert!(
+        log.contains("the node plugin holds every connection; they wait for the next mounter"),
+        "{log}"
     );
     // Unstaging lets go of the connection: the kernel aborts it, and the close returns.
     unpublish(&mut node, &v, &target).await;
     unstage(&mut node, &v, &staging).await;
-    drop(f);
+    drop(std::mem::ManuallyDrop::into_inner(f));
     assert!(!is_mounted(&target) && !is_mounted(&staging));
     h.mounts.clear();
 }

@@ -517,6 +517,12 @@ enum MounterEnd {
     MounterKilled,
     /// SIGTERM, as an upgrade of its DaemonSet sends.
     Upgrade,
+    /// A rollout of both DaemonSets, the mounter's SIGTERM first: the node plugin gets SIGTERM
+    /// while the mounter drains, and its successor starts before the mounter has exited.
+    RolloutMounterFirst,
+    /// A rollout of both DaemonSets, the node plugin's SIGTERM first: the mounter gets SIGTERM
+    /// while no node plugin runs, and the next node plugin starts while it drains.
+    RolloutPluginFirst,
 }
 
 /// A mounter started ahead, waiting for a line on its stdin before it runs. A process that
@@ -524,7 +530,25 @@ enum MounterEnd {
 /// descriptors of those files, and FUSE answers their flush only once a mounter serves.
 struct SpareMounter(Child);
 
+/// A CSI plugin started ahead, likewise (see [`SpareMounter`]).
+struct SpareCsi(Child);
+
 impl Harness {
+    fn spare_csi(&self) -> SpareCsi {
+        let mut sh = Command::new("sh");
+        sh.args(["-c", "read go && exec \"$0\" \"$@\""]).arg(BIN);
+        let mut cmd = self.csi_command(sh);
+        cmd.stdin(Stdio::piped());
+        SpareCsi(cmd.spawn().unwrap())
+    }
+
+    /// Lets the spare CSI plugin run and waits for its socket.
+    fn start_spare_csi(&mut self, spare: SpareCsi) {
+        let mut child = spare.0;
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        self.csi_started(child);
+    }
+
     /// A mounter of the `s3vol` at `bin`, started ahead.
     fn spare_mounter(&self, bin: &Path) -> SpareMounter {
         let mut sh = Command::new("sh");
@@ -538,6 +562,18 @@ impl Harness {
     fn replace_mounter(&mut self, how: MounterEnd, staging: &Path, next: SpareMounter) {
         let mut m = self.mounter.take().unwrap();
         let pid = m.id() as i32;
+        let sigterm = |m: &mut Child| {
+            // SAFETY: kill(2) of the mounter this test started.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while m.try_wait().unwrap().is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the mounter did not end after SIGTERM"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
         match how {
             MounterEnd::ContainerKilled | MounterEnd::MounterKilled => {
                 m.kill().unwrap();
@@ -548,17 +584,26 @@ impl Harness {
                     }
                 }
             }
-            MounterEnd::Upgrade => {
+            MounterEnd::Upgrade => sigterm(&mut m),
+            MounterEnd::RolloutMounterFirst => {
+                let plugin = self.spare_csi();
                 // SAFETY: kill(2) of the mounter this test started.
                 assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while m.try_wait().unwrap().is_none() {
-                    assert!(
-                        Instant::now() < deadline,
-                        "the mounter did not end after SIGTERM"
-                    );
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                // The node plugin goes while the mounter drains; its successor takes the
+                // connections from the draining mounter, which exits only then.
+                self.stop_csi();
+                self.start_spare_csi(plugin);
+                sigterm(&mut m);
+            }
+            MounterEnd::RolloutPluginFirst => {
+                let plugin = self.spare_csi();
+                self.stop_csi();
+                // SAFETY: kill(2) of the mounter this test started.
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+                // No node plugin while the mounter drains and keeps the connections.
+                std::thread::sleep(Duration::from_millis(300));
+                self.start_spare_csi(plugin);
+                sigterm(&mut m);
             }
         }
         let sock = self.path("mounter.sock");
@@ -580,15 +625,23 @@ async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
     let mut pids = vec![pid];
     let handed = "handed the volume's connection to a new mounter";
     // Each round: the mounter's container killed, the mounter alone killed, an upgrade, then
-    // the node plugin killed and restarted and the container killed again.
+    // the node plugin killed and restarted and the container killed again, then rollouts of
+    // both DaemonSets at once (each order).
     let round = [
         MounterEnd::ContainerKilled,
         MounterEnd::MounterKilled,
         MounterEnd::Upgrade,
         MounterEnd::ContainerKilled,
+        MounterEnd::RolloutMounterFirst,
+        MounterEnd::RolloutPluginFirst,
     ];
     let rounds = workload::rounds(1);
-    let events: Vec<MounterEnd> = round.iter().copied().cycle().take(rounds * 4).collect();
+    let events: Vec<MounterEnd> = round
+        .iter()
+        .copied()
+        .cycle()
+        .take(rounds * round.len())
+        .collect();
     // The upgrade brings another binary (a copy, so that its serving processes can be told
     // apart); the mounter starts its serving processes from its own executable.
     let upgraded = h.path("s3vol-upgraded");
@@ -606,7 +659,7 @@ async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
     let mut plugin_restarts = 0;
     for (i, how) in events.into_iter().enumerate() {
         std::thread::sleep(Duration::from_millis(800));
-        if i % 4 == 3 {
+        if i % round.len() == 3 {
             // The node plugin's own restart: it takes its copy up again from the mounter, so
             // the next end of the mounter is survived too.
             h.kill_csi();
@@ -644,6 +697,19 @@ async fn csi_volume_survives_the_mounters_end_and_the_plugins_restart() {
     assert!(
         log.contains("an earlier mounter's serving process still runs"),
         "the orphaned serving process was ended first\n{log}"
+    );
+    // Every SIGTERM of the mounter (an upgrade, two rollouts per round) let go of its copies
+    // only once a node plugin held them.
+    let held = "the node plugin holds every connection; they wait for the next mounter";
+    assert!(
+        log.matches(held).count() >= 3 * rounds,
+        "{} of {} mounter shutdowns waited for the node plugin\n{log}",
+        log.matches(held).count(),
+        3 * rounds
+    );
+    assert!(
+        !log.contains("they end with this mounter"),
+        "a mounter let go of connections no node plugin held\n{log}"
     );
     // Two processes never served the connection at once.
     assert_eq!(serving(&staging).len(), 1, "{:?}", serving(&staging));
