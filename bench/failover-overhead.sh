@@ -5,19 +5,23 @@
 # journal, new files streamed from memory), alternating, on the same S3 server.
 #
 # Usage (as root; the S3 server of scripts/s3-server.sh in the environment):
-#   bench/failover-overhead.sh [--files N] [--runs R] [--bin PATH]
-# Defaults: 500 files of 4 KiB, 5 runs of each mode. Prints files/s for create (each file
+#   bench/failover-overhead.sh [--files N] [--runs R] [--bin PATH] [--cache-root DIR]
+# Defaults: 500 files of 4 KiB, 5 runs of each mode, cache directories under /tmp.
+# --cache-root puts the cache directories elsewhere: the cost of staging files is mostly the
+# cache filesystem's inode allocation, which depends on how full and how churned it is, so
+# compare builds on the same (ideally a fresh) filesystem. Prints files/s for create (each file
 # written and closed before the next) and entries/s for `ls -l` on a fresh mount (cold: one
 # LIST and a HEAD per entry), per run and the median per mode, and the difference.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-files=500 runs=5 bin=""
+files=500 runs=5 bin="" cache_root=""
 while [[ $# -gt 0 ]]; do
     case $1 in
         --files) files=$2; shift 2 ;;
         --runs) runs=$2; shift 2 ;;
         --bin) bin=$2; shift 2 ;;
+        --cache-root) cache_root=$2; shift 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -32,13 +36,19 @@ mnt=$work/mnt
 mkdir -p "$mnt"
 src=$work/src; head -c 4096 /dev/urandom >"$src"
 mounted=""
-cleanup() { [[ -n $mounted ]] && { umount "$mnt" 2>/dev/null || umount -l "$mnt"; }; rm -rf "$work"; }
+caches=()
+cleanup() {
+    [[ -n $mounted ]] && { umount "$mnt" 2>/dev/null || umount -l "$mnt"; }
+    rm -rf "$work" "${caches[@]}"
+}
 trap cleanup EXIT
 
 mount_it() { # mode bucket
     local extra=()
     [[ $1 == supervised ]] && extra=(--supervise)
-    local cache=$work/cache-$RANDOM; mkdir -p "$cache"; chmod 700 "$cache"
+    local cache
+    cache=$(mktemp -d "${cache_root:-$work}/cache-XXXXXX"); chmod 700 "$cache"
+    caches+=("$cache")
     "$bin" mount "$2" "$mnt" --endpoint-url "$S3VOL_TEST_ENDPOINT" --region us-east-1 \
         --force-path-style --cache-dir "$cache" "${extra[@]}"
     mounted=1

@@ -32,7 +32,8 @@
 # Checks: the driver's pods become ready; PVC → non-root pod with fsGroup writes and reads →
 # the objects are in the bucket → pod and PVC deleted → the prefix is gone; a static read-only
 # PV reads and refuses writes; a pod writing in a loop while the node plugin pod is deleted
-# (0 write errors), then while the mounter pod is deleted; `kubectl drain` with data pending
+# (0 write errors), then while the mounter pod is deleted, then while both DaemonSets are
+# rolled at once (`kubectl rollout restart`); `kubectl drain` with data pending
 # (the data is in S3 before the pods are gone).
 #
 # Everything built is cached under S3VOL_E2E_CACHE (default /var/cache/s3vol-e2e), so a

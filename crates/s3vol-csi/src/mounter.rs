@@ -516,9 +516,12 @@ impl Mounter {
     fn prune(&self, keep: &[String]) -> Reply {
         if self.shutting_down.load(Ordering::SeqCst) {
             // Its parked connections' session directories are the next mounter's to take up.
-            return Reply::failed(
-                "the mounter is shutting down; the next mounter prunes what nobody took up",
-            );
+            return Reply {
+                draining: true,
+                ..Reply::failed(
+                    "the mounter is shutting down; the next mounter prunes what nobody took up",
+                )
+            };
         }
         self.prune_sessions();
         let Some(root) = &self.config.cache_dir else {

@@ -245,7 +245,8 @@ impl NodeService {
     }
 
     /// Asks the mounter, in the background, to remove the cache directories of volumes that are
-    /// not staged here any more. Best effort: the mounter may not be up yet (a few tries).
+    /// not staged here any more. Best effort: the mounter may not be up yet, or be shutting
+    /// down in a rollout (a few tries, 2 s apart, reach the next one).
     fn prune_cache_dirs(&self) {
         let keep: Vec<String> = match self.state.load_all() {
             Ok(all) => all.into_keys().collect(),
@@ -260,6 +261,8 @@ impl NodeService {
             for _ in 0..30 {
                 match handoff::call(&socket, &request, None, Duration::from_secs(60)) {
                     Ok(r) if r.ok => return,
+                    // A mounter shutting down (a rollout): the next one prunes.
+                    Ok(r) if r.draining => std::thread::sleep(Duration::from_secs(2)),
                     Ok(r) => {
                         tracing::warn!(error = ?r.error, "the mounter could not prune cache directories");
                         return;

@@ -493,6 +493,8 @@ pub struct Entry {
     journaled: bool,
     /// Open for appending recorded ranges to `STEM.meta`.
     meta: Option<File>,
+    /// What `STEM.key` holds, when this process wrote it.
+    key_line: Option<String>,
 }
 
 impl Entry {
@@ -502,6 +504,7 @@ impl Entry {
             data: None,
             journaled: false,
             meta: None,
+            key_line: None,
         }
     }
 
@@ -536,32 +539,71 @@ impl Entry {
             data: Some(data),
             journaled: true,
             meta: None,
+            key_line: None,
         }
     }
 
-    /// Writes the record (replacing the previous one atomically) and the `.key` companion.
+    /// Writes the record and the `.key` companion.
+    ///
+    /// The entry's first record is written in place: there is no earlier one to protect, and
+    /// a crash while writing it leaves a torn record and no data file (that is made only
+    /// after its record), which the start-up scan removes as worthless. A later record
+    /// replaces the previous one atomically (a temporary file renamed over it), and the
+    /// `.key` companion is rewritten only when the key changed (a rename). Each file created
+    /// and deleted here is an inode the cache's filesystem allocates and frees, which costs
+    /// more than the writes themselves when small files come and go by the thousand.
     pub fn write_record(&mut self, record: &Record) -> io::Result<()> {
-        let meta_path = self.with_ext("meta");
-        let tmp = self.with_ext("meta.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = private_file(&tmp)?;
         let mut body = serde_json::to_vec(record).map_err(io::Error::other)?;
         body.push(b'\n');
-        let written = f.write_all(&body).and_then(|()| {
-            let key_tmp = self.with_ext("key.tmp");
-            let _ = std::fs::remove_file(&key_tmp);
-            let mut k = private_file(&key_tmp)?;
-            writeln!(k, "s3://{}/{}", record.bucket, record.key)?;
-            std::fs::rename(&key_tmp, self.with_ext("key"))?;
-            std::fs::rename(&tmp, &meta_path)
-        });
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            let _ = std::fs::remove_file(self.with_ext("key.tmp"));
-            return Err(e);
+        let key_line = format!("s3://{}/{}\n", record.bucket, record.key);
+        let meta_path = self.with_ext("meta");
+        let key_path = self.with_ext("key");
+        if !self.journaled {
+            let mut made = Vec::new();
+            let written = (|| {
+                let mut f = private_file(&meta_path)?;
+                made.push(meta_path.clone());
+                f.write_all(&body)?;
+                let mut k = private_file(&key_path)?;
+                made.push(key_path.clone());
+                k.write_all(key_line.as_bytes())?;
+                Ok::<File, io::Error>(f)
+            })();
+            return match written {
+                Ok(f) => {
+                    self.journaled = true;
+                    self.key_line = Some(key_line);
+                    self.meta = Some(f);
+                    Ok(())
+                }
+                Err(e) => {
+                    // Only what this call made: a file in the way is someone else's.
+                    for p in made {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    Err(e)
+                }
+            };
         }
-        self.journaled = true;
-        self.meta = Some(f);
+        let stem = self.stem.clone();
+        let replace = |path: &Path, ext: &str, bytes: &[u8]| -> io::Result<File> {
+            let tmp = Entry::new(stem.clone()).with_ext(ext);
+            let _ = std::fs::remove_file(&tmp);
+            let written = private_file(&tmp).and_then(|mut f| {
+                f.write_all(bytes)?;
+                std::fs::rename(&tmp, path)?;
+                Ok(f)
+            });
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            written
+        };
+        if self.key_line.as_deref() != Some(key_line.as_str()) {
+            replace(&key_path, "key.tmp", key_line.as_bytes())?;
+            self.key_line = Some(key_line);
+        }
+        self.meta = Some(replace(&meta_path, "meta.tmp", &body)?);
         Ok(())
     }
 
@@ -597,6 +639,7 @@ impl Entry {
                         }
                         self.journaled = false;
                         self.meta = None;
+                        self.key_line = None;
                     }
                     return Err(e);
                 }
@@ -620,6 +663,7 @@ impl Entry {
         self.data = None;
         self.meta = None;
         self.journaled = false;
+        self.key_line = None;
     }
 
     /// Deletes every file a process may have left under this stem (for the start-up scan).
@@ -630,6 +674,7 @@ impl Entry {
         self.data = None;
         self.meta = None;
         self.journaled = false;
+        self.key_line = None;
     }
 
     /// Deletes the data file only.
@@ -717,6 +762,64 @@ mod tests {
         std::fs::create_dir(&ok).unwrap();
         std::fs::set_permissions(&ok, std::fs::Permissions::from_mode(0o711)).unwrap();
         CacheDir::open(&ok).unwrap();
+    }
+
+    #[test]
+    fn records_cost_few_files_and_a_file_in_the_way_is_left_alone() {
+        let dir = private_tempdir();
+        let cache = CacheDir::open(dir.path()).unwrap();
+        let names = || {
+            let mut n: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".lock"))
+                .collect();
+            n.sort();
+            n
+        };
+        let ino = |p: PathBuf| std::fs::metadata(p).unwrap().ino();
+
+        // Someone else's record where this entry's goes: refused, and not removed.
+        let mut e = Entry::new(cache.new_stem());
+        std::fs::write(e.with_ext("meta"), b"not ours").unwrap();
+        assert!(e.write_record(&Record::new("b", "k")).is_err());
+        assert_eq!(std::fs::read(e.with_ext("meta")).unwrap(), b"not ours");
+        assert!(!e.with_ext("key").exists() && !e.on_disk());
+        std::fs::remove_file(e.with_ext("meta")).unwrap();
+
+        // The first record is written in place: no temporary file is left.
+        let mut r = Record::new("b", "k");
+        e.create(3, &r).unwrap();
+        let stem = e.with_ext("");
+        let stem = stem.file_name().unwrap().to_string_lossy();
+        assert_eq!(
+            names(),
+            ["data", "key", "meta"].map(|x| format!("{stem}{x}")),
+            "three files per entry"
+        );
+        // A rewrite replaces the record whole and leaves `.key` alone while the key is the
+        // same; a rename rewrites it.
+        let key_ino = ino(e.with_ext("key"));
+        r.dirty = true;
+        e.write_record(&r).unwrap();
+        assert!(
+            Record::parse(&std::fs::read_to_string(e.with_ext("meta")).unwrap())
+                .unwrap()
+                .dirty
+        );
+        assert_eq!(ino(e.with_ext("key")), key_ino);
+        e.record_local((0, 1)).unwrap();
+        r.key = "renamed".into();
+        e.write_record(&r).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(e.with_ext("key")).unwrap(),
+            "s3://b/renamed\n"
+        );
+        let back = Record::parse(&std::fs::read_to_string(e.with_ext("meta")).unwrap()).unwrap();
+        assert_eq!((back.key.as_str(), back.local.len()), ("renamed", 0));
+        assert_eq!(names().len(), 3, "{:?}", names());
+        e.remove();
+        assert!(names().is_empty(), "{:?}", names());
     }
 
     #[test]
