@@ -93,6 +93,15 @@ def test_mounter_shutdown_fits_the_grace_period(name):
 
 
 @pytest.mark.parametrize("name", INSTALL_SETS)
+def test_node_plugin_exit_fits_the_grace_period(name):
+    # s3vol-csi: 10 s for calls in progress (server::SHUTDOWN_GRACE), then up to 15 s until a
+    # mounter holds the connections the plugin may hold the only copies of
+    # (node::keeper::EXIT_WAIT); a kill before that ends those volumes.
+    spec = pod(rendered(name), "s3vol-node")
+    assert spec.get("terminationGracePeriodSeconds", 30) >= 10 + 15 + 5
+
+
+@pytest.mark.parametrize("name", INSTALL_SETS)
 def test_node_plugin_is_told_its_kubelet_directory(name):
     objs = rendered(name)
     c = s3vol_container(pod(objs, "s3vol-node"))

@@ -523,7 +523,7 @@ impl Mounter {
                 )
             };
         }
-        self.prune_sessions();
+        self.prune_sessions(keep);
         let Some(root) = &self.config.cache_dir else {
             return Reply::ok(None);
         };
@@ -727,10 +727,14 @@ impl Mounter {
     /// Removes the session directories earlier mounters left that no volume of this one took
     /// up (nothing else there is touched): their connections are gone, or were handed to this
     /// mounter under their directory's name and are in use.
-    fn prune_sessions(&self) {
+    fn prune_sessions(&self, keep: &[String]) {
         let Some(root) = &self.config.session_dir else {
             return;
         };
+        // A volume still staged on the node may not have been handed to this mounter yet
+        // (its node plugin asks for a prune when it starts, and again until a mounter that is
+        // not shutting down answers): its journal stays for the hand-over.
+        let staged: Vec<String> = keep.iter().map(|v| short_hash(v)).collect();
         let in_use: Vec<PathBuf> = self
             .served
             .lock()
@@ -740,9 +744,12 @@ impl Mounter {
             .filter_map(|v| v.session().map(Path::to_owned))
             .collect();
         for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
-            let earlier =
-                session_name(&entry.file_name()).is_some_and(|(_, n)| n < self.first_session);
-            if !earlier || in_use.contains(&entry.path()) {
+            let name = entry.file_name();
+            let Some((hash, n)) = session_name(&name) else {
+                continue;
+            };
+            let earlier = n < self.first_session;
+            if !earlier || in_use.contains(&entry.path()) || staged.iter().any(|h| h == hash) {
                 continue;
             }
             match std::fs::remove_dir_all(entry.path()) {
@@ -1139,13 +1146,30 @@ mod tests {
         };
         // One of this mounter's own, made after it started, is not an earlier one.
         std::fs::create_dir(sessions.join(format!("{h}-11"))).unwrap();
-        mounter.prune_sessions();
-        let mut left: Vec<String> = std::fs::read_dir(&sessions)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(left, [format!("{h}-11"), "notes".into(), "x-99".into()]);
+        // An earlier one of a volume the node plugin still has staged waits for its hand-over.
+        let staged = short_hash("staged");
+        std::fs::create_dir(sessions.join(format!("{staged}-4"))).unwrap();
+        let left = || {
+            let mut left: Vec<String> = std::fs::read_dir(&sessions)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            left.sort();
+            left
+        };
+        mounter.prune_sessions(&["staged".into()]);
+        let mut want = vec![
+            format!("{h}-11"),
+            format!("{staged}-4"),
+            "notes".into(),
+            "x-99".into(),
+        ];
+        want.sort();
+        assert_eq!(left(), want);
+        // Once it is unstaged, its journal goes.
+        mounter.prune_sessions(&[]);
+        want.retain(|n| n != &format!("{staged}-4"));
+        assert_eq!(left(), want);
     }
 
     #[test]

@@ -75,6 +75,21 @@ fn with_umask_000(cmd: &mut Command) {
     }
 }
 
+/// SIGTERM to a process this test started, as Kubernetes sends it; waits up to 60 s for its
+/// exit.
+fn terminate(c: &mut Child, what: &str) {
+    // SAFETY: kill(2) of a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(c.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -195,16 +210,7 @@ impl Harness {
     /// SIGTERM to the CSI plugin, as a rollout of its DaemonSet sends; waits for its exit.
     fn stop_csi(&mut self) {
         let mut c = self.csi.take().unwrap();
-        // SAFETY: kill(2) of the plugin this test started.
-        assert_eq!(unsafe { libc::kill(c.id() as i32, libc::SIGTERM) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while c.try_wait().unwrap().is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "the node plugin did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        terminate(&mut c, "the node plugin");
         let _ = std::fs::remove_file(self.path("csi.sock"));
     }
 

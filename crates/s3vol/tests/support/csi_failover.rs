@@ -562,18 +562,7 @@ impl Harness {
     fn replace_mounter(&mut self, how: MounterEnd, staging: &Path, next: SpareMounter) {
         let mut m = self.mounter.take().unwrap();
         let pid = m.id() as i32;
-        let sigterm = |m: &mut Child| {
-            // SAFETY: kill(2) of the mounter this test started.
-            assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while m.try_wait().unwrap().is_none() {
-                assert!(
-                    Instant::now() < deadline,
-                    "the mounter did not end after SIGTERM"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        };
+        let sigterm = |m: &mut Child| terminate(m, "the mounter");
         match how {
             MounterEnd::ContainerKilled | MounterEnd::MounterKilled => {
                 m.kill().unwrap();
