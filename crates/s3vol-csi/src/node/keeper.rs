@@ -288,11 +288,11 @@ impl NodeService {
         .ok()
     }
 
-    /// Before the node plugin exits (SIGTERM): waits, up to [`EXIT_WAIT`], until no kept
+    /// Before the node plugin exits (SIGTERM): waits, up to `EXIT_WAIT` (15 s), until no kept
     /// connection depends on this process alone — a serving mounter knows every one (what it
     /// does not know is handed to it), or the mounter is draining (it keeps its copies until
     /// the next node plugin takes them). Returns at once when nothing is kept. The tending
-    /// task ([`NodeService::tend_connections`]) goes on meanwhile and does the handing over.
+    /// task (`tend_connections`) goes on meanwhile and does the handing over.
     pub async fn before_exit(&self) {
         let deadline = Instant::now() + EXIT_WAIT;
         let mut said = false;
