@@ -30,8 +30,10 @@ pub type InodeNo = u64;
 pub const ROOT: InodeNo = 1;
 /// Forgotten inodes kept so their names keep their numbers (a few hundred bytes each).
 pub const MAX_RETAINED: usize = 100_000;
-/// The lookup count of a node adopted from a dead predecessor's journal: the real count is
-/// not journaled (see `journal.rs`), so the node is kept until unmount.
+/// The lookup count of a node adopted from a dead predecessor's journal. The real count is
+/// not journaled (see `journal.rs`); lookups after the adoption add to this base, so
+/// `lookups - ADOPTED_LOOKUPS` is their number, and [`Inodes::forget`] tells the kernel's
+/// eviction of the node from the return of one lookup by it.
 pub const ADOPTED_LOOKUPS: u64 = 1 << 48;
 
 /// Mutable state of an inode.
@@ -98,7 +100,14 @@ impl Table {
     fn revive(&mut self, ino: InodeNo) {
         if let Some(seq) = self.retained.remove(&ino) {
             self.retained_order.remove(&seq);
+            self.publish();
         }
+    }
+
+    /// The number of nodes the kernel holds (by our count), for the `s3vol_nodes` gauge: set
+    /// when it changes, never on a lookup of a name the kernel already holds.
+    fn publish(&self) {
+        metrics::gauge!("s3vol_nodes").set((self.inodes.len() - self.retained.len()) as f64);
     }
 
     /// Drops the oldest retained inodes beyond [`MAX_RETAINED`].
@@ -213,6 +222,7 @@ impl Inodes {
             }),
         });
         t.inodes.insert(ino, inode);
+        t.publish();
         if !unlinked {
             t.by_name.insert((parent, name), ino);
         }
@@ -301,6 +311,7 @@ impl Inodes {
         });
         t.inodes.insert(ino, inode.clone());
         t.by_name.insert(slot, ino);
+        t.publish();
         if let Some(j) = self.journal.get() {
             // Before the reply that hands the kernel this number.
             j.node(ino, parent, inode.kind, name);
@@ -363,6 +374,7 @@ impl Inodes {
             return;
         }
         t.inodes.insert(inode.ino, inode.clone());
+        t.publish();
         let s = inode.state();
         if !s.unlinked {
             t.by_name
@@ -379,11 +391,26 @@ impl Inodes {
             return;
         }
         let mut t = self.table();
+        Self::forget_in(&mut t, ino, n);
+        t.publish();
+    }
+
+    fn forget_in(t: &mut Table, ino: InodeNo, n: u64) {
         let Some(inode) = t.inodes.get(&ino).cloned() else {
             return;
         };
         let mut s = inode.state();
-        s.lookups = s.lookups.saturating_sub(n);
+        s.lookups = if s.lookups >= ADOPTED_LOOKUPS {
+            // An adopted node. The kernel forgets a node it evicts with its whole count, and
+            // otherwise only returns the one lookup a reply just made (a reply it could not
+            // use). A forget of more than the lookups since the adoption therefore carries
+            // references from before it: the kernel has let go of the node. (A node the kernel
+            // had already forgotten before the adoption and looked up anew since is kept.)
+            let since = s.lookups - ADOPTED_LOOKUPS;
+            if n > since { 0 } else { s.lookups - n }
+        } else {
+            s.lookups.saturating_sub(n)
+        };
         if s.lookups == 0 && s.open_handles == 0 && s.staged.is_none() {
             let unlinked = s.unlinked;
             drop(s);
@@ -543,6 +570,47 @@ mod tests {
         // Forgotten once unlinked: gone for good.
         inodes.forget(c.ino, 1);
         assert!(inodes.get(c.ino).is_none());
+    }
+
+    #[test]
+    fn an_adopted_node_is_let_go_of_when_the_kernel_evicts_it() {
+        let inodes = table();
+        let config = FsConfig::new(BucketName::new("bkt").unwrap(), String::new(), "/".into());
+        let attrs = Attrs::defaults(Kind::File, &config, 0, SystemTime::now());
+        inodes.adopt(7, ROOT, Some("a".into()), "a".into(), attrs.clone());
+        let a = inodes.get(7).unwrap();
+        // Two lookups after the adoption; the kernel returns one it could not use.
+        inodes.add_lookup(&a);
+        inodes.add_lookup(&a);
+        inodes.forget(7, 1);
+        assert_eq!(a.state().lookups, ADOPTED_LOOKUPS + 1, "still the kernel's");
+        assert_eq!(inodes.len(), 2);
+        // The eviction: the kernel's whole count, more than the lookups since the adoption.
+        inodes.forget(7, 3);
+        assert_eq!(a.state().lookups, 0);
+        assert_eq!(inodes.len(), 1, "only the root is in use");
+        assert_eq!(
+            inodes.child(ROOT, "a").unwrap().ino,
+            7,
+            "retained under its number"
+        );
+        // An adopted node that was unlinked while open goes for good once evicted.
+        inodes.adopt(8, ROOT, None, "b".into(), attrs);
+        inodes.forget(8, 1);
+        assert!(inodes.get(8).is_none());
+        // One the kernel had forgotten before the adoption and looked up anew: its eviction
+        // carries only the lookups since, and it is kept (retained only at unmount).
+        inodes.adopt(
+            9,
+            ROOT,
+            Some("c".into()),
+            "c".into(),
+            Attrs::defaults(Kind::File, &config, 0, SystemTime::now()),
+        );
+        let c = inodes.get(9).unwrap();
+        inodes.add_lookup(&c);
+        inodes.forget(9, 1);
+        assert_eq!(c.state().lookups, ADOPTED_LOOKUPS);
     }
 
     #[test]

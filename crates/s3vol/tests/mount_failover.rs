@@ -346,3 +346,72 @@ fn without_resend_a_call_in_flight_at_the_death_fails_with_eio_and_the_mount_goe
     let (status, err) = m.stop();
     assert!(status.success(), "supervisor exited {status}: {err}");
 }
+
+/// The value of the gauge `name` on the metrics endpoint at `port`, if it is served.
+fn gauge(port: u16, name: &str) -> Option<f64> {
+    use std::net::TcpStream;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits (bounded) until the gauge satisfies `ok`; returns its last value.
+fn wait_gauge(port: u16, name: &str, ok: impl Fn(f64) -> bool) -> Option<f64> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = gauge(port, name);
+        if v.is_some_and(&ok) || Instant::now() >= deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_adopted_after_a_kill_are_let_go_of_when_the_kernel_forgets_them() {
+    let mut m = Mounted::new_unmounted("failover-forget").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    m.start_supervised(&["--metrics-addr", &addr]);
+    let log = drain_log(&mut m);
+    let supervisor = m.pid();
+    let first = wait_for_successor(supervisor, 0);
+    // Nodes the kernel holds: a directory and 200 files in it, each looked up.
+    const FILES: usize = 200;
+    fs::create_dir(m.path("d")).unwrap();
+    for i in 0..FILES {
+        fs::write(m.path(&format!("d/f{i}")), b"x").unwrap();
+        fs::metadata(m.path(&format!("d/f{i}"))).unwrap();
+    }
+    // SAFETY: kill(2) of the serving process this test's supervisor started.
+    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+    let second = wait_for_successor(supervisor, first);
+    assert!(fs::metadata(m.path("d/f0")).unwrap().is_file());
+    let adopted = wait_gauge(port, "s3vol_nodes", |v| v >= FILES as f64);
+    assert!(
+        adopted.is_some_and(|v| v >= FILES as f64),
+        "the successor ({second}) counts the nodes it adopted: {adopted:?}\n{}",
+        log.lock().unwrap()
+    );
+    // The kernel lets go of the files' nodes (removed, so it evicts them at once): their
+    // forgets carry the references from before the kill, and the successor drops them.
+    for i in 0..FILES {
+        fs::remove_file(m.path(&format!("d/f{i}"))).unwrap();
+    }
+    let left = wait_gauge(port, "s3vol_nodes", |v| v < 20.0);
+    assert!(
+        left.is_some_and(|v| v < 20.0),
+        "nodes still held after the kernel forgot them: {left:?} (adopted {adopted:?})\n{}",
+        log.lock().unwrap()
+    );
+    assert_eq!(serving_pid(supervisor), Some(second));
+}
