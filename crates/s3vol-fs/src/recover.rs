@@ -347,10 +347,11 @@ async fn recover_entry(
     if !unchanged
         && let Some(info) = &current
         && info.size == size
-        && same_content(&data, &info.etag)
+        && same_content(&data, &info.etag, crate::stage::upload_part_size(ctx, size))
     {
         // A process that died between its upload and the update of this record (a serving
-        // process killed under a supervisor, typically): the object is this very file.
+        // process killed under a supervisor, typically, or during the completion of a
+        // multipart upload whose answer it never read): the object is this very file.
         // Uploading it again later, once the name is renamed or removed, would bring it back.
         tracing::info!(key, staging_file = %data_path.display(), "a staged file is already in S3 as it is; dropped");
         report.dropped += 1;
@@ -543,25 +544,67 @@ async fn complete_stream(
 
 /// Whether `data` is the body of an object with this ETag: the ETag of a single PUT without
 /// KMS encryption is the MD5 of the body. Multipart ETags (`…-N`) and others never match.
-fn same_content(data: &File, etag: &ETag) -> bool {
+/// Whether the object with `etag` holds exactly the bytes of `data`, as far as its ETag tells:
+/// the MD5 of a single PUT, or `<MD5 of the parts' MD5s>-N` of a multipart upload whose parts
+/// were `part_size` bytes (what s3vol uploads a file of that size with). An ETag of another
+/// form (another store's scheme, other part sizes, SSE-KMS) never matches: the file is then
+/// treated as changed in S3, which keeps it.
+fn same_content(data: &File, etag: &ETag, part_size: u64) -> bool {
     use md5::{Digest, Md5};
     use std::io::Read;
     let etag = etag.as_str().trim_matches('"');
-    if etag.len() != 32 || etag.contains('-') {
+    let (hex, parts) = match etag.split_once('-') {
+        None => (etag, None),
+        Some((hex, n)) => match n.parse::<u64>() {
+            Ok(n) if n > 0 => (hex, Some(n)),
+            _ => return false,
+        },
+    };
+    if hex.len() != 32 || part_size == 0 {
         return false;
     }
+    let Ok(size) = data.metadata().map(|m| m.len()) else {
+        return false;
+    };
+    if parts.is_some_and(|n| size.div_ceil(part_size) != n) {
+        return false;
+    }
+    // Hashes the file in parts of `part_size` (one part for a single PUT).
+    let chunk = if parts.is_some() { part_size } else { u64::MAX };
+    let mut digests = Vec::new();
     let mut hash = Md5::new();
+    let mut in_part = 0u64;
     let mut buf = vec![0u8; 1 << 16];
     let mut file = data;
     loop {
-        match file.read(&mut buf) {
+        let want = buf
+            .len()
+            .min(usize::try_from(chunk - in_part).unwrap_or(usize::MAX));
+        match file.read(&mut buf[..want]) {
             Ok(0) => break,
-            Ok(n) => hash.update(&buf[..n]),
+            Ok(n) => {
+                hash.update(&buf[..n]);
+                in_part += n as u64;
+                if in_part == chunk {
+                    digests.extend_from_slice(&hash.finalize_reset());
+                    in_part = 0;
+                }
+            }
             Err(_) => return false,
         }
     }
-    let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    hex == etag
+    let last = hash.finalize();
+    let sum = match parts {
+        None => last.to_vec(),
+        Some(_) => {
+            if in_part > 0 {
+                digests.extend_from_slice(&last);
+            }
+            Md5::digest(&digests).to_vec()
+        }
+    };
+    let got: String = sum.iter().map(|b| format!("{b:02x}")).collect();
+    got == hex
 }
 
 #[cfg(test)]
@@ -718,6 +761,67 @@ mod tests {
         // A second scan finds only what stays.
         let again = scan(&ctx(&store, dir.path()).await).await;
         assert_eq!((again.uploaded, again.kept, again.dropped), (0, 1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_file_whose_multipart_upload_completed_unanswered_is_known_by_its_etag() {
+        let dir = crate::cache_dir::private_tempdir();
+        let store = Arc::new(MemStore::new());
+        let dead = ctx(&store, dir.path()).await;
+        let old: Vec<u8> = vec![7u8; 12 << 20];
+        let new: Vec<u8> = (0..12u32 << 20).map(|i| (i / 3) as u8).collect();
+        // A file rewritten whole, then uploaded in parts: S3 completed the upload, and the
+        // process died before it read the answer (its record still says dirty, from `old`).
+        let base = put(&dead, "big", &old).await;
+        let mut st = Staged::from_object(dead.clone(), "big", base).unwrap();
+        st.write(0, &new, meta).await.unwrap();
+        std::mem::forget(st);
+        let part = crate::stage::upload_part_size(&dead, new.len() as u64) as usize;
+        let id = store
+            .create_multipart_upload(&dead.bucket, "big", &PutOptions::default())
+            .await
+            .unwrap();
+        let mut parts = Vec::new();
+        for (i, chunk) in new.chunks(part).enumerate() {
+            let n = i as i32 + 1;
+            let body = Bytes::copy_from_slice(chunk);
+            parts.push(
+                store
+                    .upload_part(&dead.bucket, "big", &id, n, body)
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert_eq!(parts.len(), 3);
+        let done = store
+            .complete_multipart_upload(&dead.bucket, "big", &id, &parts)
+            .await
+            .unwrap();
+        assert!(
+            done.etag.as_str().ends_with("-3\""),
+            "{}",
+            done.etag.as_str()
+        );
+        // A file whose object another client replaced with other bytes of the same size.
+        let base = put(&dead, "other", &old).await;
+        let mut st = Staged::from_object(dead.clone(), "other", base).unwrap();
+        st.write(0, &new, meta).await.unwrap();
+        std::mem::forget(st);
+        let mut theirs = new.clone();
+        theirs[5] ^= 1;
+        put(&dead, "other", &theirs).await;
+        dead.cache.unlock_as_if_dead();
+
+        let fresh = ctx(&store, dir.path()).await;
+        let report = scan(&fresh).await;
+        assert_eq!(
+            (report.dropped, report.uploaded, report.kept),
+            (1, 0, 1),
+            "{report:?}"
+        );
+        assert!(get(&fresh, "big").await.unwrap() == new);
+        assert!(get(&fresh, "other").await.unwrap() == theirs);
+        assert_eq!(data_files(dir.path()), 1, "only the changed one is kept");
     }
 
     #[tokio::test]

@@ -122,6 +122,14 @@ fn flush_timed_out() -> FsError {
     )
 }
 
+/// The part size of a multipart upload of a staging file of `size` bytes: the stream part
+/// size, or more where 10,000 parts would not hold the file.
+pub(crate) fn upload_part_size(ctx: &StageCtx, size: u64) -> u64 {
+    let min = ctx.stream_part_size();
+    let needed = size.div_ceil(MAX_PARTS).next_multiple_of(1 << 20);
+    min.max(needed)
+}
+
 /// S3's smallest part (but the last) of a multipart upload.
 pub const MIN_PART_SIZE: u64 = 5 << 20;
 /// Largest object a single CopyObject may copy.
@@ -757,9 +765,7 @@ impl Staged {
     }
 
     fn part_size_for(&self, size: u64) -> u64 {
-        let min = self.ctx.stream_part_size();
-        let needed = size.div_ceil(MAX_PARTS).next_multiple_of(1 << 20);
-        min.max(needed)
+        upload_part_size(&self.ctx, size)
     }
 
     /// Appends `data` to the stream: to the part being filled, starting the upload of each

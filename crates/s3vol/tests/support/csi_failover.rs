@@ -225,7 +225,12 @@ impl Load {
             written.len()
         );
         let worst = lat.last().copied().unwrap_or_default();
-        assert!(worst < Duration::from_secs(5), "a call stalled {worst:?}");
+        assert!(
+            worst < Duration::from_secs(5),
+            "a call stalled {worst:?} ({})\n{}",
+            rec.slowest.as_ref().map_or("", |(_, what)| what.as_str()),
+            h.csi_log()
+        );
         assert!(fio_runs >= 1, "fio never ran");
         Done {
             expect,

@@ -40,12 +40,18 @@ impl Record {
     }
 
     pub fn timed<T>(&mut self, what: &str, f: impl FnOnce() -> std::io::Result<T>) -> Option<T> {
+        let started = std::time::SystemTime::now();
         let t = Instant::now();
         let r = f();
         let took = t.elapsed();
         self.latencies.push(took);
         if self.slowest.as_ref().is_none_or(|(d, _)| took > *d) {
-            self.slowest = Some((took, what.to_owned()));
+            // When it started (Unix seconds), to find it in the logs.
+            let at = started
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            self.slowest = Some((took, format!("{what}, started at {at:.3}")));
         }
         match r {
             Ok(v) => Some(v),
