@@ -25,16 +25,8 @@
 //!
 //! Size: files past [`MAX_FILE`] are neither written nor read; when the directory grows past
 //! its budget, the files least recently read or written go first (their modification time is
-//! bumped at every use).
-//!
-//! Directories: a listing does not return a `dir/` marker's triple (only the prefix), so
-//! nothing can tell that one changed. A subdirectory's entry records what the HEAD of its
-//! marker said — its attributes, or that it has none (a prefix only) — and when; it is used
-//! only while younger than the reader's `metadata_ttl` (less a second for the clock's
-//! resolution), exactly as long as the mount that made the HEAD trusts it in memory. So a
-//! successor taking over a mount, or another mount on the node, lists such a directory
-//! without asking S3 for every subdirectory again, and sees another client's change of a
-//! directory no later than a mount that never stopped would.
+//! bumped at every use). Directories (`dir/` markers) are not cached: a listing does not
+//! return a marker's triple, so nothing could tell that one changed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
@@ -111,9 +103,7 @@ struct Entry {
     m: i64,
     /// When the HEAD was made (Unix seconds, this node's clock).
     h: i64,
-    /// Kind: `f`, `l` (symlink), `d` (an old-style s3fs directory object without a slash),
-    /// `D` (a subdirectory, as its marker's HEAD showed it) or `N` (a subdirectory without a
-    /// marker: nothing but `h` matters).
+    /// Kind: `f`, `l` (symlink) or `d` (an old-style s3fs directory object without a slash).
     k: char,
     p: u16,
     u: u32,
@@ -135,7 +125,7 @@ impl Entry {
         let kind = match self.k {
             'f' => Kind::File,
             'l' => Kind::Symlink,
-            'd' | 'D' => Kind::Dir,
+            'd' => Kind::Dir,
             _ => return None,
         };
         let mut xattrs = Xattrs::new();
@@ -215,79 +205,6 @@ impl DirAttrs {
         }
     }
 
-    /// Records what a HEAD of the subdirectory `name`'s marker, made at `headed`, said: its
-    /// attributes, or that it has none (`None`).
-    pub fn put_dir(&mut self, name: &str, headed: SystemTime, marker: Option<&Attrs>) {
-        let h = unix_secs(headed);
-        let entry = match marker {
-            Some(attrs) => Entry {
-                e: String::new(),
-                s: 0,
-                m: 0,
-                h,
-                k: 'D',
-                p: attrs.perm,
-                u: attrs.uid,
-                g: attrs.gid,
-                mt: format_time(attrs.mtime),
-                ct: format_time(attrs.ctime),
-                at: format_time(attrs.atime),
-                x: attrs
-                    .xattrs
-                    .iter()
-                    .map(|(k, v)| (k.clone(), B64.encode(v)))
-                    .collect(),
-            },
-            None => Entry {
-                e: String::new(),
-                s: 0,
-                m: 0,
-                h,
-                k: 'N',
-                p: 0,
-                u: 0,
-                g: 0,
-                mt: String::new(),
-                ct: String::new(),
-                at: String::new(),
-                x: BTreeMap::new(),
-            },
-        };
-        self.entries.insert(name.to_owned(), entry);
-    }
-
-    /// The subdirectory `name` as a HEAD of its marker saw it less than `ttl` ago (less a
-    /// second: the time is kept in whole seconds): its marker's attributes, or `None` when
-    /// it had none, and how old that is at most. `None` when unknown or older.
-    pub fn get_dir(
-        &self,
-        name: &str,
-        now: SystemTime,
-        ttl: Duration,
-    ) -> Option<(Option<Attrs>, Duration)> {
-        let e = self.entries.get(name)?;
-        let age = unix_secs(now).checked_sub(e.h)?;
-        let age = u64::try_from(age).ok()?.saturating_add(1);
-        if age >= ttl.as_secs() {
-            return None;
-        }
-        let marker = match e.k {
-            'D' => Some(e.attrs()?),
-            'N' => None,
-            _ => return None,
-        };
-        Some((marker, Duration::from_secs(age)))
-    }
-
-    /// Copies the subdirectory entry of `name` from `other` while it is valid there.
-    pub fn carry_dir(&mut self, other: &DirAttrs, name: &str, now: SystemTime, ttl: Duration) {
-        if other.get_dir(name, now, ttl).is_some()
-            && let Some(e) = other.entries.get(name)
-        {
-            self.entries.insert(name.to_owned(), e.clone());
-        }
-    }
-
     /// Copies the entry of `name` from `other` if it is valid for `listed` there.
     pub fn carry(&mut self, other: &DirAttrs, name: &str, listed: &Version) {
         if other.get(name, listed).is_some()
@@ -295,11 +212,6 @@ impl DirAttrs {
         {
             self.entries.insert(name.to_owned(), e.clone());
         }
-    }
-
-    /// Drops the entry of `name`; whether there was one.
-    pub fn remove(&mut self, name: &str) -> bool {
-        self.entries.remove(name).is_some()
     }
 
     /// Whether both hold the same entries (nothing to write).
@@ -419,19 +331,6 @@ impl AttrCache {
 
     /// Replaces what is cached for `prefix` (an empty set removes the file). Errors are
     /// logged, never returned: the cache only saves requests.
-    /// Drops what the cache holds of the subdirectory `name` of `prefix` (this mount made,
-    /// removed, renamed or changed it: a successor or another mount on the node must ask S3,
-    /// not trust an older HEAD within its TTL). Costs nothing where `prefix` has no file.
-    pub fn forget_dir(&self, prefix: &str, name: &str) {
-        if !self.path(prefix).exists() {
-            return;
-        }
-        let mut attrs = self.load(prefix);
-        if attrs.remove(name) {
-            self.store(prefix, &attrs);
-        }
-    }
-
     pub fn store(&self, prefix: &str, attrs: &DirAttrs) {
         let path = self.path(prefix);
         if attrs.is_empty() {
@@ -582,39 +481,6 @@ mod tests {
         assert_eq!(d.get("f", &version("abc", 1_001)), None, "rewritten later");
         let bigger = Version { size: 6, ..v };
         assert_eq!(d.get("f", &bigger), None, "another size");
-    }
-
-    #[test]
-    fn a_subdirectory_is_known_for_the_readers_ttl_after_the_head_of_its_marker() {
-        let mut d = DirAttrs::default();
-        let mut marked = attrs(0o750);
-        marked.kind = Kind::Dir;
-        marked.size = 0;
-        d.put_dir("m", at(1_000), Some(&marked));
-        d.put_dir("p", at(1_000), None);
-        let ttl = Duration::from_secs(10);
-        let (got, age) = d.get_dir("m", at(1_004), ttl).unwrap();
-        assert_eq!(got, Some(marked.clone()));
-        assert_eq!(age, Duration::from_secs(5), "rounded up");
-        assert_eq!(
-            d.get_dir("p", at(1_004), ttl),
-            Some((None, Duration::from_secs(5)))
-        );
-        // A second short of the TTL is the last it is used; a clock gone back, never.
-        assert!(d.get_dir("m", at(1_008), ttl).is_some());
-        assert!(d.get_dir("m", at(1_009), ttl).is_none());
-        assert!(d.get_dir("m", at(999), ttl).is_none());
-        assert!(d.get_dir("m", at(1_000), Duration::from_secs(1)).is_none());
-        // It never answers for a file of that name, nor a file's entry for a directory.
-        assert!(d.get("m", &version("\"e\"", 1_000)).is_none());
-        d.put("f", &version("\"e\"", 1_000), at(1_010), &attrs(0o644));
-        assert!(d.get_dir("f", at(1_011), ttl).is_none());
-        // Carried while valid, dropped once not.
-        let mut next = DirAttrs::default();
-        next.carry_dir(&d, "m", at(1_002), ttl);
-        next.carry_dir(&d, "p", at(1_050), ttl);
-        assert!(next.get_dir("m", at(1_002), ttl).is_some());
-        assert!(next.get_dir("p", at(1_002), ttl).is_none());
     }
 
     #[test]

@@ -158,9 +158,6 @@ impl DirStream {
 struct Resolved {
     inode: Option<Arc<Inode>>,
     headed: Option<(Version, SystemTime, Attrs)>,
-    /// A subdirectory's marker was asked for at this time: its attributes, or `None` when it
-    /// has none.
-    dir_headed: Option<(SystemTime, Option<Attrs>)>,
 }
 
 impl Resolved {
@@ -168,7 +165,6 @@ impl Resolved {
         Self {
             inode,
             headed: None,
-            dir_headed: None,
         }
     }
 }
@@ -636,7 +632,6 @@ impl S3Fs {
                     .put_object(b, &key, Bytes::new(), &options)
                     .await?;
                 inode.state().has_marker = true;
-                self.forget_cached_dir(&key).await;
             }
             Kind::File | Kind::Symlink => {
                 if attrs.size > MAX_COPY_OBJECT {
@@ -1092,19 +1087,12 @@ impl S3Fs {
                 .buffered(self.config.list_concurrency.max(1))
                 .collect()
                 .await;
-        let now = SystemTime::now();
         for (listed, name, r) in resolved {
             let r = r?;
             if let Some(learned) = &mut d.learned {
-                match (r.headed, r.dir_headed, &listed, &d.saved) {
-                    (Some((version, at, attrs)), _, _, _) => {
-                        learned.put(&name, &version, at, &attrs)
-                    }
-                    (None, Some((at, marker)), _, _) => learned.put_dir(&name, at, marker.as_ref()),
-                    (None, None, Some(listed), Some(saved)) => learned.carry(saved, &name, listed),
-                    (None, None, None, Some(saved)) => {
-                        learned.carry_dir(saved, &name, now, self.config.metadata_ttl)
-                    }
+                match (r.headed, &listed, &d.saved) {
+                    (Some((version, at, attrs)), _, _) => learned.put(&name, &version, at, &attrs),
+                    (None, Some(listed), Some(saved)) => learned.carry(saved, &name, listed),
                     _ => {}
                 }
             }
@@ -1177,41 +1165,17 @@ impl S3Fs {
         match kind {
             Kind::Dir => {
                 let key = format!("{prefix}{name}/");
-                let defaults = || Attrs::defaults(Kind::Dir, &self.config, 0, self.mount_time);
-                if let Some(saved) = saved
-                    && let Some((marker, age)) =
-                        saved.get_dir(&name, SystemTime::now(), self.config.metadata_ttl)
-                {
-                    // Asked less than the TTL ago (by this mount, a predecessor or another
-                    // mount on the node): trusted for what is left of the TTL, as in memory.
-                    let has_marker = marker.is_some();
-                    let attrs = marker.unwrap_or_else(defaults);
-                    let inode = self
-                        .inodes
-                        .upsert(parent, &name, key, attrs, None, has_marker, false, false);
-                    {
-                        let mut s = inode.state();
-                        if s.staged.is_none() && !s.local_only {
-                            s.validated = Instant::now().checked_sub(age);
-                        }
-                    }
-                    return Ok(Resolved::found(Some(inode)));
-                }
-                let at = SystemTime::now();
                 let (attrs, marker) = match self.store.head_object(b, &key).await {
                     Ok(info) => (self.dir_attrs(&info), true),
-                    Err(e) if not_found(&e) => (defaults(), false),
+                    Err(e) if not_found(&e) => (
+                        Attrs::defaults(Kind::Dir, &self.config, 0, self.mount_time),
+                        false,
+                    ),
                     Err(e) => return Err(e.into()),
                 };
-                let headed = marker.then(|| attrs.clone());
-                Ok(Resolved {
-                    inode: Some(
-                        self.inodes
-                            .upsert(parent, &name, key, attrs, None, marker, false, false),
-                    ),
-                    headed: None,
-                    dir_headed: Some((at, headed)),
-                })
+                Ok(Resolved::found(Some(self.inodes.upsert(
+                    parent, &name, key, attrs, None, marker, false, false,
+                ))))
             }
             Kind::File | Kind::Symlink => {
                 let key = format!("{prefix}{name}");
@@ -1235,7 +1199,6 @@ impl S3Fs {
                 Ok(Resolved {
                     inode: Some(inode),
                     headed,
-                    dir_headed: None,
                 })
             }
         }
@@ -1351,7 +1314,6 @@ impl S3Fs {
         self.store
             .put_object(&self.config.bucket, &key, Bytes::new(), &options)
             .await?;
-        self.forget_cached_dir(&key).await;
         self.set_negative(parent, name, false);
         let inode = self
             .inodes
@@ -1401,7 +1363,6 @@ impl S3Fs {
         self.store.delete_object(b, &key).await?;
         let folder = format!("{}{FOLDER_SUFFIX}", key.trim_end_matches('/'));
         self.store.delete_object(b, &folder).await?;
-        self.forget_cached_dir(&key).await;
         self.inodes.detach(parent, name);
         self.set_negative(parent, name, true);
         changing.removed(name);
@@ -1501,20 +1462,6 @@ impl S3Fs {
             s.attrs.size = size;
         }
         result
-    }
-
-    /// The directory `key` (`a/b/`) was made, removed, renamed or changed here: the node's
-    /// attribute cache forgets what an earlier HEAD said of it (see `attr_cache.rs`).
-    pub(super) async fn forget_cached_dir(&self, key: &str) {
-        let Some(cache) = self.attr_cache.clone() else {
-            return;
-        };
-        let path = key.trim_end_matches('/');
-        let (prefix, name) = match path.rsplit_once('/') {
-            Some((p, n)) => (format!("{p}/"), n.to_owned()),
-            None => (String::new(), path.to_owned()),
-        };
-        let _ = tokio::task::spawn_blocking(move || cache.forget_dir(&prefix, &name)).await;
     }
 
     /// Bytes not yet durable in S3.

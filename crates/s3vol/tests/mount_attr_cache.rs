@@ -9,7 +9,6 @@ mod proxy;
 #[path = "support/mount.rs"]
 mod support;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,10 +27,6 @@ struct Mount {
 
 impl Mount {
     fn new(bucket: &BucketName, endpoint: &str, cache: &Path) -> Self {
-        Self::with_args(bucket, endpoint, cache, &[])
-    }
-
-    fn with_args(bucket: &BucketName, endpoint: &str, cache: &Path, extra: &[&str]) -> Self {
         let mnt = tempfile::Builder::new()
             .prefix("s3vol-mnt-")
             .tempdir()
@@ -49,7 +44,6 @@ impl Mount {
             ])
             .arg("--cache-dir")
             .arg(cache)
-            .args(extra)
             .arg("-f")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -307,134 +301,4 @@ fn stat_of_many_names_on_a_fresh_mount_costs_a_head_per_file_then_none_on_a_late
         heads <= 8,
         "only the lookups before the listing HEAD: {heads} HEADs"
     );
-}
-
-/// Subdirectories as other clients leave them: `dNN/` markers with s3fs metadata (mode 0750,
-/// uid 3000 + i, gid 2000) and `pNN/`, prefixes of an object without a marker.
-async fn put_dirs(store: &dyn ObjectStore, bucket: &BucketName, n: usize) {
-    for i in 0..n {
-        let metadata: UserMetadata = [
-            ("mode".to_owned(), (libc::S_IFDIR | 0o750).to_string()),
-            ("uid".to_owned(), (3000 + i).to_string()),
-            ("gid".to_owned(), "2000".to_owned()),
-            ("mtime".to_owned(), (1_600_000_100 + i).to_string()),
-        ]
-        .into_iter()
-        .collect();
-        let options = PutOptions {
-            metadata,
-            ..PutOptions::default()
-        };
-        store
-            .put_object(bucket, &format!("d{i:02}/"), Bytes::new(), &options)
-            .await
-            .unwrap();
-        store
-            .put_object(
-                bucket,
-                &format!("p{i:02}/x"),
-                Bytes::from_static(b"x"),
-                &PutOptions::default(),
-            )
-            .await
-            .unwrap();
-    }
-}
-
-/// A chmod of the directory marker `key` by another client (s3fs's metadata-only copy).
-fn boto3_chmod_dir(bucket: &BucketName, key: &str, mode: u32) {
-    let keys = testing::credentials();
-    let script = r#"
-import boto3, os, sys
-s3 = boto3.client("s3", endpoint_url=os.environ["EP"], region_name="us-east-1")
-b, k, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-meta = dict(s3.head_object(Bucket=b, Key=k)["Metadata"])
-meta["mode"] = mode
-s3.copy_object(Bucket=b, Key=k, CopySource={"Bucket": b, "Key": k},
-               MetadataDirective="REPLACE", Metadata=meta)
-"#;
-    let status = Command::new("python3")
-        .args(["-c", script, bucket.as_str(), key, &mode.to_string()])
-        .env("EP", testing::endpoint())
-        .env("AWS_ACCESS_KEY_ID", keys.access_key_id)
-        .env("AWS_SECRET_ACCESS_KEY", keys.secret_access_key)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .status()
-        .unwrap();
-    assert!(status.success(), "boto3 chmod failed");
-}
-
-/// `ls` rows without the times of directories that have no marker (they show the mount's
-/// start, which differs from mount to mount).
-fn without_mount_times(rows: &[(String, String)]) -> Vec<(String, String)> {
-    rows.iter()
-        .map(|(name, what)| match name.starts_with('p') {
-            true => (name.clone(), what.rsplit_once(' ').unwrap().0.to_owned()),
-            false => (name.clone(), what.clone()),
-        })
-        .collect()
-}
-
-#[test]
-fn subdirectories_an_earlier_mount_listed_cost_no_head_within_the_ttl() {
-    let rt = rt();
-    let store = rt.block_on(support::store());
-    let bucket = testing::unique_bucket("attrc-dirs");
-    rt.block_on(store.create_bucket(&bucket)).unwrap();
-    rt.block_on(put_dirs(&*store, &bucket, 6));
-    let proxy = Proxy::start(&testing::endpoint());
-    let cache = support::private_tempdir("s3vol-cache-");
-
-    let first = Mount::new(&bucket, &proxy.url(), cache.path());
-    let shown = first.ls();
-    assert_eq!(shown.len(), 12, "{shown:?}");
-    assert!(shown[0].1.starts_with("drwxr-x--- 3000 2000 "), "{shown:?}");
-    assert!(shown[6].1.starts_with('d'), "{shown:?}");
-    let (heads, _) = heads_and_lists(&proxy, &bucket);
-    assert!(
-        heads >= 12,
-        "the first listing asks for every marker ({heads})"
-    );
-    wait_for_attr_file(cache.path());
-    drop(first);
-
-    // A later mount (a successor, another pod on the node) within the TTL of those HEADs:
-    // the same attributes, markers and prefixes alike, and no HEAD.
-    proxy.reset();
-    let second = Mount::new(&bucket, &proxy.url(), cache.path());
-    let shown = without_mount_times(&shown);
-    assert_eq!(without_mount_times(&second.ls()), shown);
-    let (heads, lists) = heads_and_lists(&proxy, &bucket);
-    assert_eq!(heads, 0, "no HEAD: {:?}", proxy.requests());
-    assert!(lists >= 1);
-    drop(second);
-
-    // Another client's chmod of a directory: a mount whose TTL the entries outlived asks
-    // again, and shows it.
-    boto3_chmod_dir(&bucket, "d00/", libc::S_IFDIR | 0o700);
-    proxy.reset();
-    let third = Mount::with_args(
-        &bucket,
-        &proxy.url(),
-        cache.path(),
-        &["--metadata-ttl", "1"],
-    );
-    let after = without_mount_times(&third.ls());
-    assert!(after[0].1.starts_with("drwx------ 3000 "), "{after:?}");
-    assert_eq!(after[1..], shown[1..]);
-    let (heads, _) = heads_and_lists(&proxy, &bucket);
-    assert!(heads >= 12, "asked again ({heads})");
-    drop(third);
-
-    // A chmod made through a mount is what the next mount shows, not an earlier HEAD.
-    let fourth = Mount::new(&bucket, &proxy.url(), cache.path());
-    std::fs::set_permissions(
-        fourth.mnt.path().join("d01"),
-        std::fs::Permissions::from_mode(0o711),
-    )
-    .unwrap();
-    drop(fourth);
-    let fifth = Mount::new(&bucket, &proxy.url(), cache.path());
-    let last = fifth.ls();
-    assert!(last[1].1.starts_with("drwx--x--x 3001 "), "{last:?}");
 }

@@ -58,10 +58,7 @@ impl S3Fs {
         }
         if src.kind == Kind::Dir {
             let new_key = format!("{new_parent_key}{new_name}/");
-            let old_key = src.key();
             self.rename_dir(&src, &new_key).await?;
-            self.forget_cached_dir(&old_key).await;
-            self.forget_cached_dir(&new_key).await;
             if let Some(dst) = &dst {
                 dst.state().unlinked = true;
                 self.inodes.detach(new_parent, new_name);
