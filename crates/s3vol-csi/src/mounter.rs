@@ -523,11 +523,11 @@ impl Mounter {
                 )
             };
         }
-        self.prune_sessions(keep);
+        let mut wanted: Vec<String> = keep.iter().map(|v| short_hash(v)).collect();
+        self.prune_sessions(&wanted);
         let Some(root) = &self.config.cache_dir else {
             return Reply::ok(None);
         };
-        let mut wanted: Vec<String> = keep.iter().map(|v| short_hash(v)).collect();
         wanted.extend(
             self.served
                 .lock()
@@ -727,14 +727,15 @@ impl Mounter {
     /// Removes the session directories earlier mounters left that no volume of this one took
     /// up (nothing else there is touched): their connections are gone, or were handed to this
     /// mounter under their directory's name and are in use.
-    fn prune_sessions(&self, keep: &[String]) {
+    ///
+    /// `staged`: the [`short_hash`]es of the volumes still staged on the node. Such a volume
+    /// may not have been handed to this mounter yet (its node plugin asks for a prune when it
+    /// starts, and again until a mounter that is not shutting down answers): its journal
+    /// stays for the hand-over.
+    fn prune_sessions(&self, staged: &[String]) {
         let Some(root) = &self.config.session_dir else {
             return;
         };
-        // A volume still staged on the node may not have been handed to this mounter yet
-        // (its node plugin asks for a prune when it starts, and again until a mounter that is
-        // not shutting down answers): its journal stays for the hand-over.
-        let staged: Vec<String> = keep.iter().map(|v| short_hash(v)).collect();
         let in_use: Vec<PathBuf> = self
             .served
             .lock()
@@ -1157,7 +1158,7 @@ mod tests {
             left.sort();
             left
         };
-        mounter.prune_sessions(&["staged".into()]);
+        mounter.prune_sessions(std::slice::from_ref(&staged));
         let mut want = vec![
             format!("{h}-11"),
             format!("{staged}-4"),

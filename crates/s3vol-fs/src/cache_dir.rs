@@ -484,6 +484,14 @@ pub fn private_file(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// `STEM.ext`: one of the files of the staging entry `stem`.
+pub fn stem_with_ext(stem: &Path, ext: &str) -> PathBuf {
+    let mut s = stem.as_os_str().to_owned();
+    s.push(".");
+    s.push(ext);
+    PathBuf::from(s)
+}
+
 /// The files of one staging entry: `STEM.data`, `STEM.key`, `STEM.meta`.
 #[derive(Debug)]
 pub struct Entry {
@@ -509,10 +517,7 @@ impl Entry {
     }
 
     pub fn with_ext(&self, ext: &str) -> PathBuf {
-        let mut s = self.stem.clone().into_os_string();
-        s.push(".");
-        s.push(ext);
-        PathBuf::from(s)
+        stem_with_ext(&self.stem, ext)
     }
 
     pub fn data_path(&self) -> PathBuf {
@@ -587,7 +592,7 @@ impl Entry {
         }
         let stem = self.stem.clone();
         let replace = |path: &Path, ext: &str, bytes: &[u8]| -> io::Result<File> {
-            let tmp = Entry::new(stem.clone()).with_ext(ext);
+            let tmp = stem_with_ext(&stem, ext);
             let _ = std::fs::remove_file(&tmp);
             let written = private_file(&tmp).and_then(|mut f| {
                 f.write_all(bytes)?;
