@@ -520,6 +520,11 @@ impl Entry {
         stem_with_ext(&self.stem, ext)
     }
 
+    /// The stem's name in the cache directory (`<instance>-<n>`).
+    pub fn name(&self) -> &str {
+        self.stem.file_name().and_then(|n| n.to_str()).unwrap_or("")
+    }
+
     pub fn data_path(&self) -> PathBuf {
         self.with_ext("data")
     }

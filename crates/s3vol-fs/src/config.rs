@@ -50,6 +50,9 @@ pub struct FsConfig {
     /// process serving the mount, so a successor finds it (docs/SEMANTICS.md, "When the
     /// serving process dies").
     pub stream_writes: bool,
+    /// Part buffers that outlive the process (`parts.rs`): with them, a supervised mount
+    /// streams too.
+    pub parts_arena: Option<std::sync::Arc<crate::parts::PartArena>>,
     /// The node-local attribute cache (`attr_cache.rs`): where it lives, `None` for none.
     pub attr_cache_dir: Option<PathBuf>,
     /// Its budget on disk.
@@ -84,6 +87,7 @@ impl FsConfig {
             close_timeout: Duration::from_secs(60),
             min_throughput: 1 << 20,
             stream_writes: true,
+            parts_arena: None,
         }
     }
 }

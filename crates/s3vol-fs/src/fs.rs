@@ -271,7 +271,7 @@ impl S3Fs {
         let disk = Arc::new(Disk::new(config.cache_size));
         let cache = CacheDir::open(&config.cache_dir).map_err(|e| err!(libc::EACCES, "{e}"))?;
         let stage = Arc::new(StageCtx {
-            stream: config.stream_writes,
+            stream: config.stream_writes || config.parts_arena.is_some(),
             store: store.clone(),
             bucket: config.bucket.clone(),
             cache: Arc::new(cache),
@@ -282,11 +282,16 @@ impl S3Fs {
                 config.part_size.max(MIN_PART_SIZE) as usize,
                 PARTS_KEPT,
             )),
+            arena: config.parts_arena.clone(),
             close_timeout: config.close_timeout,
             min_throughput: config.min_throughput,
         });
         if !config.read_only {
-            // What earlier mounts left, before anything is served (see `recover`).
+            // What earlier mounts left, before anything is served (see `recover`): first what
+            // a dead predecessor held in part buffers, which then is a staging file too.
+            if let Some(arena) = &stage.arena {
+                recover::take_over_parts(&stage, arena);
+            }
             recover::scan(&stage).await;
         }
         let read = Arc::new(ReadCtx {

@@ -17,6 +17,7 @@ mod journal;
 mod listing;
 mod meta;
 mod names;
+pub mod parts;
 mod ranges;
 mod read;
 mod recover;

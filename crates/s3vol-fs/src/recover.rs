@@ -32,6 +32,7 @@ use bytes::Bytes;
 use s3vol_s3::{CompletedPart, ETag, S3Error, UploadId, UserMetadata};
 
 use crate::cache_dir::{Entry, Record, stem_with_ext as with_ext, try_lock};
+use crate::parts::PartArena;
 use crate::stage::{StageCtx, Staged};
 
 /// What the scan found and did.
@@ -181,6 +182,119 @@ pub async fn scan(ctx: &Arc<StageCtx>) -> ScanReport {
         report.aborted
     );
     report
+}
+
+/// Turns the part buffers a dead predecessor left in use in the arena (see [`crate::parts`])
+/// into what a process that exits on purpose leaves of a streamed file: its bytes at their
+/// offsets in the entry's staging file (fsynced) and a journal record of the stream, which
+/// the scan then completes or uploads. A slot is freed only once its bytes are on disk; one
+/// that cannot be written stays in memory, and the log says so. Returns how many files and
+/// bytes were taken over.
+pub fn take_over_parts(ctx: &StageCtx, arena: &PartArena) -> (u64, u64) {
+    let mut by_stem: BTreeMap<String, Vec<crate::parts::Leftover>> = BTreeMap::new();
+    for slot in arena.leftovers() {
+        by_stem.entry(slot.stem.clone()).or_default().push(slot);
+    }
+    let (mut files, mut bytes) = (0, 0);
+    for (name, slots) in by_stem {
+        let held: u64 = slots.iter().map(|s| s.len).sum();
+        let key = slots.first().map(|s| s.key.clone()).unwrap_or_default();
+        let valid = entry_name(&format!("{name}.data")).is_some_and(|(_, stem, _)| stem == name);
+        let written = if valid {
+            write_parts(ctx, arena, &ctx.cache.path().join(&name), &slots)
+        } else {
+            Err(std::io::Error::other(format!(
+                "no staging entry is named {name:?}"
+            )))
+        };
+        match written {
+            Ok(path) => {
+                tracing::warn!(key, bytes = held, staging_file = %path.display(), "bytes a dead serving process held in part buffers moved to the cache directory");
+                for slot in &slots {
+                    arena.release_leftover(slot);
+                }
+                files += 1;
+                bytes += held;
+            }
+            Err(e) => tracing::error!(
+                key,
+                bytes = held,
+                error = %e,
+                "bytes a dead serving process held in part buffers cannot be written to the                  cache directory: they stay in memory (the part buffers' memory file), and are                  lost if the mount ends before a later serving process moves them"
+            ),
+        }
+    }
+    (files, bytes)
+}
+
+/// Writes the bytes of one staging entry's leftover slots to its data file and journal.
+fn write_parts(
+    ctx: &StageCtx,
+    arena: &PartArena,
+    stem: &Path,
+    slots: &[crate::parts::Leftover],
+) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let existing = std::fs::read_to_string(with_ext(stem, "meta"))
+        .ok()
+        .and_then(|t| Record::parse(&t));
+    let journaled = existing.is_some();
+    let mut record = existing.unwrap_or_else(|| {
+        let key = slots
+            .iter()
+            .find(|s| s.filling)
+            .or(slots.first())
+            .map_or("", |s| s.key.as_str());
+        Record::new(ctx.bucket.as_str(), key)
+    });
+    let end = slots.iter().map(|s| s.offset + s.len).max().unwrap_or(0);
+    let mut local = crate::ranges::RangeSet::new();
+    for &(a, b) in &record.local {
+        local.insert(a..b);
+    }
+    for s in slots {
+        local.insert(s.offset..s.offset + s.len);
+    }
+    // The tail (or a small file) is filling from the offset the upload reached; without one,
+    // the parts end the file (the scan learns from S3 where the upload's parts end).
+    record.streamed = slots
+        .iter()
+        .filter(|s| s.filling)
+        .map(|s| s.offset)
+        .min()
+        .unwrap_or(end);
+    record.part_size = ctx.stream_part_size();
+    record.size = record.size.max(end);
+    record.dirty = true;
+    record.local = local.iter().map(|r| (r.start, r.end)).collect();
+    let mut entry = Entry::new(stem.to_owned());
+    if !journaled {
+        // The record first, as for any new entry: a data file never exists without one.
+        entry.write_record(&record)?;
+    }
+    let path = with_ext(stem, "data");
+    let data = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)?;
+    for s in slots {
+        data.write_all_at(arena.leftover_bytes(s), s.offset)?;
+    }
+    if data.metadata()?.len() < end {
+        data.set_len(end)?;
+    }
+    data.sync_all()?;
+    if journaled {
+        Entry::adopt(stem.to_owned(), data).write_record(&record)?;
+    }
+    File::open(with_ext(stem, "meta"))?.sync_all()?;
+    if let Some(dir) = stem.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(path)
 }
 
 fn remove_all(stem: &Path) {
@@ -433,6 +547,25 @@ async fn complete_stream(
         return false;
     };
     let part = record.part_size.max(1);
+    // The parts S3 holds: the record names those a process knew of at exit; a process that
+    // was killed knew of none (its part buffers held only what S3 did not have yet).
+    let listed = match ctx
+        .store
+        .list_parts(&ctx.bucket, &key, &UploadId(id.clone()))
+        .await
+    {
+        Ok(listed) => listed,
+        Err(e) => {
+            keep(
+                report,
+                stem,
+                &key,
+                size,
+                &format!("the parts of its upload {id} cannot be listed: {e}"),
+            );
+            return false;
+        }
+    };
     let local = {
         let mut r = crate::ranges::RangeSet::new();
         for &(a, b) in &record.local {
@@ -440,6 +573,30 @@ async fn complete_stream(
         }
         r
     };
+    let mut record = record.clone();
+    let mut sizes = BTreeMap::new();
+    for p in &listed {
+        record.parts.retain(|r| r.number != p.part_number);
+        record.parts.push(crate::cache_dir::PartRecord {
+            number: p.part_number,
+            etag: p.etag.as_str().to_owned(),
+        });
+        sizes.insert(p.part_number, p.size);
+        // Without a tail in the data file, the file ends where the listed parts do (past the
+        // data file when the last parts were in S3 and no longer in memory).
+        let end = (p.part_number.max(1) as u64 - 1) * part + p.size;
+        if end > record.streamed
+            && !local
+                .missing(record.streamed..record.streamed + 1)
+                .is_empty()
+        {
+            record.streamed = end;
+        }
+    }
+    let size = size.max(record.streamed);
+    let record = &record;
+    // A part the data file holds whole goes again from there: those bytes are the newest (a
+    // part S3 holds may be an earlier, shorter tail of the same number).
     let in_upload: BTreeMap<i32, &str> = record
         .parts
         .iter()
@@ -452,10 +609,13 @@ async fn complete_stream(
     for i in 0..count {
         let number = i as i32 + 1;
         let range = i * part..((i + 1) * part).min(record.streamed);
+        let whole = sizes
+            .get(&number)
+            .is_none_or(|&n| n == range.end - range.start);
         match in_upload.get(&number) {
-            Some(etag) => plan.push((number, range, Some(etag.to_string()))),
-            None if local.missing(range.clone()).is_empty() => plan.push((number, range, None)),
-            None => covered = false,
+            _ if local.missing(range.clone()).is_empty() => plan.push((number, range, None)),
+            Some(etag) if whole => plan.push((number, range, Some(etag.to_string()))),
+            _ => covered = false,
         }
     }
     if size > record.streamed {
@@ -535,8 +695,6 @@ async fn complete_stream(
     }
 }
 
-/// Whether `data` is the body of an object with this ETag: the ETag of a single PUT without
-/// KMS encryption is the MD5 of the body. Multipart ETags (`…-N`) and others never match.
 /// Whether the object with `etag` holds exactly the bytes of `data`, as far as its ETag tells:
 /// the MD5 of a single PUT, or `<MD5 of the parts' MD5s>-N` of a multipart upload whose parts
 /// were `part_size` bytes (what s3vol uploads a file of that size with). An ETag of another
@@ -627,6 +785,7 @@ mod tests {
             memory: Arc::new(Memory::new(64 << 20)),
             disk: Arc::new(Disk::new(1 << 30)),
             parts: Arc::new(BufPool::new(5 << 20, 2)),
+            arena: None,
             close_timeout: std::time::Duration::from_secs(60),
             min_throughput: 1 << 20,
         })

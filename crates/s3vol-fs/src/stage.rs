@@ -66,6 +66,7 @@ use tokio::time::Instant;
 use crate::budget::{BufPool, Disk, Memory, MemoryPermit};
 use crate::cache_dir::{BaseRecord, CacheDir, Entry, PartRecord, Record};
 use crate::error::{FsError, FsResult, err};
+use crate::parts::{PartArena, PartBuf};
 use crate::ranges::RangeSet;
 
 /// What staging files need from the filesystem.
@@ -82,6 +83,9 @@ pub struct StageCtx {
     pub stream: bool,
     /// Buffers of [`StageCtx::stream_part_size`] bytes for streamed parts.
     pub parts: Arc<BufPool>,
+    /// Where part buffers live when they must outlive the process (a supervised mount):
+    /// slots of a memory file the supervisor holds. `None`: the heap.
+    pub arena: Option<Arc<PartArena>>,
     /// How long one flush may take before it gives up (keeping the data), on top of the time
     /// its bytes take at `min_throughput`: see [`Staged::upload`].
     pub close_timeout: Duration,
@@ -227,7 +231,7 @@ pub struct Staged {
     sequential: bool,
     /// The part being filled while streaming: the bytes `[stream.sent, size)`, with the memory
     /// they take (counted as they arrive, so a small file holds only its size).
-    filling: Option<(Vec<u8>, MemoryPermit)>,
+    filling: Option<(PartBuf, MemoryPermit)>,
     /// Bytes counted in the disk budget.
     reserved: u64,
     /// Bytes counted as dirty.
@@ -370,6 +374,9 @@ impl Staged {
     /// After a rename: uploads go to `key`, and the journal names it for recovery.
     pub fn set_key(&mut self, key: &str) {
         self.key = key.to_owned();
+        if let Some((buf, _)) = &self.filling {
+            buf.set_key(key);
+        }
         self.journal();
     }
 
@@ -618,7 +625,7 @@ impl Staged {
                 && let Some((buf, _)) = &self.filling
             {
                 let (from, to) = ((offset - sent) as usize, (end - sent) as usize);
-                return Ok(Bytes::copy_from_slice(&buf[from..to]));
+                return Ok(Bytes::copy_from_slice(&buf.as_slice()[from..to]));
             }
             // Bytes already sent can be read back only from a completed object.
             self.spill("read of bytes already sent").await?;
@@ -807,7 +814,11 @@ impl Staged {
                     .await;
                 match &mut self.filling {
                     Some((_, permit)) => permit.merge(more),
-                    None => self.filling = Some((self.ctx.parts.take(), more)),
+                    None => match self.new_part_buf(sent) {
+                        Some(buf) => self.filling = Some((buf, more)),
+                        // The rest goes to a staging file.
+                        None => return taken,
+                    },
                 }
             }
             let Some((buf, _)) = &mut self.filling else {
@@ -876,7 +887,7 @@ impl Staged {
         stream.sent += buf.len() as u64;
         let part = PartData {
             number,
-            bytes: Bytes::from(buf),
+            bytes: buf.into_bytes(),
             _memory: permit,
         };
         let stop = stream.stop_retrying.subscribe();
@@ -893,8 +904,22 @@ impl Staged {
     /// Gives the part buffer back to the pool, with its memory.
     fn recycle_filling(&mut self) {
         if let Some((buf, _permit)) = self.filling.take() {
-            self.ctx.parts.give(buf);
+            buf.recycle(&self.ctx.parts);
         }
+    }
+
+    /// A part buffer for the stream's bytes from `offset` on: in a slot of the arena when
+    /// there is one (`None` if every slot is taken: the file is staged on disk instead),
+    /// else on the heap.
+    fn new_part_buf(&self, offset: u64) -> Option<PartBuf> {
+        let Some(arena) = &self.ctx.arena else {
+            return Some(PartBuf::Heap(self.ctx.parts.take()));
+        };
+        let slot = arena.take(self.local.name(), &self.key, offset);
+        if slot.is_none() {
+            tracing::debug!(key = %self.key, "every part buffer slot is in use; the file is staged on disk");
+        }
+        slot.map(PartBuf::Slot)
     }
 
     /// Whether a completion of the stream's upload went unanswered and is still to be learnt.
@@ -953,7 +978,7 @@ impl Staged {
             self.need_disk(size)?;
             self.file()?;
             if let (Some(file), Some((buf, _))) = (self.local.file(), &self.filling)
-                && let Err(e) = file.write_all_at(buf, 0)
+                && let Err(e) = file.write_all_at(buf.as_slice(), 0)
             {
                 // The bytes stay in memory; the next attempt writes them again.
                 return Err(self.io_error(e));
@@ -1077,8 +1102,11 @@ impl Staged {
         content_type: Option<String>,
         deadline: Instant,
     ) -> FsResult<ETag> {
-        let (bytes, permit) = match self.filling.take() {
-            Some((buf, permit)) => (Bytes::from(buf), Some(permit)),
+        let (bytes, lent) = match self.filling.take() {
+            Some((buf, permit)) => {
+                let (bytes, lent) = buf.lend();
+                (bytes, Some((lent, permit)))
+            }
             None => (Bytes::new(), None),
         };
         let options = PutOptions {
@@ -1090,17 +1118,19 @@ impl Staged {
             deadline,
             self.ctx
                 .store
-                .put_object(&self.ctx.bucket, &self.key, bytes.clone(), &options),
+                .put_object(&self.ctx.bucket, &self.key, bytes, &options),
         )
         .await;
         match put {
             Ok(r) => {
-                self.ctx.parts.give_bytes(bytes);
+                if let Some((lent, _permit)) = lent {
+                    lent.recycle(&self.ctx.parts);
+                }
                 Ok(r.etag)
             }
             Err(e) => {
-                if let Some(permit) = permit {
-                    self.filling = Some((Vec::from(bytes), permit));
+                if let Some((lent, permit)) = lent {
+                    self.filling = Some((lent.restore(), permit));
                 }
                 if let Err(local) = self.spill("upload failed").await {
                     tracing::error!(key = %self.key, error = %local, "cannot write the staging file; the data stays in memory");
@@ -1244,7 +1274,7 @@ impl Staged {
             let Some((buf, permit)) = self.filling.take() else {
                 return Err(err!(libc::EIO, "the last part of the upload is missing"));
             };
-            let bytes = Bytes::from(buf);
+            let (bytes, lent) = buf.lend();
             let sent = by(
                 deadline,
                 self.ctx.store.upload_part(
@@ -1252,17 +1282,17 @@ impl Staged {
                     &self.key,
                     &stream.upload_id,
                     number,
-                    bytes.clone(),
+                    bytes,
                 ),
             )
             .await;
             match sent {
                 Ok(done) => {
                     parts.push(done);
-                    tail = Some((bytes, permit));
+                    tail = Some((lent, permit));
                 }
                 Err(e) => {
-                    self.filling = Some((Vec::from(bytes), permit));
+                    self.filling = Some((lent.restore(), permit));
                     return Err(e);
                 }
             }
@@ -1295,14 +1325,14 @@ impl Staged {
         };
         match outcome {
             Ok(etag) => {
-                if let Some((bytes, _permit)) = tail {
-                    self.ctx.parts.give_bytes(bytes);
+                if let Some((lent, _permit)) = tail {
+                    lent.recycle(&self.ctx.parts);
                 }
                 self.completed(etag, metadata, content_type, deadline).await
             }
             Err(e) => {
-                if let Some((bytes, permit)) = tail {
-                    self.filling = Some((Vec::from(bytes), permit));
+                if let Some((lent, permit)) = tail {
+                    self.filling = Some((lent.restore(), permit));
                 }
                 Err(e)
             }
@@ -1349,7 +1379,7 @@ impl Staged {
         }
         let mut pieces: Vec<(u64, Bytes)> = Vec::new();
         if let Some((buf, _)) = &self.filling {
-            pieces.push((stream.sent, Bytes::copy_from_slice(buf)));
+            pieces.push((stream.sent, Bytes::copy_from_slice(buf.as_slice())));
         }
         for p in &stream.failed {
             pieces.push(((p.number as u64 - 1) * part, p.bytes.clone()));
@@ -1747,7 +1777,7 @@ impl Staged {
         let mut on_disk = RangeSet::new();
         let mut pieces: Vec<(u64, Bytes)> = Vec::new();
         if let Some((buf, _)) = &self.filling {
-            pieces.push((sent, Bytes::copy_from_slice(buf)));
+            pieces.push((sent, Bytes::copy_from_slice(buf.as_slice())));
         }
         if let Some(stream) = &self.stream {
             for p in &stream.failed {

@@ -31,7 +31,7 @@ use crate::error::{S3Error, S3Result};
 use crate::store::{GetObject, ObjectStore, Op};
 use crate::types::{
     BucketName, CompletedPart, CopySource, ETag, ListEntry, ListPage, ListRequest,
-    MetadataDirective, ObjectInfo, PutOptions, PutResult, UploadId, UserMetadata,
+    MetadataDirective, ObjectInfo, PutOptions, PutResult, UploadId, UploadedPart, UserMetadata,
 };
 
 /// An S3 client for any S3-compatible endpoint.
@@ -158,6 +158,55 @@ fn chain(err: &(dyn std::error::Error + 'static)) -> String {
         next = e.source();
     }
     parts.join(": ")
+}
+
+/// One page of a ListParts answer.
+#[derive(Debug, PartialEq)]
+struct PartsPage {
+    parts: Vec<UploadedPart>,
+    /// The marker of the next page, if the answer is truncated.
+    next: Option<String>,
+}
+
+/// Reads a ListParts answer whatever its XML root is called.
+fn parse_parts_page(xml: &str) -> Option<PartsPage> {
+    use aws_smithy_xml::decode::{Document, try_data};
+    let mut doc = Document::new(xml);
+    let mut root = doc.root_element().ok()?;
+    let mut page = PartsPage {
+        parts: Vec::new(),
+        next: None,
+    };
+    let mut truncated = false;
+    while let Some(mut tag) = root.next_tag() {
+        match tag.start_el().local() {
+            "Part" => {
+                let mut part = UploadedPart {
+                    part_number: 0,
+                    etag: ETag(String::new()),
+                    size: 0,
+                };
+                while let Some(mut field) = tag.next_tag() {
+                    let name = field.start_el().local().to_owned();
+                    let value = try_data(&mut field).ok()?;
+                    match name.as_str() {
+                        "PartNumber" => part.part_number = value.trim().parse().ok()?,
+                        "ETag" => part.etag = ETag(value.trim().to_owned()),
+                        "Size" => part.size = value.trim().parse().ok()?,
+                        _ => {}
+                    }
+                }
+                page.parts.push(part);
+            }
+            "IsTruncated" => truncated = try_data(&mut tag).ok()?.trim() == "true",
+            "NextPartNumberMarker" => page.next = Some(try_data(&mut tag).ok()?.trim().to_owned()),
+            _ => {}
+        }
+    }
+    if !truncated {
+        page.next = None;
+    }
+    Some(page)
 }
 
 fn map_err<E>(err: SdkError<E, HttpResponse>, what: impl Display) -> S3Error
@@ -590,6 +639,78 @@ impl ObjectStore for AwsStore {
         .await
     }
 
+    async fn list_parts(
+        &self,
+        bucket: &BucketName,
+        key: &str,
+        upload_id: &UploadId,
+    ) -> S3Result<Vec<UploadedPart>> {
+        self.observe(Op::ListParts, RequestKind::Small, async {
+            let mut parts = Vec::new();
+            let mut marker: Option<String> = None;
+            // Bounded: 10,000 parts at most, 1,000 a page.
+            for _ in 0..=10 {
+                let answer = self
+                    .client
+                    .list_parts()
+                    .bucket(bucket.as_str())
+                    .key(key)
+                    .upload_id(&upload_id.0)
+                    .set_part_number_marker(marker.take())
+                    .customize()
+                    .config_override(self.timeouts(RequestKind::Small))
+                    .send()
+                    .await;
+                let page = match answer {
+                    Ok(page) => PartsPage {
+                        parts: page
+                            .parts()
+                            .iter()
+                            .map(|p| UploadedPart {
+                                part_number: p.part_number().unwrap_or_default(),
+                                etag: ETag(p.e_tag().unwrap_or_default().to_owned()),
+                                size: p.size().unwrap_or_default().max(0) as u64,
+                            })
+                            .collect(),
+                        next: page
+                            .next_part_number_marker()
+                            .filter(|_| page.is_truncated() == Some(true))
+                            .map(str::to_owned),
+                    },
+                    // As for CompleteMultipartUpload: some servers (moto among them) name the
+                    // XML root differently, which the SDK refuses; the body is read here.
+                    Err(SdkError::ServiceError(e))
+                        if e.raw().status().as_u16() == 200 && e.err().code().is_none() =>
+                    {
+                        e.raw()
+                            .body()
+                            .bytes()
+                            .and_then(|b| std::str::from_utf8(b).ok())
+                            .and_then(parse_parts_page)
+                            .ok_or_else(|| S3Error::Other {
+                                code: "UnreadableAnswer".to_owned(),
+                                status: 200,
+                                message: format!(
+                                    "{}: unreadable ListParts answer",
+                                    obj(bucket, key)
+                                ),
+                            })?
+                    }
+                    Err(e) => return Err(map_err(e, obj(bucket, key))),
+                };
+                parts.extend(page.parts);
+                match page.next {
+                    Some(next) => marker = Some(next),
+                    None => break,
+                }
+            }
+            parts.sort_by_key(|p| p.part_number);
+            parts.dedup_by_key(|p| p.part_number);
+            Ok(parts)
+        })
+        .await
+    }
+
     async fn copy_object(
         &self,
         bucket: &BucketName,
@@ -821,5 +942,43 @@ impl ObjectStore for AwsStore {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod list_parts_tests {
+    use super::*;
+
+    #[test]
+    fn a_list_parts_answer_is_read_whatever_its_root_is_called() {
+        let xml = r#"<?xml version="1.0" encoding="utf-8"?>
+<ListPartsResponse xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Bucket>b</Bucket><Key>k</Key><UploadId>u</UploadId><PartNumberMarker>0</PartNumberMarker><NextPartNumberMarker>2</NextPartNumberMarker><MaxParts>2</MaxParts><IsTruncated>true</IsTruncated><Part><PartNumber>1</PartNumber><LastModified>2026-12-06T22:08:42.000Z</LastModified><ETag>"aed563ecafb4bcc5654c597a421547b2"</ETag><Size>100</Size></Part><Part><PartNumber>2</PartNumber><ETag>&quot;00</ETag><Size>7</Size></Part><Initiator><ID>x</ID></Initiator></ListPartsResponse>"#;
+        let page = parse_parts_page(xml).unwrap();
+        assert_eq!(
+            page,
+            PartsPage {
+                parts: vec![
+                    UploadedPart {
+                        part_number: 1,
+                        etag: ETag("\"aed563ecafb4bcc5654c597a421547b2\"".into()),
+                        size: 100
+                    },
+                    UploadedPart {
+                        part_number: 2,
+                        etag: ETag("\"00".into()),
+                        size: 7
+                    },
+                ],
+                next: Some("2".into()),
+            }
+        );
+        let last = xml.replace("<IsTruncated>true", "<IsTruncated>false");
+        assert_eq!(parse_parts_page(&last).unwrap().next, None);
+        assert!(
+            parse_parts_page(
+                "<ListPartsResult><Part><PartNumber>x</PartNumber></Part></ListPartsResult>"
+            )
+            .is_none()
+        );
     }
 }

@@ -17,7 +17,7 @@ use crate::error::{S3Error, S3Result};
 use crate::store::{GetObject, ObjectStore, Op};
 use crate::types::{
     BucketName, CompletedPart, CopySource, ETag, ListPage, ListRequest, MetadataDirective,
-    ObjectInfo, PutOptions, PutResult, UploadId,
+    ObjectInfo, PutOptions, PutResult, UploadId, UploadedPart,
 };
 
 /// One injected misbehaviour.
@@ -269,6 +269,17 @@ impl ObjectStore for FaultStore {
             .abort_multipart_upload(bucket, key, upload_id)
             .await;
         self.answer(Op::AbortMultipart, answer)
+    }
+
+    async fn list_parts(
+        &self,
+        bucket: &BucketName,
+        key: &str,
+        upload_id: &UploadId,
+    ) -> S3Result<Vec<UploadedPart>> {
+        self.before(Op::ListParts).await?;
+        let answer = self.inner.list_parts(bucket, key, upload_id).await;
+        self.answer(Op::ListParts, answer)
     }
 
     async fn copy_object(

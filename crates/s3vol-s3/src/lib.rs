@@ -45,6 +45,6 @@ pub use store::{ByteStream, GetObject, ObjectStore, Op};
 pub use types::{
     BucketName, CompletedPart, CopySource, ETag, InvalidBucketName, InvalidPrefix, ListEntry,
     ListPage, ListRequest, MetadataDirective, ObjectInfo, PutOptions, PutResult, UploadId,
-    UserMetadata, normalize_prefix, parse_size,
+    UploadedPart, UserMetadata, normalize_prefix, parse_size,
 };
 pub use web_identity::{IdentityDocument, WebIdentity, WebIdentityCredentials};

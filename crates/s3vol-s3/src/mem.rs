@@ -19,7 +19,7 @@ use crate::error::{S3Error, S3Result};
 use crate::store::{GetObject, ObjectStore};
 use crate::types::{
     BucketName, CompletedPart, CopySource, ETag, ListEntry, ListPage, ListRequest,
-    MetadataDirective, ObjectInfo, PutOptions, PutResult, UploadId, UserMetadata,
+    MetadataDirective, ObjectInfo, PutOptions, PutResult, UploadId, UploadedPart, UserMetadata,
 };
 
 #[derive(Clone, Debug)]
@@ -351,6 +351,30 @@ impl ObjectStore for MemStore {
                 .remove(&upload_id.0)
                 .map(|_| ())
                 .ok_or_else(|| S3Error::NotFound(format!("upload {}", upload_id.0)))
+        })
+    }
+
+    async fn list_parts(
+        &self,
+        bucket: &BucketName,
+        key: &str,
+        upload_id: &UploadId,
+    ) -> S3Result<Vec<UploadedPart>> {
+        self.with_bucket(bucket, |b| {
+            let upload = b
+                .uploads
+                .get(&upload_id.0)
+                .filter(|u| u.key == key)
+                .ok_or_else(|| S3Error::NotFound(format!("upload {}", upload_id.0)))?;
+            Ok(upload
+                .parts
+                .iter()
+                .map(|(&part_number, (data, etag))| UploadedPart {
+                    part_number,
+                    etag: etag.clone(),
+                    size: data.len() as u64,
+                })
+                .collect())
         })
     }
 

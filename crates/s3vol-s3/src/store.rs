@@ -11,7 +11,7 @@ use futures::Stream;
 use crate::error::S3Result;
 use crate::types::{
     BucketName, CompletedPart, CopySource, ETag, ListPage, ListRequest, MetadataDirective,
-    ObjectInfo, PutOptions, PutResult, UploadId,
+    ObjectInfo, PutOptions, PutResult, UploadId, UploadedPart,
 };
 
 /// A body being received, chunk by chunk.
@@ -43,6 +43,7 @@ pub enum Op {
     UploadPartCopy,
     CompleteMultipart,
     AbortMultipart,
+    ListParts,
     Copy,
     Delete,
     DeleteMany,
@@ -63,6 +64,7 @@ impl Op {
             Op::UploadPartCopy => "UploadPartCopy",
             Op::CompleteMultipart => "CompleteMultipartUpload",
             Op::AbortMultipart => "AbortMultipartUpload",
+            Op::ListParts => "ListParts",
             Op::Copy => "CopyObject",
             Op::Delete => "DeleteObject",
             Op::DeleteMany => "DeleteObjects",
@@ -138,6 +140,16 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         key: &str,
         upload_id: &UploadId,
     ) -> S3Result<()>;
+
+    /// The parts an unfinished multipart upload holds, in part-number order (every page).
+    /// [`S3Error::NotFound`](crate::S3Error::NotFound) once the upload is gone (completed or
+    /// aborted).
+    async fn list_parts(
+        &self,
+        bucket: &BucketName,
+        key: &str,
+        upload_id: &UploadId,
+    ) -> S3Result<Vec<UploadedPart>>;
 
     /// Server-side copy of a whole object (up to 5 GiB; larger ones go through
     /// [`upload_part_copy`](Self::upload_part_copy)).

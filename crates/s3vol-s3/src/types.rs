@@ -233,6 +233,14 @@ pub enum MetadataDirective {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct UploadId(pub String);
 
+/// A part an unfinished multipart upload holds (ListParts).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadedPart {
+    pub part_number: i32,
+    pub etag: ETag,
+    pub size: u64,
+}
+
 /// A part of a multipart upload, to hand to complete.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompletedPart {

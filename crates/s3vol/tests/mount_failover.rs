@@ -415,3 +415,98 @@ async fn nodes_adopted_after_a_kill_are_let_go_of_when_the_kernel_forgets_them()
     );
     assert_eq!(serving_pid(supervisor), Some(second));
 }
+
+/// Kills the serving process under `supervisor` and waits for its successor to serve.
+fn kill_and_wait(supervisor: u32, pid: u32, log: &Arc<Mutex<String>>, takeovers: usize) -> u32 {
+    // SAFETY: kill(2) of a process this test started (through the supervisor).
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let next = wait_for_successor(supervisor, pid);
+    workload::wait_for_takeovers(
+        || log.lock().unwrap().clone(),
+        "took over the connection of a serving process that died",
+        takeovers,
+    );
+    next
+}
+
+/// Bytes a supervised mount holds only in memory — a streamed file's part being filled and
+/// parts still on their way to S3, a small file not yet closed — are in the part buffers'
+/// memory file the supervisor holds, so a `kill -9` of the serving process loses none of
+/// them: the successor moves them to the cache directory and completes the upload before it
+/// serves, and the application's writes and close carry on as if nothing happened.
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_bytes_in_memory_survive_kills_of_the_serving_process() {
+    let mut m = Mounted::new_unmounted("failover-stream").await;
+    m.start_supervised(&["--part-size", "5M"]);
+    let log = drain_log(&mut m);
+    let supervisor = m.pid();
+    let mut pid = wait_for_successor(supervisor, 0);
+    let mut takeovers = 0;
+
+    // A small file, written and still open: its bytes are only in a part buffer.
+    let small = pattern(300_000, 21);
+    let mut s = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m.path("small.bin"))
+        .unwrap();
+    s.write_all(&small[..200_000]).unwrap();
+    assert!(
+        m.head("small.bin").await.is_none(),
+        "not uploaded before close"
+    );
+    takeovers += 1;
+    pid = kill_and_wait(supervisor, pid, &log, takeovers);
+    // The successor uploaded what the dead process held, before it served.
+    assert_eq!(m.get("small.bin").await, small[..200_000].to_vec());
+    s.write_all(&small[200_000..]).unwrap();
+    support::close(s).unwrap();
+    assert_eq!(m.get("small.bin").await, small, "small.bin after close");
+
+    // A big file streamed in parts, killed three times while written.
+    let big = pattern(48 << 20, 22);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m.path("big.bin"))
+        .unwrap();
+    let mut kills_at = vec![13 << 20, 26 << 20, (37 << 20) + 12345];
+    let mut at = 0;
+    while at < big.len() {
+        let n = (1 << 20).min(big.len() - at);
+        let n = match kills_at.first() {
+            Some(&k) if k > at => n.min(k - at),
+            _ => n,
+        };
+        f.write_all(&big[at..at + n]).unwrap();
+        at += n;
+        if kills_at.first() == Some(&at) {
+            kills_at.remove(0);
+            takeovers += 1;
+            pid = kill_and_wait(supervisor, pid, &log, takeovers);
+        }
+    }
+    support::close(f).unwrap();
+    let got = m.get("big.bin").await;
+    assert_eq!(got.len(), big.len(), "big.bin's size");
+    if got != big {
+        let first = got.iter().zip(&big).position(|(a, b)| a != b);
+        let text = log.lock().unwrap().clone();
+        panic!("big.bin differs from what was written, first at {first:?}; log:\n{text}");
+    }
+
+    let text = log.lock().unwrap().clone();
+    assert!(
+        text.contains("moved to the cache directory"),
+        "no part buffer was taken over:\n{text}"
+    );
+    for bad in [
+        "are lost",
+        "kept in the cache directory, not uploaded",
+        "cannot be written",
+    ] {
+        assert!(!text.contains(bad), "the log says {bad:?}:\n{text}");
+    }
+    let (status, err) = m.stop();
+    assert!(status.success(), "supervisor exited {status}: {err}");
+}

@@ -20,6 +20,7 @@ async fn ctx_over(store: Arc<FaultStore>, dir: &std::path::Path) -> Arc<StageCtx
         memory: Arc::new(Memory::new(64 << 20)),
         disk: Arc::new(Disk::new(1 << 30)),
         parts: Arc::new(BufPool::new(5 << 20, 2)),
+        arena: None,
         close_timeout: Duration::from_secs(60),
         min_throughput: 1 << 20,
     })
@@ -130,6 +131,7 @@ async fn small_files_hold_memory_for_their_size_only() {
         memory: memory.clone(),
         disk: Arc::new(Disk::new(1 << 30)),
         parts: Arc::new(BufPool::new(5 << 20, 2)),
+        arena: None,
         close_timeout: Duration::from_secs(60),
         min_throughput: 1 << 20,
     });

@@ -157,6 +157,10 @@ pub struct MountArgs {
     /// is in --session-dir.
     #[arg(long, hide = true, requires = "session_dir")]
     pub adopt: bool,
+    /// Internal: the memory file where part buffers of streamed files live, so that they
+    /// outlive this process (supervised serving; see `s3vol_fs::parts`).
+    #[arg(long, hide = true, value_name = "FD", requires = "session_dir")]
+    pub parts_fd: Option<RawFd>,
     /// Internal: how many serving processes of this mount died before this one.
     #[arg(long, hide = true, default_value_t = 0)]
     pub restarts: u64,
@@ -579,8 +583,20 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
         config.bucket
     );
     config.xattrs = !args.no_xattr;
-    // Supervised: what is written must outlive this process (a staging file, not memory).
+    // Supervised: what is written must outlive this process: part buffers in the memory file
+    // the supervisor holds, or else staging files (not the heap).
     config.stream_writes = args.session_dir.is_none();
+    if let Some(fd) = args.parts_fd {
+        let fd = owned_fd(fd, "--parts-fd")?;
+        match s3vol_fs::parts::PartArena::for_part_size(fd, config.part_size) {
+            Ok(arena) => config.parts_arena = Some(std::sync::Arc::new(arena)),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "part buffers cannot live in the supervisor's memory file: new files are \
+                 staged in the cache directory instead of streaming"
+            ),
+        }
+    }
     // The filesystem creates the cache directory (0700), refuses one others can read, and
     // scans what earlier mounts left there before it is served.
 

@@ -64,11 +64,14 @@ fn child_args(original: &[OsString]) -> Vec<OsString> {
         }
         let s = a.to_string_lossy();
         match s.as_ref() {
-            "--ready-fd" | "--credentials-fd" => {
+            "--ready-fd" | "--credentials-fd" | "--parts-fd" => {
                 skip_value = true;
                 continue;
             }
-            _ if s.starts_with("--ready-fd=") || s.starts_with("--credentials-fd=") => {
+            _ if s.starts_with("--ready-fd=")
+                || s.starts_with("--credentials-fd=")
+                || s.starts_with("--parts-fd=") =>
+            {
                 continue;
             }
             // The child serves the supervisor's descriptor; it supervises nothing.
@@ -129,10 +132,11 @@ struct Child {
 }
 
 /// Starts a serving process on `fuse`. Descriptors: 3 the connection, 4 the ready pipe, 5 the
-/// credentials pipe (if any).
+/// credentials pipe (if any), 6 the part buffers' memory file.
 fn spawn(
     args: &[OsString],
     fuse: &OwnedFd,
+    parts: &OwnedFd,
     session: &Path,
     restarts: u64,
     credentials: Option<&Zeroizing<Vec<u8>>>,
@@ -150,7 +154,8 @@ fn spawn(
     };
     let mut cmd = tokio::process::Command::new(exe);
     cmd.args(args)
-        .args(["--fuse-fd", "3", "--ready-fd", "4", "--session-dir"])
+        .args(["--fuse-fd", "3", "--ready-fd", "4", "--parts-fd", "6"])
+        .arg("--session-dir")
         .arg(session)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(false);
@@ -165,6 +170,7 @@ fn spawn(
     let fuse_raw = fuse.as_raw_fd();
     let ready_raw = ready_w.as_raw_fd();
     let creds_raw = creds.as_ref().map(|(r, _, _)| r.as_raw_fd());
+    let parts_raw = parts.as_raw_fd();
     let parent = rustix::process::getpid().as_raw_nonzero().get();
     // SAFETY: only async-signal-safe calls between fork and exec (prctl, getppid, fcntl,
     // dup2, _exit); `place_fds` runs there, where it belongs.
@@ -177,7 +183,7 @@ fn spawn(
             if libc::getppid() != parent {
                 libc::_exit(1);
             }
-            place_fds(&[fuse_raw, ready_raw, creds_raw.unwrap_or(-1)])
+            place_fds(&[fuse_raw, ready_raw, creds_raw.unwrap_or(-1), parts_raw])
         });
     }
     let child = cmd.spawn().context("starting the serving process")?;
@@ -221,6 +227,16 @@ pub fn run(args: MountArgs, credentials: Option<Zeroizing<Vec<u8>>>) -> anyhow::
         }
     };
     s3vol_fs::session::log_kernel_failover();
+    // Where the serving processes keep part buffers of streamed files: held here, so a
+    // serving process that dies leaves them to its successor.
+    let parts = match s3vol_fs::parts::create_memfd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = own.unmount(true);
+            let _ = std::fs::remove_dir_all(&session);
+            return Err(e).context("making the part buffers' memory file");
+        }
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -231,6 +247,7 @@ pub fn run(args: MountArgs, credentials: Option<Zeroizing<Vec<u8>>>) -> anyhow::
         &args,
         &child_args,
         &fuse,
+        &parts,
         &session,
         credentials.as_ref(),
     ));
@@ -260,6 +277,7 @@ async fn supervise(
     args: &MountArgs,
     child_args: &[OsString],
     fuse: &OwnedFd,
+    parts: &OwnedFd,
     session: &Path,
     credentials: Option<&Zeroizing<Vec<u8>>>,
 ) -> anyhow::Result<ExitCode> {
@@ -276,7 +294,7 @@ async fn supervise(
     loop {
         let adopt = restarts > 0;
         let started = Instant::now();
-        let mut child = spawn(child_args, fuse, session, restarts, credentials)?;
+        let mut child = spawn(child_args, fuse, parts, session, restarts, credentials)?;
         let pid = child.child.id().unwrap_or(0);
         let mut ready_buf = Vec::new();
         let mut ready_seen = false;
