@@ -663,7 +663,7 @@ fn a_huge_object_marked_as_a_symlink_answers_eio_and_costs_no_memory() {
     // Still alive, still answering, and it never held the object.
     assert!(m.child.as_ref().map(|c| c.id()).is_some());
     assert_eq!(fs::read_link(m.path("ok")).unwrap(), Path::new("target"));
-    let hwm_mib = vm_kib(m.pid(), "VmHWM") >> 10;
+    let hwm_mib = vm_kib(m.serving_pid(), "VmHWM") >> 10;
     assert!(
         hwm_mib < 200,
         "the mount's peak resident size was {hwm_mib} MiB"

@@ -571,7 +571,7 @@ async fn many_concurrent_readers_stay_within_the_memory_limit() {
     }
     // The baseline: an idle mount that has listed the directory.
     let _ = std::fs::read_dir(m.mnt.path()).unwrap().count();
-    let pid = m.pid();
+    let pid = m.serving_pid();
     let baseline = vm_kib(pid, "VmRSS:");
     let paths: Vec<_> = (0..READERS)
         .map(|i| (i, m.path(&format!("f{i}"))))

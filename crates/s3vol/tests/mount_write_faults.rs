@@ -199,7 +199,7 @@ fn sequential_write_streams_parts_with_bounded_memory() {
     let rt = rt();
     let proxy = Proxy::start(&testing::endpoint());
     let m = mount_via_env(&rt, &proxy, "wf-stream", &["--memory-limit", "64M"], &[]);
-    let pid = m.pid();
+    let pid = m.serving_pid();
     // Warm up the paths a write takes (HTTP client, signing, staging) on a small file, then
     // take the idle mount's resident size as the baseline: the runtime's fixed cost, which
     // the memory limit does not cover.

@@ -141,13 +141,15 @@ pub struct MountArgs {
     /// Internal: this process is the background half of a mount.
     #[arg(long, hide = true)]
     pub daemon_child: bool,
-    /// Keep the mount through the death of its serving process (as root only): a small
-    /// supervising process holds the FUSE connection and restarts the serving process within
-    /// a second if it dies (killed, out of memory, crashed), without the applications
-    /// noticing. New files then go through staging files instead of streaming from memory.
+    /// Keep the mount through the death of its serving process — the default as root: a
+    /// small supervising process holds the FUSE connection (and the memory where streamed
+    /// files' bytes wait for S3) and restarts the serving process within a second if it dies
+    /// (killed, out of memory, crashed), without the applications noticing. By default a
+    /// mount that cannot be supervised (not root, mount(2) refused) is served without; with
+    /// this flag, that is an error.
     #[arg(long, conflicts_with = "no_supervise")]
     pub supervise: bool,
-    /// Serve the mount in this process alone (the default).
+    /// Serve the mount in this process alone: if it is killed, the mount ends with it.
     #[arg(long)]
     pub no_supervise: bool,
     /// Internal: journal what a successor needs in this directory (supervised serving).
@@ -453,17 +455,35 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
         );
     }
     if supervise::wanted(&args) {
-        let credentials = match args.credentials_fd {
-            Some(fd) => {
-                rustix::process::set_dumpable_behavior(
-                    rustix::process::DumpableBehavior::NotDumpable,
-                )
-                .context("making the process non-dumpable")?;
-                Some(read_credential_bytes(fd)?)
+        match supervise::prepare(&args) {
+            Ok(prepared) => {
+                let credentials = match args.credentials_fd {
+                    Some(fd) => {
+                        let read = rustix::process::set_dumpable_behavior(
+                            rustix::process::DumpableBehavior::NotDumpable,
+                        )
+                        .context("making the process non-dumpable")
+                        .and_then(|()| read_credential_bytes(fd));
+                        match read {
+                            Ok(c) => Some(c),
+                            Err(e) => {
+                                prepared.abandon();
+                                return Err(e);
+                            }
+                        }
+                    }
+                    None => None,
+                };
+                return supervise::run(args, credentials, prepared);
             }
-            None => None,
-        };
-        return supervise::run(args, credentials);
+            // Asked for: its failure is the mount's.
+            Err(e) if args.supervise => return Err(e),
+            Err(e) => tracing::warn!(
+                error = %format!("{e:#}"),
+                "cannot hold the mount in a supervising process; serving it without one (if \
+                 this process is killed, the mount ends with it)"
+            ),
+        }
     }
     if args.fuse_fd.is_some() || args.credentials_fd.is_some() {
         // A serving process handed credentials or a connection: no core dumps, no ptrace by

@@ -163,14 +163,10 @@ impl Mounted {
         m
     }
 
-    /// Mounts as the tests of one serving process expect: unsupervised (the default, said
-    /// explicitly), so the child is the process that serves the mount (its memory, its
-    /// signals, its crash). The supervised mount is tested by `mount_failover.rs` through
-    /// [`Mounted::start_supervised`].
+    /// Mounts with the default options: supervised (as root), so the child is the supervisor
+    /// and the serving process its child.
     pub fn start(&mut self, extra: &[&str]) {
-        let mut args = vec!["--no-supervise"];
-        args.extend_from_slice(extra);
-        self.start_raw(&args);
+        self.start_raw(extra);
     }
 
     /// Mounts with `--supervise`: the child is the supervisor, which holds the connection and
@@ -215,6 +211,9 @@ impl Mounted {
             .envs(env.iter().copied());
         let mut child = cmd.spawn().expect("spawn s3vol mount");
         wait_until_mounted(&mut child, self.mnt.path());
+        // A supervisor mounts before its serving process starts (and scans the cache
+        // directory): the first call waits until the mount is served.
+        let _ = std::fs::metadata(self.mnt.path());
         self.child = Some(child);
     }
 
@@ -244,6 +243,25 @@ impl Mounted {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process that serves the mount: the supervisor's child when supervised (the
+    /// default as root), else the mount process itself.
+    #[allow(dead_code)]
+    pub fn serving_pid(&self) -> u32 {
+        // Served, so a supervisor has started its serving process.
+        let _ = std::fs::metadata(self.mnt.path());
+        let pid = self.pid();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return pid;
+        };
+        tasks
+            .flatten()
+            .find_map(|t| {
+                let children = std::fs::read_to_string(t.path().join("children")).ok()?;
+                children.split_whitespace().next()?.parse().ok()
+            })
+            .unwrap_or(pid)
     }
 
     pub fn pid(&self) -> u32 {

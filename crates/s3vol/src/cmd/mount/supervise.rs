@@ -46,11 +46,11 @@ use super::{MountArgs, detach_stdio};
 #[cfg(doc)]
 use s3vol_fs::session::MAX_EARLY_DEATHS;
 
-/// Whether `s3vol mount` runs under a supervisor: by default when it makes the mount itself
-/// as root. Without root the mount is made by `fusermount3`, whose descriptor fuser keeps to
-/// itself, so there is nothing to hold.
+/// Whether `s3vol mount` runs under a supervisor: by default (unless `--no-supervise`) when it
+/// makes the mount itself as root. Without root the mount is made by `fusermount3`, whose
+/// descriptor fuser keeps to itself, so there is nothing to hold.
 pub fn wanted(args: &MountArgs) -> bool {
-    args.supervise && args.fuse_fd.is_none() && rustix::process::geteuid().is_root()
+    !args.no_supervise && args.fuse_fd.is_none() && rustix::process::geteuid().is_root()
 }
 
 /// The arguments of the child: this command's own, without those the supervisor answers for.
@@ -208,9 +208,26 @@ fn exit_code(status: &std::process::ExitStatus) -> ExitCode {
     }
 }
 
-/// Mounts, then serves the mount through children until it is unmounted or a signal asks to
-/// stop. Returns the exit status of the last child.
-pub fn run(args: MountArgs, credentials: Option<Zeroizing<Vec<u8>>>) -> anyhow::Result<ExitCode> {
+/// What supervision needs before any serving process starts: the mount and its connection,
+/// the session directory, the part buffers' memory file.
+pub struct Prepared {
+    fuse: OwnedFd,
+    own: OwnMount,
+    session: PathBuf,
+    parts: OwnedFd,
+}
+
+impl Prepared {
+    /// Undoes the preparation (a later step failed before anything was served).
+    pub fn abandon(mut self) {
+        let _ = self.own.unmount(true);
+        let _ = std::fs::remove_dir_all(&self.session);
+    }
+}
+
+/// Mounts (as root, with mount(2)), and makes the session directory and the part buffers'
+/// memory file. On failure nothing is left.
+pub fn prepare(args: &MountArgs) -> anyhow::Result<Prepared> {
     let source = format!(
         "s3vol:{}/{}",
         args.target.bucket,
@@ -226,7 +243,6 @@ pub fn run(args: MountArgs, credentials: Option<Zeroizing<Vec<u8>>>) -> anyhow::
             return Err(e);
         }
     };
-    s3vol_fs::session::log_kernel_failover();
     // Where the serving processes keep part buffers of streamed files: held here, so a
     // serving process that dies leaves them to its successor.
     let parts = match s3vol_fs::parts::create_memfd() {
@@ -237,6 +253,27 @@ pub fn run(args: MountArgs, credentials: Option<Zeroizing<Vec<u8>>>) -> anyhow::
             return Err(e).context("making the part buffers' memory file");
         }
     };
+    Ok(Prepared {
+        fuse,
+        own,
+        session,
+        parts,
+    })
+}
+
+/// Serves the mount [`prepare`] made through children until it is unmounted or a signal asks
+/// to stop. Returns the exit status of the last child.
+pub fn run(
+    args: MountArgs,
+    credentials: Option<Zeroizing<Vec<u8>>>,
+    prepared: Prepared,
+) -> anyhow::Result<ExitCode> {
+    let Prepared {
+        fuse,
+        mut own,
+        session,
+        parts,
+    } = prepared;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -314,7 +351,11 @@ async fn supervise(
                         bound.ready();
                         if adopt {
                             tracing::info!(pid, restarts, stall_ms = started.elapsed().as_millis() as u64, "the new serving process took over the mount");
-                        } else if let Some(mut out) = ready_out.take() {
+                        } else {
+                            // Said once the mount serves (a mount that fails says only why).
+                            s3vol_fs::session::log_kernel_failover();
+                        }
+                        if !adopt && let Some(mut out) = ready_out.take() {
                             let _ = out.write_all(b"ready\n");
                             if args.daemon_child {
                                 detach_stdio(args.log_file.as_deref())?;
