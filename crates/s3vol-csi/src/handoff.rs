@@ -32,7 +32,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -361,21 +361,60 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// Writes one frame, the first `sendmsg` carrying `fd` when given.
-pub fn send_frame(stream: &UnixStream, body: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+/// The descriptors a frame carries at most.
+const MAX_FDS: usize = 2;
+
+/// A volume's connection as it is handed over: the `/dev/fuse` descriptor, and the memory file
+/// where its serving processes keep streamed files' part buffers (`s3vol_fs::parts`), made by
+/// the node plugin and held with the connection, so that those bytes outlive the mounter as
+/// the connection does. Frames carry them in this order; a peer of an older version sends
+/// and keeps only the first.
+#[derive(Debug)]
+pub struct Connection {
+    pub fuse: OwnedFd,
+    pub parts: Option<OwnedFd>,
+}
+
+impl Connection {
+    /// The descriptors a frame received, first the connection; `None` if there were none.
+    pub fn from_fds(fds: Vec<OwnedFd>) -> Option<Self> {
+        let mut fds = fds.into_iter();
+        let fuse = fds.next()?;
+        Some(Self {
+            fuse,
+            parts: fds.next(),
+        })
+    }
+
+    /// The descriptors to send with a frame.
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = vec![self.fuse.as_fd()];
+        fds.extend(self.parts.as_ref().map(|p| p.as_fd()));
+        fds
+    }
+
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            fuse: self.fuse.try_clone()?,
+            parts: self.parts.as_ref().map(|p| p.try_clone()).transpose()?,
+        })
+    }
+}
+
+/// Writes one frame, the first `sendmsg` carrying `fds` (at most two).
+pub fn send_frame(stream: &UnixStream, body: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     if body.len() > MAX_FRAME {
         return Err(invalid("frame too large"));
     }
+    if fds.len() > MAX_FDS {
+        return Err(invalid("too many descriptors for one frame"));
+    }
     let header = (body.len() as u32).to_be_bytes();
     let total = header.len() + body.len();
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    let fds;
-    if let Some(fd) = fd {
-        fds = [fd];
-        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-            return Err(invalid("no room for the fd"));
-        }
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(invalid("no room for the descriptors"));
     }
     let sent = rustix::net::sendmsg(
         stream,
@@ -409,12 +448,12 @@ impl std::fmt::Debug for Frame {
     }
 }
 
-/// Reads one frame and the fd that came with it, if any.
-pub fn recv_frame(stream: &UnixStream) -> io::Result<(Frame, Option<OwnedFd>)> {
+/// Reads one frame and the descriptors that came with it, in order.
+pub fn recv_frame(stream: &UnixStream) -> io::Result<(Frame, Vec<OwnedFd>)> {
     // Read only the header with recvmsg (the fd arrives with the first byte), so nothing past
     // this frame is ever consumed.
     let mut header = [0u8; 4];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let got = rustix::net::recvmsg(
         stream,
@@ -422,15 +461,11 @@ pub fn recv_frame(stream: &UnixStream) -> io::Result<(Frame, Option<OwnedFd>)> {
         &mut control,
         RecvFlags::CMSG_CLOEXEC,
     )?;
-    let mut fd = None;
+    let mut fds = Vec::new();
     for msg in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(fds) = msg {
-            for f in fds {
-                // Keep the first; any extra is closed on drop.
-                if fd.is_none() {
-                    fd = Some(f);
-                }
-            }
+        if let RecvAncillaryMessage::ScmRights(got) = msg {
+            // Any past the ones this version knows are closed on drop.
+            fds.extend(got.take(MAX_FDS - fds.len().min(MAX_FDS)));
         }
     }
     if got.bytes == 0 {
@@ -446,7 +481,7 @@ pub fn recv_frame(stream: &UnixStream) -> io::Result<(Frame, Option<OwnedFd>)> {
     }
     let mut body = Frame(vec![0u8; len]);
     (&*stream).read_exact(&mut body.0)?;
-    Ok((body, fd))
+    Ok((body, fds))
 }
 
 /// Binds a unix socket at `path` with `mode`, whatever the umask: it is bound under a temporary
@@ -471,33 +506,33 @@ pub fn bind_socket(path: &Path, mode: u32) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Sends `request` (with `fd`) to the mounter at `socket` and waits up to `timeout` for its
+/// Sends `request` (with `fds`) to the mounter at `socket` and waits up to `timeout` for its
 /// reply.
 pub fn call(
     socket: &Path,
     request: &Request,
-    fd: Option<BorrowedFd<'_>>,
+    fds: &[BorrowedFd<'_>],
     timeout: Duration,
 ) -> io::Result<Reply> {
-    call_for_fd(socket, request, fd, timeout).map(|(reply, _)| reply)
+    call_for_fds(socket, request, fds, timeout).map(|(reply, _)| reply)
 }
 
-/// [`call`], also returning the fd that came with the reply ([`Request::Reclaim`]).
-pub fn call_for_fd(
+/// [`call`], also returning the descriptors that came with the reply ([`Request::Reclaim`]).
+pub fn call_for_fds(
     socket: &Path,
     request: &Request,
-    fd: Option<BorrowedFd<'_>>,
+    fds: &[BorrowedFd<'_>],
     timeout: Duration,
-) -> io::Result<(Reply, Option<OwnedFd>)> {
+) -> io::Result<(Reply, Vec<OwnedFd>)> {
     let stream = UnixStream::connect(socket)?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     stream.set_read_timeout(Some(timeout))?;
     let body = Frame(serde_json::to_vec(request).map_err(|e| invalid(e.to_string()))?);
-    send_frame(&stream, &body.0, fd)?;
+    send_frame(&stream, &body.0, fds)?;
     drop(body);
-    let (reply, fd) = recv_frame(&stream)?;
+    let (reply, fds) = recv_frame(&stream)?;
     let reply = serde_json::from_slice(&reply.0).map_err(|e| invalid(format!("bad reply: {e}")))?;
-    Ok((reply, fd))
+    Ok((reply, fds))
 }
 
 #[cfg(test)]
@@ -591,12 +626,14 @@ mod tests {
             ..Reply::ok(None)
         };
         let body = serde_json::to_vec(&reply).unwrap();
-        send_frame(&a, &body, Some(pw.as_fd())).unwrap();
-        let (got, fd) = recv_frame(&b).unwrap();
+        send_frame(&a, &body, &[pw.as_fd()]).unwrap();
+        let (got, fds) = recv_frame(&b).unwrap();
         let got: Reply = serde_json::from_slice(&got.0).unwrap();
         assert_eq!(got, reply);
         assert_eq!(got.request.unwrap().credentials, req.credentials);
-        rustix::io::write(fd.expect("fd"), b"k").unwrap();
+        let conn = Connection::from_fds(fds).expect("fd");
+        assert!(conn.parts.is_none(), "one descriptor sent");
+        rustix::io::write(&conn.fuse, b"k").unwrap();
         let mut buf = [0u8; 1];
         rustix::io::read(&pr, &mut buf).unwrap();
         // An older mounter's reply, without the new fields, still reads.
@@ -664,28 +701,36 @@ mod tests {
     }
 
     #[test]
-    fn frames_carry_an_fd() {
+    fn frames_carry_a_connection_and_its_part_buffers() {
         let (a, b) = UnixStream::pair().unwrap();
         let (pr, pw) = rustix::pipe::pipe().unwrap();
+        let (qr, qw) = rustix::pipe::pipe().unwrap();
         let body = serde_json::to_vec(&Request::Mount(Box::new(request()))).unwrap();
         let big = vec![b'x'; 200_000];
         std::thread::scope(|s| {
             s.spawn(|| {
-                send_frame(&a, &body, Some(pw.as_fd())).unwrap();
-                send_frame(&a, &big, None).unwrap();
+                let sent = Connection {
+                    fuse: pw.try_clone().unwrap(),
+                    parts: Some(qw.try_clone().unwrap()),
+                };
+                send_frame(&a, &body, &sent.fds()).unwrap();
+                send_frame(&a, &big, &[]).unwrap();
             });
-            let (got, fd) = recv_frame(&b).unwrap();
+            let (got, fds) = recv_frame(&b).unwrap();
             let req: Request = serde_json::from_slice(&got.0).unwrap();
             assert_eq!(req, Request::Mount(Box::new(request())));
-            // The received fd is the pipe's write end.
-            let fd = fd.expect("fd");
-            rustix::io::write(&fd, b"hi").unwrap();
+            // The received descriptors are the pipes' write ends, in order.
+            let conn = Connection::from_fds(fds).expect("fds");
+            rustix::io::write(&conn.fuse, b"hi").unwrap();
+            rustix::io::write(conn.parts.as_ref().unwrap(), b"yo").unwrap();
             let mut buf = [0u8; 2];
             rustix::io::read(&pr, &mut buf).unwrap();
             assert_eq!(&buf, b"hi");
-            let (got, fd) = recv_frame(&b).unwrap();
+            rustix::io::read(&qr, &mut buf).unwrap();
+            assert_eq!(&buf, b"yo");
+            let (got, fds) = recv_frame(&b).unwrap();
             assert_eq!(got.0.len(), big.len());
-            assert!(fd.is_none());
+            assert!(fds.is_empty());
         });
     }
 }

@@ -92,7 +92,6 @@
 use s3vol_fs::session::private_dir;
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -225,13 +224,13 @@ impl Mounter {
                 tracing::warn!(error = %e, "reading a request");
                 return;
             }
-            Ok((body, fd)) => match serde_json::from_slice::<Request>(&body.0) {
+            Ok((body, fds)) => match serde_json::from_slice::<Request>(&body.0) {
                 Err(e) => Reply::failed(format!("malformed request: {e}")),
                 Ok(Request::Ping) => Reply {
                     instance: Some(self.instance.clone()),
                     ..Reply::ok(None)
                 },
-                Ok(Request::Mount(req)) => match fd {
+                Ok(Request::Mount(req)) => match handoff::Connection::from_fds(fds) {
                     None => Reply::failed("a mount request must carry the FUSE fd"),
                     Some(_) if self.shutting_down.load(Ordering::SeqCst) => {
                         Reply::failed("the mounter is shutting down")
@@ -280,11 +279,11 @@ impl Mounter {
                     let body =
                         serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
                     let body = handoff::Frame(body);
-                    if let Err(e) = handoff::send_frame(
-                        &stream,
-                        &body.0,
-                        fd.as_ref().map(std::os::fd::AsFd::as_fd),
-                    ) {
+                    let fds = fd
+                        .as_ref()
+                        .map(handoff::Connection::fds)
+                        .unwrap_or_default();
+                    if let Err(e) = handoff::send_frame(&stream, &body.0, &fds) {
                         tracing::warn!(error = %e, "sending a reply");
                     }
                     return;
@@ -296,7 +295,7 @@ impl Mounter {
             },
         };
         let body = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
-        if let Err(e) = handoff::send_frame(&stream, &body, None) {
+        if let Err(e) = handoff::send_frame(&stream, &body, &[]) {
             tracing::warn!(error = %e, "sending a reply");
         }
     }
@@ -566,8 +565,12 @@ impl Mounter {
 
     /// Starts the serving process for one volume and waits until it serves; returns its pid
     /// and, with failover, its session directory.
-    fn serve(&self, req: MountRequest, fuse: OwnedFd) -> Result<(u32, Option<PathBuf>), String> {
-        serve(self, req, fuse)
+    fn serve(
+        &self,
+        req: MountRequest,
+        conn: handoff::Connection,
+    ) -> Result<(u32, Option<PathBuf>), String> {
+        serve(self, req, conn)
     }
 
     /// Every volume this mounter knows, and whether it ended. Refused while shutting down:
@@ -602,7 +605,7 @@ impl Mounter {
 
     /// A copy of a volume's connection, its configuration and newest credentials, for a node
     /// plugin that was restarted (see [`Request::Reclaim`]).
-    fn reclaim(&self, volume_id: &str) -> (Reply, Option<OwnedFd>) {
+    fn reclaim(&self, volume_id: &str) -> (Reply, Option<handoff::Connection>) {
         let draining = self.shutting_down.load(Ordering::SeqCst);
         let held = self
             .known(volume_id)
@@ -848,7 +851,7 @@ fn child_args(
 fn serve(
     mounter: &Mounter,
     mut req: MountRequest,
-    fuse: OwnedFd,
+    conn: handoff::Connection,
 ) -> Result<(u32, Option<PathBuf>), String> {
     let config = &mounter.config;
     validate(&req)?;
@@ -901,7 +904,7 @@ fn serve(
         session: session.clone(),
     };
     let (served, ready) =
-        Volume::start(req, launch, fuse, identity, mounter.shutting_down.clone())?;
+        Volume::start(req, launch, conn, identity, mounter.shutting_down.clone())?;
     if let Some(old) = mounter
         .served
         .lock()
@@ -978,7 +981,7 @@ fn end_earlier_serving_process(staging: &Path, wait: Duration) -> Result<(), Str
 
 /// Whether `path` is a socket a mounter answers on.
 pub fn is_serving(path: &Path) -> bool {
-    handoff::call(path, &Request::Ping, None, Duration::from_secs(2)).is_ok_and(|r| r.ok)
+    handoff::call(path, &Request::Ping, &[], Duration::from_secs(2)).is_ok_and(|r| r.ok)
 }
 
 #[cfg(test)]

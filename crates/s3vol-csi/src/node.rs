@@ -259,7 +259,7 @@ impl NodeService {
         std::thread::spawn(move || {
             let request = handoff::Request::Prune { keep };
             for _ in 0..30 {
-                match handoff::call(&socket, &request, None, Duration::from_secs(60)) {
+                match handoff::call(&socket, &request, &[], Duration::from_secs(60)) {
                     Ok(r) if r.ok => return,
                     // A mounter shutting down (a rollout): the next one prunes.
                     Ok(r) if r.draining => std::thread::sleep(Duration::from_secs(2)),
@@ -304,7 +304,7 @@ impl NodeService {
         // The mounter's own wait is bounded; allow it that and a margin.
         let timeout = self.config.mount_timeout + Duration::from_secs(30);
         let reply =
-            tokio::task::spawn_blocking(move || handoff::call(&socket, &request, None, timeout))
+            tokio::task::spawn_blocking(move || handoff::call(&socket, &request, &[], timeout))
                 .await;
         // The volume ends here whatever the mounter says: no copy of its connection is kept.
         self.kept.release(volume_id);
@@ -340,7 +340,7 @@ impl NodeService {
             volume_id: id.to_owned(),
         });
         let reply = tokio::task::spawn_blocking(move || {
-            handoff::call(&socket, &request, None, Duration::from_secs(2))
+            handoff::call(&socket, &request, &[], Duration::from_secs(2))
         })
         .await;
         match reply {
@@ -359,7 +359,7 @@ impl NodeService {
             handoff::call(
                 &socket,
                 &handoff::Request::Ping,
-                None,
+                &[],
                 Duration::from_secs(2),
             )
         });
@@ -504,6 +504,20 @@ impl NodeService {
         mounts::mount_fuse(&fd, &staging, &source, options.read_only).map_err(CsiError::io(
             format!("mounting fuse.s3vol at {}", staging.display()),
         ))?;
+        // With failover, the memory where streamed files' bytes wait for S3 is held with the
+        // connection (see `handoff::Connection`); without it, new files are staged on disk.
+        let parts = if failover {
+            match s3vol_fs::parts::create_memfd() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(volume = %volume_id, error = %e, "cannot make the part buffers' memory file: new files of the volume are staged on disk");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let conn = handoff::Connection { fuse: fd, parts };
         let request = MountRequest {
             volume_id: volume_id.to_owned(),
             bucket: record.bucket.clone(),
@@ -524,17 +538,12 @@ impl NodeService {
         let socket = self.config.mounter_socket.clone();
         let timeout = self.config.mount_timeout;
         let outcome = tokio::task::spawn_blocking(move || {
-            let reply = handoff::call(
-                &socket,
-                &request,
-                Some(std::os::fd::AsFd::as_fd(&fd)),
-                timeout,
-            );
-            (reply, fd)
+            let reply = handoff::call(&socket, &request, &conn.fds(), timeout);
+            (reply, conn)
         })
         .await;
-        let (outcome, fd) = match outcome {
-            Ok((reply, fd)) => (Ok(reply), Some(fd)),
+        let (outcome, conn) = match outcome {
+            Ok((reply, conn)) => (Ok(reply), Some(conn)),
             Err(e) => (Err(e), None),
         };
         let failure = match outcome {
@@ -544,12 +553,12 @@ impl NodeService {
                     Err(e) => e,
                     Ok(()) => match self.state.save(&record) {
                         Ok(()) => {
-                            match (fd, keep, reply.session_dir) {
-                                (Some(fd), Some(request), Some(dir)) => {
-                                    self.kept.keep(fd, request, dir)
+                            match (conn, keep, reply.session_dir) {
+                                (Some(conn), Some(request), Some(dir)) => {
+                                    self.kept.keep(conn, request, dir)
                                 }
                                 // Without failover only the serving process holds it.
-                                (fd, ..) => drop(fd),
+                                (conn, ..) => drop(conn),
                             }
                             tracing::info!(volume = %volume_id, staging = %staging.display(), source = %source, pid = ?reply.pid, "staged");
                             return Ok(());
@@ -827,7 +836,7 @@ impl NodeService {
             identity: identity.clone(),
         });
         let reply = tokio::task::spawn_blocking(move || {
-            handoff::call(&socket, &request, None, Duration::from_secs(30))
+            handoff::call(&socket, &request, &[], Duration::from_secs(30))
         })
         .await;
         if matches!(&reply, Ok(Ok(r)) if r.ok) {

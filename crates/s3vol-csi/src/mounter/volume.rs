@@ -132,6 +132,9 @@ pub(super) struct Volume {
     request: MountRequest,
     /// With failover, the volume's connection until the volume ends.
     held: Mutex<Option<OwnedFd>>,
+    /// With failover, the memory file of its part buffers (made by the node plugin, which
+    /// holds it too), handed to every serving process: kept for the volume's life.
+    parts: Option<OwnedFd>,
     /// The mounter is shutting down: no successor is started.
     shutting_down: Arc<AtomicBool>,
     life: Mutex<Life>,
@@ -154,17 +157,21 @@ impl Volume {
     pub(super) fn start(
         request: MountRequest,
         launch: Launch,
-        fuse: OwnedFd,
+        conn: crate::handoff::Connection,
         identity: Option<Zeroizing<Vec<u8>>>,
         shutting_down: Arc<AtomicBool>,
     ) -> Result<(Arc<Self>, OwnedFd), String> {
         let failover = launch.session.is_some();
+        // Without failover nothing outlives the serving process: it streams from its heap.
+        let crate::handoff::Connection { fuse, parts } = conn;
+        let parts = parts.filter(|_| failover);
         let adopted = request.adopt.is_some() && failover;
         let v = Arc::new(Volume {
             volume: request.volume_id.clone(),
             request,
             launch,
             held: Mutex::new(None),
+            parts,
             shutting_down,
             life: Mutex::new(Life {
                 pid: 0,
@@ -301,10 +308,15 @@ impl Volume {
                 ],
             );
         }
+        if self.parts.is_some() {
+            let end = args.iter().position(|a| a == "--").unwrap_or(args.len());
+            args.splice(end..end, ["--parts-fd".to_owned(), "6".to_owned()]);
+        }
         let sources = [
             fuse.as_raw_fd(),
             creds.as_ref().map_or(-1, |f| f.as_raw_fd()),
             ready_w.as_raw_fd(),
+            self.parts.as_ref().map_or(-1, |f| f.as_raw_fd()),
         ];
         let mut cmd = Command::new(&self.launch.exe);
         cmd.args(&args)
@@ -534,9 +546,12 @@ impl Volume {
 
     /// A copy of the connection, the configuration and the newest credentials, for a node
     /// plugin that was restarted; `None` without failover or once the volume ended.
-    pub(super) fn reclaim(&self) -> Option<(OwnedFd, MountRequest, PathBuf)> {
+    pub(super) fn reclaim(&self) -> Option<(crate::handoff::Connection, MountRequest, PathBuf)> {
         let session = self.launch.session.clone()?;
-        let fd = lock(&self.held).as_ref()?.try_clone().ok()?;
+        let fd = crate::handoff::Connection {
+            fuse: lock(&self.held).as_ref()?.try_clone().ok()?,
+            parts: self.parts.as_ref().and_then(|p| p.try_clone().ok()),
+        };
         let mut request = self.request.clone();
         request.adopt = None;
         if let Some(line) = &lock(&self.credentials).newest {

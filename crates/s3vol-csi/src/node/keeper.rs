@@ -42,7 +42,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -67,7 +66,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// One kept connection.
 struct Kept {
-    fd: OwnedFd,
+    conn: handoff::Connection,
     /// Credentials included; `adopt` unset.
     request: MountRequest,
     session_dir: PathBuf,
@@ -103,14 +102,19 @@ impl std::fmt::Debug for Keeper {
 
 impl Keeper {
     /// Keeps a copy of the connection of `request.volume_id`.
-    pub(super) fn keep(&self, fd: OwnedFd, mut request: MountRequest, session_dir: PathBuf) {
+    pub(super) fn keep(
+        &self,
+        conn: handoff::Connection,
+        mut request: MountRequest,
+        session_dir: PathBuf,
+    ) {
         request.adopt = None;
         let id = request.volume_id.clone();
         tracing::debug!(volume = %id, session = %session_dir.display(), "keeping a copy of the volume's connection");
         lock(&self.inner).kept.insert(
             id,
             Kept {
-                fd,
+                conn,
                 request,
                 session_dir,
                 failures: 0,
@@ -150,10 +154,10 @@ impl Keeper {
 
     /// The mount request that hands the kept connection of `volume_id` to a mounter, and a
     /// copy of the connection to send with it.
-    fn handover(&self, volume_id: &str) -> Option<(handoff::Request, OwnedFd)> {
+    fn handover(&self, volume_id: &str) -> Option<(handoff::Request, handoff::Connection)> {
         let inner = lock(&self.inner);
         let k = inner.kept.get(volume_id)?;
-        let fd = k.fd.try_clone().ok()?;
+        let fd = k.conn.try_clone().ok()?;
         let mut request = k.request.clone();
         request.adopt = Some(k.session_dir.clone());
         Some((handoff::Request::Mount(Box::new(request)), fd))
@@ -282,7 +286,7 @@ impl NodeService {
             leaving,
         };
         tokio::task::spawn_blocking(move || {
-            handoff::call(&socket, &request, None, Duration::from_secs(2))
+            handoff::call(&socket, &request, &[], Duration::from_secs(2))
         })
         .await
         .ok()
@@ -361,7 +365,7 @@ impl NodeService {
         let timeout = self.config.mount_timeout + Duration::from_secs(60);
         let started = Instant::now();
         let answer = tokio::task::spawn_blocking(move || {
-            handoff::call(&socket, &request, Some(fd.as_fd()), timeout)
+            handoff::call(&socket, &request, &fd.fds(), timeout)
         })
         .await;
         let failure = match answer {
@@ -414,11 +418,14 @@ impl NodeService {
                 volume_id: id.clone(),
             });
             let answer = tokio::task::spawn_blocking(move || {
-                handoff::call_for_fd(&socket, &request, None, Duration::from_secs(5))
+                handoff::call_for_fds(&socket, &request, &[], Duration::from_secs(5))
             })
             .await;
             match answer {
-                Ok(Ok((r, Some(fd)))) if r.ok => {
+                Ok(Ok((r, fds))) if r.ok && !fds.is_empty() => {
+                    let Some(fd) = handoff::Connection::from_fds(fds) else {
+                        continue;
+                    };
                     let (Some(request), Some(dir)) = (r.request, r.session_dir) else {
                         continue;
                     };

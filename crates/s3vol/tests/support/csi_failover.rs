@@ -569,14 +569,21 @@ impl Harness {
         let pid = m.id() as i32;
         let sigterm = |m: &mut Child| terminate(m, "the mounter");
         match how {
-            MounterEnd::ContainerKilled | MounterEnd::MounterKilled => {
+            MounterEnd::ContainerKilled => {
+                // All at once, as the kernel kills a container's processes: the mounter is
+                // stopped first, so that it sees nothing of its serving process's death, and
+                // the serving process is killed before the mounter's end can reach it.
+                // SAFETY: kill(2) of the mounter this test started.
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+                for p in serving(staging) {
+                    kill9(p);
+                }
                 m.kill().unwrap();
                 m.wait().unwrap();
-                if matches!(how, MounterEnd::ContainerKilled) {
-                    for p in serving(staging) {
-                        kill9(p);
-                    }
-                }
+            }
+            MounterEnd::MounterKilled => {
+                m.kill().unwrap();
+                m.wait().unwrap();
             }
             MounterEnd::Upgrade => sigterm(&mut m),
             MounterEnd::RolloutMounterFirst => {
@@ -819,4 +826,75 @@ async fn csi_volume_survives_oom_kills_of_its_serving_process() {
     );
     done.check_bucket(&v).await;
     unstage_leaves_nothing(&mut h, &mut node, &v, &staging, &target, &pids).await;
+}
+
+/// Staging files under `dir` (the mounter's cache root), recursively.
+fn staging_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(staging_files(&p));
+        } else if p.extension().is_some_and(|x| x == "data") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A failover volume streams new files from memory as an unsupervised mount does — no staging
+/// file — and what its serving process holds only in memory when the mounter's container dies
+/// (serving process included) survives: the part buffers live in a memory file the node plugin
+/// holds with the connection and hands to the next mounter, whose serving process moves them
+/// to the cache directory and completes the upload before it serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn csi_streamed_bytes_survive_the_death_of_the_mounters_container() {
+    let mut h = Harness::start();
+    let (v, staging, target) = staged_failover(&mut h, "csi-stream").await;
+    let pid = wait_serving(&h, &staging, None);
+    // Started before the file is opened: a process started while it is open would close its
+    // copy at exec, and that close flushes the file (uploads it), as on any FUSE mount.
+    let next = h.spare_mounter(Path::new(BIN));
+    let body = pattern(20 << 20, 31);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(target.join("streamed.bin"))
+        .unwrap();
+    let split = (13 << 20) + 4321;
+    for chunk in body[..split].chunks(1 << 20) {
+        f.write_all(chunk).unwrap();
+    }
+    let staged = staging_files(&h.path("cache"));
+    assert!(
+        staged.is_empty(),
+        "a failover volume streams new files, with no staging file: {staged:?}"
+    );
+    h.replace_mounter(MounterEnd::ContainerKilled, &staging, next);
+    let successor = wait_serving(&h, &staging, Some(pid));
+    workload::wait_for_takeovers(
+        || h.csi_log(),
+        "handed the volume's connection to a new mounter",
+        1,
+    );
+    for chunk in body[split..].chunks(1 << 20) {
+        f.write_all(chunk).unwrap();
+    }
+    crate::support::close(f).unwrap();
+    let s3 = store().await;
+    let bucket = BucketName::new(v.context["bucket"].clone()).unwrap();
+    let got = workload::get(&s3, &bucket, "streamed.bin").await;
+    assert_eq!(got.len(), body.len());
+    assert!(got == body, "streamed.bin differs from what was written");
+    let log = h.csi_log();
+    assert!(
+        log.contains("moved to the cache directory"),
+        "the successor took over no part buffer\n{log}"
+    );
+    assert!(!log.contains("not uploaded"), "{log}");
+    let mut node = h.node().await;
+    unstage_leaves_nothing(&mut h, &mut node, &v, &staging, &target, &[pid, successor]).await;
 }
