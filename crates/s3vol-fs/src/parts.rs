@@ -63,7 +63,10 @@ const OFFSET: usize = 8;
 const LEN: usize = 16;
 const STEM_LEN: usize = 24;
 const KEY_LEN: [usize; 2] = [28, 32];
+const BASE_LEN: usize = 36;
 const STEM: usize = 64;
+const BASE: usize = 128;
+const MAX_BASE: usize = 512;
 const KEY: [usize; 2] = [1024, 2048];
 
 /// A slot's state.
@@ -116,6 +119,8 @@ pub struct Leftover {
     pub index: u32,
     pub stem: String,
     pub key: String,
+    /// The version of the object the file replaces (its ETag), if it replaces one.
+    pub base: Option<String>,
     pub offset: u64,
     /// `true` for a stream's tail or a whole small file, `false` for a part handed to an
     /// upload that S3 may or may not have.
@@ -286,8 +291,15 @@ impl PartArena {
     }
 
     /// A free slot for the bytes of `key` from `offset` on, for the staging entry named
-    /// `stem`; `None` when every slot is in use.
-    pub fn take(self: &Arc<Self>, stem: &str, key: &str, offset: u64) -> Option<SlotBuf> {
+    /// `stem`, replacing the object version `base` (an ETag, empty for a new file); `None`
+    /// when every slot is in use.
+    pub fn take(
+        self: &Arc<Self>,
+        stem: &str,
+        key: &str,
+        offset: u64,
+        base: &str,
+    ) -> Option<SlotBuf> {
         let i = {
             let mut free = self.lock();
             free.warm.pop().or_else(|| free.cold.pop())?
@@ -295,6 +307,8 @@ impl PartArena {
         let h = self.header(i);
         let n = self.put_bytes(h + STEM, stem.as_bytes(), MAX_STEM);
         self.word32(h + STEM_LEN).store(n as u32, Ordering::Relaxed);
+        let n = self.put_bytes(h + BASE, base.as_bytes(), MAX_BASE);
+        self.word32(h + BASE_LEN).store(n as u32, Ordering::Relaxed);
         self.word64(h + OFFSET).store(offset, Ordering::Relaxed);
         self.word64(h + LEN).store(0, Ordering::Relaxed);
         let slot = Slot {
@@ -352,10 +366,14 @@ impl PartArena {
             let sel = (self.word32(h + KEY_SEL).load(Ordering::Acquire) & 1) as usize;
             let key_len =
                 (self.word32(h + KEY_LEN[sel]).load(Ordering::Relaxed) as usize).min(MAX_KEY);
+            let base_len =
+                (self.word32(h + BASE_LEN).load(Ordering::Relaxed) as usize).min(MAX_BASE);
+            let base = String::from_utf8_lossy(&self.get_bytes(h + BASE, base_len)).into_owned();
             out.push(Leftover {
                 index: i,
                 stem: String::from_utf8_lossy(&self.get_bytes(h + STEM, stem_len)).into_owned(),
                 key: String::from_utf8_lossy(&self.get_bytes(h + KEY[sel], key_len)).into_owned(),
+                base: (!base.is_empty()).then_some(base),
                 offset: self.word64(h + OFFSET).load(Ordering::Relaxed),
                 filling: state == FILLING,
                 len: self
@@ -642,14 +660,16 @@ mod tests {
     #[test]
     fn slots_outlive_the_arena_that_filled_them() {
         let arena = Arc::new(PartArena::open(create_memfd().unwrap(), 5 << 20).unwrap());
-        let mut a = arena.take("stem-1", "dir/a", 0).unwrap();
+        let mut a = arena.take("stem-1", "dir/a", 0, "").unwrap();
         a.extend_from_slice(b"hello ");
         a.extend_from_slice(b"world");
         a.set_key("dir/renamed");
-        let mut b = arena.take("stem-2", "dir/b", 5 << 20).unwrap();
+        let mut b = arena
+            .take("stem-2", "dir/b", 5 << 20, "\"etag-b\"")
+            .unwrap();
         b.extend_from_slice(&[7u8; 1000]);
         let sent = b.into_bytes();
-        let c = arena.take("stem-3", "dir/c", 0).unwrap();
+        let c = arena.take("stem-3", "dir/c", 0, "").unwrap();
         drop(c);
         let fd = reopen(&arena);
         // The process "dies": nothing is released.
@@ -663,6 +683,8 @@ mod tests {
         assert_eq!(left.len(), 2, "{left:?}");
         assert_eq!(left[0].stem, "stem-1");
         assert_eq!(left[0].key, "dir/renamed");
+        assert_eq!(left[0].base, None);
+        assert_eq!(left[1].base.as_deref(), Some("\"etag-b\""));
         assert!(left[0].filling);
         assert_eq!(successor.leftover_bytes(&left[0]), b"hello world");
         assert_eq!(left[1].key, "dir/b");
@@ -673,7 +695,7 @@ mod tests {
         assert_eq!(successor.in_use(), 0);
         let slots = successor.slots;
         let mut taken = Vec::new();
-        while let Some(s) = successor.take("x", "y", 0) {
+        while let Some(s) = successor.take("x", "y", 0, "") {
             taken.push(s);
         }
         assert_eq!(taken.len(), slots - 2);
@@ -681,13 +703,13 @@ mod tests {
             successor.release_leftover(l);
         }
         assert_eq!(successor.in_use(), slots - 2);
-        assert!(successor.take("x", "y", 0).is_some());
+        assert!(successor.take("x", "y", 0, "").is_some());
     }
 
     #[test]
     fn a_freed_slot_is_not_a_leftover_and_views_keep_it() {
         let arena = Arc::new(PartArena::open(create_memfd().unwrap(), 5 << 20).unwrap());
-        let mut a = arena.take("s", "k", 0).unwrap();
+        let mut a = arena.take("s", "k", 0, "").unwrap();
         a.extend_from_slice(b"abc");
         let view = a.share();
         drop(a);

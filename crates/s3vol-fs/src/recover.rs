@@ -245,7 +245,13 @@ fn write_parts(
             .find(|s| s.filling)
             .or(slots.first())
             .map_or("", |s| s.key.as_str());
-        Record::new(ctx.bucket.as_str(), key)
+        let mut r = Record::new(ctx.bucket.as_str(), key);
+        // The object version it replaces, with none of its bytes in use.
+        r.base = slots
+            .iter()
+            .find_map(|s| s.base.clone())
+            .map(|etag| crate::cache_dir::BaseRecord { etag, size: 0 });
+        r
     });
     let end = slots.iter().map(|s| s.offset + s.len).max().unwrap_or(0);
     let mut local = crate::ranges::RangeSet::new();
@@ -850,7 +856,7 @@ mod tests {
         st.write(299_000, b"tail", meta).await.unwrap();
         leaked.push(st);
         // A new file, written out of order.
-        let mut st = Staged::new_empty(dead.clone(), "new").unwrap();
+        let mut st = Staged::new_empty(dead.clone(), "new", None).unwrap();
         st.write(5, b" world", meta).await.unwrap();
         st.write(0, b"hello", meta).await.unwrap();
         leaked.push(st);
@@ -866,7 +872,7 @@ mod tests {
         st.upload(&meta(), None).await.unwrap();
         leaked.push(st);
         // A stream with parts in a multipart upload and the rest in memory.
-        let mut st = Staged::new_empty(dead.clone(), "stream").unwrap();
+        let mut st = Staged::new_empty(dead.clone(), "stream", None).unwrap();
         st.write(0, &vec![1u8; 12 << 20], meta).await.unwrap();
         leaked.push(st);
         // The process dies: nothing of it runs any more.
@@ -878,7 +884,7 @@ mod tests {
 
         // Another mount using the directory, alive, with a dirty file.
         let live = ctx(&store, dir.path()).await;
-        let mut other = Staged::new_empty(live.clone(), "live").unwrap();
+        let mut other = Staged::new_empty(live.clone(), "live", None).unwrap();
         other.write(3, b"x", meta).await.unwrap();
 
         let fresh = ctx(&store, dir.path()).await;
@@ -1003,7 +1009,7 @@ mod tests {
         let store = Arc::new(MemStore::new());
         let dead = ctx(&store, dir.path()).await;
         let content: Vec<u8> = (0..(12u32 << 20)).map(|i| (i % 251) as u8).collect();
-        let mut st = Staged::new_empty(dead.clone(), "s").unwrap();
+        let mut st = Staged::new_empty(dead.clone(), "s", None).unwrap();
         for c in content.chunks(1 << 20) {
             let at = st.size();
             st.write(at, c, meta).await.unwrap();

@@ -259,7 +259,8 @@ impl Staged {
         let local = Entry::new(ctx.cache.new_stem());
         let size = base.as_ref().map_or(0, |b| b.size);
         Self {
-            sequential: base.is_none() && ctx.stream,
+            // From empty: a new file, or one that replaces every byte of its object.
+            sequential: base.as_ref().is_none_or(|b| b.size == 0) && ctx.stream,
             ctx,
             key: key.to_owned(),
             local,
@@ -283,9 +284,11 @@ impl Staged {
         }
     }
 
-    /// A new, empty file (create, or open with O_TRUNC): dirty from the start.
-    pub fn new_empty(ctx: Arc<StageCtx>, key: &str) -> FsResult<Self> {
-        let mut s = Self::create(ctx, key, None);
+    /// A new, empty file (create, or open with O_TRUNC): dirty from the start. `replacing`
+    /// is the version of the object it replaces, if there is one.
+    pub fn new_empty(ctx: Arc<StageCtx>, key: &str, replacing: Option<ETag>) -> FsResult<Self> {
+        let base = replacing.map(|etag| Base { etag, size: 0 });
+        let mut s = Self::create(ctx, key, base);
         s.content_dirty = true;
         Ok(s)
     }
@@ -708,7 +711,12 @@ impl Staged {
             {
                 return Err(self.io_error(e));
             }
-            self.base = None;
+            // The object it replaces stays named (with none of its bytes in use): a later start
+            // that finds the object still that version knows the staged bytes are the newer.
+            self.base = self.base.take().map(|b| Base {
+                etag: b.etag,
+                size: 0,
+            });
             self.present.clear();
             self.written.clear();
             self.size = 0;
@@ -915,7 +923,8 @@ impl Staged {
         let Some(arena) = &self.ctx.arena else {
             return Some(PartBuf::Heap(self.ctx.parts.take()));
         };
-        let slot = arena.take(self.local.name(), &self.key, offset);
+        let base = self.base.as_ref().map_or("", |b| b.etag.as_str());
+        let slot = arena.take(self.local.name(), &self.key, offset, base);
         if slot.is_none() {
             tracing::debug!(key = %self.key, "every part buffer slot is in use; the file is staged on disk");
         }

@@ -463,6 +463,23 @@ async fn streamed_bytes_in_memory_survive_kills_of_the_serving_process() {
     support::close(s).unwrap();
     assert_eq!(m.get("small.bin").await, small, "small.bin after close");
 
+    // An object overwritten (O_TRUNC), killed while its new bytes are only in memory: the
+    // successor knows they are newer than the object they replace, and uploads them.
+    m.put("over.bin", &pattern(500_000, 23), &[]).await;
+    let fresh = pattern(300_000, 24);
+    let mut o = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.path("over.bin"))
+        .unwrap();
+    o.write_all(&fresh[..100_000]).unwrap();
+    takeovers += 1;
+    pid = kill_and_wait(supervisor, pid, &log, takeovers);
+    assert_eq!(m.get("over.bin").await, fresh[..100_000].to_vec());
+    o.write_all(&fresh[100_000..]).unwrap();
+    support::close(o).unwrap();
+    assert_eq!(m.get("over.bin").await, fresh, "over.bin after close");
+
     // A big file streamed in parts, killed three times while written.
     let big = pattern(48 << 20, 22);
     let mut f = OpenOptions::new()

@@ -135,7 +135,7 @@ impl S3Fs {
                 s.validated = Some(Instant::now());
             }
             Err(e) if not_found(&e) && write && !inode.state().unlinked => {
-                match Staged::new_empty(self.stage.clone(), &key) {
+                match Staged::new_empty(self.stage.clone(), &key, None) {
                     Ok(staged) => {
                         let mut s = inode.state();
                         s.local_only = true;

@@ -20,7 +20,8 @@ impl S3Fs {
         }
         let key = inode.key();
         let staged = if empty || inode.state().local_only {
-            Staged::new_empty(self.stage.clone(), &key)?
+            let replacing = inode.state().etag.clone();
+            Staged::new_empty(self.stage.clone(), &key, replacing)?
         } else {
             // Close-to-open: stage from the object as it is now.
             let info = self.store.head_object(&self.config.bucket, &key).await?;
@@ -189,6 +190,7 @@ impl S3Fs {
         let staged = Arc::new(tokio::sync::Mutex::new(Staged::new_empty(
             self.stage.clone(),
             &key,
+            None,
         )?));
         let old = inode.state().staged.replace(staged);
         if let Some(old) = old {

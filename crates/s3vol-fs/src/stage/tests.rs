@@ -53,7 +53,7 @@ async fn a_streamed_file_arrives_whole_without_a_metadata_copy_when_only_times_c
     let dir = crate::cache_dir::private_tempdir();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store.clone(), dir.path()).await;
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     let content = data(12 * MIB + 777, 1);
     for chunk in content.chunks(MIB) {
         let at = st.size();
@@ -78,7 +78,7 @@ async fn a_streamed_file_whose_mode_changed_gets_its_metadata_rewritten() {
     let dir = crate::cache_dir::private_tempdir();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store, dir.path()).await;
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     let content = data(6 * MIB, 2);
     st.write(0, &content, || meta("33188", "1")).await.unwrap();
     st.upload(&meta("33261", "1"), None).await.unwrap();
@@ -92,7 +92,7 @@ async fn extending_or_seeking_while_streaming_keeps_every_byte_in_place() {
     let dir = crate::cache_dir::private_tempdir();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store, dir.path()).await;
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     let mut expect = data(7 * MIB, 3);
     st.write(0, &expect, || meta("33188", "1")).await.unwrap();
     // ftruncate up: zeros, then appending after them.
@@ -138,7 +138,7 @@ async fn small_files_hold_memory_for_their_size_only() {
     // Far more small files than 16 MiB holds parts, all kept (as parked clean copies are).
     let mut kept = Vec::new();
     for i in 0..40 {
-        let mut st = Staged::new_empty(ctx.clone(), &format!("f{i}")).unwrap();
+        let mut st = Staged::new_empty(ctx.clone(), &format!("f{i}"), None).unwrap();
         let body = data(4096, i as u8);
         let written = tokio::time::timeout(Duration::from_secs(10), async {
             st.write(0, &body, || meta("33188", "1")).await.unwrap();
@@ -176,7 +176,7 @@ async fn a_streamed_file_never_touches_the_disk_and_gives_its_memory_back() {
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store, dir.path()).await;
     for (name, len) in [("big", 12 * MIB + 5), ("small", 3000), ("empty", 0)] {
-        let mut st = Staged::new_empty(ctx.clone(), name).unwrap();
+        let mut st = Staged::new_empty(ctx.clone(), name, None).unwrap();
         let content = data(len, 7);
         write_all(&mut st, &content).await;
         assert_eq!(files_in(dir.path()), 0, "{name}: nothing staged on disk");
@@ -202,7 +202,7 @@ async fn an_extension_reads_and_uploads_zeros_whatever_lies_past_the_end() {
     let dir = crate::cache_dir::private_tempdir();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store, dir.path()).await;
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     st.write(10, b"abc", || meta("33188", "1")).await.unwrap();
     // What a write past the end that failed half-way leaves in the staging file.
     let f = std::fs::OpenOptions::new()
@@ -231,7 +231,7 @@ async fn a_part_that_fails_for_a_while_is_retried_in_the_background() {
         error: S3Error::Transient("injected".into()),
         times: Some(3),
     });
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     let content = data(11 * MIB, 8);
     write_all(&mut st, &content).await;
     // Give the background retries (0.5 s, 1 s, ...) time to get the parts in.
@@ -254,7 +254,7 @@ async fn a_failed_stream_keeps_every_byte_until_a_later_flush_succeeds() {
     let dir = crate::cache_dir::private_tempdir();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store.clone(), dir.path()).await;
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     let content = data(13 * MIB, 9);
     write_all(&mut st, &content[..6 * MIB]).await;
     store.add(Fault::FailOp {
@@ -284,7 +284,7 @@ async fn reading_back_streamed_bytes_completes_the_upload_so_far_and_goes_on_loc
     let dir = crate::cache_dir::private_tempdir();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store, dir.path()).await;
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     let mut expect = data(7 * MIB, 10);
     write_all(&mut st, &expect).await;
     // Bytes of the part being filled come from memory, the stream goes on.
@@ -308,7 +308,7 @@ async fn a_small_file_whose_upload_fails_is_kept_in_its_staging_file() {
     let dir = crate::cache_dir::private_tempdir();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store.clone(), dir.path()).await;
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     let content = data(300_000, 12);
     write_all(&mut st, &content).await;
     store.add(Fault::FailOp {
@@ -327,7 +327,7 @@ async fn dropping_an_unfinished_stream_writes_what_memory_held_to_the_staging_fi
     let dir = crate::cache_dir::private_tempdir();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store.clone(), dir.path()).await;
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     let content = data(12 * MIB, 13);
     store.add(Fault::FailOp {
         op: Op::UploadPart,
@@ -353,7 +353,7 @@ async fn a_stream_whose_completion_failed_can_grow_and_complete_later() {
     let dir = crate::cache_dir::private_tempdir();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store.clone(), dir.path()).await;
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     let content = data(13 * MIB, 14);
     write_all(&mut st, &content[..7 * MIB]).await;
     store.add(Fault::FailOp {
@@ -374,7 +374,7 @@ async fn an_unlinked_files_journal_never_calls_its_bytes_dirty() {
     let dir = crate::cache_dir::private_tempdir();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store, dir.path()).await;
-    let mut st = Staged::new_empty(ctx.clone(), "gone").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "gone", None).unwrap();
     write_all(&mut st, &data(MIB, 3)).await;
     // Unlink while open: the bytes go local for the handles, then stop being the object's.
     st.make_local().await.unwrap();
@@ -408,7 +408,7 @@ async fn a_failed_metadata_rewrite_after_a_completed_stream_keeps_the_object_who
     let dir = crate::cache_dir::private_tempdir();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store.clone(), dir.path()).await;
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     let content = data(12 * MIB, 5);
     for chunk in content.chunks(MIB) {
         let at = st.size();
@@ -446,7 +446,7 @@ async fn a_flush_gives_up_at_its_time_bound_and_keeps_every_byte() {
     let dir = crate::cache_dir::private_tempdir();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store.clone(), dir.path()).await;
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     let content = data(12 * MIB, 6);
     st.write(0, &content[..6 * MIB], || meta("33188", "1"))
         .await
@@ -515,7 +515,7 @@ async fn a_completion_whose_answer_was_lost_is_known_by_the_objects_etag() {
     let dir = crate::cache_dir::private_tempdir();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let ctx = ctx_over(store.clone(), dir.path()).await;
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     let content = data(13 * MIB, 21);
     write_all(&mut st, &content).await;
     // S3 completes the upload, the answer is lost: the object is there with the ETag its
@@ -531,7 +531,7 @@ async fn a_completion_whose_answer_was_lost_is_known_by_the_objects_etag() {
 
     // The same, and the check fails too: the flush fails, and the next one finds the upload
     // gone (completed) and the object made of its parts, instead of failing for ever.
-    let mut st = Staged::new_empty(ctx.clone(), "g").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "g", None).unwrap();
     let content = data(13 * MIB, 22);
     write_all(&mut st, &content).await;
     store.add(Fault::LoseAnswer {
@@ -552,7 +552,7 @@ async fn a_completion_whose_answer_was_lost_is_known_by_the_objects_etag() {
 
     // The application writes on after that failed flush (more than a part): the object holds
     // the first bytes, memory the rest, and the next flush joins them.
-    let mut st = Staged::new_empty(ctx.clone(), "h").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "h", None).unwrap();
     let content = data(22 * MIB, 26);
     write_all(&mut st, &content[..13 * MIB]).await;
     store.add(Fault::LoseAnswer {
@@ -585,7 +585,7 @@ async fn a_completion_left_running_at_the_time_bound_decides_what_comes_next() {
     };
 
     // The next flush waits for it, and the object it made is the file.
-    let mut st = Staged::new_empty(ctx.clone(), "f").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
     let content = data(12 * MIB, 23);
     write_all(&mut st, &content).await;
     store.add(slow_completion());
@@ -603,7 +603,7 @@ async fn a_completion_left_running_at_the_time_bound_decides_what_comes_next() {
 
     // The application writes on after the failed flush: the write waits for the outcome,
     // and every byte, before and after, ends in S3.
-    let mut st = Staged::new_empty(ctx.clone(), "g").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "g", None).unwrap();
     let content = data(14 * MIB, 24);
     write_all(&mut st, &content[..12 * MIB]).await;
     store.add(slow_completion());
@@ -615,7 +615,7 @@ async fn a_completion_left_running_at_the_time_bound_decides_what_comes_next() {
     assert!(object(&ctx, "g").await.0 == content);
 
     // Unlinked meanwhile: the object the late completion makes is deleted.
-    let mut st = Staged::new_empty(ctx.clone(), "h").unwrap();
+    let mut st = Staged::new_empty(ctx.clone(), "h", None).unwrap();
     write_all(&mut st, &data(12 * MIB, 25)).await;
     store.add(slow_completion());
     assert!(st.upload(&meta("33188", "1"), None).await.is_err());
