@@ -21,7 +21,7 @@
 //! and then selected, so a rename in progress at the kill leaves the old key or the new one.
 //!
 //! A successor, before it serves anything, turns every slot in use into what a process that
-//! exits on purpose leaves ([`crate::stage::Staged::keep_stream_bytes`]): the bytes at their
+//! exits on purpose leaves (`Staged::keep_stream_bytes` in `stage.rs`): the bytes at their
 //! offset in the entry's staging file and a journal record of the stream. The start-up scan
 //! (`recover.rs`) then completes the multipart upload from the parts S3 already holds and those
 //! bytes, or uploads a small file whole. Only then are the slots freed.

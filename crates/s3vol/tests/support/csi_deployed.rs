@@ -412,6 +412,16 @@ async fn csi_as_deployed_mounter_serves_without_dev_fuse_as_pid_1_and_drains_on_
         1,
         "the mounter keeps the volume's connection"
     );
+    // Its part buffers are in the memory file the node plugin made with the connection.
+    let parts_files = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("/memfd:s3vol-parts"))
+        .count();
+    assert_eq!(
+        parts_files, 1,
+        "the serving process maps the part buffers' memory file"
+    );
     let mut open = std::fs::File::create(target.join("across.txt")).unwrap();
     open.write_all(b"before the kill, ").unwrap();
     // SAFETY: kill(2) of the serving process this test's mounter started.
@@ -433,6 +443,18 @@ async fn csi_as_deployed_mounter_serves_without_dev_fuse_as_pid_1_and_drains_on_
     open.write_all(b"after it").unwrap();
     open.sync_all().unwrap();
     drop(open);
+    // What was only in a part buffer at the kill was taken over by the successor, which runs
+    // as the manifests say (its uid may map a memory file it was handed).
+    let log = h.csi_log();
+    assert!(
+        log.contains("moved to the cache directory") && !log.contains("not uploaded"),
+        "{log}"
+    );
+    let bucket_of = BucketName::new(v.context["bucket"].clone()).unwrap();
+    assert_eq!(
+        failover_get(&store().await, &bucket_of, "across.txt").await,
+        b"before the kill, after it"
+    );
     assert_eq!(
         std::fs::read(target.join("hello.txt")).unwrap(),
         b"served without /dev/fuse"
