@@ -609,7 +609,11 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
     if let Some(fd) = args.parts_fd {
         let fd = owned_fd(fd, "--parts-fd")?;
         match s3vol_fs::parts::PartArena::for_part_size(fd, config.part_size) {
-            Ok(arena) => config.parts_arena = Some(std::sync::Arc::new(arena)),
+            Ok(arena) => {
+                let arena = std::sync::Arc::new(arena);
+                arena.start_trimming();
+                config.parts_arena = Some(arena);
+            }
             Err(e) => tracing::warn!(
                 error = %e,
                 "part buffers cannot live in the supervisor's memory file: new files are \
