@@ -53,6 +53,10 @@ pub struct FsConfig {
     /// Part buffers that outlive the process (`parts.rs`): with them, a supervised mount
     /// streams too.
     pub parts_arena: Option<std::sync::Arc<crate::parts::PartArena>>,
+    /// A successor taking over a live connection: the bucket was checked when the mount was
+    /// made, so S3 unreachable at its start is an outage to ride out, not a reason to fail
+    /// (which would end the mount).
+    pub successor: bool,
     /// The node-local attribute cache (`attr_cache.rs`): where it lives, `None` for none.
     pub attr_cache_dir: Option<PathBuf>,
     /// Its budget on disk.
@@ -88,6 +92,7 @@ impl FsConfig {
             min_throughput: 1 << 20,
             stream_writes: true,
             parts_arena: None,
+            successor: false,
         }
     }
 }

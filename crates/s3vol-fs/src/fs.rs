@@ -238,6 +238,9 @@ pub struct S3Fs {
     attr_cache: Option<Arc<AttrCache>>,
     /// Directories listed after a burst of lookups (`names.rs`).
     names: Arc<NameIndexes>,
+    /// What the start-up scan kept in the cache directory (stem, key): a successor's file
+    /// open for writing across the event goes on from it (`adopt.rs`).
+    kept_at_start: Mutex<Vec<(std::path::PathBuf, String)>>,
 }
 
 fn name_ok(name: &str) -> FsResult<()> {
@@ -263,10 +266,16 @@ fn not_found(e: &S3Error) -> bool {
 impl S3Fs {
     /// Checks that the bucket is reachable, then builds the filesystem.
     pub async fn new(config: FsConfig, store: Arc<dyn ObjectStore>) -> FsResult<Self> {
-        store.head_bucket(&config.bucket).await.map_err(|e| {
-            let fs: FsError = e.clone().into();
-            err!(fs.errno, "{e}")
-        })?;
+        match store.head_bucket(&config.bucket).await {
+            Ok(()) => {}
+            Err(e) if config.successor && !matches!(e, S3Error::NoSuchBucket(_)) => {
+                tracing::warn!(error = %e, "S3 does not answer as this successor starts; serving the mount all the same (calls that need S3 fail or wait as during any outage)");
+            }
+            Err(e) => {
+                let fs: FsError = e.clone().into();
+                return Err(err!(fs.errno, "{e}"));
+            }
+        }
         let memory = Arc::new(Memory::new(config.memory_limit));
         let disk = Arc::new(Disk::new(config.cache_size));
         let cache = CacheDir::open(&config.cache_dir).map_err(|e| err!(libc::EACCES, "{e}"))?;
@@ -286,13 +295,14 @@ impl S3Fs {
             close_timeout: config.close_timeout,
             min_throughput: config.min_throughput,
         });
+        let mut kept_at_start = Vec::new();
         if !config.read_only {
             // What earlier mounts left, before anything is served (see `recover`): first what
             // a dead predecessor held in part buffers, which then is a staging file too.
             if let Some(arena) = &stage.arena {
                 recover::take_over_parts(&stage, arena);
             }
-            recover::scan(&stage).await;
+            kept_at_start = recover::scan(&stage).await.kept_files;
         }
         let read = Arc::new(ReadCtx {
             store: store.clone(),
@@ -315,6 +325,7 @@ impl S3Fs {
         Ok(Self {
             attr_cache,
             names: Arc::new(NameIndexes::default()),
+            kept_at_start: Mutex::new(kept_at_start),
             inodes: Inodes::new(config.prefix.clone(), root_attrs),
             config,
             store,

@@ -47,6 +47,8 @@ pub struct ScanReport {
     pub aborted: u64,
     /// Instances still alive (another mount uses the directory): left alone.
     pub live_instances: u64,
+    /// The entries kept (their stem and key), for a successor whose handles still write them.
+    pub kept_files: Vec<(std::path::PathBuf, String)>,
 }
 
 /// One leftover: the files sharing a stem.
@@ -311,6 +313,7 @@ fn remove_all(stem: &Path) {
 fn keep(report: &mut ScanReport, stem: &Path, key: &str, size: u64, why: &str) {
     report.kept += 1;
     report.kept_bytes += size;
+    report.kept_files.push((stem.to_owned(), key.to_owned()));
     tracing::warn!(
         key,
         size,
@@ -467,6 +470,30 @@ async fn recover_entry(
         // multipart upload whose answer it never read): the object is this very file.
         // Uploading it again later, once the name is renamed or removed, would bring it back.
         tracing::info!(key, staging_file = %data_path.display(), "a staged file is already in S3 as it is; dropped");
+        report.dropped += 1;
+        report.dropped_bytes += size;
+        remove_all(stem);
+        return true;
+    }
+    if !unchanged
+        && let Some(info) = &current
+        && info.size == size
+        && record.part_size == 0
+        && let Some(id) = &record.upload_id
+        && matches!(
+            ctx.store
+                .list_parts(&ctx.bucket, &key, &UploadId(id.clone()))
+                .await,
+            Err(S3Error::NotFound(_))
+        )
+    {
+        // The staging file's own multipart upload (recorded before it started) is gone and
+        // the object has the file's size: the process died after S3 completed the upload and
+        // before this record said so. The data file cannot prove it byte for byte (ranges of
+        // the old version it never fetched are holes in it, and the parts copied from that
+        // version server-side), but nothing else completes an upload of ours: the object is
+        // this file.
+        tracing::info!(key, staging_file = %data_path.display(), upload_id = id, "a staged file's multipart upload completed before its process could record it; dropped");
         report.dropped += 1;
         report.dropped_bytes += size;
         remove_all(stem);
@@ -1001,6 +1028,65 @@ mod tests {
         assert!(get(&fresh, "big").await.unwrap() == new);
         assert!(get(&fresh, "other").await.unwrap() == theirs);
         assert_eq!(data_files(dir.path()), 1, "only the changed one is kept");
+    }
+
+    /// A staging file patched in place (the rest of the old version never fetched: holes in
+    /// the data file) whose own multipart upload S3 completed before the process could record
+    /// it: the data file cannot prove the object byte for byte, the upload ID does.
+    #[tokio::test]
+    async fn a_sparse_staging_file_whose_own_upload_completed_is_known_by_its_upload_id() {
+        let store = Arc::new(MemStore::new());
+        let bucket = BucketName::new("bkt").unwrap();
+        store.create_bucket(&bucket).await.unwrap();
+        let dir = crate::cache_dir::private_tempdir();
+        let dead = ctx_on(store.clone(), bucket.clone(), dir.path());
+        let old: Vec<u8> = (0..20u32 << 20).map(|i| (i % 239) as u8).collect();
+        let mut new = old.clone();
+        new[13 << 20..(13 << 20) + 5].copy_from_slice(b"patch");
+        // `landed`: the process's upload completed; `open`: its upload is still open, and
+        // another client replaced the object meanwhile.
+        for (key, complete) in [("landed", true), ("open", false)] {
+            let base = put(&dead, key, &old).await;
+            let mut st = Staged::from_object(dead.clone(), key, base).unwrap();
+            st.write(13 << 20, b"patch", meta).await.unwrap();
+            let meta_path = st.path().with_extension("meta");
+            std::mem::forget(st);
+            let id = store
+                .create_multipart_upload(&dead.bucket, key, &PutOptions::default())
+                .await
+                .unwrap();
+            let mut record = Record::parse(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+            record.upload_id = Some(id.0.clone());
+            let mut body = serde_json::to_vec(&record).unwrap();
+            body.push(b'\n');
+            std::fs::write(&meta_path, body).unwrap();
+            if complete {
+                let part = store
+                    .upload_part(&dead.bucket, key, &id, 1, Bytes::from(new.clone()))
+                    .await
+                    .unwrap();
+                store
+                    .complete_multipart_upload(&dead.bucket, key, &id, &[part])
+                    .await
+                    .unwrap();
+            } else {
+                let mut theirs = new.clone();
+                theirs[0] ^= 1;
+                put(&dead, key, &theirs).await;
+            }
+        }
+        dead.cache.unlock_as_if_dead();
+
+        let fresh = ctx_on(store, bucket, dir.path());
+        let report = scan(&fresh).await;
+        assert_eq!(
+            (report.dropped, report.uploaded, report.kept),
+            (1, 0, 1),
+            "{report:?}"
+        );
+        assert!(get(&fresh, "landed").await.unwrap() == new);
+        assert_eq!(report.kept_files.len(), 1);
+        assert!(report.kept_files[0].1 == "open");
     }
 
     #[tokio::test]

@@ -118,11 +118,108 @@ impl S3Fs {
         Ok(adopted)
     }
 
+    /// A file open for writing across the event whose bytes the start-up scan could not put
+    /// in S3 (S3 unreachable then, or the object changed meanwhile) and kept: its handles go on
+    /// from that staging file, as they would have without the event, and their next flush
+    /// uploads it (or fails, keeping it, as any flush). Otherwise they would go on from the
+    /// object as S3 has it, without the bytes written before the event. The newest kept entry
+    /// of the key is taken; `true` if there was one.
+    async fn attach_kept(&self, inode: &Arc<Inode>) -> bool {
+        use crate::cache_dir::{Entry, Record, stem_with_ext};
+        let key = inode.key();
+        let newest = {
+            let mut kept = self.kept_at_start.lock().unwrap_or_else(|e| e.into_inner());
+            let newest = kept
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, k))| *k == key)
+                .max_by_key(|(_, (stem, _))| {
+                    std::fs::metadata(stem_with_ext(stem, "data"))
+                        .and_then(|m| m.modified())
+                        .ok()
+                })
+                .map(|(i, _)| i);
+            newest.map(|i| kept.remove(i).0)
+        };
+        let Some(old) = newest else {
+            return false;
+        };
+        let record = std::fs::read_to_string(stem_with_ext(&old, "meta"))
+            .ok()
+            .and_then(|t| Record::parse(&t))
+            .filter(|r| r.bucket == self.config.bucket.as_str() && r.key == key);
+        let Some(record) = record else {
+            return false;
+        };
+        // Only bytes S3 could not take: an entry kept because the object changed since it was
+        // staged (another writer) is a conflict to report, not a base to write on, and the
+        // handles go on from the object as S3 has it.
+        let head = self.store.head_object(&self.config.bucket, &key).await;
+        let base = record.base.as_ref().map(|b| b.etag.trim_matches('"'));
+        match &head {
+            Ok(info) if base != Some(info.etag.as_str().trim_matches('"')) => return false,
+            Err(e) if not_found(e) && base.is_some() => return false,
+            _ => {}
+        }
+        // The entry becomes this process's (its files renamed to a stem of this instance), so
+        // that no other mount sharing the cache directory takes it for a dead process's while
+        // it is written here. Data first: a crash in between leaves the bytes under one stem
+        // or the other, never deleted.
+        let stem = self.stage.cache.new_stem();
+        for ext in ["data", "meta", "key"] {
+            let moved = std::fs::rename(stem_with_ext(&old, ext), stem_with_ext(&stem, ext));
+            if let Err(e) = moved
+                && ext != "key"
+            {
+                tracing::warn!(key, staging_file = %stem_with_ext(&old, ext).display(), error = %e, "cannot take over a kept staging file");
+                return false;
+            }
+        }
+        let Ok(data) = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(stem_with_ext(&stem, "data"))
+        else {
+            return false;
+        };
+        let Ok(len) = data.metadata().map(|m| m.len()) else {
+            return false;
+        };
+        let staged = Staged::recovered(
+            self.stage.clone(),
+            Entry::adopt(stem.clone(), data),
+            &record,
+            len,
+        );
+        let mut s = inode.state();
+        s.attrs = match (&head, staged.recorded_metadata()) {
+            (Ok(info), _) => self.file_attrs(info).0,
+            (Err(_), Some(m)) => Attrs::decode(Kind::File, m, &self.config, len, SystemTime::now()),
+            (Err(_), None) => s.attrs.clone(),
+        };
+        s.attrs.size = len;
+        s.etag = record.base.as_ref().map(|b| ETag(b.etag.clone()));
+        s.local_only = head.is_err() && record.base.is_none();
+        s.validated = Some(Instant::now());
+        s.staged = Some(Arc::new(tokio::sync::Mutex::new(staged)));
+        tracing::warn!(
+            key,
+            size = len,
+            staging_file = %stem_with_ext(&stem, "data").display(),
+            "a file open for writing across the restart goes on from what the cache directory \
+             kept of it (not in S3 yet); its next flush uploads it"
+        );
+        true
+    }
+
     /// The attributes and version of a file open across the event. A file the predecessor
     /// created and never wrote has no object and no staging file: it is a new empty file
     /// again (what the application saw).
     async fn refresh_adopted_file(&self, inode: &Arc<Inode>, write: bool) {
         if inode.state().validated.is_some() || inode.kind != Kind::File {
+            return;
+        }
+        if write && self.attach_kept(inode).await {
             return;
         }
         let key = inode.key();
