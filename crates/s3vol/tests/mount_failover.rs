@@ -443,42 +443,41 @@ async fn streamed_bytes_in_memory_survive_kills_of_the_serving_process() {
     let mut pid = wait_for_successor(supervisor, 0);
     let mut takeovers = 0;
 
-    // A small file, written and still open: its bytes are only in a part buffer.
-    let small = pattern(300_000, 21);
-    let mut s = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(m.path("small.bin"))
-        .unwrap();
-    s.write_all(&small[..200_000]).unwrap();
-    assert!(
-        m.head("small.bin").await.is_none(),
-        "not uploaded before close"
-    );
-    takeovers += 1;
-    pid = kill_and_wait(supervisor, pid, &log, takeovers);
-    // The successor uploaded what the dead process held, before it served.
-    assert_eq!(m.get("small.bin").await, small[..200_000].to_vec());
-    s.write_all(&small[200_000..]).unwrap();
-    support::close(s).unwrap();
-    assert_eq!(m.get("small.bin").await, small, "small.bin after close");
-
-    // An object overwritten (O_TRUNC), killed while its new bytes are only in memory: the
-    // successor knows they are newer than the object they replace, and uploads them.
+    // Writes `body[..split]` to `key` through `open`'s handle, kills the serving process while
+    // those bytes are only in a part buffer, checks that the successor put them in S3 before
+    // it served, then writes the rest and closes: the object is `body`.
+    let mut across = async |key: &str, open: &OpenOptions, body: &[u8], split: usize| {
+        let mut f = open.open(m.path(key)).unwrap();
+        f.write_all(&body[..split]).unwrap();
+        assert!(
+            m.head(key).await.is_none_or(|i| i.size != split as u64),
+            "{key} was not to be uploaded before the kill"
+        );
+        takeovers += 1;
+        pid = kill_and_wait(supervisor, pid, &log, takeovers);
+        assert!(m.get(key).await == body[..split], "{key} after the kill");
+        f.write_all(&body[split..]).unwrap();
+        support::close(f).unwrap();
+        assert!(m.get(key).await == body, "{key} after close");
+    };
+    // A small file, written and still open.
+    across(
+        "small.bin",
+        OpenOptions::new().write(true).create_new(true),
+        &pattern(300_000, 21),
+        200_000,
+    )
+    .await;
+    // An object overwritten (O_TRUNC): the successor knows the new bytes are newer than the
+    // object they replace, and uploads them.
     m.put("over.bin", &pattern(500_000, 23), &[]).await;
-    let fresh = pattern(300_000, 24);
-    let mut o = OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(m.path("over.bin"))
-        .unwrap();
-    o.write_all(&fresh[..100_000]).unwrap();
-    takeovers += 1;
-    pid = kill_and_wait(supervisor, pid, &log, takeovers);
-    assert_eq!(m.get("over.bin").await, fresh[..100_000].to_vec());
-    o.write_all(&fresh[100_000..]).unwrap();
-    support::close(o).unwrap();
-    assert_eq!(m.get("over.bin").await, fresh, "over.bin after close");
+    across(
+        "over.bin",
+        OpenOptions::new().write(true).truncate(true),
+        &pattern(300_000, 24),
+        100_000,
+    )
+    .await;
 
     // A big file streamed in parts, killed three times while written.
     let big = pattern(48 << 20, 22);
