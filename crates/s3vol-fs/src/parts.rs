@@ -425,7 +425,7 @@ impl PartArena {
         self.lock().cold.extend(old);
     }
 
-    /// Trims the warm slots every [`WARM_FOR`] while the arena lives (a thread that ends with
+    /// Trims the warm slots every 5 s (`WARM_FOR`) while the arena lives (a thread that ends with
     /// it), so that an idle mount holds no part buffer's pages.
     pub fn start_trimming(self: &Arc<Self>) {
         let arena = Arc::downgrade(self);
