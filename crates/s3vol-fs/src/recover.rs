@@ -971,6 +971,19 @@ mod tests {
         completed_unanswered(store, bucket).await;
     }
 
+    /// The scan of a mount that starts once `dead`'s process is gone, on the same directory.
+    async fn successor_scan(
+        dead: &StageCtx,
+        store: Arc<dyn ObjectStore>,
+        bucket: BucketName,
+        dir: &Path,
+    ) -> (Arc<StageCtx>, ScanReport) {
+        dead.cache.unlock_as_if_dead();
+        let fresh = ctx_on(store, bucket, dir);
+        let report = scan(&fresh).await;
+        (fresh, report)
+    }
+
     async fn completed_unanswered(store: Arc<dyn ObjectStore>, bucket: BucketName) {
         let dir = crate::cache_dir::private_tempdir();
         let dead = ctx_on(store.clone(), bucket.clone(), dir.path());
@@ -1016,10 +1029,7 @@ mod tests {
         let mut theirs = new.clone();
         theirs[5] ^= 1;
         put(&dead, "other", &theirs).await;
-        dead.cache.unlock_as_if_dead();
-
-        let fresh = ctx_on(store, bucket, dir.path());
-        let report = scan(&fresh).await;
+        let (fresh, report) = successor_scan(&dead, store, bucket, dir.path()).await;
         assert_eq!(
             (report.dropped, report.uploaded, report.kept),
             (1, 0, 1),
@@ -1075,10 +1085,7 @@ mod tests {
                 put(&dead, key, &theirs).await;
             }
         }
-        dead.cache.unlock_as_if_dead();
-
-        let fresh = ctx_on(store, bucket, dir.path());
-        let report = scan(&fresh).await;
+        let (fresh, report) = successor_scan(&dead, store, bucket, dir.path()).await;
         assert_eq!(
             (report.dropped, report.uploaded, report.kept),
             (1, 0, 1),

@@ -44,6 +44,16 @@ struct Bucket {
     uploads: HashMap<String, Upload>,
 }
 
+impl Bucket {
+    /// The open upload `id` of `key`; `NotFound` as S3 says NoSuchUpload.
+    fn upload(&mut self, key: &str, id: &UploadId) -> S3Result<&mut Upload> {
+        self.uploads
+            .get_mut(&id.0)
+            .filter(|u| u.key == key)
+            .ok_or_else(|| S3Error::NotFound(format!("upload {}", id.0)))
+    }
+}
+
 /// A store that keeps every bucket in memory.
 #[derive(Debug, Default)]
 pub struct MemStore {
@@ -241,11 +251,7 @@ impl ObjectStore for MemStore {
             });
         }
         self.with_bucket(bucket, |b| {
-            let upload = b
-                .uploads
-                .get_mut(&upload_id.0)
-                .filter(|u| u.key == key)
-                .ok_or_else(|| S3Error::NotFound(format!("upload {}", upload_id.0)))?;
+            let upload = b.upload(key, upload_id)?;
             let etag = md5_etag(&body);
             upload.parts.insert(part_number, (body, etag.clone()));
             Ok(CompletedPart { part_number, etag })
@@ -284,11 +290,7 @@ impl ObjectStore for MemStore {
         parts: &[CompletedPart],
     ) -> S3Result<PutResult> {
         self.with_bucket(bucket, |b| {
-            let upload = b
-                .uploads
-                .get(&upload_id.0)
-                .filter(|u| u.key == key)
-                .ok_or_else(|| S3Error::NotFound(format!("upload {}", upload_id.0)))?;
+            let upload = b.upload(key, upload_id)?;
             let invalid = |message: String| S3Error::InvalidRequest {
                 code: "InvalidPart".to_owned(),
                 message,
@@ -361,11 +363,7 @@ impl ObjectStore for MemStore {
         upload_id: &UploadId,
     ) -> S3Result<Vec<UploadedPart>> {
         self.with_bucket(bucket, |b| {
-            let upload = b
-                .uploads
-                .get(&upload_id.0)
-                .filter(|u| u.key == key)
-                .ok_or_else(|| S3Error::NotFound(format!("upload {}", upload_id.0)))?;
+            let upload = b.upload(key, upload_id)?;
             Ok(upload
                 .parts
                 .iter()
