@@ -567,3 +567,59 @@ fn a_file_open_across_a_kill_while_s3_is_down_goes_on_from_the_kept_bytes() {
     let (status, err) = m.stop();
     assert!(status.success(), "supervisor exited {status}: {err}");
 }
+
+/// Runs `s3vol mount <args>` (as root) in a mount namespace of its own whose `/run` is
+/// read-only, so the supervisor cannot make its session directory; then writes and reads a file
+/// through the mount and unmounts it. Returns the exit status of the script and what it and
+/// the mount printed.
+fn mount_without_run(m: &Mounted, extra: &str) -> (bool, String) {
+    let script = format!(
+        "mount --make-rprivate / && mount -t tmpfs -o ro,size=1m none /run || exit 90\n\
+         \"$0\" mount {target}/ {mnt} {server} --cache-dir {cache} -f {extra} 2>&1 &\n\
+         pid=$!\n\
+         for i in $(seq 200); do grep -q ' {mnt} ' /proc/self/mountinfo && break; kill -0 $pid 2>/dev/null || break; sleep 0.05; done\n\
+         grep -q ' {mnt} ' /proc/self/mountinfo || {{ wait $pid; exit 91; }}\n\
+         echo served-alone > {mnt}/alone.txt && cat {mnt}/alone.txt || exit 92\n\
+         umount {mnt}; wait $pid",
+        target = m.bucket,
+        mnt = m.mnt.path().display(),
+        cache = m.cache.path().display(),
+        server = support::server_args().join(" "),
+    );
+    let out = support::s3vol_env(std::process::Command::new("unshare"))
+        .args(["-m", "sh", "-c", &script, support::BIN])
+        .env("S3VOL_LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Supervision is the default as root, but a mount it cannot be set up for (here: no
+/// writable `/run` for the session directory) is served by one process, with a warning that
+/// says what that costs — and asked for with `--supervise`, that is an error instead.
+#[tokio::test]
+async fn a_mount_that_cannot_be_supervised_is_served_alone_unless_supervision_was_asked_for() {
+    let m = Mounted::new_unmounted("unsupervised-fallback").await;
+    let (ok, text) = mount_without_run(&m, "");
+    assert!(ok, "{text}");
+    assert!(text.contains("served-alone"), "{text}");
+    assert!(
+        text.contains("cannot hold the mount in a supervising process; serving it without one"),
+        "{text}"
+    );
+    assert_eq!(m.get("alone.txt").await, b"served-alone\n");
+
+    let m = Mounted::new_unmounted("unsupervised-refused").await;
+    let (ok, text) = mount_without_run(&m, "--supervise");
+    assert!(
+        !ok,
+        "--supervise must fail without a session directory\n{text}"
+    );
+    assert!(text.contains("/run/s3vol/sessions"), "{text}");
+    assert!(m.head("alone.txt").await.is_none());
+}

@@ -43,8 +43,12 @@ pub fn server_args() -> Vec<String> {
 
 /// A command for the binary with the test server's credentials in its environment.
 pub fn s3vol() -> Command {
+    s3vol_env(Command::new(BIN))
+}
+
+/// `cmd` (`s3vol`, or a program that runs it) with the test server's keys in its environment.
+pub fn s3vol_env(mut cmd: Command) -> Command {
     let keys = testing::credentials();
-    let mut cmd = Command::new(BIN);
     cmd.env("AWS_ACCESS_KEY_ID", keys.access_key_id)
         .env("AWS_SECRET_ACCESS_KEY", keys.secret_access_key)
         .env("AWS_EC2_METADATA_DISABLED", "true")
