@@ -1392,6 +1392,7 @@ impl S3Fs {
     // ----- extended attributes ------------------------------------------------------------
 
     pub fn getxattr(&self, ino: InodeNo, name: &str) -> FsResult<Vec<u8>> {
+        xattr_namespace_supported(name)?;
         let inode = self.inode(ino)?;
         let s = inode.state();
         s.attrs
@@ -1406,6 +1407,9 @@ impl S3Fs {
         let s = inode.state();
         let mut out = Vec::new();
         for name in s.attrs.xattrs.keys() {
+            if xattr_namespace_supported(name).is_err() {
+                continue;
+            }
             out.extend_from_slice(name.as_bytes());
             out.push(0);
         }
@@ -1420,13 +1424,8 @@ impl S3Fs {
         create: bool,
         replace: bool,
     ) -> FsResult<()> {
+        xattr_namespace_supported(name)?;
         self.ro()?;
-        if name.starts_with("system.") {
-            return Err(err!(
-                libc::EOPNOTSUPP,
-                "{name}: system attributes are not supported"
-            ));
-        }
         let inode = self.inode(ino)?;
         let before = self.attrs_of(&inode);
         self.attrs_storable(&inode)?;
@@ -1456,6 +1455,7 @@ impl S3Fs {
     }
 
     pub async fn removexattr(&self, ino: InodeNo, name: &str) -> FsResult<()> {
+        xattr_namespace_supported(name)?;
         self.ro()?;
         let inode = self.inode(ino)?;
         self.attrs_storable(&inode)?;
@@ -1492,6 +1492,24 @@ impl S3Fs {
     pub fn root() -> InodeNo {
         ROOT
     }
+}
+
+/// Extended attributes of the `user.` and `trusted.` namespaces are stored; `system.` (POSIX
+/// ACLs, which the kernel would not enforce on this mount) and `security.` (LSM labels and file
+/// capabilities: from a bucket, whoever can write an object's headers could grant an executable
+/// capabilities) are refused with `EOPNOTSUPP`, as by a filesystem without them. Such
+/// attributes another client stored stay in the object's headers, unseen, when s3vol rewrites
+/// them. The refusal is also what lets `ls -l` stop asking: it asks every entry for
+/// `security.selinux` and `system.posix_acl_access` until the device answers "not supported"
+/// once, two FUSE round trips per entry otherwise.
+fn xattr_namespace_supported(name: &str) -> FsResult<()> {
+    if name.starts_with("system.") || name.starts_with("security.") {
+        return Err(err!(
+            libc::EOPNOTSUPP,
+            "{name}: attributes of the system and security namespaces are not supported"
+        ));
+    }
+    Ok(())
 }
 
 mod adopt;

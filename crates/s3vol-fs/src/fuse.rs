@@ -387,6 +387,8 @@ fn errno(op: &str, e: &FsError) -> Errno {
         libc::ENOENT | libc::ENODATA | libc::EEXIST | libc::ENOTEMPTY => {
             tracing::debug!(op, error = %e)
         }
+        // The kernel asks for `security.capability` at every write.
+        libc::EOPNOTSUPP if op.ends_with("xattr") => tracing::debug!(op, error = %e),
         _ => tracing::warn!(op, error = %e, "filesystem operation failed"),
     }
     Errno::from_i32(e.errno)

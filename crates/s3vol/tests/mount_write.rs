@@ -800,17 +800,17 @@ fn xattrs_are_stored_in_the_s3fs_header() {
     );
     assert!(listxattr(&p).unwrap().is_empty());
 
-    // A POSIX ACL (u::rw-, g::r--, o::r--) and any other system attribute: not supported.
-    let mut acl = 2u32.to_le_bytes().to_vec();
-    for (tag, perm) in [(0x01u16, 6u16), (0x04, 4), (0x20, 4)] {
-        acl.extend_from_slice(&tag.to_le_bytes());
-        acl.extend_from_slice(&perm.to_le_bytes());
-        acl.extend_from_slice(&u32::MAX.to_le_bytes());
-    }
-    for name in ["system.posix_acl_access", "system.other"] {
+    // A POSIX ACL and any other system or security attribute: not supported.
+    let acl = posix_acl_rw_r_r();
+    for name in [
+        "system.posix_acl_access",
+        "system.other",
+        "security.selinux",
+    ] {
         let err = setxattr(&p, name, &acl, 0).unwrap_err();
         assert_eq!(errno(&err), libc::EOPNOTSUPP, "{name}");
     }
+    assert!(!meta(&rt, &m, "f").contains_key("xattr"));
 
     // S3 keeps 2 KiB of user metadata per object: more is refused, not truncated.
     let err = setxattr(&p, "user.big", &[b'v'; 3000], 0).unwrap_err();
@@ -830,6 +830,79 @@ fn xattrs_are_stored_in_the_s3fs_header() {
     assert_eq!(
         content_of_xattr(&meta(&rt, &m, "w")),
         "{\"user.w\":\"MQ==\"}"
+    );
+}
+
+/// The POSIX ACL `u::rw-, g::r--, o::r--` as the kernel takes it.
+fn posix_acl_rw_r_r() -> Vec<u8> {
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm) in [(0x01u16, 6u16), (0x04, 4), (0x20, 4)] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    acl
+}
+
+/// `system.` and `security.` attributes another client stored: neither shown nor settable
+/// (a file capability from a bucket would be a privilege anyone able to write the object could
+/// grant), kept in the header when s3vol rewrites it. "Not supported", not "no such
+/// attribute", is what makes `ls -l` stop asking every entry for them.
+#[test]
+fn system_and_security_attributes_are_refused_and_kept_unseen() {
+    let rt = rt();
+    let m = mount(&rt, "w-xattr-ns", &[]);
+    let stored = "%7B%22security.capability%22%3A%22AQ%3D%3D%22%2C\
+                  %22system.posix_acl_access%22%3A%22Ag%3D%3D%22%2C%22user.a%22%3A%22YmFy%22%7D";
+    rt.block_on(m.put("f", b"x", &[("mode", "33261"), ("xattr", stored)]));
+    let p = m.path("f");
+    assert_eq!(
+        listxattr(&p).unwrap(),
+        BTreeSet::from(["user.a".to_owned()])
+    );
+    assert_eq!(getxattr(&p, "user.a").unwrap(), b"bar");
+    for name in [
+        "security.capability",
+        "security.selinux",
+        "system.posix_acl_access",
+        "system.posix_acl_default",
+    ] {
+        let err = getxattr(&p, name).unwrap_err();
+        assert_eq!(errno(&err), libc::EOPNOTSUPP, "get {name}");
+        // The kernel checks the form of a capability or an ACL before asking the filesystem.
+        let value = match name {
+            "security.capability" => [2u32 << 24, 1 << 12, 0, 0, 0]
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect(),
+            "security.selinux" => b"v".to_vec(),
+            _ => posix_acl_rw_r_r(),
+        };
+        // The kernel answers for a default ACL on a file itself.
+        if name == "system.posix_acl_default" {
+            continue;
+        }
+        let err = setxattr(&p, name, &value, 0).unwrap_err();
+        assert_eq!(errno(&err), libc::EOPNOTSUPP, "set {name}");
+        let err = removexattr(&p, name).unwrap_err();
+        assert_eq!(errno(&err), libc::EOPNOTSUPP, "remove {name}");
+    }
+    assert_eq!(
+        meta(&rt, &m, "f")["xattr"],
+        stored,
+        "a refused call changes nothing"
+    );
+
+    // A rewrite of the header by s3vol keeps what it does not show.
+    setxattr(&p, "user.b", b"1", 0).unwrap();
+    assert_eq!(
+        content_of_xattr(&meta(&rt, &m, "f")),
+        "{\"security.capability\":\"AQ==\",\"system.posix_acl_access\":\"Ag==\",\
+         \"user.a\":\"YmFy\",\"user.b\":\"MQ==\"}"
+    );
+    assert_eq!(
+        listxattr(&p).unwrap(),
+        BTreeSet::from(["user.a".to_owned(), "user.b".to_owned()])
     );
 }
 
