@@ -56,7 +56,9 @@ pub struct DirEntry<'a> {
     pub next_offset: u64,
     pub kind: Kind,
     pub name: &'a str,
-    /// For READDIRPLUS: the attributes the kernel caches with the entry.
+    /// For READDIRPLUS: the attributes the kernel caches with the entry; `None` for a node
+    /// whose attributes this process never read (see [`S3Fs::readdir`]): the entry is sent
+    /// with its name and type only, and counts no lookup.
     pub attrs: Option<&'a Attrs>,
 }
 
@@ -915,8 +917,16 @@ impl S3Fs {
                 }
                 continue;
             };
-            let inode = self.inodes.listed(d.ino, &e.name, listed, plus);
-            let attrs = plus.then(|| self.attrs_of(&inode));
+            let current = self.inodes.listed(d.ino, &e.name, listed, false);
+            // A node the kernel already holds, whose attributes this process never read:
+            // the kernel keeps what it was told (for its TTL) rather than wait for a HEAD.
+            let link = plus && !self.unread(&current);
+            let inode = if link {
+                self.inodes.listed(d.ino, &e.name, listed, true)
+            } else {
+                current
+            };
+            let attrs = link.then(|| self.attrs_of(&inode));
             let entry = DirEntry {
                 ino: inode.ino,
                 next_offset: e.next_offset,
@@ -925,7 +935,7 @@ impl S3Fs {
                 attrs: attrs.as_ref(),
             };
             if add(&entry) {
-                if plus {
+                if link {
                     // Not sent: the kernel will not count it.
                     self.inodes.forget(inode.ino, 1);
                 }
@@ -1160,6 +1170,20 @@ impl S3Fs {
                 self.listed_as_is(parent, prefix, &name, entry, known),
             )));
         }
+        if let Some(child) = &known
+            && (child.kind == Kind::Dir) == (kind == Kind::Dir)
+            && self.unread(child)
+            && saved
+                .zip(entry.as_ref())
+                .is_none_or(|(saved, e)| saved.get(&name, &Version::listed(e)).is_none())
+        {
+            // Adopted from a dead predecessor (or moved by a resent rename): the kernel holds
+            // attributes the predecessor gave it, current for their TTL. Listed without a
+            // HEAD, shown to READDIRPLUS by name and type only; a lookup or getattr the
+            // kernel sends once its copy is old reads the object's own metadata. This keeps
+            // a successor's first listing of a large directory at LIST speed.
+            return Ok(Resolved::found(known));
+        }
         if let (Some(saved), Some(entry)) = (saved, &entry)
             && let Some(mut attrs) = saved.get(&name, &Version::listed(entry))
         {
@@ -1218,6 +1242,17 @@ impl S3Fs {
                 })
             }
         }
+    }
+
+    /// Whether `inode` is one the kernel holds but whose attributes this process never read:
+    /// adopted from a predecessor (`adopt.rs`) or moved by a resent rename. Not so with
+    /// `listing_attrs`, whose listed nodes are unvalidated by design and shown as listed.
+    fn unread(&self, inode: &Inode) -> bool {
+        if self.config.listing_attrs || inode.ino == ROOT {
+            return false;
+        }
+        let s = inode.state();
+        s.validated.is_none() && !s.local_only && s.staged.is_none() && !s.unlinked
     }
 
     /// `listing_attrs`: a listed name with what the LIST page says (size, Last-Modified,

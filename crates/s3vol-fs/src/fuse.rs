@@ -911,7 +911,12 @@ impl Filesystem for FuseFs {
                         &file_attr(e.ino, attrs),
                         Generation(0),
                     ),
-                    None => true,
+                    None => reply.add_name_only(
+                        INodeNo(e.ino),
+                        e.next_offset,
+                        file_type(e.kind),
+                        e.name,
+                    ),
                 })
                 .await;
             match filled {

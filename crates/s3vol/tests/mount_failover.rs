@@ -623,3 +623,90 @@ async fn a_mount_that_cannot_be_supervised_is_served_alone_unless_supervision_wa
     assert!(text.contains("/run/s3vol/sessions"), "{text}");
     assert!(m.head("alone.txt").await.is_none());
 }
+
+/// `ls -ln` of `dir`: name → "mode uid gid mtime", sorted.
+fn ls_ln(dir: &std::path::Path) -> Vec<(String, String)> {
+    let out = std::process::Command::new("ls")
+        .args(["-ln", "--time-style=+%s"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ls -ln failed: {out:?}");
+    let mut rows: Vec<(String, String)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[6].to_owned(),
+                format!("{} {} {} {}", f[0], f[2], f[3], f[5]),
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// A successor's first listing of a directory does not HEAD the subdirectories the kernel
+/// holds from its predecessor: the kernel keeps the attributes it was given, for their TTL,
+/// and asks again (reading the marker) only once they are old. Before, a successor HEADed
+/// every subdirectory marker of a listed directory again, a stall that grew with the
+/// directory (seconds for thousands of subdirectories).
+#[test]
+fn a_successors_listing_heads_no_subdirectory_the_kernel_holds() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let proxy = Proxy::start(&s3vol_s3::testing::endpoint());
+    let mut m = rt.block_on(Mounted::new_unmounted("failover-ls"));
+    for i in 0..40 {
+        let mode = (libc::S_IFDIR | 0o750).to_string();
+        let mtime = (1_600_000_000 + i).to_string();
+        let meta = [("mode", mode.as_str()), ("uid", "1001"), ("mtime", &mtime)];
+        rt.block_on(m.put(&format!("d{i:02}/"), b"", &meta));
+    }
+    rt.block_on(m.put("file", b"x", &[("mode", "33188"), ("uid", "1002")]));
+    let ttl = 6;
+    m.start_supervised_via(&proxy.url(), &["--metadata-ttl", &ttl.to_string()], &[]);
+    let log = drain_log(&mut m);
+    let supervisor = m.pid();
+    let serving = wait_for_successor(supervisor, 0);
+
+    let before = ls_ln(m.mnt.path());
+    assert_eq!(before.len(), 41, "{before:?}");
+    assert_eq!(
+        before[3],
+        ("d03".into(), "drwxr-x--- 1001 0 1600000003".into())
+    );
+    let listed = Instant::now();
+    kill_and_wait(supervisor, serving, &log, 1);
+    proxy.reset();
+
+    let after = ls_ln(m.mnt.path());
+    let dir_heads: Vec<String> = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.method() == "HEAD" && r.path().contains("/d"))
+        .map(|r| r.path().to_owned())
+        .collect();
+    // Meaningful only while the kernel's copy is current, which it is for the TTL.
+    assert!(
+        listed.elapsed() < Duration::from_secs(ttl),
+        "too slow to tell"
+    );
+    assert_eq!(after, before, "the same attributes after the take-over");
+    assert!(
+        dir_heads.is_empty(),
+        "subdirectories HEADed again: {dir_heads:?}"
+    );
+
+    // Once the kernel's copy is old, it asks, and the successor reads the marker: a change
+    // another client made shows.
+    let mode = (libc::S_IFDIR | 0o700).to_string();
+    rt.block_on(m.put("d03/", b"", &[("mode", &mode), ("uid", "1001")]));
+    std::thread::sleep(Duration::from_secs(ttl) + Duration::from_millis(500));
+    let now = ls_ln(m.mnt.path());
+    assert_eq!(now[3].0, "d03");
+    assert!(now[3].1.starts_with("drwx------ 1001"), "{:?}", now[3]);
+    let (status, err) = m.stop();
+    assert!(status.success(), "supervisor exited {status}: {err}");
+}

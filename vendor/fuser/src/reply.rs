@@ -11,6 +11,7 @@ use std::ffi::OsStr;
 use std::io::IoSlice;
 use std::os::fd::BorrowedFd;
 use std::time::Duration;
+use std::time::UNIX_EPOCH;
 #[cfg(target_os = "macos")]
 use std::time::SystemTime;
 
@@ -788,6 +789,41 @@ impl ReplyDirectoryPlus {
             *ttl,
             attr.into(),
             *ttl,
+        ))
+    }
+
+    /// Add an entry with its name, inode number and type only: node ID 0, which the kernel
+    /// takes as "no attributes given" (it counts no lookup, keeps any entry it already has,
+    /// and looks the name up when it needs more). Returns true if the buffer is full.
+    pub fn add_name_only<T: AsRef<OsStr>>(
+        &mut self,
+        ino: INodeNo,
+        offset: u64,
+        kind: FileType,
+        name: T,
+    ) -> bool {
+        let attr = FileAttr {
+            ino,
+            size: 0,
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind,
+            perm: 0,
+            nlink: 0,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 0,
+            flags: 0,
+        };
+        self.buf.push(&DirEntryPlus::name_only(
+            ino,
+            DirEntOffset(offset),
+            name.as_ref(),
+            (&attr).into(),
         ))
     }
 

@@ -472,9 +472,26 @@ pub(crate) struct DirEntryPlus<T: AsRef<Path>> {
     entry_valid: Duration,
     attr: Attr,
     attr_valid: Duration,
+    /// Whether the entry hands the kernel a node (a lookup it counts); without, node ID 0:
+    /// the kernel shows the name and type and looks the name up when it needs more.
+    link: bool,
 }
 
 impl<T: AsRef<Path>> DirEntryPlus<T> {
+    /// An entry with its name, inode number and type only (node ID 0).
+    pub(crate) fn name_only(ino: INodeNo, offset: DirEntOffset, name: T, attr: Attr) -> Self {
+        Self {
+            ino,
+            generation: Generation(0),
+            offset,
+            name,
+            entry_valid: Duration::ZERO,
+            attr,
+            attr_valid: Duration::ZERO,
+            link: false,
+        }
+    }
+
     pub(crate) fn new(
         ino: INodeNo,
         generation: Generation,
@@ -492,6 +509,7 @@ impl<T: AsRef<Path>> DirEntryPlus<T> {
             entry_valid,
             attr,
             attr_valid,
+            link: true,
         }
     }
 }
@@ -518,7 +536,7 @@ impl DirEntPlusList {
         let name = x.name.as_ref().as_os_str().as_bytes();
         let header = abi::fuse_direntplus {
             entry_out: abi::fuse_entry_out {
-                nodeid: x.attr.attr.ino,
+                nodeid: if x.link { x.attr.attr.ino } else { 0 },
                 generation: x.generation.into(),
                 entry_valid: x.entry_valid.as_secs(),
                 attr_valid: x.attr_valid.as_secs(),
