@@ -111,7 +111,27 @@ struct DirStream {
     /// entries still valid and what this listing's HEADs read. `None` without a cache.
     saved: Option<Arc<DirAttrs>>,
     learned: Option<DirAttrs>,
+    /// Names listed without reading their attributes (see `S3Fs::unread`), to read after
+    /// the reply.
+    unread: Vec<UnreadName>,
 }
+
+/// A listed name whose node the kernel holds but whose attributes this process never read:
+/// listed without a HEAD, read after the reply (`S3Fs::refresh_unread`).
+#[derive(Debug)]
+struct UnreadName {
+    parent: InodeNo,
+    prefix: String,
+    name: String,
+    kind: Kind,
+    entry: Option<s3vol_s3::ListEntry>,
+}
+
+/// What a call of [`S3Fs::readdir`] listed without reading: pass it to
+/// [`S3Fs::refresh_unread`] once the kernel has its reply.
+#[derive(Debug, Default)]
+#[must_use]
+pub struct Unread(Vec<UnreadName>);
 
 /// A LIST request running on its own; cancelled when the stream is dropped.
 #[derive(Debug)]
@@ -151,6 +171,7 @@ impl DirStream {
             next_page: None,
             saved: None,
             learned: None,
+            unread: Vec::new(),
         }
     }
 }
@@ -160,6 +181,8 @@ impl DirStream {
 struct Resolved {
     inode: Option<Arc<Inode>>,
     headed: Option<(Version, SystemTime, Attrs)>,
+    /// Listed without reading its attributes: the listing's entry, to read them later.
+    unread: Option<Option<s3vol_s3::ListEntry>>,
 }
 
 impl Resolved {
@@ -167,6 +190,7 @@ impl Resolved {
         Self {
             inode,
             headed: None,
+            unread: None,
         }
     }
 }
@@ -876,7 +900,7 @@ impl S3Fs {
         offset: u64,
         plus: bool,
         mut add: impl FnMut(&DirEntry<'_>) -> bool,
-    ) -> FsResult<()> {
+    ) -> FsResult<Unread> {
         let handle = self.dir_handle(fh)?;
         let mut d = handle.lock().await;
         if offset == 0 && d.next_offset > 0 {
@@ -942,7 +966,31 @@ impl S3Fs {
                 break;
             }
         }
-        Ok(())
+        Ok(Unread(std::mem::take(&mut d.unread)))
+    }
+
+    /// Reads the attributes of what a listing showed without them (see [`S3Fs::unread`]),
+    /// many at once, as the listing would have: so they are current here before the
+    /// kernel's own copies, given by a predecessor at about the same time, grow old
+    /// together and send a lookup each.
+    pub async fn refresh_unread(&self, unread: Unread) {
+        futures::stream::iter(unread.0)
+            .for_each_concurrent(self.config.list_concurrency.max(1), |u| async move {
+                let still = self
+                    .inodes
+                    .child(u.parent, &u.name)
+                    .is_some_and(|c| self.unread(&c));
+                if !still {
+                    return;
+                }
+                let r = self
+                    .resolve_listed(u.parent, &u.prefix, u.name, u.kind, u.entry, None, false)
+                    .await;
+                if let Err(e) = r {
+                    tracing::debug!(prefix = u.prefix, error = %e, "reading a listed name");
+                }
+            })
+            .await;
     }
 
     /// The start of a listing: `.`, `..`, and the whole kept listing when it is fresh.
@@ -1097,7 +1145,7 @@ impl S3Fs {
         let parent = d.ino;
         let prefix = d.prefix.clone();
         let saved = d.saved.clone();
-        let resolved: Vec<(Option<Version>, String, FsResult<Resolved>)> =
+        let resolved: Vec<(Option<Version>, String, Kind, FsResult<Resolved>)> =
             futures::stream::iter(candidates)
                 .map(|(name, kind, entry)| {
                     let prefix = prefix.clone();
@@ -1105,16 +1153,25 @@ impl S3Fs {
                     async move {
                         let listed = entry.as_ref().map(Version::listed);
                         let r = self
-                            .resolve_listed(parent, &prefix, name.clone(), kind, entry, saved)
+                            .resolve_listed(parent, &prefix, name.clone(), kind, entry, saved, true)
                             .await;
-                        (listed, name, r)
+                        (listed, name, kind, r)
                     }
                 })
                 .buffered(self.config.list_concurrency.max(1))
                 .collect()
                 .await;
-        for (listed, name, r) in resolved {
-            let r = r?;
+        for (listed, name, kind, r) in resolved {
+            let mut r = r?;
+            if let Some(entry) = r.unread.take() {
+                d.unread.push(UnreadName {
+                    parent,
+                    prefix: prefix.clone(),
+                    name: name.clone(),
+                    kind,
+                    entry,
+                });
+            }
             if let Some(learned) = &mut d.learned {
                 match (r.headed, &listed, &d.saved) {
                     (Some((version, at, attrs)), _, _) => learned.put(&name, &version, at, &attrs),
@@ -1139,6 +1196,7 @@ impl S3Fs {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn resolve_listed(
         &self,
         parent: InodeNo,
@@ -1147,6 +1205,7 @@ impl S3Fs {
         kind: Kind,
         entry: Option<s3vol_s3::ListEntry>,
         saved: Option<&DirAttrs>,
+        defer_unread: bool,
     ) -> FsResult<Resolved> {
         let known = self.inodes.child(parent, &name);
         if let Some(child) = &known {
@@ -1170,7 +1229,8 @@ impl S3Fs {
                 self.listed_as_is(parent, prefix, &name, entry, known),
             )));
         }
-        if let Some(child) = &known
+        if defer_unread
+            && let Some(child) = &known
             && (child.kind == Kind::Dir) == (kind == Kind::Dir)
             && self.unread(child)
             && saved
@@ -1181,8 +1241,12 @@ impl S3Fs {
             // attributes the predecessor gave it, current for their TTL. Listed without a
             // HEAD, shown to READDIRPLUS by name and type only; a lookup or getattr the
             // kernel sends once its copy is old reads the object's own metadata. This keeps
-            // a successor's first listing of a large directory at LIST speed.
-            return Ok(Resolved::found(known));
+            // a successor's first listing of a large directory at LIST speed; the attributes
+            // are read right after the reply (`refresh_unread`).
+            return Ok(Resolved {
+                unread: Some(entry),
+                ..Resolved::found(known)
+            });
         }
         if let (Some(saved), Some(entry)) = (saved, &entry)
             && let Some(mut attrs) = saved.get(&name, &Version::listed(entry))
@@ -1239,6 +1303,7 @@ impl S3Fs {
                 Ok(Resolved {
                     inode: Some(inode),
                     headed,
+                    unread: None,
                 })
             }
         }

@@ -882,7 +882,10 @@ impl Filesystem for FuseFs {
                 })
                 .await;
             match filled {
-                Ok(()) => reply.ok(),
+                Ok(unread) => {
+                    reply.ok();
+                    fs.refresh_unread(unread).await;
+                }
                 Err(e) => reply.error(errno("readdir", &e)),
             }
         });
@@ -920,7 +923,10 @@ impl Filesystem for FuseFs {
                 })
                 .await;
             match filled {
-                Ok(()) => reply.ok(),
+                Ok(unread) => {
+                    reply.ok();
+                    fs.refresh_unread(unread).await;
+                }
                 Err(e) => reply.error(errno("readdirplus", &e)),
             }
         });

@@ -62,21 +62,22 @@ async fn list(fs: &S3Fs, dir: InodeNo, plus: bool, per_call: usize) -> Vec<Got> 
     let mut offset = 0;
     loop {
         let mut batch: Vec<(Got, u64)> = Vec::new();
-        fs.readdir(fh, offset, plus, |e| {
-            if batch.len() == per_call {
-                return true;
-            }
-            let got = Got {
-                name: e.name.to_owned(),
-                ino: e.ino,
-                kind: e.kind,
-                attrs: e.attrs.cloned(),
-            };
-            batch.push((got, e.next_offset));
-            false
-        })
-        .await
-        .unwrap();
+        let _ = fs
+            .readdir(fh, offset, plus, |e| {
+                if batch.len() == per_call {
+                    return true;
+                }
+                let got = Got {
+                    name: e.name.to_owned(),
+                    ino: e.ino,
+                    kind: e.kind,
+                    attrs: e.attrs.cloned(),
+                };
+                batch.push((got, e.next_offset));
+                false
+            })
+            .await
+            .unwrap();
         let Some((_, last)) = batch.last() else { break };
         offset = *last;
         out.extend(batch.into_iter().map(|(g, _)| g));
@@ -303,12 +304,13 @@ async fn the_next_page_is_listed_while_the_current_one_is_read() {
     let before = store.calls();
     let fh = fs.opendir(ROOT).unwrap();
     let mut taken = 0;
-    fs.readdir(fh, 0, true, |_| {
-        taken += 1;
-        taken > 10
-    })
-    .await
-    .unwrap();
+    let _ = fs
+        .readdir(fh, 0, true, |_| {
+            taken += 1;
+            taken > 10
+        })
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert_eq!(
         store.calls() - before,

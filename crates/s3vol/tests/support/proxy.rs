@@ -26,6 +26,7 @@ struct State {
     hung: AtomicU64,
     refuse_parts: AtomicBool,
     refuse_copies: AtomicBool,
+    hang_heads: AtomicBool,
     refused: AtomicU64,
     /// Part uploads still to answer with an HTTP 500.
     parts_to_fail: AtomicU64,
@@ -161,6 +162,12 @@ impl Proxy {
         self.state.refuse_copies.store(refuse, Ordering::SeqCst);
     }
 
+    /// Records HEAD requests and never answers them (or forwards them again), forwarding
+    /// everything else.
+    pub fn set_hang_heads(&self, hang: bool) {
+        self.state.hang_heads.store(hang, Ordering::SeqCst);
+    }
+
     /// Answers the next `n` part uploads with `500 InternalError` (after reading their body,
     /// as a server that failed would), forwarding everything else.
     pub fn fail_next_parts(&self, n: u64) {
@@ -276,7 +283,13 @@ async fn forward(mut client: TcpStream, upstream: SocketAddr, st: Arc<State>) {
         st.failed_with_500.fetch_add(1, Ordering::SeqCst);
         return;
     }
+    let hang = request.method() == "HEAD" && st.hang_heads.load(Ordering::SeqCst);
     st.heads.lock().unwrap().push(request.head);
+    if hang {
+        st.hung.fetch_add(1, Ordering::SeqCst);
+        swallow(client).await;
+        return;
+    }
     if server.write_all(&head).await.is_err() {
         return;
     }
