@@ -153,7 +153,6 @@ pub struct DirAttrs {
 }
 
 impl DirAttrs {
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }

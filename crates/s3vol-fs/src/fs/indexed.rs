@@ -127,7 +127,11 @@ impl S3Fs {
                 l.attrs.put(name, version, *sent, attrs);
                 l.pending += 1;
             }
-            let write = l.pending > 0 && (l.pending >= 256 || at + 1 >= index.len());
+            // Written as it grows, each time by half again (at least 256 entries), and at the
+            // end of a scan: a file rewritten every 256 entries would cost a scan of n names
+            // n²/256 entries serialised.
+            let every = 256.max(l.attrs.len() / 2);
+            let write = l.pending > 0 && (l.pending >= every || at + 1 >= index.len());
             if write {
                 l.pending = 0;
             }
