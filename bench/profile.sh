@@ -7,7 +7,8 @@
 #   - the hottest symbols of the s3vol process (perf report, self time).
 #
 # Usage (root): bench/profile.sh seqread|seqwrite|randread|create|ls|stat [SIZE_MIB|COUNT]
-# S3VOL_MOUNT_ARGS adds options to the mount (e.g. "--payload-signing never").
+# S3VOL_MOUNT_ARGS adds options to the mount (e.g. "--payload-signing never");
+# PROFILE_CALL_GRAPH=dwarf records call graphs through the release build (slower).
 # Also the Garage server's CPU over the same interval (it shares the machine's cores).
 # Output also goes to $BENCH_HOME/profile/<workload>/ (perf.data, report.txt, metrics.txt).
 set -euo pipefail
@@ -67,12 +68,20 @@ mountpoint -q "$MNT" || {
 	cat "$OUT/s3vol.log" >&2
 	exit 1
 }
+# Supervised (the default as root): the serving process is the supervisor's child.
+stat "$MNT" >/dev/null
+for t in /proc/"$pid"/task/*; do
+	child=$(cat "$t/children" 2>/dev/null || true)
+	[[ -n ${child// /} ]] && pid=${child%% *} && break
+done
 read -r _ _ _ _ _ _ _ _ _ _ _ _ _ u0 s0 _ </proc/$pid/stat
 gpid=$(pgrep -f "^$BENCH_HOME/garage/bin/garage .* server" | head -1 || true)
 [[ -n $gpid ]] && read -r _ _ _ _ _ _ _ _ _ _ _ _ _ gu0 gs0 _ </proc/$gpid/stat
 [[ $w == seqread || $w == randread ]] && sync && echo 3 >/proc/sys/vm/drop_caches
 [[ $w == seqwrite ]] && cat "$SRC" >/dev/null
-perf record -F 999 -g -p "$pid" -o "$OUT/perf.data" 2>"$OUT/perf-record.log" &
+# PROFILE_CALL_GRAPH=dwarf: call graphs through code built without frame pointers (the
+# release build), at a larger cost while recording.
+perf record -F 999 --call-graph "${PROFILE_CALL_GRAPH:-fp}" -p "$pid" -o "$OUT/perf.data" 2>"$OUT/perf-record.log" &
 perf_pid=$!
 sleep 1
 t0=$(date +%s.%N)

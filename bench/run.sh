@@ -390,6 +390,21 @@ unmount_client() { # dir
 
 hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo -; }
 
+# The process that serves a mount started as PID: a supervised `s3vol mount` (the default as
+# root) holds the connection in a small supervisor whose child serves the filesystem, and that
+# child's memory and CPU are the client's.
+serving_pid() { # pid
+	local t c
+	for t in /proc/"$1"/task/*; do
+		c=$(cat "$t/children" 2>/dev/null || true)
+		[[ -n ${c// /} ]] && {
+			echo "${c%% *}"
+			return
+		}
+	done
+	echo "$1"
+}
+
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.4f", b - a }'; }
 rate() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.2f", n / s }'; }
@@ -605,7 +620,7 @@ run_one() { # client workload run
 		return
 	fi
 	if v=$("w_$w" "$c" "$dir" "$r" 2>>"$logf"); then
-		rss=$(hwm_kib "$PID")
+		rss=$(hwm_kib "$(serving_pid "$PID")")
 		if [[ $w == ls || $w == lsagain ]]; then
 			local name=${w/lsagain/ls_again}
 			record "$r" "${name}_cold" "$c" "${v% *}" "$rss"
