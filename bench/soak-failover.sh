@@ -4,8 +4,11 @@
 #
 # Usage (as root; the S3 server of scripts/s3-server.sh, or any, in the environment):
 #   export AWS_EC2_METADATA_DISABLED=true; lines=$(bash scripts/s3-server.sh start) && eval "$lines"
-#   bench/soak-failover.sh [--minutes N] [--interval SECONDS] [--bin PATH]
-# Defaults: 30 minutes, a kill every 60 s, target/release/s3vol (else target/debug/s3vol).
+#   bench/soak-failover.sh [--minutes N] [--interval SECONDS] [--bin PATH] [--bucket B] [--region R]
+# Defaults: 30 minutes, a kill every 60 s, target/release/s3vol (else target/debug/s3vol), a new
+# bucket in us-east-1. Against Garage (bench/garage.sh, which makes the buckets):
+#   eval "$(bench/garage.sh start soak)"; S3VOL_TEST_ENDPOINT=$BENCH_ENDPOINT \
+#   bench/soak-failover.sh --bucket soak --region garage
 # Environment: S3VOL_TEST_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (as the test
 # server prints them). Bounded: it stops after --minutes whatever happens, unmounts, and
 # deletes its bucket's mount point; the bucket is left for inspection.
@@ -16,12 +19,14 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-minutes=30 interval=60 bin=""
+minutes=30 interval=60 bin="" bucket="" region=us-east-1
 while [[ $# -gt 0 ]]; do
     case $1 in
         --minutes) minutes=$2; shift 2 ;;
         --interval) interval=$2; shift 2 ;;
         --bin) bin=$2; shift 2 ;;
+        --bucket) bucket=$2; shift 2 ;;
+        --region) region=$2; shift 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -35,13 +40,15 @@ fi
 work=$(mktemp -d /tmp/s3vol-soak-XXXXXX)
 mnt=$work/mnt cache=$work/cache log=$work/mount.log
 mkdir -p "$mnt" "$cache"; chmod 700 "$cache"
-bucket=soak-failover-$(date +%s)
-python3 - "$bucket" <<'EOF'
+if [[ -z $bucket ]]; then
+    bucket=soak-failover-$(date +%s)
+    python3 - "$bucket" <<'EOF'
 import os, sys, boto3
 boto3.client("s3", endpoint_url=os.environ["S3VOL_TEST_ENDPOINT"], region_name="us-east-1").create_bucket(Bucket=sys.argv[1])
 EOF
+fi
 
-"$bin" mount "$bucket" "$mnt" --supervise --endpoint-url "$S3VOL_TEST_ENDPOINT" --region us-east-1 \
+"$bin" mount "$bucket" "$mnt" --supervise --endpoint-url "$S3VOL_TEST_ENDPOINT" --region "$region" \
     --force-path-style --cache-dir "$cache" -f 2>"$log" &
 sup=$!
 cleanup() {

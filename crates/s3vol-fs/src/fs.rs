@@ -969,7 +969,7 @@ impl S3Fs {
         Ok(Unread(std::mem::take(&mut d.unread)))
     }
 
-    /// Reads the attributes of what a listing showed without them (see [`S3Fs::unread`]),
+    /// Reads the attributes of what a listing showed without them (see `S3Fs::unread`),
     /// many at once, as the listing would have: so they are current here before the
     /// kernel's own copies, given by a predecessor at about the same time, grow old
     /// together and send a lookup each.
