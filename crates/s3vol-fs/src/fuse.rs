@@ -1,8 +1,9 @@
 //! The FUSE adapter: serves an [`S3Fs`] to the kernel through `fuser`.
 //!
 //! Every request is handed to the tokio runtime as a task that replies when done, so slow S3
-//! calls never hold up the threads reading `/dev/fuse`, and requests run concurrently. This is
-//! the only module that knows `fuser`'s types.
+//! calls never hold up the threads reading `/dev/fuse`, and requests run concurrently (lookups
+//! and getattr first run on the reader thread until they must wait: see
+//! `FuseFs::run_here_first`). This is the only module that knows `fuser`'s types.
 //!
 //! Reader threads: a mount made here gives each its own cloned descriptor
 //! (`FUSE_DEV_IOC_CLONE`, which needs a fresh `open("/dev/fuse")`); a handed-over descriptor

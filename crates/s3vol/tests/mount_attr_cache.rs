@@ -62,27 +62,9 @@ impl Mount {
         Self { child, mnt }
     }
 
-    /// `ls -ln` of the mount's root: name → (mode, uid, gid, size, mtime), as ls prints them.
+    /// `ls -ln` of the mount's root: name → "mode uid gid size mtime", as ls prints them.
     fn ls(&self) -> Vec<(String, String)> {
-        let out = Command::new("ls")
-            .args(["-ln", "--time-style=+%s"])
-            .arg(self.mnt.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ls -l failed: {out:?}");
-        let mut rows: Vec<(String, String)> = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .skip(1)
-            .map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                // mode links uid gid size mtime name
-                let what = format!("{} {} {} {} {}", f[0], f[2], f[3], f[4], f[5]);
-                (f[6].to_owned(), what)
-            })
-            .collect();
-        rows.sort();
-        rows
+        support::ls_ln(self.mnt.path())
     }
 }
 

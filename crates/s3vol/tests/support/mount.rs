@@ -89,6 +89,34 @@ pub fn wait_until_mounted(child: &mut Child, mnt: &Path) {
     }
 }
 
+/// `ls -ln` of `dir`: name → "mode uid gid size mtime" as ls prints them, sorted by name.
+#[allow(dead_code)]
+pub fn ls_ln(dir: &Path) -> Vec<(String, String)> {
+    let out = std::process::Command::new("ls")
+        .args(["-ln", "--time-style=+%s"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ls -ln {} failed: {out:?}",
+        dir.display()
+    );
+    let mut rows: Vec<(String, String)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // mode links uid gid size mtime name
+            let what = format!("{} {} {} {} {}", f[0], f[2], f[3], f[4], f[5]);
+            (f[6].to_owned(), what)
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
 /// close(2) with its result: where s3vol reports a failed upload.
 pub fn close(f: std::fs::File) -> std::io::Result<()> {
     use std::os::fd::IntoRawFd;
