@@ -78,8 +78,8 @@ pub struct MountArgs {
     /// owner from the defaults, no HEAD per entry (names looked up still show their own).
     #[arg(long)]
     pub listing_attrs: bool,
-    /// Do not offer extended attributes (the kernel stops asking, which makes `ls -l` of
-    /// large directories much faster); xattrs already on objects are kept.
+    /// Do not offer extended attributes (every xattr call fails with EOPNOTSUPP and the kernel
+    /// stops asking); xattrs already on objects are kept.
     #[arg(long)]
     pub no_xattr: bool,
     /// Directory for staging files of files being written [default: /var/cache/s3vol as root,
