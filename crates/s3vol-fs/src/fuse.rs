@@ -373,8 +373,9 @@ impl FuseFs {
     /// waiting, and on the runtime from there if it must wait. For lookups and getattr: one
     /// answered from memory (a name known and current, a HEAD made ahead and already back)
     /// so costs no hand-over to a worker thread and back, two context switches and a futex
-    /// wake, which were most of its CPU time (`stat` of 10,000 names: 1.2× faster). Not for
-    /// the rest: a call that must wait pays a second first poll, which cost reads ~5%.
+    /// wake, which were most of its CPU time (`stat` of 10,000 names against Garage: 1.5×
+    /// faster). Not for the rest: a call that must wait pays a second first poll, and
+    /// reads and listings measured no gain (docs/benchmarks.md, profiles of 2026-12-07).
     ///
     /// Safe for any future: the first poll runs inside the runtime's context with a waker
     /// that does nothing, and a future not finished by it is spawned, which polls it again
