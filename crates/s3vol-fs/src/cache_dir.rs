@@ -542,6 +542,18 @@ impl Entry {
         self.journaled || self.data.is_some()
     }
 
+    /// An entry found on disk whose data file stays closed (for recovery): its record is
+    /// replaced atomically, as a journaled entry's.
+    pub fn found(stem: PathBuf) -> Self {
+        Self {
+            stem,
+            data: None,
+            journaled: true,
+            meta: None,
+            key_line: None,
+        }
+    }
+
     /// Takes over the files of an entry found on disk (for recovery).
     pub fn adopt(stem: PathBuf, data: File) -> Self {
         Self {

@@ -57,6 +57,9 @@ pub struct FsConfig {
     /// made, so S3 unreachable at its start is an outage to ride out, not a reason to fail
     /// (which would end the mount).
     pub successor: bool,
+    /// A successor's session directory: its journal names the files still open for writing,
+    /// whose bytes the start-up scan leaves to their handles instead of uploading them.
+    pub session_dir: Option<PathBuf>,
     /// The node-local attribute cache (`attr_cache.rs`): where it lives, `None` for none.
     pub attr_cache_dir: Option<PathBuf>,
     /// Its budget on disk.
@@ -93,6 +96,7 @@ impl FsConfig {
             stream_writes: true,
             parts_arena: None,
             successor: false,
+            session_dir: None,
         }
     }
 }

@@ -267,6 +267,9 @@ pub struct S3Fs {
     /// What the start-up scan kept in the cache directory (stem, key): a successor's file
     /// open for writing across the event goes on from it (`adopt.rs`).
     kept_at_start: Mutex<Vec<(std::path::PathBuf, String)>>,
+    /// What a dead predecessor left of files still open for writing (see `recover::scan`):
+    /// entries of this instance, stem and key, for the adopted handles to go on from.
+    deferred_at_start: Mutex<Vec<(std::path::PathBuf, String)>>,
 }
 
 fn name_ok(name: &str) -> FsResult<()> {
@@ -322,13 +325,23 @@ impl S3Fs {
             min_throughput: config.min_throughput,
         });
         let mut kept_at_start = Vec::new();
+        let mut deferred_at_start = Vec::new();
         if !config.read_only {
             // What earlier mounts left, before anything is served (see `recover`): first what
             // a dead predecessor held in part buffers, which then is a staging file too.
             if let Some(arena) = &stage.arena {
                 recover::take_over_parts(&stage, arena);
             }
-            kept_at_start = recover::scan(&stage).await.kept_files;
+            // A successor leaves what its handles still write to them.
+            let writing = match (&config.session_dir, config.successor) {
+                (Some(dir), true) => crate::journal::Journal::read(dir)
+                    .map(|snap| snap.keys_open_for_writing(&config.prefix))
+                    .unwrap_or_default(),
+                _ => Default::default(),
+            };
+            let report = recover::scan(&stage, &writing).await;
+            kept_at_start = report.kept_files;
+            deferred_at_start = report.deferred;
         }
         let read = Arc::new(ReadCtx {
             store: store.clone(),
@@ -352,6 +365,7 @@ impl S3Fs {
             attr_cache,
             names: Arc::new(NameIndexes::default()),
             kept_at_start: Mutex::new(kept_at_start),
+            deferred_at_start: Mutex::new(deferred_at_start),
             inodes: Inodes::new(config.prefix.clone(), root_attrs),
             config,
             store,

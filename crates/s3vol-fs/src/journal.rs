@@ -29,7 +29,7 @@
 //! The journal is rewritten compactly by each successor when it adopts (a new file renamed
 //! over the old one), so it grows only with the life of one serving process.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -329,6 +329,21 @@ impl Snapshot {
             }
             _ => {}
         }
+    }
+
+    /// The keys of the files a handle has open for writing (under `root_key`, the mount's
+    /// prefix).
+    pub fn keys_open_for_writing(&self, root_key: &str) -> HashSet<String> {
+        let keys = self.keys(root_key);
+        self.handles
+            .values()
+            .filter_map(|h| match h {
+                HandleRec::File {
+                    ino, write: true, ..
+                } => keys.get(ino).cloned(),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The key of every named node, derived from the parent chain under `root_key` (the

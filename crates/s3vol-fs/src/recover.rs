@@ -22,7 +22,7 @@
 //!
 //! [`Disk::pin`]: crate::budget::Disk::pin
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -49,6 +49,9 @@ pub struct ScanReport {
     pub live_instances: u64,
     /// The entries kept (their stem and key), for a successor whose handles still write them.
     pub kept_files: Vec<(std::path::PathBuf, String)>,
+    /// Files a dead predecessor left that the application still has open for writing (see
+    /// [`scan`]): taken over by this instance (their new stem, and key), not uploaded.
+    pub deferred: Vec<(std::path::PathBuf, String)>,
 }
 
 /// One leftover: the files sharing a stem.
@@ -77,7 +80,13 @@ fn size_of(path: &Path) -> u64 {
 
 /// Scans the cache directory of `ctx` (see the module docs) and logs one line with what it
 /// found.
-pub async fn scan(ctx: &Arc<StageCtx>) -> ScanReport {
+///
+/// `writing` names the keys a successor's adopted handles still have open for writing: what
+/// the dead predecessor left of those is not uploaded (no other client must see a file before
+/// the application's flush, as without the event), but renamed to entries of this instance
+/// and listed in [`ScanReport::deferred`], for the handles to go on from
+/// ([`Staged::continued`], [`Staged::recovered`]).
+pub async fn scan(ctx: &Arc<StageCtx>, writing: &HashSet<String>) -> ScanReport {
     let dir = ctx.cache.path().to_owned();
     let mut report = ScanReport::default();
     let mut instances: BTreeMap<String, BTreeMap<String, Leftover>> = BTreeMap::new();
@@ -148,7 +157,7 @@ pub async fn scan(ctx: &Arc<StageCtx>) -> ScanReport {
         let mut remaining = false;
         for (stem, leftover) in entries {
             let stem = dir.join(stem);
-            if !recover_entry(ctx, &stem, &leftover, &mut report).await {
+            if !recover_entry(ctx, &stem, &leftover, writing, &mut report).await {
                 remaining = true;
             }
         }
@@ -355,6 +364,7 @@ async fn recover_entry(
     ctx: &Arc<StageCtx>,
     stem: &Path,
     leftover: &Leftover,
+    writing: &HashSet<String>,
     report: &mut ScanReport,
 ) -> bool {
     let data_path = with_ext(stem, "data");
@@ -406,6 +416,15 @@ async fn recover_entry(
             tracing::warn!(key, upload_id = id, error = %e, "cannot abort an unfinished multipart upload; tried again at the next start");
             record.abandoned.push(id);
         }
+    }
+    // A stream's record: its bytes are in the upload's parts and (those in part buffers at
+    // the death) the data file. Without a data file, every byte is in the parts only if the
+    // part buffers outlived the process (a successor of the same supervisor) and held none:
+    // the handles that go on from it find out ([`Staged::continued`]); a scan that finds it
+    // otherwise cannot know, and aborts the upload below, as for an unsupervised mount's.
+    let stream = record.part_size > 0;
+    if record.dirty && (has_data || stream) && writing.contains(&key) {
+        return defer(ctx, stem, &mut record, report).await;
     }
     if !has_data || !record.dirty {
         if let Some(id) = record.upload_id.take()
@@ -515,7 +534,7 @@ async fn recover_entry(
     }
     if record.upload_id.is_some() && record.part_size > 0 {
         // A stream written out at exit: the data file holds only what was in memory.
-        return complete_stream(ctx, stem, &data, &record, size, report).await;
+        return complete_stream(ctx, stem, Some(&data), &record, size, report).await;
     }
     if let Some(id) = record.upload_id.clone()
         && let Err(e) = abort(ctx, &key, &id, report).await
@@ -565,12 +584,75 @@ async fn recover_entry(
     }
 }
 
+/// Recovers the entry `stem` of this instance as the start-up scan does an entry of a dead
+/// one (for what [`scan`] deferred and no handle went on from); true when nothing of it
+/// remains.
+pub async fn recover_left(ctx: &Arc<StageCtx>, stem: &Path) -> bool {
+    let mut leftover = Leftover::default();
+    for ext in ["data", "meta", "key"] {
+        if with_ext(stem, ext).exists() {
+            leftover.exts.insert(ext.to_owned());
+        }
+    }
+    let mut report = ScanReport::default();
+    let done = recover_entry(ctx, stem, &leftover, &HashSet::new(), &mut report).await;
+    ctx.disk.pin(report.kept_bytes);
+    done
+}
+
+/// An entry of a file the application still has open for writing (see [`scan`]): renamed to
+/// an entry of this instance (data file first: a death in between leaves the bytes under one
+/// stem or the other) and listed for the handles. A staging file's own unfinished upload is
+/// aborted first (its next flush starts another), or recorded to abort later.
+async fn defer(
+    ctx: &Arc<StageCtx>,
+    stem: &Path,
+    record: &mut Record,
+    report: &mut ScanReport,
+) -> bool {
+    let key = record.key.clone();
+    if record.part_size == 0
+        && let Some(id) = record.upload_id.take()
+    {
+        if let Err(e) = abort(ctx, &key, &id, report).await {
+            tracing::warn!(key, upload_id = id, error = %e, "cannot abort an unfinished multipart upload; tried again at the next start");
+            record.abandoned.push(id);
+        }
+        if let Err(e) = Entry::found(stem.to_owned()).write_record(record) {
+            tracing::warn!(key, error = %e, "cannot update a journal record");
+        }
+    }
+    let new = ctx.cache.new_stem();
+    for ext in ["data", "meta", "key"] {
+        match std::fs::rename(with_ext(stem, ext), with_ext(&new, ext)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && ext != "meta" => {}
+            Err(e) => {
+                let size = size_of(&with_ext(stem, "data")) + size_of(&with_ext(&new, "data"));
+                keep(
+                    report,
+                    stem,
+                    &key,
+                    size,
+                    &format!("it cannot be taken over for the handles still writing it: {e}"),
+                );
+                return false;
+            }
+        }
+    }
+    remove_all(stem);
+    tracing::info!(key, staging_file = %with_ext(&new, "data").display(), "a file open for writing across the death of its serving process is left to its handles, for their next flush to upload");
+    report.deferred.push((new, key));
+    true
+}
+
 /// Completes a stream's multipart upload from the parts already in and the bytes the data
-/// file holds; aborts it and keeps the file when they do not cover the whole file.
+/// file holds (if there is one); aborts it and keeps the file when they do not cover the
+/// whole file.
 async fn complete_stream(
     ctx: &Arc<StageCtx>,
     stem: &Path,
-    data: &File,
+    data: Option<&File>,
     record: &Record,
     size: u64,
     report: &mut ScanReport,
@@ -659,6 +741,13 @@ async fn complete_stream(
             covered = false;
         }
     }
+    if plan.is_empty() && covered {
+        // Not a byte to complete it with: a file that stayed empty.
+        if abort(ctx, &key, &id, report).await.is_ok() {
+            remove_all(stem);
+            return true;
+        }
+    }
     if !covered {
         let why = match abort(ctx, &key, &id, report).await {
             Ok(()) => format!(
@@ -681,7 +770,11 @@ async fn complete_stream(
             continue;
         }
         let mut buf = vec![0u8; (range.end - range.start) as usize];
-        if let Err(e) = data.read_exact_at(&mut buf, range.start) {
+        let read = match data {
+            Some(data) => data.read_exact_at(&mut buf, range.start),
+            None => Err(std::io::Error::other("no data file")),
+        };
+        if let Err(e) = read {
             keep(report, stem, &key, size, &format!("cannot read it: {e}"));
             return false;
         }
@@ -809,6 +902,16 @@ mod tests {
 
     /// A staging context on `bucket` of `store`, which exists.
     fn ctx_on(store: Arc<dyn ObjectStore>, bucket: BucketName, dir: &Path) -> Arc<StageCtx> {
+        ctx_with(store, bucket, dir, None)
+    }
+
+    /// The same, streaming into part buffers of `arena` (a supervised mount's).
+    fn ctx_with(
+        store: Arc<dyn ObjectStore>,
+        bucket: BucketName,
+        dir: &Path,
+        arena: Option<Arc<PartArena>>,
+    ) -> Arc<StageCtx> {
         Arc::new(StageCtx {
             stream: true,
             store,
@@ -818,7 +921,7 @@ mod tests {
             memory: Arc::new(Memory::new(64 << 20)),
             disk: Arc::new(Disk::new(1 << 30)),
             parts: Arc::new(BufPool::new(5 << 20, 2)),
-            arena: None,
+            arena,
             close_timeout: std::time::Duration::from_secs(60),
             min_throughput: 1 << 20,
         })
@@ -915,7 +1018,7 @@ mod tests {
         other.write(3, b"x", meta).await.unwrap();
 
         let fresh = ctx(&store, dir.path()).await;
-        let report = scan(&fresh).await;
+        let report = scan(&fresh, &HashSet::new()).await;
         assert_eq!(
             (
                 report.dropped,
@@ -949,8 +1052,82 @@ mod tests {
             "what stays counts"
         );
         // A second scan finds only what stays.
-        let again = scan(&ctx(&store, dir.path()).await).await;
+        let again = scan(&ctx(&store, dir.path()).await, &HashSet::new()).await;
         assert_eq!((again.uploaded, again.kept, again.dropped), (0, 1, 0));
+    }
+
+    /// A streamed file that the application still has open when its serving process dies
+    /// goes on in the same multipart upload in the successor: the scan uploads nothing of it,
+    /// the bytes the part buffers held go back into part buffers (and the data file away),
+    /// and the next flush completes one upload with every byte, before and after the death.
+    #[tokio::test]
+    async fn a_stream_still_open_goes_on_in_its_upload_after_a_death() {
+        let store = Arc::new(MemStore::new());
+        let bucket = BucketName::new("bkt").unwrap();
+        store.create_bucket(&bucket).await.unwrap();
+        let dir = crate::cache_dir::private_tempdir();
+        let memfd = crate::parts::create_memfd().unwrap();
+        let arena = Arc::new(PartArena::open(memfd, 5 << 20).unwrap());
+        let dead = ctx_with(
+            store.clone(),
+            bucket.clone(),
+            dir.path(),
+            Some(arena.clone()),
+        );
+        let body: Vec<u8> = (0..(15u32 << 20) + 1000).map(|i| (i % 251) as u8).collect();
+        let split = (12 << 20) + 1000;
+        let mut st = Staged::new_empty(dead.clone(), "stream", None).unwrap();
+        st.write(0, &body[..split], meta).await.unwrap();
+        // The process dies: nothing of it runs any more; the supervisor keeps the memory file.
+        let fd = arena.fd().try_clone_to_owned().unwrap();
+        std::mem::forget(st);
+        std::mem::forget(arena);
+        dead.cache.unlock_as_if_dead();
+
+        let arena = Arc::new(PartArena::open(fd, 5 << 20).unwrap());
+        let fresh = ctx_with(store.clone(), bucket, dir.path(), Some(arena.clone()));
+        let (files, _) = take_over_parts(&fresh, &arena);
+        assert_eq!(files, 1);
+        let writing: HashSet<String> = ["stream".to_owned()].into();
+        let report = scan(&fresh, &writing).await;
+        assert_eq!((report.uploaded, report.kept), (0, 0), "{report:?}");
+        assert_eq!(report.deferred.len(), 1, "{report:?}");
+        assert!(
+            get(&fresh, "stream").await.is_none(),
+            "not in S3 before a flush"
+        );
+        let (stem, key) = report.deferred[0].clone();
+        assert_eq!(key, "stream");
+        let record =
+            Record::parse(&std::fs::read_to_string(with_ext(&stem, "meta")).unwrap()).unwrap();
+        let data = File::options()
+            .read(true)
+            .write(true)
+            .open(with_ext(&stem, "data"))
+            .unwrap();
+        let entry = Entry::adopt(stem.clone(), data);
+        let mut st = Staged::continued(fresh.clone(), entry, &record)
+            .await
+            .expect("the stream goes on");
+        assert_eq!(st.size(), split as u64);
+        assert!(
+            !with_ext(&stem, "data").exists(),
+            "its bytes are in part buffers"
+        );
+        assert!(arena.in_use() > 0);
+        st.write(split as u64, &body[split..], meta).await.unwrap();
+        let etag = st.upload(&meta(), None).await.unwrap();
+        assert!(get(&fresh, "stream").await.unwrap() == body);
+        assert!(
+            etag.as_str().ends_with("-4\""),
+            "one upload of 4 parts: {etag:?}"
+        );
+        drop(st);
+        assert_eq!(data_files(dir.path()), 0);
+        assert!(
+            !with_ext(&stem, "meta").exists(),
+            "nothing of it is left in the cache directory"
+        );
     }
 
     #[tokio::test]
@@ -980,7 +1157,7 @@ mod tests {
     ) -> (Arc<StageCtx>, ScanReport) {
         dead.cache.unlock_as_if_dead();
         let fresh = ctx_on(store, bucket, dir);
-        let report = scan(&fresh).await;
+        let report = scan(&fresh, &HashSet::new()).await;
         (fresh, report)
     }
 
@@ -1114,7 +1291,7 @@ mod tests {
         dead.cache.unlock_as_if_dead();
 
         let fresh = ctx(&store, dir.path()).await;
-        let report = scan(&fresh).await;
+        let report = scan(&fresh, &HashSet::new()).await;
         assert_eq!((report.uploaded, report.kept), (1, 0), "{report:?}");
         assert!(get(&fresh, "s").await.unwrap() == content);
         assert_eq!(data_files(dir.path()), 0);

@@ -183,6 +183,9 @@ struct Stream {
     /// A completion that answered with an error that does not prove the upload open (the
     /// answer to one that succeeded may have been lost): the next flush checks the object.
     unsure: Option<Completion>,
+    /// A stream taken over from a dead predecessor ([`Staged::continued`]): some of the parts
+    /// below `sent` are in S3 but not in `done`, and are listed before the upload completes.
+    relist: bool,
 }
 
 /// A completion of a stream's upload: the parts it joins and the file's size then.
@@ -315,9 +318,153 @@ impl Staged {
             .metadata
             .as_ref()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        // Uploads still to abort stay recorded until a later start can.
+        s.abandoned = record.abandoned.iter().cloned().map(UploadId).collect();
         s.note_recorded(record);
         s.mark_content_dirty();
         s
+    }
+
+    /// A streamed file a dead predecessor was writing and the application still has open
+    /// (docs/SEMANTICS.md, "When the serving process dies"): its stream goes on where the
+    /// predecessor left it, in the same multipart upload, so that no other client sees any of
+    /// it before the application's flush, as without the event.
+    ///
+    /// `local` is the entry [`crate::recover::take_over_parts`] made of the predecessor's part
+    /// buffers, with its record: the bytes `[0, streamed)` are parts of the upload, in S3 or
+    /// (those that were on their way) in the data file, and `[streamed, size)` the part being
+    /// filled, in the data file. The parts in the data file are sent again and the tail fills
+    /// the part being filled, each from a part buffer of the arena, so a further death finds
+    /// them there; only then does the record become a live stream's and the data file go. The
+    /// parts S3 already holds are listed when the upload completes. A stream whose end the
+    /// record cannot tell (no part was being filled) lists its parts now.
+    ///
+    /// `None` when the stream cannot go on here (not a stream's record, no part buffer free, S3
+    /// not answering where a listing is needed): the caller recovers the entry as the start-up
+    /// scan does. Nothing is changed then.
+    pub async fn continued(ctx: Arc<StageCtx>, local: Entry, record: &Record) -> Option<Self> {
+        let part = ctx.stream_part_size();
+        if !ctx.stream || ctx.arena.is_none() || record.part_size != part || !record.dirty {
+            return None;
+        }
+        let key = record.key.as_str();
+        let upload_id = record.upload_id.clone().map(UploadId);
+        let mut kept = RangeSet::new();
+        for &(a, b) in &record.local {
+            kept.insert(a..b);
+        }
+        let len = local
+            .file()
+            .map_or(Ok(0), |f| f.metadata().map(|m| m.len()));
+        let len = len.ok()?;
+        let mut streamed = record.streamed;
+        let mut size = record.size.min(len).max(streamed);
+        if size == streamed {
+            // No part was being filled: the file ends where the upload's parts do, which only
+            // S3 can tell (a later part may be in while an earlier one was on its way).
+            if let Some(id) = &upload_id {
+                let listed = ctx.store.list_parts(&ctx.bucket, key, id).await.ok()?;
+                let end = listed
+                    .iter()
+                    .map(|p| (p.part_number.max(1) as u64 - 1) * part + p.size)
+                    .max()
+                    .unwrap_or(0);
+                streamed = streamed.max(end);
+                size = streamed;
+            }
+        }
+        if !streamed.is_multiple_of(part) || (upload_id.is_none() && streamed > 0) {
+            return None;
+        }
+        let read = |range: std::ops::Range<u64>| -> Option<Vec<u8>> {
+            let mut buf = vec![0; (range.end - range.start) as usize];
+            local.file()?.read_exact_at(&mut buf, range.start).ok()?;
+            Some(buf)
+        };
+        let base = record.base.as_ref().map(|b| Base {
+            etag: ETag(b.etag.clone()),
+            size: 0,
+        });
+        let mut s = Self::create(ctx.clone(), key, base);
+        s.sequential = true;
+        s.last_metadata = record
+            .metadata
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        // Every byte goes into a part buffer before anything is sent or deleted.
+        let mut resend = Vec::new();
+        let mut relist = false;
+        for i in 0..streamed / part {
+            let range = i * part..(i + 1) * part;
+            if !kept.missing(range.clone()).is_empty() {
+                relist = true;
+                continue;
+            }
+            let bytes = read(range.clone())?;
+            let memory = ctx.memory.acquire(part).await;
+            let mut buf = s.slot_for(&local, range.start)?;
+            buf.extend_from_slice(&bytes);
+            resend.push(PartData {
+                number: i as i32 + 1,
+                bytes: buf.into_bytes(),
+                _memory: memory,
+            });
+        }
+        if size > streamed {
+            let bytes = read(streamed..size)?;
+            let memory = ctx.memory.acquire(bytes.len() as u64).await;
+            let mut buf = s.slot_for(&local, streamed)?;
+            buf.extend_from_slice(&bytes);
+            s.filling = Some((buf, memory));
+        }
+        s.local = local;
+        s.size = size;
+        if let Some(upload_id) = upload_id {
+            let stop_retrying = watch::Sender::new(false);
+            let running = resend
+                .into_iter()
+                .map(|p| {
+                    tokio::spawn(upload_part(
+                        ctx.clone(),
+                        s.key.clone(),
+                        upload_id.clone(),
+                        p,
+                        stop_retrying.subscribe(),
+                    ))
+                })
+                .collect();
+            s.stream = Some(Stream {
+                upload_id,
+                metadata: s.last_metadata.clone().unwrap_or_default(),
+                sent: streamed,
+                running,
+                done: Vec::new(),
+                failed: Vec::new(),
+                stop_retrying,
+                completing: None,
+                unsure: None,
+                relist,
+            });
+        }
+        s.mark_content_dirty();
+        // The record of a live stream (or none, for a file that never filled a part), then
+        // no data file: its bytes are in the arena.
+        s.journal_or_forget();
+        s.local.remove_data();
+        if s.stream.is_none() {
+            s.local.remove_journal();
+        }
+        Some(s)
+    }
+
+    /// A part buffer in the arena for the bytes of the file from `offset` on, named after the
+    /// entry `local` (for [`Staged::continued`], before the entry is the file's).
+    fn slot_for(&self, local: &Entry, offset: u64) -> Option<PartBuf> {
+        let arena = self.ctx.arena.as_ref()?;
+        let base = self.base.as_ref().map_or("", |b| b.etag.as_str());
+        arena
+            .take(local.name(), &self.key, offset, base)
+            .map(PartBuf::Slot)
     }
 
     /// The attributes recorded with the last upload attempt.
@@ -462,7 +609,15 @@ impl Staged {
                 .collect();
         }
         r.upload_id = match &self.stream {
-            Some(s) => Some(s.upload_id.0.clone()),
+            Some(s) => {
+                if self.ctx.arena.is_some() {
+                    // The parts' size: a stream whose part buffers outlive the process, and
+                    // held nothing when it died, goes on from the parts S3 lists (see
+                    // `continued`).
+                    r.part_size = self.ctx.stream_part_size();
+                }
+                Some(s.upload_id.0.clone())
+            }
             None => self.uploading.as_ref().map(|u| u.0.clone()),
         };
         r.abandoned = self.abandoned.iter().map(|u| u.0.clone()).collect();
@@ -653,6 +808,28 @@ impl Staged {
         if self.completion_pending() {
             // The upload may be an object already: the stream cannot take more bytes.
             self.spill("a write after an unanswered completion").await?;
+        }
+        if self.sequential
+            && offset < self.size
+            && let Some((buf, _)) = &self.filling
+        {
+            // Bytes the part being filled holds already, the same, at the same place: a write
+            // the kernel sent again after its serving process died having taken it (see
+            // docs/SEMANTICS.md). Taking them again changes nothing, and spilling would.
+            let sent = self.stream.as_ref().map_or(0, |s| s.sent);
+            if let Some(held) = offset
+                .checked_sub(sent)
+                .and_then(|at| buf.as_slice().get(at as usize..))
+            {
+                let same = held.iter().zip(data).take_while(|(a, b)| a == b).count();
+                if same == held.len().min(data.len()) {
+                    offset += same as u64;
+                    data = &data[same..];
+                    if data.is_empty() {
+                        return Ok(());
+                    }
+                }
+            }
         }
         if self.sequential && offset == self.size {
             let taken = self.stream_bytes(data, metadata).await;
@@ -867,6 +1044,7 @@ impl Staged {
                 stop_retrying: watch::Sender::new(false),
                 completing: None,
                 unsure: None,
+                relist: false,
             });
             // A mount that dies from here on leaves a record of the upload to abort.
             self.last_metadata = self.stream.as_ref().map(|s| s.metadata.clone());
@@ -1273,6 +1451,53 @@ impl Staged {
         if let Some(e) = first_err {
             return Err(e);
         }
+        let part = self.ctx.stream_part_size();
+        if stream.relist {
+            // Parts a dead predecessor put in S3 (see `continued`): full parts below `sent`
+            // that this process did not send. (A shorter one is a tail that a flush sent and
+            // the stream has grown past: it is sent again, full, under its number.)
+            let listed = by(
+                deadline,
+                self.ctx
+                    .store
+                    .list_parts(&self.ctx.bucket, &self.key, &stream.upload_id),
+            )
+            .await;
+            match listed {
+                Ok(listed) => {
+                    let known: std::collections::HashSet<i32> =
+                        stream.done.iter().map(|p| p.part_number).collect();
+                    for p in listed {
+                        if p.size == part
+                            && (p.part_number as u64) <= stream.sent / part
+                            && !known.contains(&p.part_number)
+                        {
+                            stream.done.push(CompletedPart {
+                                part_number: p.part_number,
+                                etag: p.etag,
+                            });
+                        }
+                    }
+                    stream.relist = false;
+                }
+                Err(e) if e.errno == libc::ENOENT => {
+                    return self
+                        .completed_before(metadata, content_type, deadline)
+                        .await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Every byte below `sent` is in a part: a gap would complete a shorter object.
+        let have: std::collections::HashSet<i32> =
+            stream.done.iter().map(|p| p.part_number).collect();
+        if let Some(gap) = (1..=(stream.sent / part) as i32).find(|n| !have.contains(n)) {
+            return Err(err!(
+                libc::EIO,
+                "part {gap} of the multipart upload {} is neither in S3 nor in memory",
+                stream.upload_id.0
+            ));
+        }
         // The tail goes up as the last part, but its bytes stay until the upload is complete:
         // if completing fails, the file may grow further, and the tail is then a part like
         // the others (sent again under the same number, which replaces it).
@@ -1345,6 +1570,52 @@ impl Staged {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// The upload of a stream taken over from a dead predecessor is gone when it comes to be
+    /// completed: the predecessor completed it in a flush it did not live to answer (the
+    /// kernel sent that flush again). The object then has the file's size and as many parts as
+    /// the file makes; anything else means another client ended the upload, and the bytes it
+    /// held are lost to this file: `EIO`, with what is left kept as it is.
+    async fn completed_before(
+        &mut self,
+        metadata: &UserMetadata,
+        content_type: Option<String>,
+        deadline: Instant,
+    ) -> FsResult<ETag> {
+        let part = self.ctx.stream_part_size();
+        let head = by(
+            deadline,
+            self.ctx.store.head_object(&self.ctx.bucket, &self.key),
+        )
+        .await;
+        let id = self
+            .stream
+            .as_ref()
+            .map(|s| s.upload_id.0.clone())
+            .unwrap_or_default();
+        let parts = self.size.div_ceil(part);
+        match head {
+            Ok(info)
+                if info.size == self.size
+                    && info
+                        .etag
+                        .as_str()
+                        .trim_matches('"')
+                        .ends_with(&format!("-{parts}")) =>
+            {
+                tracing::info!(key = %self.key, upload_id = id, "a multipart upload taken over from a dead serving process was completed by it");
+                self.recycle_filling();
+                self.completed(info.etag, metadata, content_type, deadline)
+                    .await
+            }
+            Err(e) if e.errno != libc::ENOENT => Err(e),
+            Ok(_) | Err(_) => Err(err!(
+                libc::EIO,
+                "the multipart upload {id} of this file is gone, and the object is not what it \
+                 would have made: another client ended it"
+            )),
         }
     }
 

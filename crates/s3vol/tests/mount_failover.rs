@@ -432,8 +432,10 @@ fn kill_and_wait(supervisor: u32, pid: u32, log: &Arc<Mutex<String>>, takeovers:
 /// Bytes a supervised mount holds only in memory — a streamed file's part being filled and
 /// parts still on their way to S3, a small file not yet closed — are in the part buffers'
 /// memory file the supervisor holds, so a `kill -9` of the serving process loses none of
-/// them: the successor moves them to the cache directory and completes the upload before it
-/// serves, and the application's writes and close carry on as if nothing happened.
+/// them: the successor moves them to the cache directory, then, as the application still has
+/// the file open, back into part buffers of its own, and goes on in the same multipart
+/// upload. No other client sees any of the file before its close, as without the kills; the
+/// application's writes and close carry on as if nothing happened.
 #[tokio::test(flavor = "multi_thread")]
 async fn streamed_bytes_in_memory_survive_kills_of_the_serving_process() {
     let mut m = Mounted::new_unmounted("failover-stream").await;
@@ -444,18 +446,22 @@ async fn streamed_bytes_in_memory_survive_kills_of_the_serving_process() {
     let mut takeovers = 0;
 
     // Writes `body[..split]` to `key` through `open`'s handle, kills the serving process while
-    // those bytes are only in a part buffer, checks that the successor put them in S3 before
-    // it served, then writes the rest and closes: the object is `body`.
+    // those bytes are only in a part buffer, checks that the successor did not put them in S3
+    // (the object is still `before`), then writes the rest and closes: the object is `body`.
     let mut across = async |key: &str, open: &OpenOptions, body: &[u8], split: usize| {
+        let before = m.get_opt(key).await;
         let mut f = open.open(m.path(key)).unwrap();
         f.write_all(&body[..split]).unwrap();
         assert!(
-            m.head(key).await.is_none_or(|i| i.size != split as u64),
+            m.get_opt(key).await == before,
             "{key} was not to be uploaded before the kill"
         );
         takeovers += 1;
         pid = kill_and_wait(supervisor, pid, &log, takeovers);
-        assert!(m.get(key).await == body[..split], "{key} after the kill");
+        assert!(
+            m.get_opt(key).await == before,
+            "{key} after the kill: no other client sees it before its close"
+        );
         f.write_all(&body[split..]).unwrap();
         support::close(f).unwrap();
         assert!(m.get(key).await == body, "{key} after close");
@@ -500,6 +506,10 @@ async fn streamed_bytes_in_memory_survive_kills_of_the_serving_process() {
             kills_at.remove(0);
             takeovers += 1;
             pid = kill_and_wait(supervisor, pid, &log, takeovers);
+            assert!(
+                m.head("big.bin").await.is_none(),
+                "big.bin is in S3 before its close (after {at} bytes and a kill)"
+            );
         }
     }
     support::close(f).unwrap();
@@ -515,6 +525,11 @@ async fn streamed_bytes_in_memory_survive_kills_of_the_serving_process() {
     assert!(
         text.contains("moved to the cache directory"),
         "no part buffer was taken over:\n{text}"
+    );
+    assert_eq!(
+        text.matches("goes on where it was").count(),
+        takeovers,
+        "not every file went on from its part buffers:\n{text}"
     );
     for bad in [
         "are lost",

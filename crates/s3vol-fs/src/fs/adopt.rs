@@ -113,54 +113,58 @@ impl S3Fs {
                 }
             }
         }
+        // What the scan left for handles that turned out not to take it: recovered as the
+        // scan would have (before anything is served, as the scan).
+        let left = std::mem::take(
+            &mut *self
+                .deferred_at_start
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for (stem, _) in left {
+            recover::recover_left(&self.stage, &stem).await;
+        }
         let journal = Journal::write_snapshot(dir, &snap)?;
         self.inodes.set_journal(Arc::new(journal));
         Ok(adopted)
     }
 
-    /// A file open for writing across the event whose bytes the start-up scan could not put
-    /// in S3 (S3 unreachable then, or the object changed meanwhile) and kept: its handles go on
-    /// from that staging file, as they would have without the event, and their next flush
-    /// uploads it (or fails, keeping it, as any flush). Otherwise they would go on from the
-    /// object as S3 has it, without the bytes written before the event. The newest kept entry
-    /// of the key is taken; `true` if there was one.
-    async fn attach_kept(&self, inode: &Arc<Inode>) -> bool {
-        use crate::cache_dir::{Entry, Record, stem_with_ext};
+    /// A file open for writing across the event goes on from what its predecessor left of it,
+    /// as it would have without the event: from the entry the start-up scan took over for it
+    /// ([`recover::scan`]: the scan does not upload those, so no other client sees the file
+    /// before the application's flush), or from one the scan kept because S3 could not take it
+    /// then. A stream goes on in the same multipart upload ([`Staged::continued`]); a staging
+    /// file goes on as one ([`Staged::recovered`]) and its next flush uploads it (or fails,
+    /// keeping it, as any flush). Otherwise the handles go on from the object as S3 has it.
+    /// The newest entry of the key is taken; `true` if one was.
+    async fn attach_left(&self, inode: &Arc<Inode>) -> bool {
+        use crate::cache_dir::stem_with_ext;
         let key = inode.key();
-        let newest = {
-            let mut kept = self.kept_at_start.lock().unwrap_or_else(|e| e.into_inner());
-            let newest = kept
+        let newest = |list: &Mutex<Vec<(std::path::PathBuf, String)>>| {
+            let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
+            let newest = list
                 .iter()
                 .enumerate()
                 .filter(|(_, (_, k))| *k == key)
                 .max_by_key(|(_, (stem, _))| {
-                    std::fs::metadata(stem_with_ext(stem, "data"))
+                    std::fs::metadata(stem_with_ext(stem, "meta"))
                         .and_then(|m| m.modified())
                         .ok()
                 })
                 .map(|(i, _)| i);
-            newest.map(|i| kept.remove(i).0)
+            newest.map(|i| list.remove(i).0)
         };
-        let Some(old) = newest else {
+        if let Some(stem) = newest(&self.deferred_at_start) {
+            if self.attach_entry(inode, &stem, false).await {
+                return true;
+            }
+            // Not to be gone on from here: recovered now, as the scan would have.
+            recover::recover_left(&self.stage, &stem).await;
             return false;
-        };
-        let record = std::fs::read_to_string(stem_with_ext(&old, "meta"))
-            .ok()
-            .and_then(|t| Record::parse(&t))
-            .filter(|r| r.bucket == self.config.bucket.as_str() && r.key == key);
-        let Some(record) = record else {
-            return false;
-        };
-        // Only bytes S3 could not take: an entry kept because the object changed since it was
-        // staged (another writer) is a conflict to report, not a base to write on, and the
-        // handles go on from the object as S3 has it.
-        let head = self.store.head_object(&self.config.bucket, &key).await;
-        let base = record.base.as_ref().map(|b| b.etag.trim_matches('"'));
-        match &head {
-            Ok(info) if base != Some(info.etag.as_str().trim_matches('"')) => return false,
-            Err(e) if not_found(e) && base.is_some() => return false,
-            _ => {}
         }
+        let Some(old) = newest(&self.kept_at_start) else {
+            return false;
+        };
         // The entry becomes this process's (its files renamed to a stem of this instance), so
         // that no other mount sharing the cache directory takes it for a dead process's while
         // it is written here. Data first: a crash in between leaves the bytes under one stem
@@ -169,46 +173,92 @@ impl S3Fs {
         for ext in ["data", "meta", "key"] {
             let moved = std::fs::rename(stem_with_ext(&old, ext), stem_with_ext(&stem, ext));
             if let Err(e) = moved
-                && ext != "key"
+                && (ext == "meta" || e.kind() != io::ErrorKind::NotFound)
             {
                 tracing::warn!(key, staging_file = %stem_with_ext(&old, ext).display(), error = %e, "cannot take over a kept staging file");
                 return false;
             }
         }
-        let Ok(data) = std::fs::File::options()
+        self.attach_entry(inode, &stem, true).await
+    }
+
+    /// Makes the entry `stem` of this instance the staged state of `inode` (see
+    /// [`S3Fs::attach_left`]). An entry the scan `kept` is taken only when the object is still
+    /// the version it started from: one kept because another client changed the object is a
+    /// conflict to report, not a base to write on. `false`, with nothing changed, when it is
+    /// not taken.
+    async fn attach_entry(&self, inode: &Arc<Inode>, stem: &Path, kept: bool) -> bool {
+        use crate::cache_dir::{Entry, Record, stem_with_ext};
+        let key = inode.key();
+        let record = std::fs::read_to_string(stem_with_ext(stem, "meta"))
+            .ok()
+            .and_then(|t| Record::parse(&t))
+            .filter(|r| r.bucket == self.config.bucket.as_str() && r.key == key);
+        let Some(record) = record else {
+            return false;
+        };
+        let head = self.store.head_object(&self.config.bucket, &key).await;
+        let base = record.base.as_ref().map(|b| b.etag.trim_matches('"'));
+        if kept {
+            match &head {
+                Ok(info) if base != Some(info.etag.as_str().trim_matches('"')) => return false,
+                Err(e) if not_found(e) && base.is_some() => return false,
+                _ => {}
+            }
+        }
+        let data = std::fs::File::options()
             .read(true)
             .write(true)
-            .open(stem_with_ext(&stem, "data"))
-        else {
+            .open(stem_with_ext(stem, "data"));
+        let entry = match data {
+            Ok(data) => Entry::adopt(stem.to_owned(), data),
+            Err(_) => Entry::found(stem.to_owned()),
+        };
+        let streamed = record.part_size > 0;
+        let staged = if streamed {
+            Staged::continued(self.stage.clone(), entry, &record).await
+        } else {
+            let len = entry
+                .file()
+                .and_then(|f| f.metadata().ok())
+                .map(|m| m.len());
+            len.map(|len| Staged::recovered(self.stage.clone(), entry, &record, len))
+        };
+        let Some(staged) = staged else {
             return false;
         };
-        let Ok(len) = data.metadata().map(|m| m.len()) else {
-            return false;
-        };
-        let staged = Staged::recovered(
-            self.stage.clone(),
-            Entry::adopt(stem.clone(), data),
-            &record,
-            len,
-        );
+        let size = staged.size();
         let mut s = inode.state();
         s.attrs = match (&head, staged.recorded_metadata()) {
             (Ok(info), _) => self.file_attrs(info).0,
-            (Err(_), Some(m)) => Attrs::decode(Kind::File, m, &self.config, len, SystemTime::now()),
+            (Err(_), Some(m)) => {
+                Attrs::decode(Kind::File, m, &self.config, size, SystemTime::now())
+            }
             (Err(_), None) => s.attrs.clone(),
         };
-        s.attrs.size = len;
+        s.attrs.size = size;
         s.etag = record.base.as_ref().map(|b| ETag(b.etag.clone()));
         s.local_only = head.is_err() && record.base.is_none();
         s.validated = Some(Instant::now());
         s.staged = Some(Arc::new(tokio::sync::Mutex::new(staged)));
-        tracing::warn!(
-            key,
-            size = len,
-            staging_file = %stem_with_ext(&stem, "data").display(),
-            "a file open for writing across the restart goes on from what the cache directory \
-             kept of it (not in S3 yet); its next flush uploads it"
-        );
+        if streamed {
+            tracing::warn!(
+                key,
+                size,
+                upload_id = record.upload_id.as_deref().unwrap_or("none yet"),
+                "a streamed file open for writing across the restart goes on where it was: \
+                 its bytes in part buffers again, the same multipart upload if it had one, \
+                 nothing of it in S3 before its next flush"
+            );
+        } else {
+            tracing::warn!(
+                key,
+                size,
+                staging_file = %stem_with_ext(stem, "data").display(),
+                "a file open for writing across the restart goes on from what the cache \
+                 directory kept of it (not in S3 yet); its next flush uploads it"
+            );
+        }
         true
     }
 
@@ -219,7 +269,7 @@ impl S3Fs {
         if inode.state().validated.is_some() || inode.kind != Kind::File {
             return;
         }
-        if write && self.attach_kept(inode).await {
+        if write && self.attach_left(inode).await {
             return;
         }
         let key = inode.key();

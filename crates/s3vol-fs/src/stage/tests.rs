@@ -626,3 +626,33 @@ async fn a_completion_left_running_at_the_time_bound_decides_what_comes_next() {
         "nothing of the unlinked file stays in the bucket"
     );
 }
+
+/// A write of bytes the part being filled already holds, at their place (what the kernel
+/// sends again when a serving process died after taking a write and before answering it),
+/// changes nothing: the file goes on streaming, with no staging file. Other bytes there, or
+/// bytes of a part already sent, are a write like any other (the file spills).
+#[tokio::test]
+async fn the_same_bytes_written_again_into_the_part_being_filled_keep_the_stream() {
+    let dir = crate::cache_dir::private_tempdir();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let ctx = ctx_over(store, dir.path()).await;
+    let mut st = Staged::new_empty(ctx.clone(), "f", None).unwrap();
+    let mut expect = data(6 * MIB + 1000, 5);
+    let m = || meta("33188", "1");
+    st.write(0, &expect, m).await.unwrap();
+    // Again, from inside the part being filled to past its end: only the new bytes count.
+    let at = 5 * MIB + 10;
+    let more = data(3000, 6);
+    let mut again = expect[at..].to_vec();
+    again.extend_from_slice(&more);
+    st.write(at as u64, &again, m).await.unwrap();
+    expect.extend_from_slice(&more);
+    assert_eq!(st.size(), expect.len() as u64);
+    assert!(!st.path().exists(), "still streaming: no staging file");
+    // Other bytes at the same place are a rewrite.
+    st.write(at as u64, b"other", m).await.unwrap();
+    expect[at..at + 5].copy_from_slice(b"other");
+    assert!(st.path().exists(), "a rewrite spills the file");
+    st.upload(&meta("33188", "1"), None).await.unwrap();
+    assert!(object(&ctx, "f").await.0 == expect);
+}

@@ -607,6 +607,7 @@ fn serve(args: MountArgs) -> anyhow::Result<ExitCode> {
     // the supervisor holds, or else staging files (not the heap).
     config.stream_writes = args.session_dir.is_none();
     config.successor = args.adopt;
+    config.session_dir = args.session_dir.clone();
     if let Some(fd) = args.parts_fd {
         let fd = owned_fd(fd, "--parts-fd")?;
         match s3vol_fs::parts::PartArena::for_part_size(fd, config.part_size) {

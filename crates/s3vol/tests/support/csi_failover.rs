@@ -880,12 +880,16 @@ async fn csi_streamed_bytes_survive_the_death_of_the_mounters_container() {
         "handed the volume's connection to a new mounter",
         1,
     );
+    let s3 = store().await;
+    let bucket = BucketName::new(v.context["bucket"].clone()).unwrap();
+    assert!(
+        s3.head_object(&bucket, "streamed.bin").await.is_err(),
+        "streamed.bin is in S3 before its close"
+    );
     for chunk in body[split..].chunks(1 << 20) {
         f.write_all(chunk).unwrap();
     }
     crate::support::close(f).unwrap();
-    let s3 = store().await;
-    let bucket = BucketName::new(v.context["bucket"].clone()).unwrap();
     let got = workload::get(&s3, &bucket, "streamed.bin").await;
     assert_eq!(got.len(), body.len());
     assert!(got == body, "streamed.bin differs from what was written");

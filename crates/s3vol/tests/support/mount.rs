@@ -329,6 +329,12 @@ impl Mounted {
         chunks.concat()
     }
 
+    /// The object's bytes, `None` when there is no such object.
+    pub async fn get_opt(&self, rel: &str) -> Option<Vec<u8>> {
+        self.head(rel).await?;
+        Some(self.get(rel).await)
+    }
+
     pub async fn head(&self, rel: &str) -> Option<ObjectInfo> {
         self.store
             .head_object(&self.bucket, &self.key(rel))
