@@ -586,7 +586,9 @@ async fn recover_entry(
 
 /// Recovers the entry `stem` of this instance as the start-up scan does an entry of a dead
 /// one (for what [`scan`] deferred and no handle went on from); true when nothing of it
-/// remains.
+/// remains. One difference: a stream with no data file is completed from its upload's parts,
+/// not aborted. Here, unlike in a scan, the part buffers are known to have outlived the
+/// process (this is its successor), so with none of them left every byte is in the parts.
 pub async fn recover_left(ctx: &Arc<StageCtx>, stem: &Path) -> bool {
     let mut leftover = Leftover::default();
     for ext in ["data", "meta", "key"] {
@@ -595,7 +597,21 @@ pub async fn recover_left(ctx: &Arc<StageCtx>, stem: &Path) -> bool {
         }
     }
     let mut report = ScanReport::default();
-    let done = recover_entry(ctx, stem, &leftover, &HashSet::new(), &mut report).await;
+    let record = std::fs::read_to_string(with_ext(stem, "meta"))
+        .ok()
+        .and_then(|t| Record::parse(&t));
+    let done = match record {
+        Some(r)
+            if !leftover.exts.contains("data")
+                && r.dirty
+                && r.part_size > 0
+                && r.upload_id.is_some()
+                && r.bucket == ctx.bucket.as_str() =>
+        {
+            complete_stream(ctx, stem, None, &r, 0, &mut report).await
+        }
+        _ => recover_entry(ctx, stem, &leftover, &HashSet::new(), &mut report).await,
+    };
     ctx.disk.pin(report.kept_bytes);
     done
 }
