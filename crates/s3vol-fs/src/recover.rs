@@ -422,8 +422,11 @@ async fn recover_entry(
     // part buffers outlived the process (a successor of the same supervisor) and held none:
     // the handles that go on from it find out ([`Staged::continued`]); a scan that finds it
     // otherwise cannot know, and aborts the upload below, as for an unsupervised mount's.
-    let stream = record.part_size > 0;
-    if record.dirty && (has_data || stream) && writing.contains(&key) {
+    // A stream still being written goes on without asking S3 anything: its completion
+    // replaces the object whatever it is then, as without the event, and learns itself
+    // whether the upload was completed before the death. (A staging file is deferred only
+    // below, once the object is known to be still the version it started from.)
+    if record.dirty && record.part_size > 0 && writing.contains(&key) {
         return defer(ctx, stem, &mut record, report).await;
     }
     if !has_data || !record.dirty {
@@ -549,6 +552,9 @@ async fn recover_entry(
         return false;
     }
     record.upload_id = None;
+    if writing.contains(&key) {
+        return defer(ctx, stem, &mut record, report).await;
+    }
     let metadata: UserMetadata = match (&record.metadata, &current) {
         (Some(m), _) => m.clone(),
         (None, Some(info)) => info.metadata.clone(),
@@ -618,8 +624,7 @@ pub async fn recover_left(ctx: &Arc<StageCtx>, stem: &Path) -> bool {
 
 /// An entry of a file the application still has open for writing (see [`scan`]): renamed to
 /// an entry of this instance (data file first: a death in between leaves the bytes under one
-/// stem or the other) and listed for the handles. A staging file's own unfinished upload is
-/// aborted first (its next flush starts another), or recorded to abort later.
+/// stem or the other) and listed for the handles.
 async fn defer(
     ctx: &Arc<StageCtx>,
     stem: &Path,
@@ -627,13 +632,8 @@ async fn defer(
     report: &mut ScanReport,
 ) -> bool {
     let key = record.key.clone();
-    if record.part_size == 0
-        && let Some(id) = record.upload_id.take()
-    {
-        if let Err(e) = abort(ctx, &key, &id, report).await {
-            tracing::warn!(key, upload_id = id, error = %e, "cannot abort an unfinished multipart upload; tried again at the next start");
-            record.abandoned.push(id);
-        }
+    if record.part_size == 0 {
+        // The record as the scan left it (its own upload aborted).
         if let Err(e) = Entry::found(stem.to_owned()).write_record(record) {
             tracing::warn!(key, error = %e, "cannot update a journal record");
         }
@@ -1144,6 +1144,43 @@ mod tests {
             !with_ext(&stem, "meta").exists(),
             "nothing of it is left in the cache directory"
         );
+    }
+
+    /// A staging file still open for writing is left to its handles only when the object is
+    /// still the version it started from. One whose process uploaded it and died before its
+    /// record said so is the object already (dropped, and the handles go on from the object);
+    /// one whose object another client replaced is kept as a conflict. Neither is handed to
+    /// the handles, whose next upload would fail on the version it expects.
+    #[tokio::test]
+    async fn a_staging_file_still_open_is_left_to_its_handles_only_over_its_own_version() {
+        let store = Arc::new(MemStore::new());
+        let dir = crate::cache_dir::private_tempdir();
+        let dead = ctx(&store, dir.path()).await;
+        let old: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        for key in ["mine", "landed", "theirs"] {
+            let base = put(&dead, key, &old).await;
+            let mut st = Staged::from_object(dead.clone(), key, base).unwrap();
+            st.write(old.len() as u64, b" appended", meta)
+                .await
+                .unwrap();
+            if key == "landed" {
+                // Uploaded, and the process died before it rewrote the record.
+                let meta_path = st.path().with_extension("meta");
+                let before = std::fs::read(&meta_path).unwrap();
+                st.upload(&meta(), None).await.unwrap();
+                std::fs::write(&meta_path, before).unwrap();
+            }
+            std::mem::forget(st);
+        }
+        put(&dead, "theirs", b"another client's").await;
+        dead.cache.unlock_as_if_dead();
+        let fresh = ctx(&store, dir.path()).await;
+        let writing: HashSet<String> = ["mine", "landed", "theirs"].map(str::to_owned).into();
+        let report = scan(&fresh, &writing).await;
+        let deferred: Vec<&str> = report.deferred.iter().map(|(_, k)| k.as_str()).collect();
+        assert_eq!(deferred, ["mine"], "{report:?}");
+        assert_eq!((report.dropped, report.kept, report.uploaded), (1, 1, 0));
+        assert!(get(&fresh, "mine").await.unwrap() == old, "not uploaded");
     }
 
     #[tokio::test]

@@ -341,7 +341,8 @@ impl Staged {
     ///
     /// `None` when the stream cannot go on here (not a stream's record, no part buffer free, S3
     /// not answering where a listing is needed): the caller recovers the entry as the start-up
-    /// scan does. Nothing is changed then.
+    /// scan does. The entry is unchanged then (parts sent again meanwhile hold the bytes they
+    /// held before).
     pub async fn continued(ctx: Arc<StageCtx>, local: Entry, record: &Record) -> Option<Self> {
         let part = ctx.stream_part_size();
         if !ctx.stream || ctx.arena.is_none() || record.part_size != part || !record.dirty {
@@ -391,25 +392,9 @@ impl Staged {
             .metadata
             .as_ref()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-        // Every byte goes into a part buffer before anything is sent or deleted.
-        let mut resend = Vec::new();
-        let mut relist = false;
-        for i in 0..streamed / part {
-            let range = i * part..(i + 1) * part;
-            if !kept.missing(range.clone()).is_empty() {
-                relist = true;
-                continue;
-            }
-            let bytes = read(range.clone())?;
-            let memory = ctx.memory.acquire(part).await;
-            let mut buf = s.slot_for(&local, range.start)?;
-            buf.extend_from_slice(&bytes);
-            resend.push(PartData {
-                number: i as i32 + 1,
-                bytes: buf.into_bytes(),
-                _memory: memory,
-            });
-        }
+        // Every byte goes into a part buffer before the data file is deleted: the tail first,
+        // then each part that was on its way, sent again as soon as it is in its buffer (the
+        // memory of one comes back once it is in S3, for the next).
         if size > streamed {
             let bytes = read(streamed..size)?;
             let memory = ctx.memory.acquire(bytes.len() as u64).await;
@@ -417,22 +402,33 @@ impl Staged {
             buf.extend_from_slice(&bytes);
             s.filling = Some((buf, memory));
         }
-        s.local = local;
-        s.size = size;
         if let Some(upload_id) = upload_id {
             let stop_retrying = watch::Sender::new(false);
-            let running = resend
-                .into_iter()
-                .map(|p| {
-                    tokio::spawn(upload_part(
-                        ctx.clone(),
-                        s.key.clone(),
-                        upload_id.clone(),
-                        p,
-                        stop_retrying.subscribe(),
-                    ))
-                })
-                .collect();
+            let mut running = Vec::new();
+            let mut relist = false;
+            for i in 0..streamed / part {
+                let range = i * part..(i + 1) * part;
+                if !kept.missing(range.clone()).is_empty() {
+                    relist = true;
+                    continue;
+                }
+                let bytes = read(range.clone())?;
+                let memory = ctx.memory.acquire(part).await;
+                let mut buf = s.slot_for(&local, range.start)?;
+                buf.extend_from_slice(&bytes);
+                let data = PartData {
+                    number: i as i32 + 1,
+                    bytes: buf.into_bytes(),
+                    _memory: memory,
+                };
+                running.push(tokio::spawn(upload_part(
+                    ctx.clone(),
+                    s.key.clone(),
+                    upload_id.clone(),
+                    data,
+                    stop_retrying.subscribe(),
+                )));
+            }
             s.stream = Some(Stream {
                 upload_id,
                 metadata: s.last_metadata.clone().unwrap_or_default(),
@@ -446,6 +442,8 @@ impl Staged {
                 relist,
             });
         }
+        s.local = local;
+        s.size = size;
         s.mark_content_dirty();
         // The record of a live stream (or none, for a file that never filled a part), then
         // no data file: its bytes are in the arena.
