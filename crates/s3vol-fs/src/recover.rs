@@ -333,13 +333,24 @@ fn keep(report: &mut ScanReport, stem: &Path, key: &str, size: u64, why: &str) {
     );
 }
 
-/// Aborts `id`; true when it is gone (aborted now, or already).
+/// Aborts `id`: `Ok` when it is gone (aborted now, or already).
 async fn abort(
     ctx: &StageCtx,
     key: &str,
     id: &str,
     report: &mut ScanReport,
 ) -> Result<(), S3Error> {
+    abort_open(ctx, key, id, report).await.map(|_| ())
+}
+
+/// Aborts `id`: `Ok(true)` when this call aborted it, `Ok(false)` when S3 knows no such upload
+/// (aborted, or completed, already).
+async fn abort_open(
+    ctx: &StageCtx,
+    key: &str,
+    id: &str,
+    report: &mut ScanReport,
+) -> Result<bool, S3Error> {
     match ctx
         .store
         .abort_multipart_upload(&ctx.bucket, key, &UploadId(id.to_owned()))
@@ -352,9 +363,9 @@ async fn abort(
                 upload_id = id,
                 "aborted a multipart upload an earlier mount left"
             );
-            Ok(())
+            Ok(true)
         }
-        Err(S3Error::NotFound(_)) => Ok(()),
+        Err(S3Error::NotFound(_)) => Ok(false),
         Err(e) => Err(e),
     }
 }
@@ -539,20 +550,78 @@ async fn recover_entry(
         // A stream written out at exit: the data file holds only what was in memory.
         return complete_stream(ctx, stem, Some(&data), &record, size, report).await;
     }
-    if let Some(id) = record.upload_id.clone()
-        && let Err(e) = abort(ctx, &key, &id, report).await
-    {
-        keep(
-            report,
-            stem,
-            &key,
-            size,
-            &format!("its unfinished upload {id} cannot be aborted: {e}"),
-        );
-        return false;
+    // Whether an upload of this file may have been completed by S3 after the HEAD above.
+    let mut raced = false;
+    if let Some(id) = record.upload_id.clone() {
+        match abort_open(ctx, &key, &id, report).await {
+            Ok(true) => {}
+            Ok(false) => {
+                raced = true;
+                // Gone already: ended by its process, or completed — perhaps only now, by a
+                // completion still on its way when the process died, after the HEAD above.
+                // The object decides: still the version the file started from, or this file.
+                let now = ctx.store.head_object(&ctx.bucket, &key).await;
+                match now {
+                    Ok(info)
+                        if Some(info.etag.as_str().trim_matches('"'))
+                            != expected.map(|e| e.trim_matches('"')) =>
+                    {
+                        if info.size == size {
+                            tracing::info!(key, staging_file = %data_path.display(), upload_id = id, "a staged file's multipart upload completed as its process died; dropped");
+                            report.dropped += 1;
+                            report.dropped_bytes += size;
+                            remove_all(stem);
+                            return true;
+                        }
+                        keep(
+                            report,
+                            stem,
+                            &key,
+                            size,
+                            "the object changed in S3 while this file was recovered",
+                        );
+                        return false;
+                    }
+                    Ok(_) => {}
+                    Err(S3Error::NotFound(_)) if expected.is_none() => {}
+                    Err(S3Error::NotFound(_)) => {
+                        keep(
+                            report,
+                            stem,
+                            &key,
+                            size,
+                            "the object was deleted in S3 while this file was recovered",
+                        );
+                        return false;
+                    }
+                    Err(e) => {
+                        keep(
+                            report,
+                            stem,
+                            &key,
+                            size,
+                            &format!("S3 could not be asked whether the object changed: {e}"),
+                        );
+                        return false;
+                    }
+                }
+            }
+            Err(e) => {
+                keep(
+                    report,
+                    stem,
+                    &key,
+                    size,
+                    &format!("its unfinished upload {id} cannot be aborted: {e}"),
+                );
+                return false;
+            }
+        }
     }
     record.upload_id = None;
-    if writing.contains(&key) {
+    if writing.contains(&key) && !raced {
+        // (After a race, the upload below settles it: with `If-Match` on the version the
+        // file started from, it fails and keeps the file if the object is the upload's.)
         return defer(ctx, stem, &mut record, report).await;
     }
     let metadata: UserMetadata = match (&record.metadata, &current) {

@@ -1773,6 +1773,13 @@ impl Staged {
         deadline: Instant,
     ) -> FsResult<ETag> {
         self.fill(0, self.size).await?;
+        // The record learns the ranges just fetched: a successor that finds this file after a
+        // death during the PUT then has every byte here and needs no version of the object,
+        // which the PUT may have replaced as the process died.
+        let base_size = self.base.as_ref().map_or(0, |b| b.size.min(self.size));
+        if self.local.on_disk() && !self.recorded_local.missing(0..base_size).is_empty() {
+            self.journal();
+        }
         let _permit = self.ctx.memory.acquire(self.size).await;
         let mut buf = vec![0u8; self.size as usize];
         self.file()?.read_exact_at(&mut buf, 0)?;
