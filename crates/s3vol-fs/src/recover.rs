@@ -370,6 +370,31 @@ async fn abort_open(
     }
 }
 
+/// What the object `key` is once a staging file's own upload turned out gone already (see
+/// [`recover_entry`]): `Ok(true)` when it is this file (`size` bytes, no longer the version
+/// `expected` the file started from: the upload was completed), `Ok(false)` when it is still
+/// that version, `Err` with the reason to keep the file otherwise.
+async fn settled_upload(
+    ctx: &StageCtx,
+    key: &str,
+    expected: Option<&str>,
+    size: u64,
+) -> Result<bool, String> {
+    let expected = expected.map(|e| e.trim_matches('"'));
+    match ctx.store.head_object(&ctx.bucket, key).await {
+        Ok(info) if Some(info.etag.as_str().trim_matches('"')) == expected => Ok(false),
+        Ok(info) if info.size == size => Ok(true),
+        Ok(_) => Err("the object changed in S3 while this file was recovered".to_owned()),
+        Err(S3Error::NotFound(_)) if expected.is_none() => Ok(false),
+        Err(S3Error::NotFound(_)) => {
+            Err("the object was deleted in S3 while this file was recovered".to_owned())
+        }
+        Err(e) => Err(format!(
+            "S3 could not be asked whether the object changed: {e}"
+        )),
+    }
+}
+
 /// Deals with one leftover; true when nothing of it remains.
 async fn recover_entry(
     ctx: &Arc<StageCtx>,
@@ -559,49 +584,17 @@ async fn recover_entry(
                 raced = true;
                 // Gone already: ended by its process, or completed — perhaps only now, by a
                 // completion still on its way when the process died, after the HEAD above.
-                // The object decides: still the version the file started from, or this file.
-                let now = ctx.store.head_object(&ctx.bucket, &key).await;
-                match now {
-                    Ok(info)
-                        if Some(info.etag.as_str().trim_matches('"'))
-                            != expected.map(|e| e.trim_matches('"')) =>
-                    {
-                        if info.size == size {
-                            tracing::info!(key, staging_file = %data_path.display(), upload_id = id, "a staged file's multipart upload completed as its process died; dropped");
-                            report.dropped += 1;
-                            report.dropped_bytes += size;
-                            remove_all(stem);
-                            return true;
-                        }
-                        keep(
-                            report,
-                            stem,
-                            &key,
-                            size,
-                            "the object changed in S3 while this file was recovered",
-                        );
-                        return false;
+                match settled_upload(ctx, &key, expected, size).await {
+                    Ok(true) => {
+                        tracing::info!(key, staging_file = %data_path.display(), upload_id = id, "a staged file's multipart upload completed as its process died; dropped");
+                        report.dropped += 1;
+                        report.dropped_bytes += size;
+                        remove_all(stem);
+                        return true;
                     }
-                    Ok(_) => {}
-                    Err(S3Error::NotFound(_)) if expected.is_none() => {}
-                    Err(S3Error::NotFound(_)) => {
-                        keep(
-                            report,
-                            stem,
-                            &key,
-                            size,
-                            "the object was deleted in S3 while this file was recovered",
-                        );
-                        return false;
-                    }
-                    Err(e) => {
-                        keep(
-                            report,
-                            stem,
-                            &key,
-                            size,
-                            &format!("S3 could not be asked whether the object changed: {e}"),
-                        );
+                    Ok(false) => {}
+                    Err(why) => {
+                        keep(report, stem, &key, size, &why);
                         return false;
                     }
                 }
