@@ -270,6 +270,8 @@ pub struct S3Fs {
     /// What a dead predecessor left of files still open for writing (see `recover::scan`):
     /// entries of this instance, stem and key, for the adopted handles to go on from.
     deferred_at_start: Mutex<Vec<(std::path::PathBuf, String)>>,
+    /// A successor's session journal as read at start, until `adopt` takes it.
+    predecessor: Mutex<Option<crate::journal::Snapshot>>,
 }
 
 fn name_ok(name: &str) -> FsResult<()> {
@@ -326,6 +328,11 @@ impl S3Fs {
         });
         let mut kept_at_start = Vec::new();
         let mut deferred_at_start = Vec::new();
+        // A successor's journal, read once: for the scan here and for `adopt`.
+        let predecessor = match (&config.session_dir, config.successor) {
+            (Some(dir), true) => crate::journal::Journal::read(dir).ok(),
+            _ => None,
+        };
         if !config.read_only {
             // What earlier mounts left, before anything is served (see `recover`): first what
             // a dead predecessor held in part buffers, which then is a staging file too.
@@ -333,12 +340,10 @@ impl S3Fs {
                 recover::take_over_parts(&stage, arena);
             }
             // A successor leaves what its handles still write to them.
-            let writing = match (&config.session_dir, config.successor) {
-                (Some(dir), true) => crate::journal::Journal::read(dir)
-                    .map(|snap| snap.keys_open_for_writing(&config.prefix))
-                    .unwrap_or_default(),
-                _ => Default::default(),
-            };
+            let writing = predecessor
+                .as_ref()
+                .map(|snap| snap.keys_open_for_writing(&config.prefix))
+                .unwrap_or_default();
             let report = recover::scan(&stage, &writing).await;
             kept_at_start = report.kept_files;
             deferred_at_start = report.deferred;
@@ -366,6 +371,7 @@ impl S3Fs {
             names: Arc::new(NameIndexes::default()),
             kept_at_start: Mutex::new(kept_at_start),
             deferred_at_start: Mutex::new(deferred_at_start),
+            predecessor: Mutex::new(predecessor),
             inodes: Inodes::new(config.prefix.clone(), root_attrs),
             config,
             store,

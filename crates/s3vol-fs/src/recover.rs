@@ -1208,6 +1208,110 @@ mod tests {
         );
     }
 
+    /// The entry a successor's scan leaves for a stream whose upload `id` holds what S3 has of
+    /// `[0, streamed)` and whose data file holds the tail `[streamed, streamed + tail.len())`
+    /// (none of the parts below): what `take_over_parts` makes of a part being filled.
+    fn stream_entry(ctx: &StageCtx, key: &str, id: &UploadId, streamed: u64, tail: &[u8]) -> Entry {
+        let stem = ctx.cache.new_stem();
+        let size = streamed + tail.len() as u64;
+        let mut record = Record::new(ctx.bucket.as_str(), key);
+        record.upload_id = Some(id.0.clone());
+        record.part_size = ctx.stream_part_size();
+        record.streamed = streamed;
+        record.size = size;
+        record.dirty = true;
+        record.local = vec![(streamed, size)];
+        let mut entry = Entry::new(stem.clone());
+        entry.write_record(&record).unwrap();
+        let data = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(with_ext(&stem, "data"))
+            .unwrap();
+        data.write_all_at(tail, streamed).unwrap();
+        Entry::adopt(stem, data)
+    }
+
+    /// A stream that goes on after a death completes its upload from the parts S3 lists only
+    /// when every part below its end is there: one missing is `EIO` (never a shorter object).
+    /// And an upload that is gone when the flush comes, because the dead process completed it
+    /// in a flush the kernel then sent again, is the object when that object has the file's
+    /// size and part count.
+    #[tokio::test]
+    async fn a_continued_stream_completes_only_whole() {
+        let store = Arc::new(MemStore::new());
+        let bucket = BucketName::new("bkt").unwrap();
+        store.create_bucket(&bucket).await.unwrap();
+        let dir = crate::cache_dir::private_tempdir();
+        let memfd = crate::parts::create_memfd().unwrap();
+        let arena = Arc::new(PartArena::open(memfd, 5 << 20).unwrap());
+        let ctx = ctx_with(store.clone(), bucket.clone(), dir.path(), Some(arena));
+        let part = 5u64 << 20;
+        let body: Vec<u8> = (0..2 * part + 1000).map(|i| (i % 253) as u8).collect();
+        let (parts, tail) = body.split_at(2 * part as usize);
+        let record_of = |entry: &Entry| {
+            Record::parse(&std::fs::read_to_string(entry.with_ext("meta")).unwrap()).unwrap()
+        };
+
+        // Part 1 is nowhere: neither in the upload nor in the data file.
+        let id = store
+            .create_multipart_upload(&bucket, "gap", &PutOptions::default())
+            .await
+            .unwrap();
+        store
+            .upload_part(
+                &bucket,
+                "gap",
+                &id,
+                2,
+                Bytes::copy_from_slice(&parts[part as usize..]),
+            )
+            .await
+            .unwrap();
+        let entry = stream_entry(&ctx, "gap", &id, 2 * part, tail);
+        let record = record_of(&entry);
+        let mut st = Staged::continued(ctx.clone(), entry, &record)
+            .await
+            .unwrap();
+        let err = st.upload(&meta(), None).await.unwrap_err();
+        assert_eq!(err.errno, libc::EIO, "{err:?}");
+        assert!(get(&ctx, "gap").await.is_none(), "no shorter object");
+        st.discard().await;
+
+        // The dead process completed the upload (its flush was sent again).
+        let id = store
+            .create_multipart_upload(&bucket, "done", &PutOptions::default())
+            .await
+            .unwrap();
+        let mut done = Vec::new();
+        for (n, chunk) in body.chunks(part as usize).enumerate() {
+            let p = store
+                .upload_part(
+                    &bucket,
+                    "done",
+                    &id,
+                    n as i32 + 1,
+                    Bytes::copy_from_slice(chunk),
+                )
+                .await
+                .unwrap();
+            done.push(p);
+        }
+        let entry = stream_entry(&ctx, "done", &id, 2 * part, tail);
+        store
+            .complete_multipart_upload(&bucket, "done", &id, &done)
+            .await
+            .unwrap();
+        let record = record_of(&entry);
+        let mut st = Staged::continued(ctx.clone(), entry, &record)
+            .await
+            .unwrap();
+        st.upload(&meta(), None).await.unwrap();
+        assert!(get(&ctx, "done").await.unwrap() == body);
+    }
+
     /// A staging file still open for writing is left to its handles only when the object is
     /// still the version it started from. One whose process uploaded it and died before its
     /// record said so is the object already (dropped, and the handles go on from the object);

@@ -398,7 +398,7 @@ impl Staged {
         if size > streamed {
             let bytes = read(streamed..size)?;
             let memory = ctx.memory.acquire(bytes.len() as u64).await;
-            let mut buf = s.slot_for(&local, streamed)?;
+            let mut buf = s.part_buf_of(local.name(), streamed)?;
             buf.extend_from_slice(&bytes);
             s.filling = Some((buf, memory));
         }
@@ -414,7 +414,7 @@ impl Staged {
                 }
                 let bytes = read(range.clone())?;
                 let memory = ctx.memory.acquire(part).await;
-                let mut buf = s.slot_for(&local, range.start)?;
+                let mut buf = s.part_buf_of(local.name(), range.start)?;
                 buf.extend_from_slice(&bytes);
                 let data = PartData {
                     number: i as i32 + 1,
@@ -453,16 +453,6 @@ impl Staged {
             s.local.remove_journal();
         }
         Some(s)
-    }
-
-    /// A part buffer in the arena for the bytes of the file from `offset` on, named after the
-    /// entry `local` (for [`Staged::continued`], before the entry is the file's).
-    fn slot_for(&self, local: &Entry, offset: u64) -> Option<PartBuf> {
-        let arena = self.ctx.arena.as_ref()?;
-        let base = self.base.as_ref().map_or("", |b| b.etag.as_str());
-        arena
-            .take(local.name(), &self.key, offset, base)
-            .map(PartBuf::Slot)
     }
 
     /// The attributes recorded with the last upload attempt.
@@ -1096,11 +1086,18 @@ impl Staged {
     /// there is one (`None` if every slot is taken: the file is staged on disk instead),
     /// else on the heap.
     fn new_part_buf(&self, offset: u64) -> Option<PartBuf> {
+        self.part_buf_of(self.local.name(), offset)
+    }
+
+    /// The same, for the staging entry named `stem` (which a slot's header names: a
+    /// successor moves the slot's bytes there). [`Staged::continued`] fills buffers for an
+    /// entry that becomes the file's only once they all are.
+    fn part_buf_of(&self, stem: &str, offset: u64) -> Option<PartBuf> {
         let Some(arena) = &self.ctx.arena else {
             return Some(PartBuf::Heap(self.ctx.parts.take()));
         };
         let base = self.base.as_ref().map_or("", |b| b.etag.as_str());
-        let slot = arena.take(self.local.name(), &self.key, offset, base);
+        let slot = arena.take(stem, &self.key, offset, base);
         if slot.is_none() {
             tracing::debug!(key = %self.key, "every part buffer slot is in use; the file is staged on disk");
         }

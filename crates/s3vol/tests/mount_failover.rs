@@ -485,6 +485,30 @@ async fn streamed_bytes_in_memory_survive_kills_of_the_serving_process() {
     )
     .await;
 
+    // An object appended to in place (a staging file in the cache directory): left to its
+    // handle too, and not uploaded before its close either.
+    let old = pattern(200_000, 25);
+    m.put("appended.bin", &old, &[]).await;
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(m.path("appended.bin"))
+        .unwrap();
+    f.write_all(b"written before the kill; ").unwrap();
+    takeovers += 1;
+    pid = kill_and_wait(supervisor, pid, &log, takeovers);
+    assert!(
+        m.get("appended.bin").await == old,
+        "appended.bin after the kill: still the object it was"
+    );
+    f.write_all(b"written after it").unwrap();
+    support::close(f).unwrap();
+    let mut want = old.clone();
+    want.extend_from_slice(b"written before the kill; written after it");
+    assert!(
+        m.get("appended.bin").await == want,
+        "appended.bin after close"
+    );
+
     // A big file streamed in parts, killed three times while written.
     let big = pattern(48 << 20, 22);
     let mut f = OpenOptions::new()
@@ -528,8 +552,12 @@ async fn streamed_bytes_in_memory_survive_kills_of_the_serving_process() {
     );
     assert_eq!(
         text.matches("goes on where it was").count(),
-        takeovers,
-        "not every file went on from its part buffers:\n{text}"
+        takeovers - 1,
+        "not every streamed file went on from its part buffers:\n{text}"
+    );
+    assert!(
+        text.contains("goes on from what the cache directory kept of it"),
+        "the appended file did not go on from its staging file:\n{text}"
     );
     for bad in [
         "are lost",

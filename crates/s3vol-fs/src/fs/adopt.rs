@@ -45,7 +45,16 @@ impl S3Fs {
     /// Takes over the connection a dead predecessor served: reads its journal in `dir`,
     /// rebuilds the node and handle tables, and goes on journaling (compacted) there.
     pub async fn adopt(&self, dir: &Path) -> io::Result<Adopted> {
-        let snap = Journal::read(dir)?;
+        let read_at_start = self
+            .predecessor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|_| self.config.session_dir.as_deref() == Some(dir));
+        let snap = match read_at_start {
+            Some(snap) => snap,
+            None => Journal::read(dir)?,
+        };
         let keys = snap.keys(&self.config.prefix);
         for (&ino, n) in &snap.nodes {
             let attrs = Attrs::defaults(n.kind, &self.config, 0, self.mount_time);

@@ -656,3 +656,52 @@ async fn the_same_bytes_written_again_into_the_part_being_filled_keep_the_stream
     st.upload(&meta("33188", "1"), None).await.unwrap();
     assert!(object(&ctx, "f").await.0 == expect);
 }
+
+/// A patched small object is PUT whole, its untouched ranges fetched from the version it
+/// started from first. Its record names those ranges before the PUT starts, so a process that
+/// dies during the PUT leaves a staging file a successor can upload without that version,
+/// which the PUT may have replaced meanwhile.
+#[tokio::test]
+async fn a_patched_small_file_records_the_ranges_it_fetched_before_its_put() {
+    let dir = crate::cache_dir::private_tempdir();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let ctx = ctx_over(store.clone(), dir.path()).await;
+    let old = data(300_000, 7);
+    let put = ctx
+        .store
+        .put_object(
+            &ctx.bucket,
+            "small",
+            Bytes::from(old.clone()),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    let base = Base {
+        etag: put.etag,
+        size: old.len() as u64,
+    };
+    let mut st = Staged::from_object(ctx.clone(), "small", base).unwrap();
+    st.write(1000, b"patched", || meta("33188", "1"))
+        .await
+        .unwrap();
+    // The PUT hangs, and the process dies in it (the upload is dropped unfinished).
+    store.add(Fault::Latency {
+        op: Some(Op::Put),
+        delay: Duration::from_secs(30),
+    });
+    let died = tokio::time::timeout(
+        Duration::from_millis(500),
+        st.upload(&meta("33188", "1"), None),
+    )
+    .await;
+    assert!(died.is_err(), "the PUT was to hang");
+    let text = std::fs::read_to_string(st.local.with_ext("meta")).unwrap();
+    let record = crate::cache_dir::Record::parse(&text).unwrap();
+    assert_eq!(
+        record.local,
+        vec![(0, old.len() as u64)],
+        "every byte of the file is in the staging file, and the record says so"
+    );
+    std::mem::forget(st);
+}
