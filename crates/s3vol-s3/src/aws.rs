@@ -81,8 +81,8 @@ impl AwsStore {
         aws_sdk_s3::config::Builder::default().timeout_config(self.config.timeout_config(kind))
     }
 
-    /// The error that explains a bare 403 on `bucket`: the credentials error a LIST of one key
-    /// reports, else `denied` as it was.
+    /// The error that explains a bare 403 or 400 on `bucket`: the credentials error a LIST of
+    /// one key reports, else `denied` as it was.
     async fn why_denied(&self, bucket: &BucketName, denied: S3Error) -> S3Error {
         let listed = self
             .client
@@ -96,6 +96,32 @@ impl AwsStore {
         match listed.map_err(|e| map_err(e, format!("s3://{bucket}"))) {
             Err(e @ S3Error::InvalidCredentials { .. }) => e,
             _ => denied,
+        }
+    }
+
+    /// The error that explains a bare 400 on a HEAD of `key`: what a GET of its first byte
+    /// answers, else `bad` as it was. HEAD responses have no body, and S3 answers an expired
+    /// or invalid session token with a 400 (`ExpiredToken`), which a bare status cannot tell
+    /// from a malformed request; the GET's error names it, so the caller sees a credentials
+    /// error (EACCES, and a message saying what to renew) instead of an I/O error. Only a bare
+    /// 400 costs this second request: S3 answers nothing else that way to a well-formed HEAD.
+    async fn why_bad_request(&self, bucket: &BucketName, key: &str, bad: S3Error) -> S3Error {
+        let got = self
+            .client
+            .get_object()
+            .bucket(bucket.as_str())
+            .key(key)
+            .range("bytes=0-0")
+            .customize()
+            .config_override(self.timeouts(RequestKind::Small))
+            .send()
+            .await;
+        match got.map_err(|e| map_err(e, obj(bucket, key))) {
+            Err(e @ S3Error::InvalidCredentials { .. }) => e,
+            Err(e @ S3Error::InvalidRequest { .. }) if !matches!(&e, S3Error::InvalidRequest { code, .. } if code == "InvalidRange") => {
+                e
+            }
+            _ => bad,
         }
     }
 
@@ -331,8 +357,14 @@ impl ObjectStore for AwsStore {
                 .customize()
                 .config_override(self.timeouts(RequestKind::Small))
                 .send()
-                .await
-                .map_err(|e| map_err(e, obj(bucket, key)))?;
+                .await;
+            let out = match out.map_err(|e| map_err(e, obj(bucket, key))) {
+                Ok(out) => out,
+                Err(bad @ S3Error::Other { status: 400, .. }) => {
+                    return Err(self.why_bad_request(bucket, key, bad).await);
+                }
+                Err(e) => return Err(e),
+            };
             Ok(ObjectInfo {
                 key: key.to_owned(),
                 size: out.content_length().unwrap_or(0).max(0) as u64,
@@ -921,7 +953,10 @@ impl ObjectStore for AwsStore {
                     S3Error::NotFound(_) => Err(S3Error::NoSuchBucket(bucket.to_string())),
                     // ... and refused credentials as a bare 403, indistinguishable from a
                     // policy that denies: a LIST answers with the S3 error code that tells.
-                    denied @ S3Error::AccessDenied(_) => Err(self.why_denied(bucket, denied).await),
+                    // An expired session token is a bare 400 the same way.
+                    denied @ (S3Error::AccessDenied(_) | S3Error::Other { status: 400, .. }) => {
+                        Err(self.why_denied(bucket, denied).await)
+                    }
                     other => Err(other),
                 },
             }
