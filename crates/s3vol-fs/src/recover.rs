@@ -1492,6 +1492,81 @@ mod tests {
         assert!(report.kept_files[0].1 == "open");
     }
 
+    /// A staging file whose process died while S3 was still carrying out the completion of
+    /// its multipart upload: the scan's HEAD finds the version the file started from, and the
+    /// completion lands between that HEAD and the scan's abort of the upload. The file is the
+    /// object then: dropped, neither uploaded again (which would fail on its version) nor kept,
+    /// whether an application still has it open for writing or not.
+    #[tokio::test]
+    async fn a_completion_landing_after_the_scans_head_leaves_the_object_as_the_file() {
+        for still_open in [false, true] {
+            completion_after_the_head(still_open).await;
+        }
+    }
+
+    async fn completion_after_the_head(still_open: bool) {
+        let mem = Arc::new(MemStore::new());
+        let faults = Arc::new(s3vol_s3::FaultStore::new(mem.clone()));
+        let bucket = BucketName::new("bkt").unwrap();
+        mem.create_bucket(&bucket).await.unwrap();
+        let dir = crate::cache_dir::private_tempdir();
+        let dead = ctx_on(mem.clone(), bucket.clone(), dir.path());
+        let old: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        let mut new = old.clone();
+        new.extend_from_slice(b" appended");
+        let base = put(&dead, "f", &old).await;
+        let mut st = Staged::from_object(dead.clone(), "f", base).unwrap();
+        st.write(old.len() as u64, b" appended", meta)
+            .await
+            .unwrap();
+        let meta_path = st.path().with_extension("meta");
+        std::mem::forget(st);
+        // The upload its process started and sent every part of, recorded as it started.
+        let id = mem
+            .create_multipart_upload(&bucket, "f", &PutOptions::default())
+            .await
+            .unwrap();
+        let part = mem
+            .upload_part(&bucket, "f", &id, 1, Bytes::from(new.clone()))
+            .await
+            .unwrap();
+        let mut record = Record::parse(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+        record.upload_id = Some(id.0.clone());
+        let mut body = serde_json::to_vec(&record).unwrap();
+        body.push(b'\n');
+        std::fs::write(&meta_path, body).unwrap();
+        // Its completion, which S3 carries out only as the scan aborts the upload.
+        let (store, b) = (mem.clone(), bucket.clone());
+        faults.add(s3vol_s3::Fault::Before {
+            op: s3vol_s3::Op::AbortMultipart,
+            action: s3vol_s3::Action::new(move || {
+                let (store, b, id, part) = (store.clone(), b.clone(), id.clone(), part.clone());
+                async move {
+                    store
+                        .complete_multipart_upload(&b, "f", &id, &[part])
+                        .await
+                        .unwrap();
+                }
+            }),
+        });
+        dead.cache.unlock_as_if_dead();
+        let fresh = ctx_on(faults.clone(), bucket, dir.path());
+        let writing: HashSet<String> = if still_open {
+            ["f".to_owned()].into()
+        } else {
+            HashSet::new()
+        };
+        let report = scan(&fresh, &writing).await;
+        assert_eq!(
+            (report.dropped, report.uploaded, report.kept),
+            (1, 0, 0),
+            "still open: {still_open}: {report:?}"
+        );
+        assert!(report.deferred.is_empty(), "{report:?}");
+        assert!(get(&fresh, "f").await.unwrap() == new);
+        assert_eq!(data_files(dir.path()), 0);
+    }
+
     #[tokio::test]
     async fn a_stream_written_out_at_exit_is_completed_from_its_parts_and_the_data_file() {
         let dir = crate::cache_dir::private_tempdir();

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::future::BoxFuture;
 
 use crate::error::{S3Error, S3Result};
 use crate::store::{GetObject, ObjectStore, Op};
@@ -44,6 +45,30 @@ pub enum Fault {
         error: S3Error,
         times: Option<u64>,
     },
+    /// The next call of `op` waits for `action` before it reaches the store (once; the rule
+    /// is then spent): another party acting between two calls of the code under test, such
+    /// as a request of a dead process that S3 carries out late.
+    Before { op: Op, action: Action },
+}
+
+/// What a [`Fault::Before`] rule runs.
+#[derive(Clone)]
+pub struct Action(Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>);
+
+impl Action {
+    pub fn new<F, Fut>(f: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Action(Arc::new(move || Box::pin(f())))
+    }
+}
+
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Action")
+    }
 }
 
 #[derive(Debug)]
@@ -90,8 +115,16 @@ impl FaultStore {
     async fn before(&self, op: Op) -> S3Result<()> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let mut delay = Duration::ZERO;
+        let mut action = None;
         let outcome = {
             let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = rules
+                .iter()
+                .position(|r| matches!(&r.fault, Fault::Before { op: o, .. } if *o == op))
+                && let Fault::Before { action: a, .. } = rules.remove(i).fault
+            {
+                action = Some(a);
+            }
             let mut outcome = Ok(());
             let mut spent = None;
             for (i, rule) in rules.iter_mut().enumerate() {
@@ -126,6 +159,9 @@ impl FaultStore {
             }
             outcome
         };
+        if let Some(Action(run)) = action {
+            run().await;
+        }
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }

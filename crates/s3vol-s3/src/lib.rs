@@ -38,7 +38,7 @@ pub use config::{
     StaticCredentials,
 };
 pub use error::{S3Error, S3Result};
-pub use fault::{Fault, FaultStore};
+pub use fault::{Action, Fault, FaultStore};
 pub use mem::MemStore;
 pub use rotating::RotatingCredentials;
 pub use store::{ByteStream, GetObject, ObjectStore, Op};
