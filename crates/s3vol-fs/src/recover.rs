@@ -1461,11 +1461,7 @@ mod tests {
                 .create_multipart_upload(&dead.bucket, key, &PutOptions::default())
                 .await
                 .unwrap();
-            let mut record = Record::parse(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
-            record.upload_id = Some(id.0.clone());
-            let mut body = serde_json::to_vec(&record).unwrap();
-            body.push(b'\n');
-            std::fs::write(&meta_path, body).unwrap();
+            record_upload(&meta_path, &id);
             if complete {
                 let part = store
                     .upload_part(&dead.bucket, key, &id, 1, Bytes::from(new.clone()))
@@ -1497,6 +1493,16 @@ mod tests {
     /// completion lands between that HEAD and the scan's abort of the upload. The file is the
     /// object then: dropped, neither uploaded again (which would fail on its version) nor kept,
     /// whether an application still has it open for writing or not.
+    /// Writes into the journal record at `meta_path` that its file's upload `id` started, as
+    /// the process does before it creates the upload's first part.
+    fn record_upload(meta_path: &Path, id: &UploadId) {
+        let mut record = Record::parse(&std::fs::read_to_string(meta_path).unwrap()).unwrap();
+        record.upload_id = Some(id.0.clone());
+        let mut body = serde_json::to_vec(&record).unwrap();
+        body.push(b'\n');
+        std::fs::write(meta_path, body).unwrap();
+    }
+
     #[tokio::test]
     async fn a_completion_landing_after_the_scans_head_leaves_the_object_as_the_file() {
         for still_open in [false, true] {
@@ -1530,11 +1536,7 @@ mod tests {
             .upload_part(&bucket, "f", &id, 1, Bytes::from(new.clone()))
             .await
             .unwrap();
-        let mut record = Record::parse(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
-        record.upload_id = Some(id.0.clone());
-        let mut body = serde_json::to_vec(&record).unwrap();
-        body.push(b'\n');
-        std::fs::write(&meta_path, body).unwrap();
+        record_upload(&meta_path, &id);
         // Its completion, which S3 carries out only as the scan aborts the upload.
         let (store, b) = (mem.clone(), bucket.clone());
         faults.add(s3vol_s3::Fault::Before {
