@@ -588,19 +588,37 @@ impl NodeService {
 
     /// Proves that the volume's serving process answers: a `statfs` through the mount, bounded
     /// by the mount timeout. If it does not answer, the process is stopped and its own reason
-    /// for ending becomes the error.
+    /// for ending becomes the error. While the `statfs` waits, the mounter is asked (every
+    /// quarter of a second) whether the volume is still served: a serving process that dies
+    /// right after it said it serves, and whose successors die too, fails the stage at once
+    /// instead of at the mount timeout (the connection stays open while this plugin and the
+    /// mounter hold it, so the `statfs` itself would wait for the timeout).
     async fn prove_serving(
         &self,
         volume_id: &str,
         staging: &Path,
         pid: Option<u32>,
     ) -> CsiResult<()> {
-        let health = mounts::probe(staging, self.config.mount_timeout).await;
+        let probe = mounts::probe(staging, self.config.mount_timeout);
+        tokio::pin!(probe);
+        let mut unserved = None;
+        let health = loop {
+            tokio::select! {
+                health = &mut probe => break health,
+                () = tokio::time::sleep(Duration::from_millis(250)) => {
+                    if let Some(why) = self.mounter_status(volume_id).await.and_then(|s| s.ended) {
+                        unserved = Some(why);
+                        break Health::NoAnswer;
+                    }
+                }
+            }
+        };
         if matches!(health, Health::Ok { .. }) {
             return Ok(());
         }
-        let what = match &health {
-            Health::Error(_, msg) => format!("answers {msg}"),
+        let what = match (&health, unserved) {
+            (_, Some(why)) => format!("is served by no process any more ({why})"),
+            (Health::Error(_, msg), None) => format!("answers {msg}"),
             _ => format!(
                 "did not answer within {} s",
                 self.config.mount_timeout.as_secs()

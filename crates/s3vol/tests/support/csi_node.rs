@@ -248,6 +248,7 @@ async fn csi_stage_fails_with_the_reason_of_a_process_that_dies_after_ready() {
     let staging = h.path("staging/v");
     std::fs::create_dir_all(&staging).unwrap();
     h.mounts.push(staging.clone());
+    let asked = Instant::now();
     let e = node
         .node_stage_volume(NodeStageVolumeRequest {
             volume_id: "bucket:dies".into(),
@@ -266,6 +267,19 @@ async fn csi_stage_fails_with_the_reason_of_a_process_that_dies_after_ready() {
         e.message().contains("Permission denied"),
         "the error carries the serving process's reason: {}",
         e.message()
+    );
+    // The mounter gave up on the volume at once (its successors died too): the stage learns
+    // that from it, and does not wait for the mount timeout (60 s) of a `statfs` nobody
+    // answers.
+    assert!(
+        e.message().contains("served by no process"),
+        "{}",
+        e.message()
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "the stage failed only after {:?}",
+        asked.elapsed()
     );
     assert!(!is_mounted(&staging));
     h.mounts.clear();
