@@ -272,6 +272,9 @@ pub struct S3Fs {
     deferred_at_start: Mutex<Vec<(std::path::PathBuf, String)>>,
     /// A successor's session journal as read at start, until `adopt` takes it.
     predecessor: Mutex<Option<crate::journal::Snapshot>>,
+    /// Tree walks, and the directories listed ahead of them (`walk.rs`).
+    walks: walk::Walks,
+    walk_permits: tokio::sync::Semaphore,
 }
 
 fn name_ok(name: &str) -> FsResult<()> {
@@ -372,6 +375,8 @@ impl S3Fs {
             kept_at_start: Mutex::new(kept_at_start),
             deferred_at_start: Mutex::new(deferred_at_start),
             predecessor: Mutex::new(predecessor),
+            walks: walk::Walks::default(),
+            walk_permits: tokio::sync::Semaphore::new(walk::AT_ONCE),
             inodes: Inodes::new(config.prefix.clone(), root_attrs),
             config,
             store,
@@ -928,6 +933,7 @@ impl S3Fs {
             *d = DirStream::new(d.ino, d.prefix.clone());
         }
         if d.next_offset == 0 {
+            self.wait_listed_ahead(d.ino).await;
             self.start_listing(&mut d)?;
         }
         while d.entries.front().is_some_and(|e| e.next_offset <= offset) {
@@ -1636,6 +1642,7 @@ mod adopt;
 mod files;
 mod indexed;
 mod rename;
+mod walk;
 
 #[cfg(test)]
 mod listing_tests;

@@ -887,7 +887,13 @@ impl Filesystem for FuseFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => {
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+                let ahead = self.fs.walk_ahead(ino.0);
+                if !ahead.is_empty() {
+                    self.spawn(move |fs| async move { fs.list_ahead(ahead).await });
+                }
+            }
             Err(e) => reply.error(errno("opendir", &e)),
         }
     }
@@ -895,7 +901,7 @@ impl Filesystem for FuseFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
@@ -910,6 +916,8 @@ impl Filesystem for FuseFs {
                 Ok(unread) => {
                     reply.ok();
                     fs.refresh_unread(unread).await;
+                    let ahead = fs.walk_into(ino.0);
+                    fs.list_ahead(ahead).await;
                 }
                 Err(e) => reply.error(errno("readdir", &e)),
             }
@@ -922,7 +930,7 @@ impl Filesystem for FuseFs {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
@@ -951,6 +959,8 @@ impl Filesystem for FuseFs {
                 Ok(unread) => {
                     reply.ok();
                     fs.refresh_unread(unread).await;
+                    let ahead = fs.walk_into(ino.0);
+                    fs.list_ahead(ahead).await;
                 }
                 Err(e) => reply.error(errno("readdirplus", &e)),
             }

@@ -852,3 +852,78 @@ async fn listing_attrs_show_sizes_from_the_listing_and_the_default_mode_and_owne
         "a chmod made here stays in listings"
     );
 }
+
+/// A tree walk (`find`, then `rm -r`) over directories listed ahead of it: every name with
+/// its own type, size and mode, and every change made during the walk in the bucket.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tree_walk_sees_every_entry_as_it_is_and_removes_the_tree() {
+    let m = Mounted::new("walk", "", &[]).await;
+    let mut expected = Vec::new();
+    for d in 0..10 {
+        for f in 0..3 {
+            let key = format!("w/d{d}/f{f}");
+            let body = vec![b'x'; d * 10 + f];
+            m.put(
+                &key,
+                &body,
+                &[("mode", &(libc::S_IFREG | 0o600).to_string())],
+            )
+            .await;
+            expected.push(format!("f {} 600 {key}", body.len()));
+        }
+    }
+    m.put(
+        "w/d5/link",
+        b"f0",
+        &[("mode", &(libc::S_IFLNK | 0o777).to_string())],
+    )
+    .await;
+    expected.push("l 2 777 w/d5/link".to_owned());
+    m.put("w/d7/sub/deep", b"deep", &[]).await;
+    expected.push("f 4 644 w/d7/sub/deep".to_owned());
+    expected.sort();
+    let root = m.mnt.path().to_owned();
+    let walk = |args: &[&str]| {
+        let out = std::process::Command::new("find")
+            .arg(root.join("w"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let prefix = format!("{}/", root.display());
+        let mut lines: Vec<String> = text.lines().map(|l| l.replace(&prefix, "")).collect();
+        lines.sort();
+        lines
+    };
+    let found = walk(&["-not", "-type", "d", "-printf", "%y %s %m %p\n"]);
+    assert_eq!(found, expected);
+    let dirs = walk(&["-type", "d"]);
+    assert_eq!(dirs.len(), 1 + 10 + 1, "{dirs:?}");
+    // Files made here while a walk lists ahead show in the next walk, as do removals.
+    for d in [2, 6] {
+        std::fs::write(m.path(&format!("w/d{d}/new")), b"new").unwrap();
+    }
+    std::fs::remove_file(m.path("w/d8/f1")).unwrap();
+    let found = walk(&["-type", "f"]);
+    assert_eq!(found.len(), 30 + 1 + 2 - 1, "{found:?}");
+    assert!(found.contains(&"w/d6/new".to_owned()) && !found.contains(&"w/d8/f1".to_owned()));
+    let status = std::process::Command::new("rm")
+        .arg("-r")
+        .arg(m.path("w"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let left = m
+        .store
+        .list_objects(
+            &m.bucket,
+            &s3vol_s3::ListRequest {
+                prefix: "w/".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(left.objects.is_empty(), "{:?}", left.objects);
+}

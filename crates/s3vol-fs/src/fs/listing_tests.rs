@@ -679,3 +679,161 @@ async fn a_name_index_answers_within_the_ttl_and_follows_changes_made_here() {
     tokio::time::sleep(std::time::Duration::from_millis(900)).await;
     assert_eq!(fs.lookup(ROOT, "f16").await.unwrap().0.kind, Kind::Dir);
 }
+
+/// The subdirectories `d0`… of the root, by name, after a listing of it.
+async fn subdirs(fs: &S3Fs) -> Vec<InodeNo> {
+    let mut dirs: Vec<(String, InodeNo)> = list(fs, ROOT, true, 100)
+        .await
+        .into_iter()
+        .filter(|g| g.kind == Kind::Dir && g.name.starts_with('d'))
+        .map(|g| (g.name, g.ino))
+        .collect();
+    dirs.sort();
+    dirs.into_iter().map(|(_, ino)| ino).collect()
+}
+
+#[tokio::test]
+async fn a_walk_through_subdirectories_lists_the_next_ones_ahead() {
+    let cache = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let fs = fs_with(store.clone(), cache.path(), |_| {}).await;
+    for d in 0..8 {
+        put_files(&store, &format!("d{d}/"), 3).await;
+    }
+    let dirs = subdirs(&fs).await;
+    assert_eq!(dirs.len(), 8);
+    // A directory opened alone (an `ls` of one subdirectory) lists nothing ahead.
+    assert!(fs.walk_ahead(dirs[0]).is_empty());
+    assert_eq!(
+        names(&list(&fs, dirs[0], true, 100).await),
+        ["f0", "f1", "f2"]
+    );
+    // A second subdirectory of the same directory: a walk. The next four are listed ahead.
+    let ahead = fs.walk_ahead(dirs[1]);
+    assert_eq!(ahead, dirs[2..6]);
+    let before = store.calls();
+    fs.list_ahead(ahead).await;
+    assert_eq!(
+        store.calls() - before,
+        4 * (1 + 3),
+        "a LIST and a HEAD per file each"
+    );
+    let before = store.calls();
+    for &d in &dirs[2..6] {
+        let got = list(&fs, d, true, 100).await;
+        assert_eq!(names(&got), ["f0", "f1", "f2"]);
+        assert!(
+            got.iter()
+                .filter(|g| g.name.starts_with('f'))
+                .all(|g| g.attrs.as_ref().is_some_and(|a| a.uid == 7)),
+            "listed ahead with each file's own metadata: {got:?}"
+        );
+    }
+    assert_eq!(
+        store.calls(),
+        before,
+        "opened after their listing ahead: no request"
+    );
+    // Each step of the walk keeps it four ahead: one more directory, none twice.
+    assert_eq!(fs.walk_ahead(dirs[2]), dirs[6..7]);
+    assert_eq!(fs.walk_ahead(dirs[3]), dirs[7..8]);
+    assert!(fs.walk_ahead(dirs[4]).is_empty());
+    // The root has no parent to walk.
+    assert!(fs.walk_ahead(ROOT).is_empty());
+}
+
+#[tokio::test]
+async fn a_directory_opened_while_it_is_listed_ahead_is_listed_once() {
+    let cache = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let fs = fs_with(store.clone(), cache.path(), |_| {}).await;
+    for d in 0..3 {
+        put_files(&store, &format!("d{d}/"), 3).await;
+    }
+    let dirs = subdirs(&fs).await;
+    assert!(fs.walk_ahead(dirs[0]).is_empty());
+    let ahead = fs.walk_ahead(dirs[1]);
+    assert_eq!(ahead, dirs[2..3]);
+    // A slow server: the walk opens the directory while its listing ahead is on its way.
+    store.add(s3vol_s3::Fault::Latency {
+        op: Some(s3vol_s3::Op::List),
+        delay: std::time::Duration::from_millis(300),
+    });
+    let before = store.calls();
+    let (_, got) = tokio::join!(fs.list_ahead(ahead), async {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        list(&fs, dirs[2], true, 100).await
+    });
+    assert_eq!(names(&got), ["f0", "f1", "f2"]);
+    assert_eq!(
+        store.calls() - before,
+        1 + 3,
+        "one LIST and a HEAD per file, not two"
+    );
+}
+
+/// The inode of the subdirectory `name` of `dir`, from a listing of `dir`.
+async fn subdir(fs: &S3Fs, dir: InodeNo, name: &str) -> InodeNo {
+    list(fs, dir, true, 100)
+        .await
+        .into_iter()
+        .find(|g| g.name == name && g.kind == Kind::Dir)
+        .unwrap()
+        .ino
+}
+
+#[tokio::test]
+async fn a_walk_goes_into_the_directories_it_opens_listing_their_subdirectories_ahead() {
+    let cache = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
+    let fs = fs_with(store.clone(), cache.path(), |_| {}).await;
+    for d in 0..3 {
+        for s in 0..3 {
+            put_files(&store, &format!("d{d}/s{s}/"), 2).await;
+        }
+    }
+    let dirs = subdirs(&fs).await;
+    assert_eq!(dirs.len(), 3);
+    // The walk starts: d0 opened alone is no walk, and neither is its first subdirectory.
+    assert!(fs.walk_ahead(dirs[0]).is_empty());
+    let s0 = subdir(&fs, dirs[0], "s0").await;
+    assert!(fs.walk_into(dirs[0]).is_empty());
+    assert!(fs.walk_ahead(s0).is_empty());
+    // d1, the second subdirectory of the root: a walk, which lists d2 ahead.
+    let ahead = fs.walk_ahead(dirs[1]);
+    assert_eq!(ahead, dirs[2..3]);
+    fs.list_ahead(ahead).await;
+    // d1 is part of the walk: once read, its subdirectories are listed ahead, all three.
+    let got = list(&fs, dirs[1], true, 100).await;
+    let mut inside: Vec<(String, InodeNo)> = got
+        .iter()
+        .filter(|g| g.name.starts_with('s'))
+        .map(|g| (g.name.clone(), g.ino))
+        .collect();
+    inside.sort();
+    let inside: Vec<InodeNo> = inside.into_iter().map(|(_, ino)| ino).collect();
+    let ahead = fs.walk_into(dirs[1]);
+    assert_eq!(ahead, inside);
+    fs.list_ahead(ahead).await;
+    assert!(fs.walk_into(dirs[1]).is_empty(), "listed ahead once");
+    let before = store.calls();
+    for &s in &inside {
+        assert!(fs.walk_ahead(s).is_empty(), "all listed ahead already");
+        assert_eq!(names(&list(&fs, s, true, 100).await), ["f0", "f1"]);
+    }
+    // d2, listed ahead, then its subdirectories once it is read (from memory).
+    assert!(fs.walk_ahead(dirs[2]).is_empty());
+    assert_eq!(
+        names(&list(&fs, dirs[2], true, 100).await),
+        ["s0", "s1", "s2"]
+    );
+    assert_eq!(
+        store.calls(),
+        before,
+        "the walk from d1 on costs no request of its own"
+    );
+    let ahead = fs.walk_into(dirs[2]);
+    assert_eq!(ahead.len(), 3);
+    fs.list_ahead(ahead).await;
+    assert_eq!(store.calls() - before, 3 * (1 + 2));
+}
