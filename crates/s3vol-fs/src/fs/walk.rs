@@ -149,7 +149,7 @@ impl S3Fs {
     }
 
     /// Lists the directories `dirs` as `readdir` would, keeping their listings; at most
-    /// [`AT_ONCE`] over the mount at the same time. Best effort: an error only means the
+    /// four over the mount at the same time. Best effort: an error only means the
     /// walk lists the directory itself.
     pub async fn list_ahead(&self, dirs: Vec<InodeNo>) {
         futures::stream::iter(dirs)
@@ -172,8 +172,13 @@ impl S3Fs {
                     }
                     running.insert(ino, lock);
                 }
-                if let Err(e) = self.list_whole(ino).await {
-                    tracing::debug!(ino, error = %e, "listing a directory ahead of a walk");
+                match self.list_whole(ino).await {
+                    Ok(()) => {
+                        metrics::counter!("s3vol_directories_listed_ahead_total").increment(1)
+                    }
+                    Err(e) => {
+                        tracing::debug!(ino, error = %e, "listing a directory ahead of a walk");
+                    }
                 }
                 self.walks.listing().remove(&ino);
             })
