@@ -692,14 +692,23 @@ async fn subdirs(fs: &S3Fs) -> Vec<InodeNo> {
     dirs.into_iter().map(|(_, ino)| ino).collect()
 }
 
-#[tokio::test]
-async fn a_walk_through_subdirectories_lists_the_next_ones_ahead() {
+/// A mount of a bucket with `files` files in each of the directories `dirs`, and its store.
+async fn fs_over(
+    dirs: impl IntoIterator<Item = String>,
+    files: usize,
+) -> (tempfile::TempDir, Arc<FaultStore>, S3Fs) {
     let cache = tempfile::tempdir().unwrap();
     let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
     let fs = fs_with(store.clone(), cache.path(), |_| {}).await;
-    for d in 0..8 {
-        put_files(&store, &format!("d{d}/"), 3).await;
+    for d in dirs {
+        put_files(&store, &d, files).await;
     }
+    (cache, store, fs)
+}
+
+#[tokio::test]
+async fn a_walk_through_subdirectories_lists_the_next_ones_ahead() {
+    let (_cache, store, fs) = fs_over((0..8).map(|d| format!("d{d}/")), 3).await;
     let dirs = subdirs(&fs).await;
     assert_eq!(dirs.len(), 8);
     // A directory opened alone (an `ls` of one subdirectory) lists nothing ahead.
@@ -744,12 +753,7 @@ async fn a_walk_through_subdirectories_lists_the_next_ones_ahead() {
 
 #[tokio::test]
 async fn a_directory_opened_while_it_is_listed_ahead_is_listed_once() {
-    let cache = tempfile::tempdir().unwrap();
-    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
-    let fs = fs_with(store.clone(), cache.path(), |_| {}).await;
-    for d in 0..3 {
-        put_files(&store, &format!("d{d}/"), 3).await;
-    }
+    let (_cache, store, fs) = fs_over((0..3).map(|d| format!("d{d}/")), 3).await;
     let dirs = subdirs(&fs).await;
     assert!(fs.walk_ahead(dirs[0]).is_empty());
     let ahead = fs.walk_ahead(dirs[1]);
@@ -784,14 +788,8 @@ async fn subdir(fs: &S3Fs, dir: InodeNo, name: &str) -> InodeNo {
 
 #[tokio::test]
 async fn a_walk_goes_into_the_directories_it_opens_listing_their_subdirectories_ahead() {
-    let cache = tempfile::tempdir().unwrap();
-    let store = Arc::new(FaultStore::new(Arc::new(MemStore::new())));
-    let fs = fs_with(store.clone(), cache.path(), |_| {}).await;
-    for d in 0..3 {
-        for s in 0..3 {
-            put_files(&store, &format!("d{d}/s{s}/"), 2).await;
-        }
-    }
+    let leaves = (0..3).flat_map(|d| (0..3).map(move |s| format!("d{d}/s{s}/")));
+    let (_cache, store, fs) = fs_over(leaves, 2).await;
     let dirs = subdirs(&fs).await;
     assert_eq!(dirs.len(), 3);
     // The walk starts: d0 opened alone is no walk, and neither is its first subdirectory.
