@@ -972,6 +972,20 @@ mod tests {
     use futures::TryStreamExt;
     use s3vol_s3::{BucketName, MemStore, ObjectStore, PutOptions};
 
+    /// An in-memory store with the bucket `bkt`.
+    async fn mem_bucket() -> (Arc<MemStore>, BucketName) {
+        let store = Arc::new(MemStore::new());
+        let bucket = BucketName::new("bkt").unwrap();
+        store.create_bucket(&bucket).await.unwrap();
+        (store, bucket)
+    }
+
+    /// Part buffers of 5 MiB in a memory file, as a supervisor holds them.
+    fn arena() -> Arc<PartArena> {
+        let memfd = crate::parts::create_memfd().unwrap();
+        Arc::new(PartArena::open(memfd, 5 << 20).unwrap())
+    }
+
     async fn ctx(store: &Arc<MemStore>, dir: &Path) -> Arc<StageCtx> {
         let bucket = BucketName::new("bkt").unwrap();
         store.create_bucket(&bucket).await.unwrap();
@@ -1140,12 +1154,9 @@ mod tests {
     /// and the next flush completes one upload with every byte, before and after the death.
     #[tokio::test]
     async fn a_stream_still_open_goes_on_in_its_upload_after_a_death() {
-        let store = Arc::new(MemStore::new());
-        let bucket = BucketName::new("bkt").unwrap();
-        store.create_bucket(&bucket).await.unwrap();
+        let (store, bucket) = mem_bucket().await;
         let dir = crate::cache_dir::private_tempdir();
-        let memfd = crate::parts::create_memfd().unwrap();
-        let arena = Arc::new(PartArena::open(memfd, 5 << 20).unwrap());
+        let arena = arena();
         let dead = ctx_with(
             store.clone(),
             bucket.clone(),
@@ -1241,12 +1252,9 @@ mod tests {
     /// size and part count.
     #[tokio::test]
     async fn a_continued_stream_completes_only_whole() {
-        let store = Arc::new(MemStore::new());
-        let bucket = BucketName::new("bkt").unwrap();
-        store.create_bucket(&bucket).await.unwrap();
+        let (store, bucket) = mem_bucket().await;
         let dir = crate::cache_dir::private_tempdir();
-        let memfd = crate::parts::create_memfd().unwrap();
-        let arena = Arc::new(PartArena::open(memfd, 5 << 20).unwrap());
+        let arena = arena();
         let ctx = ctx_with(store.clone(), bucket.clone(), dir.path(), Some(arena));
         let part = 5u64 << 20;
         let body: Vec<u8> = (0..2 * part + 1000).map(|i| (i % 253) as u8).collect();
@@ -1351,9 +1359,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_whose_multipart_upload_completed_unanswered_is_known_by_its_etag() {
-        let store = Arc::new(MemStore::new());
-        let bucket = BucketName::new("bkt").unwrap();
-        store.create_bucket(&bucket).await.unwrap();
+        let (store, bucket) = mem_bucket().await;
         completed_unanswered(store, bucket).await;
     }
 
@@ -1441,9 +1447,7 @@ mod tests {
     /// it: the data file cannot prove the object byte for byte, the upload ID does.
     #[tokio::test]
     async fn a_sparse_staging_file_whose_own_upload_completed_is_known_by_its_upload_id() {
-        let store = Arc::new(MemStore::new());
-        let bucket = BucketName::new("bkt").unwrap();
-        store.create_bucket(&bucket).await.unwrap();
+        let (store, bucket) = mem_bucket().await;
         let dir = crate::cache_dir::private_tempdir();
         let dead = ctx_on(store.clone(), bucket.clone(), dir.path());
         let old: Vec<u8> = (0..20u32 << 20).map(|i| (i % 239) as u8).collect();
@@ -1511,10 +1515,8 @@ mod tests {
     }
 
     async fn completion_after_the_head(still_open: bool) {
-        let mem = Arc::new(MemStore::new());
+        let (mem, bucket) = mem_bucket().await;
         let faults = Arc::new(s3vol_s3::FaultStore::new(mem.clone()));
-        let bucket = BucketName::new("bkt").unwrap();
-        mem.create_bucket(&bucket).await.unwrap();
         let dir = crate::cache_dir::private_tempdir();
         let dead = ctx_on(mem.clone(), bucket.clone(), dir.path());
         let old: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
