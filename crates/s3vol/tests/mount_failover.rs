@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proxy::Proxy;
-use support::{Mounted, errno, pattern};
+use support::{Mounted, errno, free_port, pattern, wait_gauge};
 use workload::{Record, metadata_loop, open_reader, open_writer, percentile};
 
 /// The serving process of a supervised mount: the supervisor's only child. `children` lists
@@ -347,39 +347,10 @@ fn without_resend_a_call_in_flight_at_the_death_fails_with_eio_and_the_mount_goe
     assert!(status.success(), "supervisor exited {status}: {err}");
 }
 
-/// The value of the gauge `name` on the metrics endpoint at `port`, if it is served.
-fn gauge(port: u16, name: &str) -> Option<f64> {
-    use std::net::TcpStream;
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// Waits (bounded) until the gauge satisfies `ok`; returns its last value.
-fn wait_gauge(port: u16, name: &str, ok: impl Fn(f64) -> bool) -> Option<f64> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let v = gauge(port, name);
-        if v.is_some_and(&ok) || Instant::now() >= deadline {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn nodes_adopted_after_a_kill_are_let_go_of_when_the_kernel_forgets_them() {
     let mut m = Mounted::new_unmounted("failover-forget").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     m.start_supervised(&["--metrics-addr", &addr]);
     let log = drain_log(&mut m);

@@ -857,7 +857,9 @@ async fn listing_attrs_show_sizes_from_the_listing_and_the_default_mode_and_owne
 /// its own type, size and mode, and every change made during the walk in the bucket.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tree_walk_sees_every_entry_as_it_is_and_removes_the_tree() {
-    let m = Mounted::new("walk", "", &[]).await;
+    let port = support::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let m = Mounted::new("walk", "", &["--metrics-addr", &addr]).await;
     let mut expected = Vec::new();
     for d in 0..10 {
         for f in 0..3 {
@@ -900,6 +902,9 @@ async fn a_tree_walk_sees_every_entry_as_it_is_and_removes_the_tree() {
     assert_eq!(found, expected);
     let dirs = walk(&["-type", "d"]);
     assert_eq!(dirs.len(), 1 + 10 + 1, "{dirs:?}");
+    // The walk went through w/d0, w/d1, …: the directories after them were listed ahead.
+    let ahead = support::wait_gauge(port, "s3vol_directories_listed_ahead_total", |v| v >= 4.0);
+    assert!(ahead.is_some_and(|v| v >= 4.0), "listed ahead: {ahead:?}");
     // Files made here while a walk lists ahead show in the next walk, as do removals.
     for d in [2, 6] {
         std::fs::write(m.path(&format!("w/d{d}/new")), b"new").unwrap();

@@ -384,3 +384,39 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 pub fn errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }
+
+/// A port on 127.0.0.1 nothing listens on now (for a mount's `--metrics-addr`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The value of the metric `name` (with its labels, if any) on the metrics endpoint at
+/// `port`, if it is served.
+pub fn gauge(port: u16, name: &str) -> Option<f64> {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits (bounded) until the metric satisfies `ok`; returns its last value.
+pub fn wait_gauge(port: u16, name: &str, ok: impl Fn(f64) -> bool) -> Option<f64> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = gauge(port, name);
+        if v.is_some_and(&ok) || Instant::now() >= deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
